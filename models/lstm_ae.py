@@ -1,0 +1,261 @@
+"""LSTM autoencoder (EncDec-AD style) with a Mahalanobis error model.
+
+Score of a window = squared Mahalanobis distance of the reconstruction error of its last `score_steps`
+time steps (averaged), against a Gaussian fitted on held-out *normal* windows (Malhotra et al. 2016).
+Per-feature contributions d_i * (S^-1 d)_i sum to the score, so alerts can say which features drove it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class LSTMAEConfig:
+    n_features: int
+    window: int = 32
+    hidden_size: int = 32
+    latent_size: int = 16
+    num_layers: int = 1
+    score_steps: int = 1  # trailing time steps whose errors make the score
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    val_fraction: float = 0.2
+    threshold_quantile: float = 0.995
+    threshold_margin: float = 2.0  # global threshold = margin x quantile of held-out normal scores
+    seed: int = 0
+    max_windows: int = 200_000  # subsample beyond this; training cost stays bounded
+
+
+class LSTMAutoencoder(nn.Module):
+    def __init__(self, config: LSTMAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.encoder = nn.LSTM(c.n_features, c.hidden_size, num_layers=c.num_layers, batch_first=True)
+        self.to_latent = nn.Linear(c.hidden_size, c.latent_size)
+        self.decoder = nn.LSTM(c.latent_size, c.hidden_size, num_layers=c.num_layers, batch_first=True)
+        self.to_output = nn.Linear(c.hidden_size, c.n_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, W, F) scaled features -> (B, W, F) reconstruction
+        _, (h, _) = self.encoder(x)  # h: (layers, B, H)
+        z = torch.tanh(self.to_latent(h[-1]))  # (B, L)
+        z_seq = z.unsqueeze(1).expand(-1, x.shape[1], -1)  # (B, W, L)
+        out, _ = self.decoder(z_seq)  # (B, W, H)
+        return self.to_output(out)  # (B, W, F)
+
+
+@dataclass
+class ErrorModel:
+    """Gaussian of normal reconstruction-error vectors; scores are squared Mahalanobis distances."""
+
+    mean: np.ndarray  # (F,)
+    precision: np.ndarray  # (F, F) inverse covariance
+
+    @classmethod
+    def fit(cls, errors: np.ndarray, ridge: float = 1e-6) -> ErrorModel:
+        # errors: (N, F)
+        mean = errors.mean(axis=0)
+        cov = np.cov(errors, rowvar=False).reshape(errors.shape[1], errors.shape[1])
+        cov = cov + np.eye(cov.shape[0]) * (ridge + 1e-3 * float(np.trace(cov)) / cov.shape[0])
+        return cls(mean=mean.astype(np.float64), precision=np.linalg.inv(cov).astype(np.float64))
+
+    def contributions(self, errors: np.ndarray) -> np.ndarray:
+        # errors: (N, F) -> (N, F); rows sum to the squared Mahalanobis distance
+        d = errors - self.mean
+        return np.asarray(d * (d @ self.precision))
+
+
+@dataclass
+class Checkpoint:
+    config: LSTMAEConfig
+    model: LSTMAutoencoder
+    error_model: ErrorModel
+    threshold: float
+    card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return str(self.card.get("version", "unversioned"))
+
+    def reconstruct(self, windows: np.ndarray, device: torch.device | str = "cpu", chunk: int = 8192) -> np.ndarray:
+        """windows: (N, W, F) float32 scaled -> reconstruction (N, W, F) float32."""
+        out = np.empty_like(windows, dtype=np.float32)
+        self.model.eval()
+        with torch.inference_mode():
+            for start in range(0, len(windows), chunk):
+                x = torch.from_numpy(np.ascontiguousarray(windows[start : start + chunk], dtype=np.float32))
+                out[start : start + chunk] = self.model(x.to(device)).float().cpu().numpy()
+        return out
+
+    def score(self, windows: np.ndarray, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (scores (N,), per-feature contributions (N, F), reconstruction of the last step (N, F))."""
+        recon = self.reconstruct(windows, device)
+        k = self.config.score_steps
+        err = (windows[:, -k:, :] - recon[:, -k:, :]).astype(np.float64)  # (N, k, F)
+        contrib = self.error_model.contributions(err.reshape(-1, err.shape[-1])).reshape(err.shape).mean(axis=1)
+        return contrib.sum(axis=1), contrib, recon[:, -1, :]
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def data_hash(windows: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(windows, dtype=np.float32).tobytes()).hexdigest()
+
+
+def train_autoencoder(
+    windows: np.ndarray,
+    config: LSTMAEConfig,
+    train: TrainConfig = TrainConfig(),
+    *,
+    name: str,
+    feature_names: list[str],
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, float, float], None] | None = None,
+    extra_card: dict[str, Any] | None = None,
+) -> Checkpoint:
+    """Train on scaled normal windows (N, W, F); fit the error model and threshold on a held-out split.
+
+    Deterministic for a seed on CPU. `progress(epoch, train_loss, val_loss)` is called once per epoch.
+    """
+    if windows.ndim != 3 or windows.shape[1:] != (config.window, config.n_features):
+        raise ValueError(f"windows must be (N, {config.window}, {config.n_features}); got {windows.shape}")
+    if not np.isfinite(windows).all():
+        raise ValueError("training windows contain NaN or inf")
+    _seed_everything(train.seed)
+    rng = np.random.default_rng(train.seed)
+    digest = data_hash(windows)
+    if len(windows) > train.max_windows:
+        windows = windows[np.sort(rng.choice(len(windows), train.max_windows, replace=False))]
+    perm = rng.permutation(len(windows))
+    n_val = max(1, int(len(windows) * train.val_fraction))
+    val, fit = windows[perm[:n_val]], windows[perm[n_val:]]
+    if len(fit) == 0:
+        raise ValueError("not enough windows to train")
+
+    model = LSTMAutoencoder(config).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    x_fit = torch.from_numpy(np.ascontiguousarray(fit, dtype=np.float32))
+    x_val = torch.from_numpy(np.ascontiguousarray(val, dtype=np.float32))
+    gen = torch.Generator().manual_seed(train.seed)
+    started = time.time()
+    train_loss = val_loss = math.nan
+    for epoch in range(train.epochs):
+        model.train()
+        order = torch.randperm(len(x_fit), generator=gen)
+        total = 0.0
+        for start in range(0, len(order), train.batch_size):
+            xb = x_fit[order[start : start + train.batch_size]].to(device)
+            loss = nn.functional.mse_loss(model(xb), xb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(xb)
+        train_loss = total / len(x_fit)
+        model.eval()
+        with torch.inference_mode():
+            val_loss = float(
+                sum(
+                    nn.functional.mse_loss(model(x_val[s : s + 4096].to(device)), x_val[s : s + 4096].to(device),
+                                           reduction="sum")
+                    for s in range(0, len(x_val), 4096)
+                )
+            ) / x_val.numel()
+        if progress is not None:
+            progress(epoch, train_loss, val_loss)
+
+    model = model.cpu().eval()
+    ckpt = Checkpoint(config=config, model=model, error_model=ErrorModel(np.zeros(1), np.eye(1)), threshold=0.0)
+    recon = ckpt.reconstruct(val)
+    k = config.score_steps
+    val_err = (val[:, -k:, :] - recon[:, -k:, :]).astype(np.float64).reshape(-1, config.n_features)
+    ckpt.error_model = ErrorModel.fit(val_err)
+    val_scores, _, _ = ckpt.score(val)
+    ckpt.threshold = train.threshold_margin * float(np.quantile(val_scores, train.threshold_quantile))
+    ckpt.card = {
+        "name": name,
+        "version": f"{name}@{digest[:10]}-s{train.seed}",
+        "architecture": "LSTM autoencoder (encoder LSTM -> latent -> repeated -> decoder LSTM -> linear)",
+        "config": asdict(config),
+        "training": asdict(train),
+        "feature_names": list(feature_names),
+        "window": config.window,
+        "threshold": ckpt.threshold,
+        "threshold_method": f"{train.threshold_margin} x quantile {train.threshold_quantile} of held-out normal scores",
+        "score": "squared Mahalanobis distance of last-step reconstruction error (EncDec-AD)",
+        "training_data_sha256": digest,
+        "n_windows": int(len(windows)),
+        "metrics": {
+            "train_mse": train_loss,
+            "val_mse": val_loss,
+            "val_score_p50": float(np.quantile(val_scores, 0.5)),
+            "val_score_p99": float(np.quantile(val_scores, 0.99)),
+            "train_seconds": round(time.time() - started, 2),
+        },
+        "torch_version": torch.__version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra_card or {}),
+    }
+    return ckpt
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
+    """Writes `<path>` (state_dict + config + error model) and `<path minus .pt>.card.json`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "config": asdict(ckpt.config),
+            "state_dict": ckpt.model.state_dict(),
+            "error_mean": torch.from_numpy(ckpt.error_model.mean),
+            "error_precision": torch.from_numpy(ckpt.error_model.precision),
+            "threshold": ckpt.threshold,
+            "card": ckpt.card,
+        },
+        path,
+    )
+    path.with_suffix(".card.json").write_text(json.dumps(ckpt.card, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
+    blob = torch.load(Path(path), map_location=map_location, weights_only=False)
+    if blob.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: unsupported checkpoint format {blob.get('format')!r}")
+    config = LSTMAEConfig(**blob["config"])
+    model = LSTMAutoencoder(config)
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    em = ErrorModel(mean=blob["error_mean"].numpy(), precision=blob["error_precision"].numpy())
+    return Checkpoint(config=config, model=model, error_model=em, threshold=float(blob["threshold"]),
+                      card=dict(blob["card"]))
+
+
+def bundled_checkpoint_path(stream: str) -> Path:
+    """Path of the checkpoint shipped with the package for `stream` (may not exist yet)."""
+    return Path(str(resources.files(__package__).joinpath("checkpoints", f"{stream}.pt")))

@@ -1,0 +1,99 @@
+"""Wiring: settings -> models, broker clients, database -> a Processor. The only module that joins
+the Kafka layer, the SQL layer and the pure core.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.lstm_ae import Checkpoint, bundled_checkpoint_path, load_checkpoint
+from pipeline.config import Settings
+from pipeline.errors import ConfigError
+from pipeline.features.streams import make_stream
+from pipeline.kafka.client import KafkaDeadLetterSink, KafkaSource, ensure_topics
+from pipeline.processor import Processor, ProcessorOptions
+from pipeline.scoring.scorer import StreamScorer
+from pipeline.scoring.threshold import AdaptiveThreshold
+from pipeline.sinks.sql import SqlStore
+
+log = logging.getLogger(__name__)
+STREAMS = ("transactions", "sensors")
+
+
+def checkpoint_path(settings: Settings, stream: str) -> Path:
+    if settings.models_dir is not None:
+        return settings.models_dir / f"{stream}.pt"
+    return bundled_checkpoint_path(stream)
+
+
+def ensure_models(settings: Settings, train_if_missing: bool = True) -> dict[str, Checkpoint]:
+    paths = {s: checkpoint_path(settings, s) for s in STREAMS}
+    missing = [s for s, p in paths.items() if not p.exists()]
+    if missing:
+        if not train_if_missing:
+            raise ConfigError(f"no model checkpoint for {', '.join(missing)} (looked in {paths[missing[0]].parent}); "
+                              "run `pipeline train` first")
+        from pipeline.training import train_default_models
+
+        out = paths[missing[0]].parent
+        log.info("no checkpoints in %s: training small default models on simulated normal traffic", out)
+        train_default_models(out, settings.sensor_channels)
+    return {s: load_checkpoint(p) for s, p in paths.items()}
+
+
+def build_scorers(settings: Settings, checkpoints: dict[str, Checkpoint]) -> dict[str, StreamScorer]:
+    """topic -> scorer"""
+    t = settings.threshold
+    topics = {"transactions": settings.transactions_topic, "sensors": settings.sensors_topic}
+    out = {}
+    for stream, ckpt in checkpoints.items():
+        spec = make_stream(stream, channels=ckpt.card.get("feature_names", settings.sensor_channels),
+                           max_message_bytes=settings.max_message_bytes)
+        thr = AdaptiveThreshold(ckpt.threshold, warmup=t.warmup, z=t.z, floor_ratio=t.floor_ratio)
+        out[topics[stream]] = StreamScorer(spec, ckpt, threshold=thr, min_history=t.min_history,
+                                           device=settings.device)
+    return out
+
+
+def options_from(settings: Settings) -> ProcessorOptions:
+    return ProcessorOptions(
+        run_id=settings.run_id, group_id=settings.group_id, max_batch_records=settings.max_batch_records,
+        poll_timeout_ms=settings.poll_timeout_ms, commit_interval_ms=settings.commit_interval_ms,
+        snapshot_interval_s=settings.snapshot_interval_s, entity_ttl_s=settings.entity_ttl_s,
+        max_live_entities=settings.max_live_entities, db_retry_max_s=settings.db_retry_max_s,
+    )
+
+
+@dataclass
+class Service:
+    processor: Processor
+    source: KafkaSource
+    dlq: KafkaDeadLetterSink
+    db: SqlStore
+
+    def close(self) -> None:
+        self.source.close()
+        self.dlq.close()
+        self.db.dispose()
+
+
+def all_topics(settings: Settings) -> list[str]:
+    return [settings.transactions_topic, settings.sensors_topic, settings.dlq_topic, settings.alerts_topic]
+
+
+def build_service(settings: Settings, bootstrap: str, *, train_if_missing: bool = True) -> Service:
+    import torch
+
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    checkpoints = ensure_models(settings, train_if_missing)
+    db = SqlStore(settings.database_url)
+    db.create_schema()
+    ensure_topics(bootstrap, all_topics(settings), settings.topic_partitions)
+    source = KafkaSource(bootstrap, settings.group_id, session_timeout_ms=settings.session_timeout_ms,
+                         heartbeat_interval_ms=settings.heartbeat_interval_ms)
+    dlq = KafkaDeadLetterSink(bootstrap, settings.dlq_topic)
+    processor = Processor(source, db, dlq, build_scorers(settings, checkpoints), options_from(settings))
+    return Service(processor, source, dlq, db)

@@ -1,0 +1,194 @@
+"""`pipeline` command line: run, demo, train, produce, broker (and evaluate, replay, bench, alerts)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import Settings
+from pipeline.errors import PipelineError
+from pipeline.logs import configure
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Streaming anomaly detection: Kafka in, per-entity LSTM autoencoder scoring, alerts out.")
+console = Console(stderr=True)
+out = Console()
+log = logging.getLogger("pipeline.cli")
+
+
+def _settings(**overrides: Any) -> Settings:
+    s = Settings()
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(s, k, v)
+    configure(s.log_level, s.log_json)
+    return s
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("signal %d: finishing the current batch, checkpointing, exiting", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+@app.command()
+def run(
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap; default KAFKA_BOOTSTRAP or embedded")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL; default DATABASE_URL")] = None,
+    idle_exit: Annotated[float | None, typer.Option(help="exit after this many idle seconds with no lag")] = None,
+    max_events: Annotated[int | None, typer.Option(help="exit after this many events")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus /metrics on this port")] = None,
+    group_id: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Run the stream processor until SIGTERM/SIGINT (or --idle-exit / --max-events)."""
+    from pipeline.app import build_service
+    from pipeline.kafka.broker import resolve_bootstrap
+
+    s = _settings(database_url=database_url, group_id=group_id)
+    boot, broker = resolve_bootstrap(bootstrap or s.kafka_bootstrap)
+    if broker is not None:
+        console.print(f"[yellow]no KAFKA_BOOTSTRAP: started embedded Tansu broker at {boot}[/yellow]")
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port)
+    stop = _stop_on_signals()
+    service = build_service(s, boot)
+    try:
+        stats = service.processor.run(stop, idle_exit_s=idle_exit, max_events=max_events)
+        log.info("processor stopped: %d events, %d scored, %d alerts, %d dead letters",
+                 stats.events, stats.scored, stats.alerts, stats.dead_letters)
+    finally:
+        service.close()
+        if broker is not None:
+            broker.stop()
+
+
+@app.command()
+def train(
+    out_dir: Annotated[Path, typer.Option("--out", help="where to write <stream>.pt and cards")] = Path("models/checkpoints"),
+    epochs: Annotated[int, typer.Option()] = 8,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train the default transaction and sensor models on simulated normal traffic."""
+    from tqdm import tqdm
+
+    from pipeline.training import train_default_models
+
+    _settings()
+    bars: dict[str, tqdm] = {}
+
+    def progress(name: str, epoch: int, tl: float, vl: float) -> None:
+        bar = bars.setdefault(name, tqdm(total=epochs, desc=f"train {name}", file=sys.stderr))
+        bar.set_postfix(train=f"{tl:.4f}", val=f"{vl:.4f}")
+        bar.update(1)
+
+    paths = train_default_models(out_dir, Settings().sensor_channels, seed=seed, epochs=epochs, progress=progress)
+    for b in bars.values():
+        b.close()
+    for stream, p in paths.items():
+        out.print(f"{stream}: {p} (card {p.with_suffix('.card.json')})")
+
+
+@app.command()
+def produce(
+    stream: Annotated[str, typer.Argument(help="transactions | sensors")],
+    bootstrap: Annotated[str | None, typer.Option()] = None,
+    entities: Annotated[int, typer.Option()] = 100,
+    events_per_entity: Annotated[int, typer.Option()] = 50,
+    anomalous: Annotated[int, typer.Option(help="entities with injected anomalies")] = 1,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Produce simulated events (with injected anomalies) to the stream's topic."""
+    from pipeline.kafka.client import ensure_topics, make_producer, produce_json
+    from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels
+
+    s = _settings()
+    boot = bootstrap or s.kafka_bootstrap
+    if not boot:
+        raise typer.BadParameter("set --bootstrap or KAFKA_BOOTSTRAP")
+    if stream == "transactions":
+        recs, inj = simulate_transactions(entities, events_per_entity, seed=seed, burst_customers=anomalous)
+        topic, key = s.transactions_topic, "customer_id"
+    elif stream == "sensors":
+        recs, inj = simulate_sensors(entities, events_per_entity, seed=seed, spike_devices=anomalous)
+        topic, key = s.sensors_topic, "device_id"
+    else:
+        raise typer.BadParameter("stream must be transactions or sensors")
+    ensure_topics(boot, [topic], s.topic_partitions)
+    producer = make_producer(boot)
+    n = produce_json(producer, topic, ((r[key], r) for r in strip_labels(recs)))
+    producer.close()
+    out.print(f"produced {n} {stream} events to {topic}; anomalies injected on {sorted(inj.entities)}")
+
+
+@app.command()
+def broker(port: Annotated[int, typer.Option()] = 9092) -> None:
+    """Run the embedded Tansu broker in the foreground (memory storage) until Ctrl-C."""
+    from pipeline.kafka.broker import TansuBroker
+
+    _settings()
+    stop = _stop_on_signals()
+    with TansuBroker(port=port) as b:
+        out.print(f"Tansu broker listening on {b.bootstrap}; Ctrl-C to stop")
+        while not stop.wait(1.0):
+            pass
+
+
+@app.command()
+def demo(
+    customers: Annotated[int, typer.Option()] = 300,
+    devices: Annotated[int, typer.Option()] = 20,
+    database_url: Annotated[str, typer.Option()] = "sqlite:///var/demo.db",
+) -> None:
+    """End to end on the embedded broker and SQLite: simulate, stream, score, alert, summarize."""
+    from pipeline.demo import run_demo
+
+    s = _settings(database_url=database_url)
+    summary = run_demo(s, customers=customers, devices=devices, console=console)
+    table = Table(title="alerts by stream")
+    for col in ("stream", "events scored", "alerts", "alerted entities", "injected anomalous entities",
+                "injected caught"):
+        table.add_column(col)
+    for row in summary["streams"]:
+        table.add_row(*(str(row[k]) for k in ("stream", "scored", "alerts", "alerted_entities", "injected",
+                                                "caught")))
+    out.print(table)
+    top = Table(title="top alerts")
+    for col in ("stream", "entity", "event time", "score", "threshold", "severity", "top feature (obs vs recon)"):
+        top.add_column(col)
+    for a in summary["top_alerts"]:
+        f = a["top_features"][0]
+        top.add_row(a["stream"], a["entity_id"], str(a["event_time"])[:19], f"{a['score']:.1f}",
+                    f"{a['threshold']:.1f}", a["severity"],
+                    f"{f['feature']}: {f['observed']:.3g} vs {f['reconstructed']:.3g}")
+    out.print(top)
+    out.print(f"dead letters: {summary['dead_letters']} ({', '.join(summary['dlq_reasons'])}); "
+              f"database: {database_url}; {summary['seconds']:.1f}s")
+
+
+def main() -> None:
+    try:
+        app()
+    except PipelineError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

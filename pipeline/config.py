@@ -1,0 +1,60 @@
+"""Settings from environment (prefix PIPELINE_, plus KAFKA_BOOTSTRAP and DATABASE_URL) or a .env file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ThresholdSettings(BaseSettings):
+    """Per-entity adaptive thresholds on log-scores; the model's calibrated global threshold until warm."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_THRESHOLD_", extra="ignore")
+
+    warmup: int = Field(30, description="scored events an entity needs before its own statistics are used")
+    z: float = Field(4.0, description="entity threshold = exp(mean + z*std) of its normal log-scores")
+    floor_ratio: float = Field(1.0, description="entity threshold never below floor_ratio * global threshold")
+    min_history: int = Field(8, description="events an entity needs before any alert (window fill)")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_", env_file=".env", extra="ignore")
+
+    kafka_bootstrap: str | None = Field(
+        None, validation_alias=AliasChoices("KAFKA_BOOTSTRAP", "PIPELINE_KAFKA_BOOTSTRAP"),
+        description="host:port of a Kafka broker; unset = start the embedded Tansu broker",
+    )
+    database_url: str = Field(
+        "sqlite:///var/pipeline.db", validation_alias=AliasChoices("DATABASE_URL", "PIPELINE_DATABASE_URL"),
+        description="SQLAlchemy URL of the alert database",
+    )
+    transactions_topic: str = "transactions"
+    sensors_topic: str = "sensor-readings"
+    dlq_topic: str = "dead-letter"
+    alerts_topic: str = "alerts"
+    topic_partitions: int = 4
+    group_id: str = "anomaly-pipeline"
+    run_id: str = Field("live", description="namespace of state, offsets and alerts; replays use their own")
+    models_dir: Path | None = Field(None, description="where checkpoints live; unset = the bundled models/")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = 0
+    max_batch_records: int = 5000
+    poll_timeout_ms: int = 50
+    commit_interval_ms: int = 200
+    snapshot_interval_s: float = 10.0
+    entity_ttl_s: float = Field(3600.0, description="idle entities (by event time) leave memory after this")
+    max_live_entities: int = 1_000_000
+    max_message_bytes: int = 65536
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1000
+    db_retry_max_s: float = 30.0
+    log_level: str = "INFO"
+    log_json: bool = False
+    sensor_channels: list[str] = [
+        "Accelerometer1RMS", "Accelerometer2RMS", "Current", "Pressure",
+        "Temperature", "Thermocouple", "Voltage", "Volume Flow RateRMS",
+    ]
+    threshold: ThresholdSettings = Field(default_factory=ThresholdSettings)

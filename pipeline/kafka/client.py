@@ -1,0 +1,234 @@
+"""kafka-python consumer/producer/admin wrappers behind the broker-neutral interfaces in pipeline.records."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import orjson
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from pipeline.errors import BrokerError, SinkError
+from pipeline.records import AssignCallback, RawRecord
+from pipeline.records import TopicPartition as TP
+
+log = logging.getLogger(__name__)
+
+
+def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = 4, timeout_s: float = 30.0,
+                  config: Mapping[str, str] | None = None) -> None:
+    """Create topics that do not exist yet (explicitly: Tansu does not auto-create)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+            break
+        except NoBrokersAvailable as exc:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"no broker at {bootstrap}") from exc
+            time.sleep(0.5)
+    try:
+        existing = _existing_topics(bootstrap)  # admin.list_topics() trips over Tansu's ACL bits
+        new = [NewTopic(t, num_partitions=partitions, replication_factor=1, topic_configs=dict(config or {}))
+               for t in dict.fromkeys(topics) if t not in existing]
+        if new:
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+
+
+def _existing_topics(bootstrap: str) -> set[str]:
+    probe = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        return set(probe.topics())
+    finally:
+        probe.close()
+
+
+def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
+    opts: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "acks": "all",
+        "linger_ms": 5,
+        "batch_size": 256 * 1024,
+        "retries": 10,
+        "max_in_flight_requests_per_connection": 1,  # keeps per-partition order across retries
+        "request_timeout_ms": 15000,
+    }
+    opts.update(overrides)
+    return KafkaProducer(**opts)
+
+
+def produce_json(producer: KafkaProducer, topic: str, records: Iterable[tuple[str | None, Any]],
+                 timestamp_ms: Iterable[int | None] | None = None) -> int:
+    n = 0
+    stamps = iter(timestamp_ms) if timestamp_ms is not None else None
+    for key, value in records:
+        body = value if isinstance(value, bytes) else orjson.dumps(value)
+        ts = next(stamps) if stamps is not None else None
+        producer.send(topic, key=key.encode() if key is not None else None, value=body, timestamp_ms=ts)
+        n += 1
+    producer.flush()
+    return n
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, on_assigned: AssignCallback, on_revoked: AssignCallback) -> None:
+        self.on_assigned, self.on_revoked = on_assigned, on_revoked
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self.on_revoked([(tp.topic, tp.partition) for tp in revoked])
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self.on_assigned([(tp.topic, tp.partition) for tp in assigned])
+
+
+class KafkaSource:
+    """Consumer-group member with manual commits; positions come from the processor's checkpoints."""
+
+    def __init__(self, bootstrap: str, group_id: str, *, session_timeout_ms: int = 6000,
+                 heartbeat_interval_ms: int = 1000, client_id: str = "anomaly-pipeline", **overrides: Any) -> None:
+        opts: dict[str, Any] = {
+            "bootstrap_servers": bootstrap,
+            "group_id": group_id,
+            "client_id": client_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "session_timeout_ms": session_timeout_ms,
+            "heartbeat_interval_ms": heartbeat_interval_ms,
+            "max_poll_interval_ms": 300000,
+            "fetch_max_bytes": 16 * 1024 * 1024,
+            "max_partition_fetch_bytes": 4 * 1024 * 1024,
+            "receive_message_max_bytes": 64 * 1024 * 1024,  # Tansu may exceed fetch_max_bytes
+            "reconnect_backoff_max_ms": 2000,
+        }
+        opts.update(overrides)
+        try:
+            self.consumer = KafkaConsumer(**opts)
+        except NoBrokersAvailable as exc:
+            raise BrokerError(f"no broker at {bootstrap}") from exc
+
+    def subscribe(self, topics: Sequence[str], on_assigned: AssignCallback, on_revoked: AssignCallback) -> None:
+        self.consumer.subscribe(list(topics), listener=_Listener(on_assigned, on_revoked))
+
+    def assign(self, tps: Sequence[TP]) -> None:
+        self.consumer.assign([TopicPartition(t, p) for t, p in tps])
+
+    def partitions_for(self, topic: str) -> list[int]:
+        parts = self.consumer.partitions_for_topic(topic)
+        return sorted(parts or [])
+
+    def poll(self, timeout_ms: int, max_records: int) -> list[RawRecord]:
+        batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        out: list[RawRecord] = []
+        for recs in batches.values():
+            out.extend(RawRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp) for r in recs)
+        return out
+
+    def seek(self, tp: TP, offset: int) -> None:
+        self.consumer.seek(TopicPartition(*tp), offset)
+
+    def seek_to_beginning(self, tp: TP) -> None:
+        self.consumer.seek_to_beginning(TopicPartition(*tp))
+
+    def position(self, tp: TP) -> int:
+        return int(self.consumer.position(TopicPartition(*tp)))
+
+    def committed(self, tp: TP) -> int | None:
+        off = self.consumer.committed(TopicPartition(*tp))
+        return None if off is None else int(off)
+
+    def commit(self, offsets: Mapping[TP, int]) -> None:
+        if not offsets:
+            return
+        try:
+            self.consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+        except KafkaError as exc:
+            # Outputs are already durable and positions live in the database checkpoint too, so a failed
+            # group commit only delays lag reporting; it never loses or duplicates output.
+            log.warning("kafka offset commit failed (outputs are durable; will retry next checkpoint): %s", exc)
+
+    def highwater(self, tp: TP) -> int | None:
+        hw = self.consumer.highwater(TopicPartition(*tp))
+        return None if hw is None else int(hw)
+
+    def lag(self) -> int | None:
+        """Records behind the high watermark (None until every assigned partition has been fetched once)."""
+        total = 0
+        for tp in self.consumer.assignment():
+            hw = self.consumer.highwater(tp)  # end_offsets() is wrong on Tansu; the fetch highwater is not
+            if hw is None:
+                return None
+            total += max(0, hw - self.consumer.position(tp))
+        return total
+
+    def close(self) -> None:
+        try:
+            self.consumer.close(autocommit=False)
+        except KafkaError as exc:  # pragma: no cover - best effort on shutdown
+            log.warning("consumer close: %s", exc)
+
+
+class KafkaDeadLetterSink:
+    """Dead-letter records: original bytes, plus headers with the reason and the source position."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.topic = topic
+        self.producer = make_producer(bootstrap)
+        self.sent = 0
+
+    def send(self, record: RawRecord, reason: str, detail: str) -> None:
+        envelope = {
+            "reason": reason,
+            "detail": detail[:2000],
+            "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
+            "key": record.key.decode("utf-8", "replace") if record.key else None,
+            "value": (record.value or b"")[:70000].decode("utf-8", "replace"),
+            "value_bytes": len(record.value or b""),
+        }
+        self.producer.send(
+            self.topic,
+            key=f"{record.topic}:{record.partition}:{record.offset}".encode(),
+            value=orjson.dumps(envelope),
+            headers=[("dlq.reason", reason.encode()), ("dlq.source.topic", record.topic.encode()),
+                     ("dlq.source.partition", str(record.partition).encode()),
+                     ("dlq.source.offset", str(record.offset).encode())],
+        )
+        self.sent += 1
+
+    def flush(self) -> None:
+        try:
+            self.producer.flush(timeout=30)
+        except KafkaError as exc:
+            raise SinkError(f"dead-letter flush failed: {exc}") from exc
+
+    def close(self) -> None:
+        self.producer.close(timeout=10)
+
+
+class KafkaPublisher:
+    """Plain keyed publisher (alerts topic)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.topic = topic
+        self.producer = make_producer(bootstrap)
+
+    def publish(self, key: str, value: bytes) -> None:
+        self.producer.send(self.topic, key=key.encode(), value=value)
+
+    def flush(self) -> None:
+        try:
+            self.producer.flush(timeout=30)
+        except KafkaError as exc:
+            raise SinkError(f"publish flush failed: {exc}") from exc
+
+    def close(self) -> None:
+        self.producer.close(timeout=10)

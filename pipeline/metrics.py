@@ -1,0 +1,14 @@
+"""Prometheus metrics of the processor (served by `pipeline run --metrics-port` and the HTTP API)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS = Counter("pipeline_events_total", "Events consumed", ["stream"])
+SCORED = Counter("pipeline_events_scored_total", "Events scored", ["stream"])
+DLQ = Counter("pipeline_dead_letters_total", "Records sent to the dead-letter topic", ["reason"])
+ALERTS = Counter("pipeline_alerts_total", "Alerts made durable", ["stream"])
+LIVE_ENTITIES = Gauge("pipeline_live_entities", "Entities with state in memory", ["stream"])
+LAG = Gauge("pipeline_consumer_lag", "Records behind the high watermark, all assigned partitions")
+BATCH_FILL = Histogram("pipeline_batch_size", "Events per scored micro-batch",
+                       buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000, 10000))
+CHECKPOINT_SECONDS = Histogram("pipeline_checkpoint_seconds", "Time to flush sinks and commit")
+DB_FAILURES = Counter("pipeline_db_failures_total", "Checkpoint attempts that failed on the database")

@@ -1,0 +1,277 @@
+"""The stream processor core: Source -> decode/validate -> per-entity state -> batched scoring ->
+threshold -> alerts -> checkpoint. Knows Kafka only through pipeline.records.Source.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+
+from pipeline import metrics
+from pipeline.checkpointing import Checkpointer
+from pipeline.errors import CheckpointError, DecodeError
+from pipeline.records import DeadLetterSink, RawRecord, Source, TopicPartition
+from pipeline.scoring.scorer import StreamScorer
+from pipeline.sinks.sql import AlertRow, SqlStore, StateRow
+
+log = logging.getLogger(__name__)
+
+
+def severity(score: float, threshold: float) -> str:
+    ratio = score / threshold if threshold > 0 else float("inf")
+    if ratio < 1.5:
+        return "low"
+    if ratio < 3.0:
+        return "medium"
+    if ratio < 10.0:
+        return "high"
+    return "critical"
+
+
+@dataclass
+class ProcessorStats:
+    events: int = 0
+    scored: int = 0
+    dead_letters: int = 0
+    alerts: int = 0
+    alerts_by_stream: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    checkpoints: int = 0
+    db_failures: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class ProcessorOptions:
+    run_id: str = "live"
+    group_id: str = "anomaly-pipeline"
+    max_batch_records: int = 5000
+    poll_timeout_ms: int = 50
+    commit_interval_ms: int = 200
+    snapshot_interval_s: float = 10.0
+    entity_ttl_s: float = 3600.0
+    max_live_entities: int = 1_000_000
+    db_retry_max_s: float = 30.0
+    top_features: int = 3
+
+
+class Processor:
+    def __init__(
+        self,
+        source: Source,
+        db: SqlStore,
+        dlq: DeadLetterSink,
+        scorers: dict[str, StreamScorer],  # topic -> scorer
+        options: ProcessorOptions = ProcessorOptions(),
+        after_durable: Callable[[list[AlertRow]], None] | None = None,
+    ) -> None:
+        self.source, self.db, self.dlq, self.scorers, self.opt = source, db, dlq, scorers, options
+        self.stats = ProcessorStats()
+        self.recovery_until: dict[TopicPartition, int] = {}
+        self.checkpointer = Checkpointer(db, source, dlq, run_id=options.run_id, group_id=options.group_id,
+                                         collect_states=self._collect_states, after_durable=after_durable)
+        for scorer in scorers.values():
+            scorer.store.loader = self._loader_for(scorer.spec.name)
+        self._max_event_ts = 0.0
+        self.ready = threading.Event()
+
+    # -- partitions ---------------------------------------------------------------------------------
+    def _loader_for(self, stream: str) -> Callable[[Sequence[str]], dict[str, bytes]]:
+        return lambda ids: self.db.load_states(self.opt.run_id, stream, ids)
+
+    def on_assigned(self, tps: Sequence[TopicPartition]) -> None:
+        saved = self.db.load_offsets(self.opt.run_id, self.opt.group_id)
+        pos = self.checkpointer.positions
+        for tp in tps:
+            committed, snap = saved.get(tp, (None, None))
+            if committed is None:
+                committed = self.source.committed(tp)
+            if snap is None and committed:
+                # outputs were committed but no state snapshot exists: rebuild state from the start
+                start = 0
+            else:
+                start = snap if snap is not None else (committed or 0)
+            self.source.seek(tp, start)
+            self.recovery_until[tp] = committed or 0
+            if committed is not None:
+                pos.committed[tp] = committed
+            if snap is not None:
+                pos.snapshot[tp] = snap
+            log.info("assigned %s[%d]: resume state from %d, outputs durable up to %s", tp[0], tp[1], start, committed)
+        self.ready.set()
+
+    def on_revoked(self, tps: Sequence[TopicPartition]) -> None:
+        if not tps:
+            return
+        try:
+            self.checkpointer.checkpoint(snapshot=True)
+        except CheckpointError as exc:
+            # not committed: the next owner replays from the last durable checkpoint, nothing is lost
+            log.warning("checkpoint on revoke failed (%s); partitions will be replayed by their next owner", exc)
+            self.checkpointer.pending = []
+        for tp in tps:
+            scorer = self.scorers.get(tp[0])
+            if scorer is not None:
+                scorer.store.drop_partition(tp[1])
+            self.checkpointer.positions.forget(tp)
+            self.recovery_until.pop(tp, None)
+        log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in tps))
+
+    def _collect_states(self, tps: set[TopicPartition]) -> tuple[list[StateRow], Callable[[], None]]:
+        rows: list[StateRow] = []
+        to_clean: list[tuple[StreamScorer, np.ndarray]] = []
+        for topic, scorer in self.scorers.items():
+            for t, p in tps:
+                if t != topic:
+                    continue
+                slots = scorer.store.dirty_slots(p)
+                if len(slots) == 0:
+                    continue
+                blobs = scorer.store.snapshot(slots)
+                ids = scorer.store.entity_ids(slots)
+                rows.extend(StateRow(scorer.spec.name, e, t, p, b) for e, b in zip(ids, blobs, strict=True))
+                to_clean.append((scorer, slots))
+
+        def mark_clean() -> None:
+            for scorer, slots in to_clean:
+                scorer.store.mark_clean(slots)
+
+        return rows, mark_clean
+
+    # -- records ------------------------------------------------------------------------------------
+    def handle(self, records: Sequence[RawRecord]) -> None:
+        by_topic: dict[str, list[RawRecord]] = defaultdict(list)
+        for r in records:
+            by_topic[r.topic].append(r)
+        pos = self.checkpointer.positions
+        for topic, recs in by_topic.items():
+            scorer = self.scorers.get(topic)
+            if scorer is None:
+                continue
+            spec = scorer.spec
+            good = []
+            good_recs = []
+            for r in recs:
+                try:
+                    rec = spec.decode(r.value)
+                    if r.key is not None and r.key.decode("utf-8", "replace") != spec.entity_of(rec):
+                        raise DecodeError("key_mismatch", f"key {r.key[:80]!r} != {spec.entity_field}")
+                except DecodeError as exc:
+                    if r.offset >= self.recovery_until.get((r.topic, r.partition), 0):
+                        self.dlq.send(r, exc.reason, exc.detail)
+                        self.stats.dead_letters += 1
+                        metrics.DLQ.labels(exc.reason).inc()
+                    continue
+                good.append(rec)
+                good_recs.append(r)
+            for r in recs:
+                pos.advance((r.topic, r.partition), r.offset + 1)
+            self.stats.events += len(recs)
+            metrics.EVENTS.labels(spec.name).inc(len(recs))
+            if not good:
+                continue
+            cols = spec.columns(good)
+            parts = np.fromiter((r.partition for r in good_recs), np.int32, len(good_recs))
+            res = scorer.process(cols, parts)
+            self.stats.scored += len(good)
+            metrics.SCORED.labels(spec.name).inc(len(good))
+            metrics.BATCH_FILL.observe(len(good))
+            self._max_event_ts = max(self._max_event_ts, float(cols.ts.max()))
+            for i in np.flatnonzero(res.is_anomaly):
+                r = good_recs[i]
+                top = np.argsort(-res.contributions[i])[: self.opt.top_features]
+                self.checkpointer.pending.append(AlertRow(
+                    alert_key=f"{self.opt.run_id}|{r.topic}|{r.partition}|{r.offset}|{scorer.model_version}",
+                    run_id=self.opt.run_id,
+                    stream=spec.name,
+                    entity_id=res.entity_ids[i],
+                    event_time=datetime.fromtimestamp(float(cols.ts[i]), tz=timezone.utc),
+                    score=float(res.scores[i]),
+                    threshold=float(res.thresholds[i]),
+                    severity=severity(float(res.scores[i]), float(res.thresholds[i])),
+                    model_version=scorer.model_version,
+                    top_features=[{"feature": spec.feature_names[j], "observed": float(res.observed[i, j]),
+                                   "reconstructed": float(res.reconstructed[i, j]),
+                                   "contribution": float(res.contributions[i, j])} for j in top],
+                    source_topic=r.topic, source_partition=r.partition, source_offset=r.offset,
+                ))
+                self.stats.alerts += 1
+                self.stats.alerts_by_stream[spec.name] += 1
+
+    # -- loop ---------------------------------------------------------------------------------------
+    def checkpoint_with_retry(self, snapshot: bool, stop: threading.Event | None = None) -> bool:
+        delay = 0.2
+        while True:
+            try:
+                self.checkpointer.checkpoint(snapshot)
+                self.stats.checkpoints += 1
+                return True
+            except CheckpointError as exc:
+                self.stats.db_failures += 1
+                log.warning("checkpoint failed, offsets NOT committed; retrying in %.1fs: %s", delay, exc)
+                if stop is not None and stop.wait(delay):
+                    return False
+                if stop is None:
+                    time.sleep(delay)
+                delay = min(delay * 2, self.opt.db_retry_max_s)
+
+    def _evict(self) -> None:
+        for scorer in self.scorers.values():
+            scorer.store.evict_idle(self._max_event_ts, self.opt.entity_ttl_s, self.opt.max_live_entities)
+            metrics.LIVE_ENTITIES.labels(scorer.spec.name).set(len(scorer.store))
+
+    def run(
+        self,
+        stop: threading.Event,
+        *,
+        idle_exit_s: float | None = None,
+        max_events: int | None = None,
+    ) -> ProcessorStats:
+        self.source.subscribe(list(self.scorers), self.on_assigned, self.on_revoked)
+        last_commit = last_snapshot = time.monotonic()
+        last_data = time.monotonic()
+        commit_every = self.opt.commit_interval_ms / 1000.0
+        while not stop.is_set():
+            records = self.source.poll(self.opt.poll_timeout_ms, self.opt.max_batch_records)
+            now = time.monotonic()
+            if records:
+                self.handle(records)
+                last_data = now
+            if now - last_commit >= commit_every:
+                snap = now - last_snapshot >= self.opt.snapshot_interval_s
+                if not self.checkpoint_with_retry(snap, stop):
+                    break
+                last_commit = time.monotonic()
+                if snap:
+                    last_snapshot = last_commit
+                    self._evict()
+                    lag = self.source.lag()
+                    if lag is not None:
+                        metrics.LAG.set(lag)
+            if max_events is not None and self.stats.events >= max_events:
+                break
+            if not self.ready.is_set():
+                last_data = now  # idle time counts from the first assignment
+            elif idle_exit_s is not None and not records and now - last_data >= idle_exit_s \
+                    and self.source.lag() == 0:
+                break
+        self.final_checkpoint()
+        return self.stats
+
+    def final_checkpoint(self, attempts: int = 5) -> bool:
+        """Graceful shutdown: make everything durable and commit, with a bounded number of tries."""
+        for attempt in range(attempts):
+            try:
+                self.checkpointer.checkpoint(snapshot=True)
+                return True
+            except CheckpointError as exc:
+                log.warning("final checkpoint failed (%d/%d): %s", attempt + 1, attempts, exc)
+                time.sleep(min(2.0**attempt * 0.2, 5.0))
+        log.error("shutting down without a final checkpoint; uncommitted records will be replayed on restart")
+        return False

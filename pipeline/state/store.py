@@ -1,0 +1,315 @@
+"""Struct-of-arrays entity state, so a whole micro-batch updates in a few numpy calls.
+
+Each entity owns a slot: a ring buffer of its last W raw feature vectors, Welford statistics of its
+features (shrunk towards the model's global statistics while young) and of its normal log-scores.
+Snapshots are fixed-size byte blobs (one numpy structured record) so they can be persisted and restored
+exactly; a blob whose layout does not match raises StateError instead of silently resetting the entity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import StateError
+
+LAYOUT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    window: int
+    n_features: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        w, f = self.window, self.n_features
+        return np.dtype(
+            [
+                ("version", "<u2"),
+                ("window", "<u2"),
+                ("n_features", "<u2"),
+                ("count", "<i8"),
+                ("last_ts", "<f8"),
+                ("win", "<f4", (w, f)),  # oldest -> newest
+                ("feat_n", "<f8"),
+                ("feat_mean", "<f8", (f,)),
+                ("feat_m2", "<f8", (f,)),
+                ("score_n", "<f8"),
+                ("score_mean", "<f8"),
+                ("score_m2", "<f8"),
+            ]
+        )
+
+    @property
+    def blob_size(self) -> int:
+        return int(self.dtype.itemsize)
+
+
+Loader = Callable[[Sequence[str]], dict[str, bytes]]
+
+
+class EntityStateStore:
+    """Slots for live entities; `resolve` maps ids to slots, creating (or loading) the missing ones."""
+
+    def __init__(
+        self,
+        layout: StateLayout,
+        prior_mean: np.ndarray,
+        prior_std: np.ndarray,
+        *,
+        prior_strength: float = 20.0,
+        clip_sigma: float = 4.0,
+        capacity: int = 1024,
+        loader: Loader | None = None,
+    ) -> None:
+        self.layout = layout
+        w, f = layout.window, layout.n_features
+        self.prior_mean = np.asarray(prior_mean, dtype=np.float64).reshape(f)
+        self.prior_var = np.maximum(np.asarray(prior_std, dtype=np.float64).reshape(f), 1e-6) ** 2
+        self.prior_strength = float(prior_strength)
+        self.clip_sigma = float(clip_sigma)
+        self.loader = loader
+        self._slot_of: dict[str, int] = {}
+        self._ids: list[str | None] = []
+        self._free: list[int] = []
+        cap = max(16, capacity)
+        self.win = np.zeros((cap, w, f), np.float32)
+        self.pos = np.zeros(cap, np.int64)  # next write index in the ring
+        self.count = np.zeros(cap, np.int64)
+        self.last_ts = np.zeros(cap, np.float64)
+        self.feat_n = np.zeros(cap, np.float64)
+        self.feat_mean = np.zeros((cap, f), np.float64)
+        self.feat_m2 = np.zeros((cap, f), np.float64)
+        self.score_n = np.zeros(cap, np.float64)
+        self.score_mean = np.zeros(cap, np.float64)
+        self.score_m2 = np.zeros(cap, np.float64)
+        self.last_seen = np.zeros(cap, np.float64)
+        self.dirty = np.zeros(cap, bool)
+        self.partition = np.full(cap, -1, np.int32)
+
+    # -- slots -------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def __contains__(self, entity_id: str) -> bool:
+        return entity_id in self._slot_of
+
+    @property
+    def capacity(self) -> int:
+        return len(self.pos)
+
+    def _grow(self, needed: int) -> None:
+        cap = self.capacity
+        if needed <= cap:
+            return
+        new = max(needed, cap * 2)
+        for name in ("win", "pos", "count", "last_ts", "feat_n", "feat_mean", "feat_m2", "score_n",
+                     "score_mean", "score_m2", "last_seen", "dirty", "partition"):
+            old = getattr(self, name)
+            arr = np.zeros((new, *old.shape[1:]), old.dtype)
+            if name == "partition":
+                arr[:] = -1
+            arr[:cap] = old
+            setattr(self, name, arr)
+
+    def _new_slot(self, entity_id: str) -> int:
+        if self._free:
+            slot = self._free.pop()
+            self._ids[slot] = entity_id
+        else:
+            slot = len(self._ids)
+            self._grow(slot + 1)
+            self._ids.append(entity_id)
+        self._slot_of[entity_id] = slot
+        self._reset_slot(slot)
+        return slot
+
+    def _reset_slot(self, slot: int) -> None:
+        self.win[slot] = 0
+        self.pos[slot] = 0
+        self.count[slot] = 0
+        self.last_ts[slot] = np.nan
+        self.feat_n[slot] = 0
+        self.feat_mean[slot] = 0
+        self.feat_m2[slot] = 0
+        self.score_n[slot] = 0
+        self.score_mean[slot] = 0
+        self.score_m2[slot] = 0
+        self.dirty[slot] = False
+        self.partition[slot] = -1
+
+    def resolve(self, entity_ids: Sequence[str], partitions: np.ndarray | None = None) -> np.ndarray:
+        """Slots for `entity_ids` (batch order); unknown ids are loaded via `loader` or start fresh."""
+        slot_of = self._slot_of
+        missing = list(dict.fromkeys(e for e in entity_ids if e not in slot_of))
+        if missing:
+            blobs = self.loader(missing) if self.loader is not None else {}
+            for eid in missing:
+                slot = self._new_slot(eid)
+                blob = blobs.get(eid)
+                if blob is not None:
+                    self._restore_slot(slot, blob, eid)
+        slots = np.fromiter((slot_of[e] for e in entity_ids), dtype=np.int64, count=len(entity_ids))
+        if partitions is not None:
+            self.partition[slots] = partitions
+        return slots
+
+    def entity_ids(self, slots: Iterable[int]) -> list[str]:
+        return [self._ids[s] or "" for s in slots]
+
+    def live_slots(self) -> np.ndarray:
+        return np.fromiter(self._slot_of.values(), dtype=np.int64, count=len(self._slot_of))
+
+    # -- per-event updates (vectorised over distinct slots) ------------------------------------------
+    def push(self, slots: np.ndarray, features: np.ndarray, ts: np.ndarray) -> None:
+        """Append one feature vector per slot (slots must be distinct). New entities fill their window."""
+        fresh = self.count[slots] == 0
+        if fresh.any():
+            self.win[slots[fresh]] = features[fresh][:, None, :].astype(np.float32)
+        p = self.pos[slots]
+        self.win[slots, p] = features
+        self.pos[slots] = (p + 1) % self.layout.window
+        self.count[slots] += 1
+        self.last_ts[slots] = ts
+        self.last_seen[slots] = ts
+        self.dirty[slots] = True
+
+    def scaling(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Entity mean/std shrunk towards the global prior: (B, F), (B, F)."""
+        n = self.feat_n[slots][:, None]
+        k = self.prior_strength
+        mean_e = self.feat_mean[slots]
+        mean = (n * mean_e + k * self.prior_mean) / (n + k)
+        var = (self.feat_m2[slots] + k * self.prior_var + n * k / (n + k) * (mean_e - self.prior_mean) ** 2) / (n + k)
+        std = np.sqrt(np.maximum(var, 0.01 * self.prior_var))
+        return mean, std
+
+    def update_feature_stats(self, slots: np.ndarray, features: np.ndarray) -> None:
+        """Welford update with each value clipped to clip_sigma of the current scaling (robust to bursts)."""
+        mean, std = self.scaling(slots)
+        x = np.clip(features, mean - self.clip_sigma * std, mean + self.clip_sigma * std)
+        n = self.feat_n[slots] + 1
+        m = self.feat_mean[slots]
+        delta = x - m
+        m_new = m + delta / n[:, None]
+        self.feat_m2[slots] += delta * (x - m_new)
+        self.feat_mean[slots] = m_new
+        self.feat_n[slots] = n
+
+    def windows(self, slots: np.ndarray) -> np.ndarray:
+        """Raw windows oldest -> newest: (B, W, F)."""
+        w = self.layout.window
+        idx = (self.pos[slots][:, None] + np.arange(w)[None, :]) % w  # (B, W)
+        return self.win[slots[:, None], idx]
+
+    def score_threshold(self, slots: np.ndarray, global_threshold: float, warmup: int, z: float,
+                        floor_ratio: float) -> np.ndarray:
+        n = self.score_n[slots]
+        std = np.sqrt(self.score_m2[slots] / np.maximum(n - 1, 1))
+        own = np.expm1(self.score_mean[slots] + z * std)
+        own = np.maximum(own, floor_ratio * global_threshold)
+        return np.where(n >= warmup, own, global_threshold)
+
+    def update_score_stats(self, slots: np.ndarray, scores: np.ndarray) -> None:
+        x = np.log1p(np.maximum(scores, 0.0))
+        n = self.score_n[slots] + 1
+        m = self.score_mean[slots]
+        delta = x - m
+        m_new = m + delta / n
+        self.score_m2[slots] += delta * (x - m_new)
+        self.score_mean[slots] = m_new
+        self.score_n[slots] = n
+
+    # -- snapshots -----------------------------------------------------------------------------------
+    def snapshot(self, slots: np.ndarray) -> list[bytes]:
+        """Fixed-size blobs for `slots` (one structured record each)."""
+        rec = np.zeros(len(slots), self.layout.dtype)
+        rec["version"] = LAYOUT_VERSION
+        rec["window"] = self.layout.window
+        rec["n_features"] = self.layout.n_features
+        rec["count"] = self.count[slots]
+        rec["last_ts"] = self.last_ts[slots]
+        rec["win"] = self.windows(slots)
+        rec["feat_n"] = self.feat_n[slots]
+        rec["feat_mean"] = self.feat_mean[slots]
+        rec["feat_m2"] = self.feat_m2[slots]
+        rec["score_n"] = self.score_n[slots]
+        rec["score_mean"] = self.score_mean[slots]
+        rec["score_m2"] = self.score_m2[slots]
+        buf = rec.tobytes()
+        size = self.layout.blob_size
+        return [buf[i * size : (i + 1) * size] for i in range(len(slots))]
+
+    def _restore_slot(self, slot: int, blob: bytes, entity_id: str) -> None:
+        if len(blob) != self.layout.blob_size:
+            raise StateError(f"state of {entity_id!r}: {len(blob)} bytes, layout expects {self.layout.blob_size}")
+        rec = np.frombuffer(blob, self.layout.dtype)[0]
+        if (int(rec["version"]), int(rec["window"]), int(rec["n_features"])) != (
+            LAYOUT_VERSION, self.layout.window, self.layout.n_features
+        ):
+            raise StateError(
+                f"state of {entity_id!r} was saved with layout v{rec['version']} window={rec['window']} "
+                f"features={rec['n_features']}; this model needs window={self.layout.window} "
+                f"features={self.layout.n_features}. Migrate or start a new run_id."
+            )
+        self.win[slot] = rec["win"]
+        self.pos[slot] = 0
+        self.count[slot] = rec["count"]
+        self.last_ts[slot] = rec["last_ts"]
+        self.last_seen[slot] = rec["last_ts"]
+        self.feat_n[slot] = rec["feat_n"]
+        self.feat_mean[slot] = rec["feat_mean"]
+        self.feat_m2[slot] = rec["feat_m2"]
+        self.score_n[slot] = rec["score_n"]
+        self.score_mean[slot] = rec["score_mean"]
+        self.score_m2[slot] = rec["score_m2"]
+
+    def dirty_slots(self, partition: int | None = None) -> np.ndarray:
+        live = self.live_slots()
+        mask = self.dirty[live]
+        if partition is not None:
+            mask &= self.partition[live] == partition
+        return live[mask]
+
+    def mark_clean(self, slots: np.ndarray) -> None:
+        self.dirty[slots] = False
+
+    # -- memory bounds ---------------------------------------------------------------------------------
+    def drop(self, entity_ids: Iterable[str]) -> int:
+        """Forget entities (e.g. their partition was revoked); their state lives on in the snapshot store."""
+        n = 0
+        for eid in entity_ids:
+            slot = self._slot_of.pop(eid, None)
+            if slot is not None:
+                self._ids[slot] = None
+                self._reset_slot(slot)
+                self._free.append(slot)
+                n += 1
+        return n
+
+    def drop_partition(self, partition: int) -> int:
+        live = self.live_slots()
+        return self.drop(self.entity_ids(live[self.partition[live] == partition]))
+
+    def evict_idle(self, now: float, ttl: float, max_live: int) -> int:
+        """Evict clean entities idle longer than ttl (event time), then the least recent clean ones over max_live."""
+        live = self.live_slots()
+        if len(live) == 0:
+            return 0
+        clean = live[~self.dirty[live]]
+        idle = clean[self.last_seen[clean] < now - ttl]
+        victims = list(idle)
+        over = len(live) - len(victims) - max_live
+        if over > 0:
+            rest = np.setdiff1d(clean, idle)
+            victims.extend(rest[np.argsort(self.last_seen[rest])[:over]])
+        return self.drop(self.entity_ids(victims))
+
+    def nbytes_per_entity(self) -> float:
+        """Array bytes per slot (excludes the id map; bench measures the whole process)."""
+        arrays = (self.win, self.pos, self.count, self.last_ts, self.feat_n, self.feat_mean, self.feat_m2,
+                  self.score_n, self.score_mean, self.score_m2, self.last_seen, self.dirty, self.partition)
+        return sum(a.nbytes for a in arrays) / max(1, self.capacity)

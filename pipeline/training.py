@@ -1,0 +1,100 @@
+"""Training orchestration: stream events -> the same per-entity state/scaling as serving -> windows -> model.
+
+Windows are built by the serving code path (StreamScorer.prepare), so train/serve skew is impossible
+by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.lstm_ae import Checkpoint, LSTMAEConfig, TrainConfig, save_checkpoint, train_autoencoder
+from pipeline.features.streams import EventColumns, StreamSpec
+from pipeline.scoring.scorer import StreamScorer, occurrence_rank, rounds
+
+
+def raw_features(spec: StreamSpec, cols: EventColumns) -> np.ndarray:
+    """Finished raw features in event order (state-dependent ones use each entity's previous event)."""
+    entity_codes = np.unique(np.asarray(cols.entity_ids, dtype=object), return_inverse=True)[1]
+    last_ts = np.full(int(entity_codes.max()) + 1 if len(entity_codes) else 0, np.nan)
+    out = np.empty_like(cols.base)
+    for idx in rounds(occurrence_rank(entity_codes)):
+        e = entity_codes[idx]
+        out[idx] = spec.finish(cols.base[idx], cols.ts[idx], last_ts[e])
+        last_ts[e] = cols.ts[idx]
+    return out
+
+
+def feature_prior(spec: StreamSpec, cols: EventColumns) -> tuple[np.ndarray, np.ndarray]:
+    feats = raw_features(spec, cols)
+    return feats.mean(axis=0), np.maximum(feats.std(axis=0), 1e-6)
+
+
+def training_windows(
+    spec: StreamSpec, cols: EventColumns, window: int, prior: tuple[np.ndarray, np.ndarray], min_history: int,
+    chunk: int = 20000,
+) -> np.ndarray:
+    scorer = StreamScorer(spec, None, prior=prior, window=window)
+    out = []
+    n = len(cols.entity_ids)
+    for s in range(0, n, chunk):
+        part = EventColumns(cols.entity_ids[s : s + chunk], cols.ts[s : s + chunk], cols.base[s : s + chunk])
+        p = scorer.prepare(part)
+        out.append(p.windows[p.count >= min_history])
+    return np.concatenate(out) if out else np.empty((0, window, spec.n_features), np.float32)
+
+
+def train_stream_model(
+    spec: StreamSpec,
+    cols: EventColumns,
+    *,
+    model: LSTMAEConfig | None = None,
+    train: TrainConfig = TrainConfig(),
+    min_history: int = 8,
+    name: str | None = None,
+    device: str = "cpu",
+    progress: Callable[[int, float, float], None] | None = None,
+    extra_card: dict[str, Any] | None = None,
+) -> Checkpoint:
+    model = model or LSTMAEConfig(n_features=spec.n_features)
+    prior = feature_prior(spec, cols)
+    windows = training_windows(spec, cols, model.window, prior, min_history)
+    card = {
+        "stream": spec.name,
+        "feature_prior": {"mean": prior[0].tolist(), "std": prior[1].tolist()},
+        "min_history": min_history,
+        **(extra_card or {}),
+    }
+    return train_autoencoder(windows, model, train, name=name or f"{spec.name}-lstm-ae",
+                             feature_names=spec.feature_names, device=device, progress=progress, extra_card=card)
+
+
+def train_default_models(out_dir: Path, channels: list[str], *, seed: int = 0, epochs: int = 8,
+                         progress: Callable[[str, int, float, float], None] | None = None) -> dict[str, Path]:
+    """Small models trained on simulated *normal* traffic: what `pipeline demo` and the tests start from."""
+    from pipeline.features.streams import SensorStream, TransactionStream
+    from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels
+
+    paths = {}
+    tx_spec = TransactionStream()
+    tx, _ = simulate_transactions(400, 80, seed=seed + 11)
+    tx_cols = tx_spec.columns([tx_spec.parse(r) for r in strip_labels(tx)])
+    sn_spec = SensorStream(channels)
+    sn, _ = simulate_sensors(24, 400, seed=seed + 12)
+    sn_cols = sn_spec.columns([sn_spec.parse(r) for r in strip_labels(sn)])
+    for spec, cols, cfg in (
+        (tx_spec, tx_cols, LSTMAEConfig(n_features=tx_spec.n_features, window=16, hidden_size=32, latent_size=8)),
+        (sn_spec, sn_cols, LSTMAEConfig(n_features=sn_spec.n_features, window=32, hidden_size=32, latent_size=8)),
+    ):
+        def report(epoch: int, tl: float, vl: float, _name: str = spec.name) -> None:
+            if progress:
+                progress(_name, epoch, tl, vl)
+
+        ckpt = train_stream_model(spec, cols, model=cfg, train=TrainConfig(epochs=epochs, seed=seed),
+                                  progress=report, extra_card={"training_data": "pipeline.simulate (normal only)"})
+        paths[spec.name] = save_checkpoint(ckpt, out_dir / f"{spec.name}.pt")
+    return paths

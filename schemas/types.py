@@ -1,0 +1,58 @@
+"""Pydantic mirrors of the JSON Schema contracts (validated in Rust, a few microseconds per message)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+EntityId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+ChannelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_. -]{1,64}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strict=True)
+
+
+class Transaction(_Strict):
+    transaction_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    customer_id: EntityId
+    terminal_id: EntityId
+    amount: Annotated[float, Field(ge=0, le=1_000_000_000, allow_inf_nan=False, strict=False)]
+    currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")] | None = None
+    timestamp: AwareDatetime
+
+
+class SensorReading(_Strict):
+    device_id: EntityId
+    timestamp: AwareDatetime
+    values: Annotated[dict[ChannelName, FiniteFloat], Field(min_length=1, max_length=64)]
+
+
+class FeatureContribution(_Strict):
+    feature: str
+    observed: float
+    reconstructed: float
+    contribution: float
+
+
+class AlertSource(_Strict):
+    topic: str
+    partition: Annotated[int, Field(ge=0)]
+    offset: Annotated[int, Field(ge=0)]
+
+
+class Alert(_Strict):
+    alert_key: Annotated[str, StringConstraints(min_length=1, max_length=300)]
+    run_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    stream: Literal["transactions", "sensors"]
+    entity_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    event_time: datetime
+    score: float
+    threshold: float
+    severity: Literal["low", "medium", "high", "critical"] | None = None
+    model_version: Annotated[str, StringConstraints(min_length=1)]
+    top_features: Annotated[list[FeatureContribution], Field(max_length=64)]
+    source: AlertSource

@@ -1,0 +1,57 @@
+"""Bad input on the real broker: each record lands in the dead-letter topic with its reason, and the
+processor keeps going (good records around them are scored)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.simulate import simulate_sensors, strip_labels
+from tests.service_helpers import produce, read_topic, run_processor, topic_env
+
+GOOD = b'{"transaction_id":"T1","customer_id":"C1","terminal_id":"T9","amount":10.5,"timestamp":"2018-04-01T00:00:31Z"}'
+BAD = {
+    "malformed_json": (b"C1", b"{oops"),
+    "missing_field": (b"C2", b'{"transaction_id":"T2","customer_id":"C2","terminal_id":"T9","timestamp":"2018-04-01T00:00:31Z"}'),
+    "schema_violation": (b"C3", GOOD.replace(b"10.5", b'"ten"').replace(b'"C1"', b'"C3"')),
+    "non_finite_number": (b"C4", GOOD.replace(b"10.5", b"1e999").replace(b'"C1"', b'"C4"')),
+    "bad_entity_id": (b"bad id", GOOD.replace(b'"C1"', b'"bad id"')),
+    "oversize": (b"C5", GOOD[:-1].replace(b'"C1"', b'"C5"') + b',"x":"' + b"y" * 70000 + b'"}'),
+    "key_mismatch": (b"C6", GOOD.replace(b'"C1"', b'"C7"')),
+    "empty_value": (b"C8", None),
+}
+
+
+def test_each_bad_record_is_dead_lettered_with_its_reason(
+    kafka_bootstrap: str, sqlite_store: object, topic_prefix: str, tmp_path: Path
+) -> None:
+    env = topic_env(topic_prefix, kafka_bootstrap, sqlite_store.url)  # type: ignore[attr-defined]
+    from pipeline.kafka.client import ensure_topics, make_producer
+
+    ensure_topics(kafka_bootstrap, [env["PIPELINE_TRANSACTIONS_TOPIC"]], 4)
+    producer = make_producer(kafka_bootstrap, max_request_size=2_000_000)
+    for key, value in BAD.values():
+        producer.send(env["PIPELINE_TRANSACTIONS_TOPIC"], key=key, value=value)
+    producer.send(env["PIPELINE_TRANSACTIONS_TOPIC"], key=b"C1", value=GOOD)
+    producer.flush()
+    producer.close()
+    sensors, _ = simulate_sensors(2, 20, seed=3)
+    produce(kafka_bootstrap, env["PIPELINE_SENSORS_TOPIC"], ((r["device_id"], r) for r in strip_labels(sensors)))
+    bad_sensor = {"device_id": "pump-9", "timestamp": "2020-03-09T10:00:00Z", "values": {"Current": 1.0}}
+    produce(kafka_bootstrap, env["PIPELINE_SENSORS_TOPIC"], [("pump-9", bad_sensor)])
+
+    run_processor(env, log_path=tmp_path / "proc.log")
+
+    dlq = [v for _, v in read_topic(kafka_bootstrap, env["PIPELINE_DLQ_TOPIC"])]
+    by_reason = {d["reason"]: d for d in dlq}
+    assert set(by_reason) == set(BAD) | {"missing_channels"}
+    assert len(dlq) == len(BAD) + 1
+    for reason, (key, _) in BAD.items():
+        d = by_reason[reason]
+        assert d["source"]["topic"] == env["PIPELINE_TRANSACTIONS_TOPIC"]
+        assert d["key"] == key.decode()
+        assert d["detail"] or reason in ("oversize", "empty_value") or d["detail"] == ""
+    assert by_reason["oversize"]["value_bytes"] > 70000
+    assert by_reason["missing_channels"]["detail"].count(",") >= 5
+    log = (tmp_path / "proc.log").read_text()
+    assert "Traceback" not in log
+    assert "events," in log and "dead letters" in log  # processor kept going and reported

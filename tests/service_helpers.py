@@ -1,0 +1,79 @@
+"""Helpers for tests that run `pipeline run` as a real subprocess against the real broker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipeline.kafka.client import KafkaSource, ensure_topics, make_producer, produce_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def topic_env(prefix: str, bootstrap: str, database_url: str, **extra: Any) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP": bootstrap,
+        "DATABASE_URL": database_url,
+        "PIPELINE_TRANSACTIONS_TOPIC": f"{prefix}-transactions",
+        "PIPELINE_SENSORS_TOPIC": f"{prefix}-sensors",
+        "PIPELINE_DLQ_TOPIC": f"{prefix}-dlq",
+        "PIPELINE_ALERTS_TOPIC": f"{prefix}-alerts",
+        "PIPELINE_GROUP_ID": f"{prefix}-group",
+        "PIPELINE_TORCH_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update({f"PIPELINE_{k.upper()}": str(v) for k, v in extra.items()})
+    return env
+
+
+def produce(bootstrap: str, topic: str, records: Iterable[tuple[str | None, Any]], partitions: int = 4) -> int:
+    ensure_topics(bootstrap, [topic], partitions)
+    producer = make_producer(bootstrap)
+    try:
+        return produce_json(producer, topic, records)
+    finally:
+        producer.close()
+
+
+def read_topic(bootstrap: str, topic: str, idle_polls: int = 4) -> list[tuple[bytes | None, dict[str, Any]]]:
+    src = KafkaSource(bootstrap, f"reader-{time.time_ns()}")
+    try:
+        parts = src.partitions_for(topic)
+        src.assign([(topic, p) for p in parts])
+        for p in parts:
+            src.seek_to_beginning((topic, p))
+        out = []
+        idle = 0
+        while idle < idle_polls:
+            recs = src.poll(500, 10000)
+            idle = 0 if recs else idle + 1
+            out.extend((r.key, orjson.loads(r.value)) for r in recs if r.value)
+        return out
+    finally:
+        src.close()
+
+
+def start_processor(env: dict[str, str], *args: str, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", *args], env=env, cwd=REPO,
+                            stdout=out, stderr=subprocess.STDOUT)
+
+
+def run_processor(env: dict[str, str], *args: str, timeout: float = 240, log_path: Path | None = None) -> None:
+    proc = start_processor(env, "--idle-exit", "3", *args, log_path=log_path)
+    try:
+        rc = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    if rc != 0:
+        tail = log_path.read_text()[-3000:] if log_path else ""
+        raise AssertionError(f"processor exited with {rc}\n{tail}")

@@ -1,0 +1,73 @@
+"""Entity state: ring windows, snapshots that restore exactly, bounded memory, no silent resets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.errors import StateError
+from pipeline.state.store import EntityStateStore, StateLayout
+
+
+def _store(**kw: object) -> EntityStateStore:
+    return EntityStateStore(StateLayout(4, 2), np.zeros(2), np.ones(2), capacity=2, **kw)  # type: ignore[arg-type]
+
+
+def test_window_is_ordered_oldest_to_newest_and_prefilled() -> None:
+    s = _store()
+    slots = s.resolve(["a"])
+    s.push(slots, np.array([[1.0, 10.0]]), np.array([1.0]))
+    assert s.windows(slots)[0, :, 0].tolist() == [1, 1, 1, 1]
+    for v in (2, 3, 4, 5, 6):
+        s.push(slots, np.array([[v, 10.0 * v]]), np.array([float(v)]))
+    assert s.windows(slots)[0, :, 0].tolist() == [3, 4, 5, 6]
+    assert int(s.count[slots[0]]) == 6
+
+
+def test_snapshot_round_trip_restores_exactly() -> None:
+    s = _store()
+    rng = np.random.default_rng(0)
+    ids = [f"e{i}" for i in range(20)]  # grows past the initial capacity
+    slots = s.resolve(ids)
+    for t in range(7):
+        feats = rng.normal(size=(20, 2))
+        s.push(slots, feats, np.full(20, float(t)))
+        s.update_feature_stats(slots, feats)
+        s.update_score_stats(slots, rng.uniform(0, 5, 20))
+    blobs = dict(zip(ids, s.snapshot(slots), strict=True))
+    restored = _store(loader=lambda want: {e: blobs[e] for e in want})
+    r = restored.resolve(ids)
+    np.testing.assert_array_equal(restored.windows(r), s.windows(slots))
+    for a, b in zip(restored.scaling(r), s.scaling(slots), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(restored.score_threshold(r, 3.0, 2, 4.0, 0.5), s.score_threshold(slots, 3.0, 2, 4.0, 0.5))
+    # and they evolve identically afterwards
+    feats = rng.normal(size=(20, 2))
+    for st, sl in ((s, slots), (restored, r)):
+        st.push(sl, feats, np.full(20, 9.0))
+    np.testing.assert_array_equal(restored.windows(r), s.windows(slots))
+
+
+def test_incompatible_snapshot_raises_instead_of_resetting() -> None:
+    s = _store()
+    blob = s.snapshot(s.resolve(["a"]))[0]
+    other = EntityStateStore(StateLayout(8, 2), np.zeros(2), np.ones(2), loader=lambda ids: {"a": blob})
+    with pytest.raises(StateError):
+        other.resolve(["a"])
+
+
+def test_eviction_only_takes_clean_idle_entities_and_reuses_slots() -> None:
+    s = _store()
+    slots = s.resolve(["old", "new"])
+    s.push(slots, np.zeros((2, 2)), np.array([0.0, 100.0]))
+    assert s.evict_idle(now=100.0, ttl=10.0, max_live=10) == 0  # both dirty: never evicted
+    s.mark_clean(slots)
+    assert s.evict_idle(now=100.0, ttl=10.0, max_live=10) == 1
+    assert "old" not in s and "new" in s
+    s.resolve(["x"])
+    assert s.capacity == 16 and len(s) == 2
+
+
+def test_memory_per_entity_is_bounded() -> None:
+    s = EntityStateStore(StateLayout(32, 8), np.zeros(8), np.ones(8), capacity=10_000)
+    assert s.nbytes_per_entity() < 8 * 1024

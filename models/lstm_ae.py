@@ -109,7 +109,9 @@ class Checkpoint:
                 out[start : start + chunk] = self.model(x.to(device)).float().cpu().numpy()
         return out
 
-    def score(self, windows: np.ndarray, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def score(
+        self, windows: np.ndarray, device: torch.device | str = "cpu"
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """-> (scores (N,), per-feature contributions (N, F), reconstruction of the last step (N, F))."""
         recon = self.reconstruct(windows, device)
         k = self.config.score_steps

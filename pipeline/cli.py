@@ -6,7 +6,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -81,7 +80,9 @@ def run(
 
 @app.command()
 def train(
-    out_dir: Annotated[Path, typer.Option("--out", help="where to write <stream>.pt and cards")] = Path("models/checkpoints"),
+    out_dir: Annotated[Path, typer.Option("--out", help="where to write <stream>.pt and cards")] = Path(
+        "models/checkpoints"
+    ),
     epochs: Annotated[int, typer.Option()] = 8,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
@@ -182,7 +183,22 @@ def demo(
               f"database: {database_url}; {summary['seconds']:.1f}s")
 
 
+# Command groups living in their own packages; each module exposes register(app).
+COMMAND_MODULES: list[str] = [
+    "pipeline.alerts.cli", "pipeline.api.cli",
+    "pipeline.replay.cli", "pipeline.bench.cli",
+]
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(app)
+
+
 def main() -> None:
+    _register_commands()
     try:
         app()
     except PipelineError as exc:

@@ -16,12 +16,14 @@ from pipeline.kafka.broker import resolve_bootstrap
 from pipeline.kafka.client import KafkaSource, ensure_topics, make_producer, produce_json
 from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels
 
+_TX = {"transaction_id": "x1", "customer_id": "C-bad", "terminal_id": "T1", "amount": 5.0,
+       "timestamp": "2018-05-01T00:00:00Z"}
 BAD_RECORDS: list[tuple[str, bytes]] = [
-    ("C-bad-1", b"{not json"),
-    ("C-bad-2", b'{"transaction_id": "x1", "customer_id": "C-bad-2", "terminal_id": "T1", "timestamp": "2018-05-01T00:00:00Z"}'),
-    ("C-bad-3", b'{"transaction_id": "x2", "customer_id": "C-bad-3", "terminal_id": "T1", "amount": "lots", "timestamp": "2018-05-01T00:00:00Z"}'),
-    ("bad id!", b'{"transaction_id": "x3", "customer_id": "bad id!", "terminal_id": "T1", "amount": 5, "timestamp": "2018-05-01T00:00:00Z"}'),
-    ("C-bad-4", b'{"transaction_id": "x4", "customer_id": "C-bad-4", "terminal_id": "T1", "amount": 1e999, "timestamp": "2018-05-01T00:00:00Z"}'),
+    ("C-bad", b"{not json"),
+    ("C-bad", orjson.dumps({k: v for k, v in _TX.items() if k != "amount"})),
+    ("C-bad", orjson.dumps({**_TX, "amount": "lots"})),
+    ("bad id!", orjson.dumps({**_TX, "customer_id": "bad id!"})),
+    ("C-bad", orjson.dumps(_TX).replace(b"5.0", b"1e999")),
 ]
 
 
@@ -47,7 +49,8 @@ def run_demo(settings: Settings, *, customers: int, devices: int, console: Conso
         produce_json(producer, settings.sensors_topic, ((r["device_id"], r) for r in strip_labels(sn)))
         produce_json(producer, settings.transactions_topic, BAD_RECORDS)
         producer.close()
-        console.print(f"produced {len(tx)} transactions, {len(sn)} sensor readings, {len(BAD_RECORDS)} malformed records")
+        console.print(f"produced {len(tx)} transactions, {len(sn)} sensor readings, "
+                      f"{len(BAD_RECORDS)} malformed records")
         service = build_service(settings, boot)
         try:
             stats = service.processor.run(threading.Event(), idle_exit_s=3.0)

@@ -80,6 +80,7 @@ class Processor:
             scorer.store.loader = self._loader_for(scorer.spec.name)
         self._max_event_ts = 0.0
         self.ready = threading.Event()
+        self._next_offset: dict[TopicPartition, int] = {}  # records below this were applied already
 
     # -- partitions ---------------------------------------------------------------------------------
     def _loader_for(self, stream: str) -> Callable[[Sequence[str]], dict[str, bytes]]:
@@ -92,13 +93,11 @@ class Processor:
             committed, snap = saved.get(tp, (None, None))
             if committed is None:
                 committed = self.source.committed(tp)
-            if snap is None and committed:
-                # outputs were committed but no state snapshot exists: rebuild state from the start
-                start = 0
-            else:
-                start = snap if snap is not None else (committed or 0)
+            # no snapshot yet: rebuild state from the start, even if outputs were committed
+            start = snap if snap is not None else 0
             self.source.seek(tp, start)
             self.recovery_until[tp] = committed or 0
+            self._next_offset[tp] = start
             if committed is not None:
                 pos.committed[tp] = committed
             if snap is not None:
@@ -121,6 +120,7 @@ class Processor:
                 scorer.store.drop_partition(tp[1])
             self.checkpointer.positions.forget(tp)
             self.recovery_until.pop(tp, None)
+            self._next_offset.pop(tp, None)
         log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in tps))
 
     def _collect_states(self, tps: set[TopicPartition]) -> tuple[list[StateRow], Callable[[], None]]:
@@ -157,6 +157,7 @@ class Processor:
             spec = scorer.spec
             good = []
             good_recs = []
+            recs = self._drop_reapplied(recs)
             for r in recs:
                 try:
                     rec = spec.decode(r.value)
@@ -183,6 +184,7 @@ class Processor:
             metrics.SCORED.labels(spec.name).inc(len(good))
             metrics.BATCH_FILL.observe(len(good))
             self._max_event_ts = max(self._max_event_ts, float(cols.ts.max()))
+            self.checkpointer.observe(topic, spec.name, good_recs, parts, cols.ts, res)  # incident lifecycle
             for i in np.flatnonzero(res.is_anomaly):
                 r = good_recs[i]
                 top = np.argsort(-res.contributions[i])[: self.opt.top_features]
@@ -203,6 +205,27 @@ class Processor:
                 ))
                 self.stats.alerts += 1
                 self.stats.alerts_by_stream[spec.name] += 1
+
+    def _drop_reapplied(self, recs: list[RawRecord]) -> list[RawRecord]:
+        """Never apply a record to state twice: a broker that lost its log (e.g. restarted with memory
+        storage) makes the consumer reset to an earlier offset; those records are skipped, loudly."""
+        nxt = self._next_offset
+        keep = None
+        for i, r in enumerate(recs):
+            tp = (r.topic, r.partition)
+            expected = nxt.get(tp, 0)
+            if r.offset < expected:
+                if keep is None:
+                    keep = recs[:i]
+                continue
+            nxt[tp] = r.offset + 1
+            if keep is not None:
+                keep.append(r)
+        if keep is None:
+            return recs
+        log.warning("skipped %d records below the already-processed position (broker log reset or truncated?)",
+                    len(recs) - len(keep))
+        return keep
 
     # -- loop ---------------------------------------------------------------------------------------
     def checkpoint_with_retry(self, snapshot: bool, stop: threading.Event | None = None) -> bool:

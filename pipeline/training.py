@@ -79,7 +79,7 @@ def train_default_models(out_dir: Path, channels: list[str], *, seed: int = 0, e
     from pipeline.features.streams import SensorStream, TransactionStream
     from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels
 
-    paths = {}
+    paths: dict[str, Path] = {}
     tx_spec = TransactionStream()
     tx, _ = simulate_transactions(400, 80, seed=seed + 11)
     tx_cols = tx_spec.columns([tx_spec.parse(r) for r in strip_labels(tx)])

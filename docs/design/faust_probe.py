@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -68,6 +69,11 @@ S_LEN = S_SQ + DIM
 # --------------------------------------------------------------------------
 # shared state logic (identical for every variant)
 # --------------------------------------------------------------------------
+def cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def new_state() -> np.ndarray:
     return np.zeros(S_LEN, dtype=np.float32)
 
@@ -217,6 +223,7 @@ def run_kafka_python(bootstrap: str, n: int, partitions: int, changelog: bool,
             continue
         if t_first is None:
             t_first = time.perf_counter()
+            cpu0 = cpu_s()
         polls += 1
         for tp, msgs in recs.items():
             touched = {}
@@ -239,6 +246,7 @@ def run_kafka_python(bootstrap: str, n: int, partitions: int, changelog: bool,
             prod.flush()
         c.commit()
     t_end = time.perf_counter()
+    cpu_used = cpu_s() - cpu0 if t_first is not None else 0.0
     c.close()
     if prod is not None:
         prod.close()
@@ -250,6 +258,8 @@ def run_kafka_python(bootstrap: str, n: int, partitions: int, changelog: bool,
         "startup_s": (t_first or t_end) - t_start,
         "process_s": proc, "wall_s": t_end - t_start,
         "events_per_s": seen / proc if proc > 0 else None,
+        "cpu_s": cpu_used,
+        "events_per_cpu_s": seen / cpu_used if cpu_used > 0 else None,
         "count_sum": int(sum(float(s[S_CNT]) for s in state.values())),
     }
 
@@ -320,7 +330,12 @@ def worker_main(args) -> None:
     topic = app.topic(TOPIC, key_type=bytes, value_type=None,
                       key_serializer="raw", value_serializer="json",
                       partitions=args.partitions)
-    st = {"seen": 0, "t_first": None, "done": False, "scored": 0}
+    st = {"seen": 0, "t_first": None, "done": False, "scored": 0, "cpu0": 0.0}
+
+    def mark_first():
+        if st["t_first"] is None:
+            st["t_first"] = time.time()
+            st["cpu0"] = cpu_s()
 
     def report(extra=None):
         if st["done"]:
@@ -333,6 +348,9 @@ def worker_main(args) -> None:
                "wall_s": t - t_proc0, "scored_rows": st["scored"]}
         if res["process_s"] > 0:
             res["events_per_s"] = st["seen"] / res["process_s"]
+            res["cpu_s"] = cpu_s() - st["cpu0"]
+            if res["cpu_s"] > 0:
+                res["events_per_cpu_s"] = st["seen"] / res["cpu_s"]
         if extra:
             res.update(extra)
         tmp = out + ".tmp"
@@ -394,8 +412,7 @@ def worker_main(args) -> None:
         @app.agent(topic)
         async def process(stream):
             async for key, value in stream.items():
-                if st["t_first"] is None:
-                    st["t_first"] = time.time()
+                mark_first()
                 raw = table.get(key)
                 s = new_state() if raw is None else np.frombuffer(raw, dtype=np.float32).copy()
                 update_state(s, value["x"])
@@ -410,8 +427,7 @@ def worker_main(args) -> None:
         @app.agent(topic)
         async def process(stream):
             async for values in stream.take(1000, within=0.1):
-                if st["t_first"] is None:
-                    st["t_first"] = time.time()
+                mark_first()
                 touched = {}
                 for v in values:
                     key = v["e"]
@@ -582,7 +598,7 @@ def main() -> None:
             broker.kill()
             broker.wait()
 
-    print("\nvariant  consumed  events/s   process_s  startup_s  wall_s")
+    print("\nvariant  consumed  events/s   process_s  startup_s  wall_s  ev/cpu_s")
     for v, r in results["variants"].items():
         if "error" in r or "skipped" in r:
             print(f"{v:7s}  {r.get('error') or r.get('skipped')}")
@@ -604,7 +620,8 @@ def main() -> None:
         eps = r.get("events_per_s")
         print(f"{v:7s}  {r.get('consumed', 0):8d}  "
               f"{(eps or 0):9.0f}  {r.get('process_s', 0):9.2f}  "
-              f"{r.get('startup_s', 0):9.2f}  {r.get('wall_s', 0):6.2f}")
+              f"{r.get('startup_s', 0):9.2f}  {r.get('wall_s', 0):6.2f}  "
+              f"{(r.get('events_per_cpu_s') or 0):8.0f}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=2, default=str)

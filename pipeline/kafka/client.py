@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,10 +38,8 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = 4, ti
         new = [NewTopic(t, num_partitions=partitions, replication_factor=1, topic_configs=dict(config or {}))
                for t in dict.fromkeys(topics) if t not in existing]
         if new:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # a concurrent creator won
                 admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
     finally:
         admin.close()
 
@@ -115,6 +114,30 @@ class KafkaSource:
             self.consumer = KafkaConsumer(**opts)
         except NoBrokersAvailable as exc:
             raise BrokerError(f"no broker at {bootstrap}") from exc
+        self.bootstrap = bootstrap
+        self._checked_at = time.monotonic()
+        self._down_since: float | None = None
+
+    def _watch_connection(self, now: float) -> None:
+        """Log broker loss and recovery once each (kafka-python reconnects by itself, with backoff)."""
+        try:
+            client = self.consumer._client
+            nodes = [b.nodeId for b in client.cluster.brokers()]
+            up = any(client.connected(n) for n in nodes) if nodes else True
+        except Exception:  # noqa: BLE001 - diagnostics must never break the poll loop
+            return
+        if not up and self._down_since is None:
+            self._down_since = now
+            log.warning("lost connection to Kafka at %s; reconnecting with backoff. Processing pauses, offsets "
+                        "are not committed, nothing is skipped", self.bootstrap)
+        elif up and self._down_since is not None:
+            log.warning("reconnected to Kafka at %s after %.1fs; resuming from the last durable positions",
+                        self.bootstrap, now - self._down_since)
+            self._down_since = None
+
+    @property
+    def broker_down(self) -> bool:
+        return self._down_since is not None
 
     def subscribe(self, topics: Sequence[str], on_assigned: AssignCallback, on_revoked: AssignCallback) -> None:
         self.consumer.subscribe(list(topics), listener=_Listener(on_assigned, on_revoked))
@@ -128,6 +151,10 @@ class KafkaSource:
 
     def poll(self, timeout_ms: int, max_records: int) -> list[RawRecord]:
         batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        now = time.monotonic()
+        if now - self._checked_at >= 1.0:
+            self._checked_at = now
+            self._watch_connection(now)
         out: list[RawRecord] = []
         for recs in batches.values():
             out.extend(RawRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp) for r in recs)

@@ -115,3 +115,26 @@ def test_kill_9_mid_stream_loses_nothing_duplicates_nothing_restores_state(
         np.testing.assert_allclose(ra["win"], rb["win"], rtol=1e-6)
         np.testing.assert_allclose(ra["feat_mean"], rb["feat_mean"], rtol=1e-9)
         np.testing.assert_allclose(ra["score_mean"], rb["score_mean"], rtol=1e-5, atol=1e-8)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(
+    kafka_bootstrap: str, sqlite_store: SqlStore, topic_prefix: str, tmp_path: Path
+) -> None:
+    env = topic_env(topic_prefix, kafka_bootstrap, sqlite_store.url, log_json="true")
+    sn, _ = simulate_sensors(10, 100, seed=5)
+    produce(kafka_bootstrap, env["PIPELINE_SENSORS_TOPIC"], ((r["device_id"], r) for r in strip_labels(sn)))
+    log = tmp_path / "proc.log"
+    proc = start_processor(env, log_path=log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _committed(sqlite_store, "live")[0] < 1000:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    committed, snapped = _committed(sqlite_store, "live")
+    assert committed == 1000 and snapped  # the final checkpoint took a state snapshot
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")]
+    import json
+
+    events = [json.loads(ln) for ln in lines]
+    assert any("signal 15" in e["msg"] for e in events)
+    assert all({"ts", "level", "logger", "msg"} <= set(e) for e in events)

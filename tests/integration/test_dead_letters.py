@@ -8,10 +8,11 @@ from pathlib import Path
 from pipeline.simulate import simulate_sensors, strip_labels
 from tests.service_helpers import produce, read_topic, run_processor, topic_env
 
-GOOD = b'{"transaction_id":"T1","customer_id":"C1","terminal_id":"T9","amount":10.5,"timestamp":"2018-04-01T00:00:31Z"}'
+GOOD = (b'{"transaction_id":"T1","customer_id":"C1","terminal_id":"T9","amount":10.5,'
+        b'"timestamp":"2018-04-01T00:00:31Z"}')
 BAD = {
     "malformed_json": (b"C1", b"{oops"),
-    "missing_field": (b"C2", b'{"transaction_id":"T2","customer_id":"C2","terminal_id":"T9","timestamp":"2018-04-01T00:00:31Z"}'),
+    "missing_field": (b"C2", GOOD.replace(b'"amount":10.5,', b"").replace(b'"C1"', b'"C2"')),
     "schema_violation": (b"C3", GOOD.replace(b"10.5", b'"ten"').replace(b'"C1"', b'"C3"')),
     "non_finite_number": (b"C4", GOOD.replace(b"10.5", b"1e999").replace(b'"C1"', b'"C4"')),
     "bad_entity_id": (b"bad id", GOOD.replace(b'"C1"', b'"bad id"')),

@@ -9,7 +9,8 @@ from pipeline.features.streams import SensorStream, TransactionStream
 
 TX = TransactionStream(max_message_bytes=1024)
 SN = SensorStream(["Current", "Pressure"], max_message_bytes=1024)
-GOOD_TX = b'{"transaction_id":"T1","customer_id":"C1","terminal_id":"T9","amount":10.5,"timestamp":"2018-04-01T00:00:31Z"}'
+GOOD_TX = (b'{"transaction_id":"T1","customer_id":"C1","terminal_id":"T9","amount":10.5,'
+           b'"timestamp":"2018-04-01T00:00:31Z"}')
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.lstm_ae import Checkpoint, bundled_checkpoint_path, load_checkpoint
+from pipeline.alerts.lifecycle import IncidentTracker, LifecyclePolicy
+from pipeline.alerts.outbox import OutboxRelay
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.features.streams import make_stream
-from pipeline.kafka.client import KafkaDeadLetterSink, KafkaSource, ensure_topics
+from pipeline.kafka.client import KafkaDeadLetterSink, KafkaPublisher, KafkaSource, ensure_topics
 from pipeline.processor import Processor, ProcessorOptions
 from pipeline.scoring.scorer import StreamScorer
 from pipeline.scoring.threshold import AdaptiveThreshold
@@ -72,10 +74,13 @@ class Service:
     source: KafkaSource
     dlq: KafkaDeadLetterSink
     db: SqlStore
+    alerts_publisher: KafkaPublisher | None = None
 
     def close(self) -> None:
         self.source.close()
         self.dlq.close()
+        if self.alerts_publisher is not None:
+            self.alerts_publisher.close()
         self.db.dispose()
 
 
@@ -96,4 +101,21 @@ def build_service(settings: Settings, bootstrap: str, *, train_if_missing: bool 
                          heartbeat_interval_ms=settings.heartbeat_interval_ms)
     dlq = KafkaDeadLetterSink(bootstrap, settings.dlq_topic)
     processor = Processor(source, db, dlq, build_scorers(settings, checkpoints), options_from(settings))
-    return Service(processor, source, dlq, db)
+    publisher = enable_incidents(processor, settings, db, bootstrap) if settings.alerts.incidents else None
+    return Service(processor, source, dlq, db, publisher)
+
+
+def lifecycle_policy(settings: Settings) -> LifecyclePolicy:
+    a = settings.alerts
+    return LifecyclePolicy(resolve_after=a.resolve_after, suppress_s=a.suppress_s, max_gap_s=a.max_gap_s,
+                           sample_ring=a.sample_ring)
+
+
+def enable_incidents(processor: Processor, settings: Settings, db: SqlStore, bootstrap: str) -> KafkaPublisher:
+    """Incident lifecycle in the checkpoint transaction + outbox relay to the alerts topic."""
+    run_id = processor.opt.run_id
+    tracker = IncidentTracker(run_id, lifecycle_policy(settings),
+                              loader=lambda topic, partition: db.open_incidents(run_id, topic, partition))
+    publisher = KafkaPublisher(bootstrap, settings.alerts_topic)
+    processor.checkpointer.enable_incidents(tracker, OutboxRelay(db, publisher, run_id))
+    return publisher

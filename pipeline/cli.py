@@ -53,6 +53,8 @@ def run(
     max_events: Annotated[int | None, typer.Option(help="exit after this many events")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus /metrics on this port")] = None,
     group_id: Annotated[str | None, typer.Option()] = None,
+    api_port: Annotated[int | None, typer.Option(help="also serve the alerts API and page on this port")] = None,
+    api_host: Annotated[str, typer.Option()] = "127.0.0.1",
 ) -> None:
     """Run the stream processor until SIGTERM/SIGINT (or --idle-exit / --max-events)."""
     from pipeline.app import build_service
@@ -68,11 +70,21 @@ def run(
         start_http_server(metrics_port)
     stop = _stop_on_signals()
     service = build_service(s, boot)
+    api = None
+    if api_port:
+        from pipeline.api.app import create_app
+        from pipeline.api.server import ApiServer
+
+        # in-process, so /metrics shows the processor's live counters
+        api = ApiServer(create_app(service.db, s, run_id=s.run_id), host=api_host, port=api_port).start()
+        log.info("alerts API and page on %s", api.url)
     try:
         stats = service.processor.run(stop, idle_exit_s=idle_exit, max_events=max_events)
         log.info("processor stopped: %d events, %d scored, %d alerts, %d dead letters",
                  stats.events, stats.scored, stats.alerts, stats.dead_letters)
     finally:
+        if api is not None:
+            api.stop()
         service.close()
         if broker is not None:
             broker.stop()
@@ -187,6 +199,7 @@ def demo(
 COMMAND_MODULES: list[str] = [
     "pipeline.alerts.cli", "pipeline.api.cli",
     "pipeline.replay.cli", "pipeline.bench.cli",
+    "pipeline.evaluate.cli",
 ]
 
 

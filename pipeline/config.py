@@ -20,6 +20,18 @@ class ThresholdSettings(BaseSettings):
     min_history: int = Field(8, description="events an entity needs before any alert (window fill)")
 
 
+class AlertSettings(BaseSettings):
+    """Incident lifecycle and the alerts topic (see pipeline.alerts.lifecycle)."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_ALERTS_", extra="ignore")
+
+    incidents: bool = Field(True, description="derive incidents and publish them to the alerts topic")
+    resolve_after: int = Field(5, description="consecutive normal events that resolve an incident")
+    suppress_s: float = Field(300.0, description="per-entity window (event time) between 'updated' messages")
+    max_gap_s: float = Field(3600.0, description="an anomaly after this much silence opens a new incident")
+    sample_ring: int = Field(256, description="recent scores kept per entity with an incident (for the page)")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PIPELINE_", env_file=".env", extra="ignore")
 
@@ -58,3 +70,4 @@ class Settings(BaseSettings):
         "Temperature", "Thermocouple", "Voltage", "Volume Flow RateRMS",
     ]
     threshold: ThresholdSettings = Field(default_factory=ThresholdSettings)
+    alerts: AlertSettings = Field(default_factory=lambda: AlertSettings())

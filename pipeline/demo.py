@@ -38,6 +38,7 @@ def run_demo(settings: Settings, *, customers: int, devices: int, console: Conso
         settings.transactions_topic += f"-{suffix}"
         settings.sensors_topic += f"-{suffix}"
         settings.dlq_topic += f"-{suffix}"
+        settings.alerts_topic += f"-{suffix}"
         settings.group_id += f"-{suffix}"
     try:
         console.print(f"broker {boot} ({'embedded Tansu' if broker else 'external'}); database {settings.database_url}")

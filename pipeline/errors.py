@@ -36,3 +36,7 @@ class BrokerError(PipelineError):
 
 class CheckpointError(PipelineError):
     """A checkpoint (flush sinks, then commit offsets) failed; offsets were not committed."""
+
+
+class NotFoundError(PipelineError):
+    """A requested alert or incident does not exist."""

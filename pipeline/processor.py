@@ -111,9 +111,12 @@ class Processor:
         try:
             self.checkpointer.checkpoint(snapshot=True)
         except CheckpointError as exc:
-            # not committed: the next owner replays from the last durable checkpoint, nothing is lost
+            # not committed: the next owner replays the revoked partitions from their last durable checkpoint.
+            # Alerts of partitions we keep stay pending for our next checkpoint.
             log.warning("checkpoint on revoke failed (%s); partitions will be replayed by their next owner", exc)
-            self.checkpointer.pending = []
+            revoked = set(tps)
+            self.checkpointer.pending = [a for a in self.checkpointer.pending
+                                         if (a.source_topic, a.source_partition) not in revoked]
         for tp in tps:
             scorer = self.scorers.get(tp[0])
             if scorer is not None:

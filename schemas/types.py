@@ -13,14 +13,14 @@ ChannelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_. -]{1,64}$
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Transaction(_Strict):
     transaction_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     customer_id: EntityId
     terminal_id: EntityId
-    amount: Annotated[float, Field(ge=0, le=1_000_000_000, allow_inf_nan=False, strict=False)]
+    amount: Annotated[float, Field(ge=0, le=1_000_000_000, allow_inf_nan=False)]
     currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")] | None = None
     timestamp: AwareDatetime
 
@@ -56,3 +56,21 @@ class Alert(_Strict):
     model_version: Annotated[str, StringConstraints(min_length=1)]
     top_features: Annotated[list[FeatureContribution], Field(max_length=64)]
     source: AlertSource
+    incident: AlertIncident | None = None
+
+
+class AlertIncident(_Strict):
+    """Incident envelope on alerts-topic messages (pipeline.alerts.lifecycle)."""
+
+    key: Annotated[str, StringConstraints(min_length=1)]
+    message_id: Annotated[str, StringConstraints(min_length=1)]
+    event: Literal["opened", "updated", "resolved"]
+    seq: Annotated[int, Field(ge=1)]
+    status: Literal["open", "resolved"]
+    severity: Literal["low", "medium", "high", "critical"]
+    opened_at: datetime
+    last_alert_at: datetime
+    resolved_at: datetime | None
+    alert_count: Annotated[int, Field(ge=1)]
+    peak_score: float
+    peak_threshold: float

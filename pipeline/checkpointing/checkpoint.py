@@ -2,7 +2,12 @@
 
 1. flush sinks: the dead-letter producer is flushed (acks=all); alerts, dirty entity-state snapshots
    (when a snapshot is due) and the partition positions go to the database in ONE transaction;
-2. then commit offsets to the Kafka consumer group.
+2. then commit offsets to the Kafka consumer group;
+3. then, when an outbox relay is set, publish the new alerts-topic messages (after the database commit,
+   so the topic never shows an incident the table does not have; see pipeline.alerts.outbox).
+
+With an IncidentTracker (pipeline.alerts.lifecycle) the incident rows, outbox messages and score samples
+it derived from the scored events go into the same transaction as the alerts and offsets.
 
 If step 1 fails nothing is committed and the caller retries with backoff; the in-memory pending
 alerts are kept, so nothing acknowledged is ever lost. Restart resumes each partition from its last
@@ -16,11 +21,19 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from pipeline import metrics
 from pipeline.errors import CheckpointError, SinkError
-from pipeline.records import DeadLetterSink, Source, TopicPartition
+from pipeline.records import DeadLetterSink, RawRecord, Source, TopicPartition
 from pipeline.sinks.sql import AlertRow, OffsetRow, SqlStore, StateRow
+
+if TYPE_CHECKING:
+    from pipeline.alerts.lifecycle import IncidentTracker
+    from pipeline.alerts.outbox import OutboxRelay
+    from pipeline.scoring.scorer import ScoreBatch
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +45,7 @@ class PartitionPositions:
     consumed: dict[TopicPartition, int] = field(default_factory=dict)
     committed: dict[TopicPartition, int] = field(default_factory=dict)
     snapshot: dict[TopicPartition, int] = field(default_factory=dict)
+    on_forget: list[Callable[[TopicPartition], None]] = field(default_factory=list)
 
     def advance(self, tp: TopicPartition, next_offset: int) -> None:
         if next_offset > self.consumed.get(tp, -1):
@@ -40,6 +54,8 @@ class PartitionPositions:
     def forget(self, tp: TopicPartition) -> None:
         for d in (self.consumed, self.committed, self.snapshot):
             d.pop(tp, None)
+        for cb in self.on_forget:
+            cb(tp)
 
 
 class Checkpointer:
@@ -60,6 +76,20 @@ class Checkpointer:
         self.after_durable = after_durable
         self.pending: list[AlertRow] = []
         self.positions = PartitionPositions()
+        self.tracker: IncidentTracker | None = None
+        self.relay: OutboxRelay | None = None
+
+    def enable_incidents(self, tracker: IncidentTracker, relay: OutboxRelay | None = None) -> None:
+        """Derive incidents from the scored events (written with each checkpoint); publish via `relay`."""
+        self.tracker, self.relay = tracker, relay
+        self.positions.on_forget.append(tracker.forget)
+
+    def observe(self, topic: str, stream: str, records: list[RawRecord], partitions: np.ndarray,
+                event_ts: np.ndarray, batch: ScoreBatch) -> None:
+        """Feed one scored micro-batch to the incident tracker (no-op without one)."""
+        if self.tracker is not None:
+            self.tracker.observe(topic, stream, records, partitions, event_ts, batch.entity_ids, batch.scores,
+                                 batch.thresholds, batch.is_anomaly, self.positions.committed)
 
     def checkpoint(self, snapshot: bool, only: set[TopicPartition] | None = None) -> int:
         """Flush sinks, then commit offsets. Returns alerts newly inserted. Raises CheckpointError."""
@@ -68,7 +98,10 @@ class Checkpointer:
         changed = {tp: o for tp, o in consumed.items() if self.positions.committed.get(tp) != o}
         snap_tps = set(consumed) if snapshot else set()
         states, mark_clean = self.collect_states(snap_tps) if snapshot else ([], lambda: None)
-        if not changed and not self.pending and not states and not snapshot:
+        lifecycle = self.tracker.prepare(self.pending) if self.tracker is not None else None
+        if not changed and not self.pending and not states and not snapshot and not lifecycle:
+            if self.relay is not None and self.relay.backlog:
+                self.relay.try_drain()
             return 0
         offsets = [
             OffsetRow(t, p, o, o if (t, p) in snap_tps else None)
@@ -78,11 +111,18 @@ class Checkpointer:
         alerts = self.pending
         try:
             self.dlq.flush()
-            inserted = self.db.write_checkpoint(self.run_id, self.group_id, alerts, states, offsets)
+            if lifecycle:
+                inserted = self.db.write_checkpoint(self.run_id, self.group_id, alerts, states, offsets,
+                                                    lifecycle=lifecycle)
+            else:
+                inserted = self.db.write_checkpoint(self.run_id, self.group_id, alerts, states, offsets)
         except SinkError as exc:
             metrics.DB_FAILURES.inc()
             raise CheckpointError(str(exc)) from exc
         self.pending = []
+        if self.tracker is not None:
+            for event, n in self.tracker.written().items():
+                metrics.INCIDENT_EVENTS.labels(event).inc(n)
         mark_clean()
         if self.after_durable is not None and alerts:
             self.after_durable(alerts)
@@ -90,6 +130,8 @@ class Checkpointer:
         self.positions.committed.update(consumed)
         if snapshot:
             self.positions.snapshot.update({tp: consumed[tp] for tp in snap_tps})
+        if self.relay is not None and ((lifecycle is not None and lifecycle.outbox) or self.relay.backlog):
+            self.relay.try_drain()
         metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - started)
         for a in alerts:
             metrics.ALERTS.labels(a.stream).inc()

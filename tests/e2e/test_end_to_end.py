@@ -138,3 +138,37 @@ def test_sigterm_checkpoints_and_exits_cleanly(
     events = [json.loads(ln) for ln in lines]
     assert any("signal 15" in e["msg"] for e in events)
     assert all({"ts", "level", "logger", "msg"} <= set(e) for e in events)
+
+
+def test_run_serves_api_and_live_metrics(
+    kafka_bootstrap: str, sqlite_store: SqlStore, topic_prefix: str, tmp_path: Path
+) -> None:
+    import urllib.request
+
+    from pipeline.kafka.broker import free_port
+
+    env = topic_env(topic_prefix, kafka_bootstrap, sqlite_store.url)
+    sn, _ = simulate_sensors(5, 60, seed=6)
+    produce(kafka_bootstrap, env["PIPELINE_SENSORS_TOPIC"], ((r["device_id"], r) for r in strip_labels(sn)))
+    port = free_port()
+    proc = start_processor(env, "--api-port", str(port), log_path=tmp_path / "proc.log")
+    try:
+        deadline = time.monotonic() + 60
+        body = ""
+        while time.monotonic() < deadline:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            except OSError:
+                body = ""
+            if 'pipeline_events_total{stream="sensors"} 300.0' in body:
+                break
+            time.sleep(0.2)
+        assert 'pipeline_events_total{stream="sensors"} 300.0' in body, (tmp_path / "proc.log").read_text()[-2000:]
+        assert "pipeline_live_entities" in body and "pipeline_batch_size_bucket" in body
+        health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+        assert health.status == 200
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
+        assert "<html" in page.lower()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

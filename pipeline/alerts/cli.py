@@ -1,0 +1,202 @@
+"""`pipeline alerts list|tail|ack|label`: look at alerts and incidents, follow the alerts topic, and give
+operator feedback (acknowledge; label true/false positive)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import Settings
+from pipeline.errors import ConfigError
+
+alerts_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                         help="Alerts and incidents: list, follow the alerts topic, acknowledge, label.")
+out = Console()
+err = Console(stderr=True)
+
+DbOpt = Annotated[str | None, typer.Option("--database-url", help="SQLAlchemy URL; default DATABASE_URL")]
+RunOpt = Annotated[str | None, typer.Option("--run-id", help="only this run (default: all runs)")]
+_REL = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+STATUSES = ("open", "resolved", "acked", "unacked", "tp", "fp", "unlabeled")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(alerts_app, name="alerts")
+
+
+def parse_since(value: str | None, now: datetime | None = None) -> datetime | None:
+    """ISO-8601 time (UTC if no offset) or a relative age: 30s, 15m, 2h, 7d, 1w."""
+    if value is None:
+        return None
+    m = _REL.match(value.strip())
+    if m:
+        return (now or datetime.now(timezone.utc)) - timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
+    try:
+        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"--since {value!r}: give an ISO time (2024-05-01T12:00Z) or an age (15m, 2h, 7d)") from None
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+def _store(database_url: str | None) -> Any:
+    from pipeline.sinks.sql import SqlStore
+
+    store = SqlStore(database_url or Settings().database_url)
+    store.create_schema()
+    return store
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.sinks.sql import row_to_json
+
+    return row_to_json(row)
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@alerts_app.command("list")
+def list_cmd(
+    entity: Annotated[str | None, typer.Option("--entity", help="only this entity id")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="ISO time or age: 15m, 2h, 7d")] = None,
+    status: Annotated[str | None, typer.Option("--status", help="|".join(STATUSES))] = None,
+    stream: Annotated[str | None, typer.Option("--stream")] = None,
+    incidents: Annotated[bool, typer.Option("--incidents", help="list incidents instead of alerts")] = False,
+    limit: Annotated[int, typer.Option("--limit")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON array on stdout")] = False,
+    database_url: DbOpt = None,
+    run_id: RunOpt = None,
+) -> None:
+    """List alerts (or incidents), newest first."""
+    if status is not None and status not in STATUSES:
+        raise ConfigError(f"--status must be one of {', '.join(STATUSES)}")
+    store = _store(database_url)
+    try:
+        t0 = parse_since(since)
+        if incidents:
+            rows = store.list_incidents(run_id=run_id, status=status, entity_id=entity, stream=stream, since=t0,
+                                        limit=limit)
+        else:
+            rows = store.query_alerts(run_id=run_id, entity_id=entity, stream=stream, since=t0, status=status,
+                                      limit=limit)
+    finally:
+        store.dispose()
+    if as_json:
+        _print_json([_jsonable(r) for r in rows])
+        return
+    if incidents:
+        table = Table(title=f"{len(rows)} incidents")
+        for col in ("id", "status", "stream", "entity", "severity", "opened", "last alert", "alerts", "peak",
+                    "ack", "label"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(str(r["id"]), r["status"], r["stream"], r["entity_id"], r["severity"],
+                          str(r["opened_at"])[:19], str(r["last_alert_at"])[:19], str(r["alert_count"]),
+                          f"{r['peak_score']:.3g}/{r['peak_threshold']:.3g}", "yes" if r["acked_at"] else "",
+                          r["label"] or "")
+    else:
+        table = Table(title=f"{len(rows)} alerts")
+        for col in ("id", "event time", "stream", "entity", "score", "threshold", "severity", "incident", "ack",
+                    "label"):
+            table.add_column(col)
+        for r in rows:
+            inc = f"{r['incident_id']} ({r['incident_status']})" if r.get("incident_id") is not None else ""
+            table.add_row(str(r["id"]), str(r["event_time"])[:19], r["stream"], r["entity_id"], f"{r['score']:.3g}",
+                          f"{r['threshold']:.3g}", r["severity"], inc, "yes" if r["acked_at"] else "",
+                          r["label"] or "")
+    out.print(table)
+
+
+@alerts_app.command("tail")
+def tail_cmd(
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap; default KAFKA_BOOTSTRAP")] = None,
+    topic: Annotated[str | None, typer.Option(help="default: the alerts topic setting")] = None,
+    from_beginning: Annotated[bool, typer.Option("--from-beginning")] = False,
+    max_messages: Annotated[int | None, typer.Option(help="exit after this many messages")] = None,
+    idle_exit: Annotated[float | None, typer.Option(help="exit after this many seconds without a message")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="raw JSON lines")] = False,
+) -> None:
+    """Follow the alerts topic (incident opened / updated / resolved messages)."""
+    from pipeline.kafka.tail import follow
+
+    s = Settings()
+    boot = bootstrap or s.kafka_bootstrap
+    if not boot:
+        raise ConfigError("set --bootstrap or KAFKA_BOOTSTRAP")
+    stream = follow(boot, topic or s.alerts_topic, from_beginning=from_beginning, idle_timeout_s=idle_exit)
+    for n, (key, value) in enumerate(stream, start=1):
+        if as_json:
+            sys.stdout.write(value.decode("utf-8", "replace") + "\n")
+            sys.stdout.flush()
+        else:
+            try:
+                m = json.loads(value)
+                inc = m.get("incident") or {}
+                sev = inc.get("severity", m.get("severity", ""))
+                out.print(f"{m.get('event_time', '')[:19]}  {inc.get('event', 'alert'):8} {m.get('stream', ''):12} "
+                          f"{key}  {sev:8} score {m.get('score', 0):.3g} / {m.get('threshold', 0):.3g}  "
+                          f"alerts {inc.get('alert_count', 1)}  {inc.get('message_id', '')}", highlight=False)
+            except (ValueError, AttributeError, TypeError):
+                out.print(f"{key}: {value[:200]!r}", highlight=False)
+        if max_messages is not None and n >= max_messages:
+            break
+
+
+def _target(item_id: int, incident: bool) -> dict[str, int]:
+    return {"incident_id": item_id} if incident else {"alert_id": item_id}
+
+
+@alerts_app.command("ack")
+def ack_cmd(
+    item_id: Annotated[int, typer.Argument(metavar="ID", help="alert id (or incident id with --incident)")],
+    incident: Annotated[bool, typer.Option("--incident", help="ID is an incident: ack it and its alerts")] = False,
+    by: Annotated[str, typer.Option("--by", help="who acknowledges")] = "operator",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    database_url: DbOpt = None,
+) -> None:
+    """Acknowledge an alert (or a whole incident)."""
+    store = _store(database_url)
+    try:
+        n = store.ack(by=by, **_target(item_id, incident))
+        row = store.get_incident(item_id) if incident else store.get_alert(item_id)
+    finally:
+        store.dispose()
+    if as_json:
+        _print_json({"acked": _jsonable(row), "rows": n})
+    else:
+        out.print(f"acknowledged {'incident' if incident else 'alert'} {item_id} ({n} rows)")
+
+
+@alerts_app.command("label")
+def label_cmd(
+    item_id: Annotated[int, typer.Argument(metavar="ID", help="alert id (or incident id with --incident)")],
+    tp: Annotated[bool | None, typer.Option("--tp/--fp", help="true positive / false positive")] = None,
+    incident: Annotated[bool, typer.Option("--incident", help="ID is an incident: label it and its alerts")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    database_url: DbOpt = None,
+) -> None:
+    """Label an alert (or incident) a true or false positive. True positives are kept out of retraining
+    data (SqlStore.confirmed_anomalies / pipeline.alerts.feedback)."""
+    if tp is None:
+        raise ConfigError("give --tp or --fp")
+    label = "tp" if tp else "fp"
+    store = _store(database_url)
+    try:
+        n = store.label(label, **_target(item_id, incident))
+        row = store.get_incident(item_id) if incident else store.get_alert(item_id)
+    finally:
+        store.dispose()
+    if as_json:
+        _print_json({"labeled": _jsonable(row), "rows": n})
+    else:
+        out.print(f"labelled {'incident' if incident else 'alert'} {item_id} {label} ({n} rows)")

@@ -1,0 +1,32 @@
+"""Operator labels -> retraining data: events confirmed anomalous (label "tp") are not normal traffic and
+must not be learned as such."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline.sinks.sql import SqlStore
+
+
+def confirmed_keys(store: SqlStore, run_id: str | None = None, stream: str | None = None) -> set[tuple[str, float]]:
+    """{(entity_id, event epoch seconds)} of alerts labelled true positive."""
+    return {(r["entity_id"], _epoch(r["event_time"])) for r in store.confirmed_anomalies(run_id, stream)}
+
+
+def exclude_confirmed(records: Iterable[Mapping[str, Any]], confirmed: set[tuple[str, float]], *, entity_field: str,
+                      time_field: str = "timestamp") -> list[Mapping[str, Any]]:
+    """Drop records (decoded events, as produced to the topics) whose (entity, event time) was confirmed
+    anomalous. time_field holds an ISO string, a datetime or epoch seconds."""
+    return [r for r in records if (str(r[entity_field]), round(_epoch(r[time_field]), 6)) not in confirmed]
+
+
+def _epoch(v: Any) -> float:
+    if isinstance(v, (int, float)):
+        return round(float(v), 6)
+    if isinstance(v, str):
+        v = datetime.fromisoformat(v.replace("Z", "+00:00"))
+    if v.tzinfo is None:
+        v = v.replace(tzinfo=timezone.utc)
+    return round(v.timestamp(), 6)

@@ -1,0 +1,140 @@
+"""FastAPI app factory: alerts, incidents, per-entity recent scores, /healthz, /readyz, /metrics and the
+alerts page (pipeline/web/index.html + app.js, no build step, no CDN)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query, Response
+from fastapi.responses import HTMLResponse, JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pipeline import metrics
+from pipeline.config import Settings
+from pipeline.errors import NotFoundError
+from pipeline.sinks.sql import SqlStore, row_to_json
+
+
+def _web(name: str) -> str:
+    return resources.files("pipeline.web").joinpath(name).read_text(encoding="utf-8")
+
+
+def _since(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    from pipeline.alerts.cli import parse_since
+    from pipeline.errors import ConfigError
+
+    try:
+        return parse_since(value)
+    except ConfigError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+def create_app(store: SqlStore, settings: Settings | None = None, *, run_id: str | None = None) -> FastAPI:
+    """`run_id` None shows every run in the database."""
+    settings = settings or Settings()
+    app = FastAPI(title="streaming anomaly pipeline", version="0.1.0", docs_url="/docs", redoc_url=None)
+    app.state.store, app.state.settings, app.state.run_id = store, settings, run_id
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        ok = store.ping()
+        return JSONResponse({"status": "ready" if ok else "database unavailable", "database": ok},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        try:
+            stats = store.lifecycle_stats(run_id)
+            metrics.OPEN_INCIDENTS.set(stats["open_incidents"])
+            metrics.OUTBOX_BACKLOG.set(stats["outbox_unpublished"])
+        except Exception:  # noqa: BLE001 - metrics must render even when the database is down
+            pass
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/api/alerts")
+    def list_alerts(
+        entity: str | None = None,
+        stream: str | None = None,
+        since: str | None = Query(None, description="ISO time or age (15m, 2h, 7d)"),
+        status: str | None = Query(None, description="open|resolved|acked|unacked|tp|fp|unlabeled"),
+        incident_id: int | None = None,
+        limit: int = Query(100, ge=1, le=5000),
+    ) -> list[dict[str, Any]]:
+        try:
+            rows = store.query_alerts(run_id=run_id, entity_id=entity, stream=stream, since=_since(since),
+                                      status=status, incident_id=incident_id, limit=limit)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return [row_to_json(r) for r in rows]
+
+    @app.get("/api/alerts/{alert_id}")
+    def get_alert(alert_id: int) -> dict[str, Any]:
+        try:
+            return row_to_json(store.get_alert(alert_id))
+        except NotFoundError as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @app.get("/api/incidents")
+    def list_incidents(
+        status: str | None = Query(None, description="open|resolved|acked|unacked|tp|fp|unlabeled"),
+        entity: str | None = None,
+        stream: str | None = None,
+        since: str | None = None,
+        limit: int = Query(100, ge=1, le=5000),
+    ) -> list[dict[str, Any]]:
+        try:
+            rows = store.list_incidents(run_id=run_id, status=status, entity_id=entity, stream=stream,
+                                        since=_since(since), limit=limit)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return [_incident_json(r) for r in rows]
+
+    @app.get("/api/incidents/{incident_id}")
+    def get_incident(incident_id: int) -> dict[str, Any]:
+        try:
+            inc = store.get_incident(incident_id)
+        except NotFoundError as exc:
+            raise HTTPException(404, str(exc)) from None
+        alerts = store.query_alerts(incident_id=incident_id, limit=500)
+        peak = max(alerts, key=lambda a: a["score"] / a["threshold"] if a["threshold"] > 0 else float("inf"),
+                   default=None)
+        return {"incident": _incident_json(inc), "alerts": [row_to_json(a) for a in alerts],
+                "peak_alert": None if peak is None else row_to_json(peak)}
+
+    @app.get("/api/entities/{entity_id}/scores")
+    def entity_scores(entity_id: str, stream: str | None = None, limit: int = Query(500, ge=1, le=5000),
+                      ) -> dict[str, Any]:
+        rows = store.recent_scores(run_id, stream, entity_id, limit)
+        return {"entity_id": entity_id, "stream": stream,
+                "samples": [{"event_time": row_to_json(r)["event_time"], "score": r["score"],
+                             "threshold": r["threshold"], "is_anomaly": bool(r["is_anomaly"])} for r in rows]}
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> HTMLResponse:
+        return HTMLResponse(_web("index.html"))
+
+    @app.get("/app.js")
+    def app_js() -> Response:
+        return Response(_web("app.js"), media_type="application/javascript")
+
+    return app
+
+
+def _incident_json(r: dict[str, Any]) -> dict[str, Any]:
+    out = row_to_json(r)
+    out["peak_ratio"] = r["peak_score"] / r["peak_threshold"] if r["peak_threshold"] > 0 else None
+    out["age_s"] = (datetime.now(timezone.utc) - _aware(r["opened_at"])).total_seconds()
+    out.pop("last_alert", None)
+    return out
+
+
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)

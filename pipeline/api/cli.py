@@ -1,0 +1,35 @@
+"""`pipeline api`: serve the read API and the alerts page."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from pipeline.config import Settings
+
+
+def register(app: typer.Typer) -> None:
+    app.command("api")(api)
+
+
+def api(
+    port: Annotated[int, typer.Option(help="listen port")] = 8000,
+    host: Annotated[str, typer.Option(help="listen address")] = "127.0.0.1",
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL; default DATABASE_URL")] = None,
+    run_id: Annotated[str | None, typer.Option(help="only this run (default: all runs)")] = None,
+) -> None:
+    """Serve the alerts API, the alerts page (/), /healthz, /readyz and Prometheus /metrics."""
+    from pipeline.api.app import create_app
+    from pipeline.api.server import serve
+    from pipeline.logs import configure
+    from pipeline.sinks.sql import SqlStore
+
+    s = Settings()
+    configure(s.log_level, s.log_json)
+    store = SqlStore(database_url or s.database_url)
+    store.create_schema()
+    try:
+        serve(create_app(store, s, run_id=run_id), host, port)
+    finally:
+        store.dispose()

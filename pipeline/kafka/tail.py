@@ -1,0 +1,53 @@
+"""Follow a topic from outside any consumer group (`pipeline alerts tail`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from kafka import KafkaConsumer
+from kafka.errors import KafkaError, NoBrokersAvailable
+from kafka.structs import TopicPartition
+
+from pipeline.errors import BrokerError
+
+
+def follow(bootstrap: str, topic: str, *, from_beginning: bool = False, idle_timeout_s: float | None = None,
+           poll_ms: int = 500) -> Iterator[tuple[str | None, bytes]]:
+    """Yield (key, value) of new messages on every partition of `topic`, forever or until no message came
+    for idle_timeout_s. No group: nothing is committed, every tail sees everything."""
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                 reconnect_backoff_max_ms=2000)
+    except NoBrokersAvailable as exc:
+        raise BrokerError(f"no broker at {bootstrap}") from exc
+    try:
+        deadline = time.monotonic() + 15
+        parts = consumer.partitions_for_topic(topic)
+        while not parts:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"topic {topic!r} not found on {bootstrap}")
+            time.sleep(0.3)
+            parts = consumer.partitions_for_topic(topic)
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        if from_beginning:
+            consumer.seek_to_beginning(*tps)
+        else:
+            consumer.seek_to_end(*tps)
+        last = time.monotonic()
+        while True:
+            batches = consumer.poll(timeout_ms=poll_ms)
+            got = False
+            for recs in batches.values():
+                for r in recs:
+                    got = True
+                    yield (r.key.decode("utf-8", "replace") if r.key is not None else None), r.value or b""
+            if got:
+                last = time.monotonic()
+            elif idle_timeout_s is not None and time.monotonic() - last >= idle_timeout_s:
+                return
+    except KafkaError as exc:
+        raise BrokerError(f"tail {topic}: {exc}") from exc
+    finally:
+        consumer.close(autocommit=False)

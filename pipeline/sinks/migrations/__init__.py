@@ -1,0 +1,49 @@
+"""Alembic migrations of the alert database (SQLite and PostgreSQL).
+
+`upgrade_to_head(engine)` is what SqlStore.create_schema calls. A database created before migrations
+existed (tables made by metadata.create_all, no alembic_version) is stamped at the baseline revision
+0001 first, which is exactly those tables, and then upgraded. On PostgreSQL the upgrade holds a
+transaction-scoped advisory lock, so workers starting together do not race each other.
+
+The command line works too: `alembic -c pipeline/sinks/migrations/alembic.ini upgrade head` with
+DATABASE_URL set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection, Engine
+
+HERE = Path(__file__).resolve().parent
+BASELINE = "0001"
+_LOCK_ID = 7_420_131_337  # pg_advisory_xact_lock key for schema upgrades
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    cfg = Config(str(HERE / "alembic.ini"))
+    cfg.set_main_option("script_location", str(HERE))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade_to_head(engine: Engine) -> None:
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_ID})
+        cfg = alembic_config(conn)
+        if current_revision(conn) is None and inspect(conn).has_table("alerts"):
+            command.stamp(cfg, BASELINE)
+        command.upgrade(cfg, "head")
+
+
+__all__ = ["alembic_config", "current_revision", "upgrade_to_head"]

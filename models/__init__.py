@@ -7,8 +7,8 @@ reconstruction errors and scores.
 from models.lstm_ae import (
     Checkpoint,
     ErrorModel,
-    LSTMAutoencoder,
     LSTMAEConfig,
+    LSTMAutoencoder,
     TrainConfig,
     bundled_checkpoint_path,
     load_checkpoint,

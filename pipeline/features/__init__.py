@@ -1,10 +1,10 @@
 """Decode/validate wire records and turn them into feature vectors, per stream."""
 
 from pipeline.features.streams import (
+    EventColumns,
     SensorStream,
     StreamSpec,
     TransactionStream,
-    EventColumns,
     make_stream,
 )
 

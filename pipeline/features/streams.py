@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from pipeline.errors import DecodeError
+from pipeline.features.terminal import TERMINAL_FEATURES, TerminalContext
 from schemas.types import SensorReading, Transaction
 
 DAY = 86400.0
@@ -75,13 +77,8 @@ class StreamSpec:
         return record
 
     def parse(self, obj: dict[str, Any]) -> Any:
-        """Validate an already-decoded dict (files, simulators); same rules as `decode`."""
-        try:
-            record = self._adapter.validate_python(obj)
-        except ValidationError as err:
-            raise DecodeError(*_reason(err, self.entity_field)) from None
-        self.check(record)
-        return record
+        """Validate an already-decoded dict (files, simulators) by exactly the wire rules of `decode`."""
+        return self.decode(orjson.dumps(obj))
 
     def check(self, record: Any) -> None:
         """Stream-specific checks beyond the schema; raise DecodeError."""
@@ -101,25 +98,38 @@ class TransactionStream(StreamSpec):
     name = "transactions"
     entity_field = "customer_id"
 
-    def __init__(self, max_message_bytes: int = 65536) -> None:
+    def __init__(self, max_message_bytes: int = 65536, *, terminal_context: bool = False,
+                 terminal_tau_s: float = DAY) -> None:
+        """terminal_context=True adds per-terminal features (pipeline.features.terminal; partition-local)."""
         super().__init__(max_message_bytes)
         self._adapter = TypeAdapter(Transaction)
         self.feature_names = ["log_amount", "log_seconds_since_prev", "hour_sin", "hour_cos", "dow_sin", "dow_cos"]
+        self.terminals: TerminalContext | None = None
+        if terminal_context:
+            self.terminals = TerminalContext(terminal_tau_s)
+            self.feature_names += TERMINAL_FEATURES
 
     def columns(self, records: Sequence[Any]) -> EventColumns:
         n = len(records)
         ts = np.fromiter((r.timestamp.timestamp() for r in records), np.float64, n)
         amount = np.fromiter((r.amount for r in records), np.float64, n)
-        return self.columns_from_arrays([r.customer_id for r in records], ts, amount)
+        terminals = [r.terminal_id for r in records] if self.terminals is not None else None
+        return self.columns_from_arrays([r.customer_id for r in records], ts, amount, terminals)
 
-    def columns_from_arrays(self, entity_ids: list[str], ts: np.ndarray, amount: np.ndarray) -> EventColumns:
-        base = np.empty((len(ts), 6), np.float64)
+    def columns_from_arrays(self, entity_ids: list[str], ts: np.ndarray, amount: np.ndarray,
+                            terminal_ids: Sequence[str] | None = None) -> EventColumns:
+        """Batch features; with terminal context, events must come in event-time order (it updates state)."""
+        base = np.empty((len(ts), self.n_features), np.float64)
         base[:, 0] = np.log1p(amount)
         base[:, 1] = 0.0
         hour = 2 * math.pi * (ts % DAY) / DAY
         dow = 2 * math.pi * ((ts + 3 * DAY) % WEEK) / WEEK  # epoch day 0 was a Thursday
         base[:, 2], base[:, 3] = np.sin(hour), np.cos(hour)
         base[:, 4], base[:, 5] = np.sin(dow), np.cos(dow)
+        if self.terminals is not None:
+            if terminal_ids is None:
+                raise ValueError("terminal context needs terminal_ids")
+            base[:, 6:8] = self.terminals.features(terminal_ids, ts, base[:, 0])
         return EventColumns(entity_ids, ts, base)
 
     def finish(self, base: np.ndarray, ts: np.ndarray, prev_ts: np.ndarray) -> np.ndarray:

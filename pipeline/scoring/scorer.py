@@ -18,6 +18,7 @@ from pipeline.features.streams import EventColumns, StreamSpec
 from pipeline.scoring.threshold import AdaptiveThreshold
 from pipeline.state.store import EntityStateStore, Loader, StateLayout
 
+RAW_CLIP = 1e30  # finite but absurd readings stay finite in float32 windows and float64 statistics
 SCALED_CLIP = 50.0  # scaled features beyond +-50 sigma carry no more information; keeps the LSTM finite
 
 
@@ -110,8 +111,12 @@ class StreamScorer:
     def model_version(self) -> str:
         return self.checkpoint.version if self.checkpoint is not None else "none"
 
-    def prepare(self, cols: EventColumns, partitions: np.ndarray | None = None) -> Prepared:
-        """Apply a batch to entity state; return each event's scaled window (state ordered as one-at-a-time)."""
+    def prepare(self, cols: EventColumns, partitions: np.ndarray | None = None, *, learn: bool = True) -> Prepared:
+        """Apply a batch to entity state; return each event's scaled window (state ordered as one-at-a-time).
+
+        learn=False still moves the windows but freezes the entities' feature scaling, so a benchmark can
+        fit scaling on its training part only (and production can pause learning during an incident).
+        """
         store = self.store
         n = len(cols.entity_ids)
         w, f = store.layout.window, store.layout.n_features
@@ -124,19 +129,21 @@ class StreamScorer:
         count = np.empty(n, np.int64)
         for idx in order:
             s = slots[idx]
-            feats = self.spec.finish(cols.base[idx], cols.ts[idx], store.last_ts[s])
+            feats = np.clip(self.spec.finish(cols.base[idx], cols.ts[idx], store.last_ts[s]), -RAW_CLIP, RAW_CLIP)
             store.push(s, feats, cols.ts[idx])
             m, sd = store.scaling(s)
             scaled = (store.windows(s) - m[:, None, :]) / sd[:, None, :]
             windows[idx] = np.clip(scaled, -SCALED_CLIP, SCALED_CLIP)
             raw[idx], mean[idx], std[idx], count[idx] = feats, m, sd, store.count[s]
-            store.update_feature_stats(s, feats)
+            if learn:
+                store.update_feature_stats(s, feats)
         return Prepared(slots, windows, raw, mean, std, count, order)
 
-    def process(self, cols: EventColumns, partitions: np.ndarray | None = None) -> ScoreBatch:
+    def process(self, cols: EventColumns, partitions: np.ndarray | None = None, *, learn: bool = True) -> ScoreBatch:
+        """Score a micro-batch; learn=False freezes feature scaling and score statistics (see `prepare`)."""
         if self.checkpoint is None or self.threshold is None:
             raise ScoringError("scorer has no model")
-        p = self.prepare(cols, partitions)
+        p = self.prepare(cols, partitions, learn=learn)
         n = len(p.slots)
         if n:
             scores, contrib, recon = self.checkpoint.score(p.windows, self.device)
@@ -149,7 +156,8 @@ class StreamScorer:
             thr = self.threshold.thresholds(self.store, s)
             warm = p.count[idx] >= self.min_history
             anom = warm & (scores[idx] > thr)
-            self.threshold.observe(self.store, s, scores[idx], warm & ~anom)
+            if learn:
+                self.threshold.observe(self.store, s, scores[idx], warm & ~anom)
             thresholds[idx], anomalous[idx] = thr, anom
         reconstructed = recon * p.std + p.mean
         return ScoreBatch(p.slots, cols.entity_ids, scores, thresholds, anomalous, contrib, p.raw, reconstructed)

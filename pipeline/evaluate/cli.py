@@ -1,0 +1,80 @@
+"""`pipeline evaluate`: benchmark metrics of the production streaming scorer on labeled data."""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.errors import ConfigError
+
+KEYS = {
+    "skab": ("f1", "far", "mar"),
+    "nasa": ("f1", "precision", "recall"),
+    "transactions": ("roc_auc", "average_precision", "card_precision_at_100"),
+}
+
+
+class Format(str, Enum):
+    skab = "skab"
+    nasa = "nasa"
+    transactions = "transactions"
+
+
+def run_evaluation(fmt: str, data: Path, *, epochs: int | None = None, seed: int | None = None,
+                   device: str = "cpu") -> dict[str, Any]:
+    """Dispatch to the format's protocol; overrides apply on top of the validated defaults."""
+    from dataclasses import replace
+
+    import torch
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    overrides: dict[str, Any] = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
+    started = time.monotonic()
+    if fmt == "skab":
+        from pipeline.evaluate import skab
+
+        res = skab.evaluate(data, replace(skab.SkabConfig(), **overrides), device=device)
+    elif fmt == "nasa":
+        from pipeline.evaluate import nasa
+
+        res = nasa.evaluate(data, replace(nasa.NasaConfig(), **overrides), device=device)
+    elif fmt == "transactions":
+        from pipeline.evaluate import transactions
+
+        res = transactions.evaluate(data, replace(transactions.TransactionsConfig(), **overrides), device=device)
+    else:
+        raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(KEYS)}")
+    res["format"] = fmt
+    res["data"] = str(data)
+    res["seconds"] = round(time.monotonic() - started, 1)
+    return res
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def evaluate(
+        fmt: Annotated[Format, typer.Option("--format", help="benchmark layout and protocol")],
+        data: Annotated[Path, typer.Option("--data", help="benchmark folder (or transactions CSV)")],
+        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on the last line of stdout")] = False,
+        epochs: Annotated[int | None, typer.Option(help="override the validated number of epochs")] = None,
+        seed: Annotated[int | None, typer.Option()] = None,
+        device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
+    ) -> None:
+        """Train on a benchmark's training part, stream its test part through the scorer, print metrics."""
+        res = run_evaluation(fmt.value, data, epochs=epochs, seed=seed, device=device)
+        if as_json:
+            typer.echo(json.dumps(res, sort_keys=True))
+            return
+        table = Table(title=f"pipeline evaluate --format {fmt.value}")
+        table.add_column("metric")
+        table.add_column("value")
+        for k, v in res.items():
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        Console().print(table)

@@ -1,0 +1,106 @@
+"""`pipeline evaluate` end to end on tiny generated datasets in each benchmark's layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from pipeline.errors import ConfigError
+from pipeline.evaluate.cli import KEYS, register
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def root() -> None:
+        """test root"""
+
+    register(app)
+    return app
+
+
+def _run(fmt: str, data: Path) -> dict:
+    res = CliRunner().invoke(_app(), ["evaluate", "--format", fmt, "--data", str(data), "--json", "--epochs", "1"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _skab(root: Path, rng: np.random.Generator) -> Path:
+    (root / "valve1").mkdir(parents=True)
+    for i in range(2):
+        n = 480
+        idx = pd.date_range("2020-03-09 10:00:00", periods=n, freq="s", name="datetime")
+        x = rng.normal(0, 1, (n, 3)) + np.sin(np.arange(n) / 10)[:, None]
+        y = np.zeros(n)
+        y[430:470] = 1
+        x[430:470, 0] += 8
+        df = pd.DataFrame(x, index=idx, columns=["A", "B", "C"])
+        df["anomaly"], df["changepoint"] = y, 0.0
+        df.to_csv(root / "valve1" / f"{i}.csv", sep=";")
+    return root
+
+
+def _nasa(root: Path, rng: np.random.Generator) -> Path:
+    (root / "train").mkdir(parents=True)
+    (root / "test").mkdir()
+    rows = []
+    for chan in ("A-1", "B-2"):
+        for part, n in (("train", 260), ("test", 200)):
+            x = np.zeros((n, 5))
+            x[:, 0] = np.sin(np.arange(n) / 8) * 0.5 + rng.normal(0, 0.02, n)
+            x[np.arange(n) % 30 < 3, 1] = 1
+            if part == "test":
+                x[120:140, 0] = 0.95
+            np.save(root / part / f"{chan}.npy", x)
+        rows.append({"chan_id": chan, "spacecraft": "MSL", "anomaly_sequences": "[[120, 139]]",
+                     "class": "[point]", "num_values": 200})
+    pd.DataFrame(rows).to_csv(root / "labeled_anomalies.csv", index=False)
+    return root
+
+
+def _transactions(root: Path, rng: np.random.Generator) -> Path:
+    root.mkdir(parents=True)
+    recs = []
+    start = pd.Timestamp("2018-04-01")
+    for c in range(40):
+        mu = rng.uniform(10, 60)
+        for t in np.sort(rng.uniform(0, 10 * 86400, 25)):
+            fraud = int(t > 8 * 86400 and c < 6)
+            amount = abs(rng.normal(mu, mu / 4)) * (5 if fraud else 1)
+            recs.append((start + pd.Timedelta(seconds=float(t)), c, int(rng.integers(0, 30)), round(amount, 2),
+                         fraud))
+    df = pd.DataFrame(recs, columns=["TX_DATETIME", "CUSTOMER_ID", "TERMINAL_ID", "TX_AMOUNT", "TX_FRAUD"])
+    df = df.sort_values("TX_DATETIME").reset_index(drop=True)
+    df.insert(0, "TRANSACTION_ID", range(len(df)))
+    df.to_csv(root / "tx.csv.gz", index=False)
+    return root
+
+
+@pytest.mark.parametrize("fmt,make", [("skab", _skab), ("nasa", _nasa), ("transactions", _transactions)])
+def test_evaluate_json_keys(tmp_path: Path, fmt: str, make) -> None:  # type: ignore[no-untyped-def]
+    data = make(tmp_path / fmt, np.random.default_rng(0))
+    out = _run(fmt, data)
+    for key in KEYS[fmt]:
+        assert key in out
+        assert 0.0 <= out[key] <= 1.0
+
+
+@pytest.mark.parametrize("fmt", sorted(KEYS))
+def test_missing_folder_is_a_config_error(tmp_path: Path, fmt: str) -> None:
+    res = CliRunner().invoke(_app(), ["evaluate", "--format", fmt, "--data", str(tmp_path / "nope"), "--json"])
+    assert isinstance(res.exception, ConfigError)
+    assert "nope" in str(res.exception)
+
+
+def test_wrong_layout_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    for fmt in KEYS:
+        res = CliRunner().invoke(_app(), ["evaluate", "--format", fmt, "--data", str(tmp_path / "empty")])
+        assert isinstance(res.exception, ConfigError), fmt

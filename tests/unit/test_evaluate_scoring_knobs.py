@@ -1,0 +1,78 @@
+"""Knobs added for evaluation: frozen learning, scored feature subsets, terminal context."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.lstm_ae import LSTMAEConfig, TrainConfig, load_checkpoint, save_checkpoint, train_autoencoder
+from pipeline.features.streams import EventColumns, SensorStream, TransactionStream
+from pipeline.features.terminal import TerminalContext
+from pipeline.scoring.scorer import StreamScorer
+from pipeline.scoring.threshold import AdaptiveThreshold
+
+
+def _ckpt(n_features: int, score_features: tuple[int, ...] | None = None):  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(0)
+    cfg = LSTMAEConfig(n_features=n_features, window=4, hidden_size=4, latent_size=2, score_features=score_features)
+    w = rng.normal(0, 1, (200, 4, n_features)).astype(np.float32)
+    ck = train_autoencoder(w, cfg, TrainConfig(epochs=1), name="t", feature_names=[f"f{i}" for i in range(n_features)])
+    ck.card["feature_prior"] = {"mean": [0.0] * n_features, "std": [1.0] * n_features}
+    return ck
+
+
+def test_score_features_subset_and_roundtrip(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ck = _ckpt(3, (0, 2))
+    x = np.random.default_rng(1).normal(0, 1, (5, 4, 3)).astype(np.float32)
+    scores, contrib, _ = ck.score(x)
+    assert np.all(contrib[:, 1] == 0)
+    np.testing.assert_allclose(scores, contrib.sum(axis=1))
+    loaded = load_checkpoint(save_checkpoint(ck, tmp_path / "m.pt"))
+    assert loaded.config.score_features == (0, 2)
+    np.testing.assert_allclose(loaded.score(x)[0], scores, rtol=1e-6)
+
+
+def test_learn_false_freezes_scaling_and_score_stats() -> None:
+    ck = _ckpt(2)
+    spec = SensorStream(["f0", "f1"])
+    scorer = StreamScorer(spec, ck, threshold=AdaptiveThreshold(ck.threshold, warmup=2), min_history=1)
+    rng = np.random.default_rng(2)
+
+    def batch(n: int, t0: float) -> EventColumns:
+        return EventColumns(["e"] * n, t0 + np.arange(n, dtype=float), rng.normal(0, 1, (n, 2)))
+
+    scorer.process(batch(20, 0))
+    slot = scorer.store.resolve(["e"])
+    before = (scorer.store.feat_n[slot].copy(), scorer.store.feat_mean[slot].copy(), scorer.store.score_n[slot].copy())
+    scorer.process(batch(20, 100), learn=False)
+    assert scorer.store.count[slot][0] == 40  # windows still move
+    np.testing.assert_array_equal(scorer.store.feat_n[slot], before[0])
+    np.testing.assert_array_equal(scorer.store.feat_mean[slot], before[1])
+    np.testing.assert_array_equal(scorer.store.score_n[slot], before[2])
+
+
+def test_terminal_context_is_batch_invariant_and_causal() -> None:
+    rng = np.random.default_rng(3)
+    n = 300
+    ts = np.sort(rng.uniform(0, 5 * 86400, n))
+    terms = [f"T{int(i)}" for i in rng.integers(0, 7, n)]
+    la = rng.normal(3, 1, n)
+    whole = TerminalContext().features(terms, ts, la)
+    ctx = TerminalContext()
+    parts = np.concatenate([ctx.features(terms[s : s + 37], ts[s : s + 37], la[s : s + 37]) for s in range(0, n, 37)])
+    np.testing.assert_allclose(parts, whole)
+    first = terms.index(terms[0])
+    assert whole[first, 0] == 0.0  # a terminal's first payment sees no history
+    # two payments at one terminal a tau apart: decayed count exp(-1)
+    f = TerminalContext(tau_s=10.0).features(["A", "A"], np.array([0.0, 10.0]), np.array([1.0, 1.0]))
+    assert f[1, 0] == pytest.approx(np.log1p(np.exp(-1.0)))
+
+
+def test_transaction_stream_terminal_context_features() -> None:
+    plain, ctx = TransactionStream(), TransactionStream(terminal_context=True)
+    assert plain.n_features == 6 and ctx.n_features == 8
+    cols = ctx.columns_from_arrays(["c1", "c2"], np.array([0.0, 60.0]), np.array([10.0, 20.0]), ["T1", "T1"])
+    assert cols.base.shape == (2, 8)
+    assert cols.base[1, 6] > 0
+    with pytest.raises(ValueError):
+        ctx.columns_from_arrays(["c1"], np.array([0.0]), np.array([1.0]))

@@ -175,21 +175,19 @@ def demo(
     s = _settings(database_url=database_url)
     summary = run_demo(s, customers=customers, devices=devices, console=console)
     table = Table(title="alerts by stream")
-    for col in ("stream", "events scored", "alerts", "alerted entities", "injected anomalous entities",
-                "injected caught"):
-        table.add_column(col)
+    for col in ("stream", "scored", "alerts", "alerted entities", "injected", "caught"):
+        table.add_column(col, no_wrap=True)
     for row in summary["streams"]:
         table.add_row(*(str(row[k]) for k in ("stream", "scored", "alerts", "alerted_entities", "injected",
                                                 "caught")))
     out.print(table)
-    top = Table(title="top alerts")
-    for col in ("stream", "entity", "event time", "score", "threshold", "severity", "top feature (obs vs recon)"):
-        top.add_column(col)
+    top = Table(title="top alerts (score / threshold)")
+    for col in ("entity", "event time", "score/thr", "severity", "top feature (obs vs recon)"):
+        top.add_column(col, no_wrap=True)
     for a in summary["top_alerts"]:
         f = a["top_features"][0]
-        top.add_row(a["stream"], a["entity_id"], str(a["event_time"])[:19], f"{a['score']:.1f}",
-                    f"{a['threshold']:.1f}", a["severity"],
-                    f"{f['feature']}: {f['observed']:.3g} vs {f['reconstructed']:.3g}")
+        top.add_row(a["entity_id"], str(a["event_time"])[:16], f"{a['score']:.0f}/{a['threshold']:.0f}",
+                    a["severity"], f"{f['feature'][:16]} {f['observed']:.3g} vs {f['reconstructed']:.3g}")
     out.print(top)
     out.print(f"dead letters: {summary['dead_letters']} ({', '.join(summary['dlq_reasons'])}); "
               f"database: {database_url}; {summary['seconds']:.1f}s")

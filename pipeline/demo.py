@@ -13,7 +13,7 @@ from rich.console import Console
 from pipeline.app import all_topics, build_service
 from pipeline.config import Settings
 from pipeline.kafka.broker import resolve_bootstrap
-from pipeline.kafka.client import KafkaSource, ensure_topics, make_producer, produce_json
+from pipeline.kafka.client import ensure_topics, make_producer, produce_json, read_topic
 from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels
 
 _TX = {"transaction_id": "x1", "customer_id": "C-bad", "terminal_id": "T1", "amount": 5.0,
@@ -65,7 +65,9 @@ def run_demo(settings: Settings, *, customers: int, devices: int, console: Conso
             streams.append({"stream": name, "scored": n, "alerts": sum(a["stream"] == name for a in alerts),
                             "alerted_entities": len(ents), "injected": len(inj.entities),
                             "caught": len(ents & set(inj.entities))})
-        top = sorted(alerts, key=lambda a: a["score"] / a["threshold"], reverse=True)[:8]
+        top = [a for name in ("transactions", "sensors")
+               for a in sorted((a for a in alerts if a["stream"] == name),
+                               key=lambda a: a["score"] / a["threshold"], reverse=True)[:4]]
         return {"streams": streams, "top_alerts": top, "dead_letters": len(dlq), "events": stats.events,
                 "dlq_reasons": sorted({d["reason"] for d in dlq}), "seconds": time.monotonic() - started}
     finally:
@@ -74,18 +76,4 @@ def run_demo(settings: Settings, *, customers: int, devices: int, console: Conso
 
 
 def _read_all(bootstrap: str, topic: str) -> list[dict[str, Any]]:
-    src = KafkaSource(bootstrap, f"demo-reader-{time.time_ns()}")
-    try:
-        parts = src.partitions_for(topic)
-        src.assign([(topic, p) for p in parts])
-        for p in parts:
-            src.seek_to_beginning((topic, p))
-        out: list[dict[str, Any]] = []
-        idle = 0
-        while idle < 3:
-            recs = src.poll(500, 10000)
-            idle = 0 if recs else idle + 1
-            out.extend(orjson.loads(r.value) for r in recs if r.value)
-        return out
-    finally:
-        src.close()
+    return [orjson.loads(r.value) for r in read_topic(bootstrap, topic) if r.value]

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from pipeline.kafka.client import KafkaSource, ensure_topics, make_producer, produce_json
+from pipeline.kafka.client import ensure_topics, make_producer, produce_json
+from pipeline.kafka.client import read_topic as kafka_read_topic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,22 +43,8 @@ def produce(bootstrap: str, topic: str, records: Iterable[tuple[str | None, Any]
         producer.close()
 
 
-def read_topic(bootstrap: str, topic: str, idle_polls: int = 4) -> list[tuple[bytes | None, dict[str, Any]]]:
-    src = KafkaSource(bootstrap, f"reader-{time.time_ns()}")
-    try:
-        parts = src.partitions_for(topic)
-        src.assign([(topic, p) for p in parts])
-        for p in parts:
-            src.seek_to_beginning((topic, p))
-        out = []
-        idle = 0
-        while idle < idle_polls:
-            recs = src.poll(500, 10000)
-            idle = 0 if recs else idle + 1
-            out.extend((r.key, orjson.loads(r.value)) for r in recs if r.value)
-        return out
-    finally:
-        src.close()
+def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, dict[str, Any]]]:
+    return [(r.key, orjson.loads(r.value)) for r in kafka_read_topic(bootstrap, topic) if r.value]
 
 
 def start_processor(env: dict[str, str], *args: str, log_path: Path | None = None) -> subprocess.Popen[bytes]:

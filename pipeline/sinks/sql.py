@@ -7,8 +7,7 @@ makes replaying from the last state snapshot after a crash safe.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -428,15 +427,8 @@ class SqlStore:
         since: datetime | None = None,
         limit: int | None = None,
     ) -> list[dict[str, Any]]:
-        q = select(alerts).order_by(alerts.c.event_time, alerts.c.id)
-        if run_id is not None:
-            q = q.where(alerts.c.run_id == run_id)
-        if entity_id is not None:
-            q = q.where(alerts.c.entity_id == entity_id)
-        if stream is not None:
-            q = q.where(alerts.c.stream == stream)
-        if since is not None:
-            q = q.where(alerts.c.event_time >= since)
+        q = _where_common(select(alerts).order_by(alerts.c.event_time, alerts.c.id), alerts, alerts.c.event_time,
+                          run_id=run_id, entity_id=entity_id, stream=stream, since=since)
         if limit is not None:
             q = q.limit(limit)
         with self.engine.connect() as conn:
@@ -471,14 +463,8 @@ class SqlStore:
         q = (select(alerts, incidents.c.id.label("incident_id"), incidents.c.status.label("incident_status"))
              .select_from(alerts.outerjoin(incidents, incidents.c.incident_key == alerts.c.incident_key))
              .order_by(alerts.c.event_time.desc(), alerts.c.id.desc()).limit(limit))
-        if run_id is not None:
-            q = q.where(alerts.c.run_id == run_id)
-        if entity_id is not None:
-            q = q.where(alerts.c.entity_id == entity_id)
-        if stream is not None:
-            q = q.where(alerts.c.stream == stream)
-        if since is not None:
-            q = q.where(alerts.c.event_time >= since)
+        q = _where_common(q, alerts, alerts.c.event_time, run_id=run_id, entity_id=entity_id, stream=stream,
+                          since=since)
         if incident_id is not None:
             q = q.where(incidents.c.id == incident_id)
         if status is not None:
@@ -505,18 +491,12 @@ class SqlStore:
     ) -> list[dict[str, Any]]:
         """Newest activity first."""
         q = select(incidents).order_by(incidents.c.last_alert_at.desc(), incidents.c.id.desc()).limit(limit)
-        if run_id is not None:
-            q = q.where(incidents.c.run_id == run_id)
+        q = _where_common(q, incidents, incidents.c.last_alert_at, run_id=run_id, entity_id=entity_id,
+                          stream=stream, since=since)
         if status in ("open", "resolved"):
             q = q.where(incidents.c.status == status)
         elif status is not None:
             q = q.where(_ack_label_filter(incidents, status))
-        if entity_id is not None:
-            q = q.where(incidents.c.entity_id == entity_id)
-        if stream is not None:
-            q = q.where(incidents.c.stream == stream)
-        if since is not None:
-            q = q.where(incidents.c.last_alert_at >= since)
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
@@ -654,6 +634,17 @@ def _alert_status_filter(status: str) -> Any:
     return _ack_label_filter(alerts, status)
 
 
+def _where_common(q: Any, table: Table, time_col: Any, *, run_id: str | None, entity_id: str | None,
+                  stream: str | None, since: datetime | None) -> Any:
+    """The filters alerts and incidents share (CLI, API)."""
+    for col, value in (("run_id", run_id), ("entity_id", entity_id), ("stream", stream)):
+        if value is not None:
+            q = q.where(table.c[col] == value)
+    if since is not None:
+        q = q.where(time_col >= since)
+    return q
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -665,12 +656,3 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 def row_to_json(row: dict[str, Any]) -> dict[str, Any]:
     """A result row with datetimes as ISO-8601 UTC strings (SQLite hands back naive UTC datetimes)."""
     return {k: _iso(v) if isinstance(v, datetime) else v for k, v in row.items()}
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, default=str)
-
-
-def rows_to_wire(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = [k for k in AlertRow.__dataclass_fields__ if k != "incident_key"]
-    return [AlertRow(**{k: r[k] for k in keys}).to_wire() for r in rows]

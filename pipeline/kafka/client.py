@@ -94,7 +94,8 @@ class KafkaSource:
     """Consumer-group member with manual commits; positions come from the processor's checkpoints."""
 
     def __init__(self, bootstrap: str, group_id: str | None, *, session_timeout_ms: int = 6000,
-                 heartbeat_interval_ms: int = 1000, client_id: str = "anomaly-pipeline", **overrides: Any) -> None:
+                 heartbeat_interval_ms: int = 1000, client_id: str = "anomaly-pipeline",
+                 commit_timeout_ms: int = 5000, **overrides: Any) -> None:
         opts: dict[str, Any] = {
             "bootstrap_servers": bootstrap,
             "group_id": group_id,
@@ -118,6 +119,7 @@ class KafkaSource:
         except NoBrokersAvailable as exc:
             raise BrokerError(f"no broker at {bootstrap}") from exc
         self.bootstrap = bootstrap
+        self.commit_timeout_ms = commit_timeout_ms
         self._checked_at = time.monotonic()
         self._down_since: float | None = None
 
@@ -180,8 +182,12 @@ class KafkaSource:
         if not offsets:
             return
         try:
-            self.consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+            # bounded: kafka-python's default blocks until the coordinator is back, which would freeze the
+            # processor (and its shutdown) for as long as the broker is down
+            self.consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()},
+                                 timeout_ms=self.commit_timeout_ms)
         except KafkaError as exc:
+            self._watch_connection(time.monotonic())
             # Outputs are already durable and positions live in the database checkpoint too, so a failed
             # group commit only delays lag reporting; it never loses or duplicates output.
             log.warning("kafka offset commit failed (outputs are durable; will retry next checkpoint): %s", exc)

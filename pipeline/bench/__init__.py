@@ -1,0 +1,1 @@
+"""Benchmarks: end-to-end throughput/latency, scorer, peers, memory, soak (`pipeline bench`)."""

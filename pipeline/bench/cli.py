@@ -1,0 +1,133 @@
+"""`pipeline bench`: one run measures end-to-end throughput/latency, the scorer, peers and memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+out = Console()
+
+
+def bench(
+    events: Annotated[int, typer.Option(help="events for the end-to-end drain run")] = 200_000,
+    entities: Annotated[int, typer.Option(help="distinct entities (pumps)")] = 10_000,
+    rate: Annotated[float, typer.Option(help="paced latency run: events/s sent by a producer process; "
+                                             "0 skips it")] = 20000.0,
+    paced_seconds: Annotated[float, typer.Option(help="length of the paced latency run")] = 20.0,
+    soak: Annotated[float | None, typer.Option(help="also run a paced soak for this many seconds (RSS trend)")
+                    ] = None,
+    soak_rate: Annotated[float, typer.Option(help="events/s during the soak")] = 5000.0,
+    database_url: Annotated[str | None, typer.Option(help="default: a fresh SQLite file in a temp dir")] = None,
+    bootstrap: Annotated[str | None, typer.Option(help="default KAFKA_BOOTSTRAP, else an embedded Tansu")] = None,
+    batch: Annotated[int, typer.Option(help="processor max_batch_records")] = 1000,
+    commit_interval_ms: Annotated[int, typer.Option(help="processor commit interval")] = 100,
+    snapshot_interval_s: Annotated[float, typer.Option(help="processor state snapshot interval")] = 10.0,
+    fetch_max_wait_ms: Annotated[int, typer.Option(help="consumer fetch_max_wait_ms")] = 50,
+    torch_threads: Annotated[int, typer.Option(help="torch intra-op threads (0 = torch default)")] = 1,
+    peers: Annotated[bool, typer.Option(help="run the River and naive-loop peers")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")] = False,
+    output: Annotated[Path | None, typer.Option(help="also write the JSON result here")] = None,
+) -> None:
+    """Benchmark on the local broker: e2e events/s and p50/p99 latency, scorer windows/s (CPU, CUDA when
+    present), River HalfSpaceTrees and naive per-event LSTM peers, bytes per live entity, optional soak."""
+    import torch
+
+    from pipeline.bench import core
+    from pipeline.cli import _settings
+    from pipeline.kafka.broker import resolve_bootstrap
+
+    s = _settings()
+    s.device = "cpu"
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
+    info = core.machine()
+    boot, broker = resolve_bootstrap(bootstrap or s.kafka_bootstrap)
+    tmp = tempfile.TemporaryDirectory(prefix="pipeline-bench-")
+    db_url = database_url or f"sqlite:///{tmp.name}/bench.db"
+    say = console.print
+    result: dict[str, Any] = {"machine": info, "broker": "embedded Tansu (memory storage)" if broker else boot,
+                              "database": db_url.split("://")[0], "events": events, "entities": entities}
+    try:
+        say(f"[bold]bench[/bold] on {info['cpu']} x{info['cores']} (load {info['load_avg_at_start']}), "
+            f"broker {boot}, database {result['database']}")
+        drain = core.run_e2e(s, boot, db_url, events=events, entities=entities, rate=None, batch=batch,
+                             commit_interval_ms=commit_interval_ms,
+                             snapshot_interval_s=snapshot_interval_s, fetch_max_wait_ms=fetch_max_wait_ms,
+                             progress=say)
+        say(f"e2e drain: {drain.events} events in {drain.seconds:.1f}s = {drain.events_per_s:,.0f} events/s")
+        result["e2e_drain"] = drain.__dict__
+        result["e2e_events_per_s"] = round(drain.events_per_s, 1)
+        paced_rate = rate
+        if paced_rate > 0:
+            n = int(paced_rate * paced_seconds)
+            paced = core.run_e2e(s, boot, db_url, events=n, entities=entities, rate=paced_rate, batch=batch,
+                                 commit_interval_ms=commit_interval_ms,
+                             snapshot_interval_s=snapshot_interval_s, fetch_max_wait_ms=fetch_max_wait_ms,
+                             progress=say)
+            say(f"e2e paced at {paced_rate:,.0f}/s: {paced.events} events, latency ms {paced.latency_ms}")
+            result["e2e_paced"] = paced.__dict__
+            result["p50_latency_ms"] = paced.latency_ms.get("p50")
+            result["p99_latency_ms"] = paced.latency_ms.get("p99")
+            result["paced_rate_events_per_s"] = paced_rate
+        result["load_avg_after_e2e"] = [round(x, 2) for x in os.getloadavg()]
+        load = core.SensorLoad(entities, seed=1)
+        cpu = core.bench_scorer(s, load, device="cpu", batch=batch)
+        say(f"scorer cpu: {cpu['windows_per_s']:,.0f} windows/s (batch {cpu['batch']})")
+        result["scorer_cpu"] = cpu
+        result["scorer_windows_per_s"] = round(cpu["windows_per_s"], 1)
+        if torch.cuda.is_available():
+            gpu = core.bench_scorer(s, load, device="cuda", batch=20000)
+            say(f"scorer cuda: {gpu['windows_per_s']:,.0f} windows/s (batch {gpu['batch']})")
+            result["scorer_cuda"] = gpu
+            result["scorer_cuda_windows_per_s"] = round(gpu["windows_per_s"], 1)
+        if peers:
+            naive = core.bench_naive(s, load)
+            river = core.bench_river(load)
+            say(f"naive per-event LSTM: {naive['events_per_s']:,.0f} events/s; "
+                f"River HST per entity: {river['events_per_s']:,.0f} events/s")
+            result["naive"] = naive
+            result["river"] = river
+            result["naive_events_per_s"] = round(naive["events_per_s"], 1)
+            result["peer_river_events_per_s"] = round(river["events_per_s"], 1)
+            result["scorer_vs_naive"] = round(cpu["windows_per_s"] / naive["events_per_s"], 1)
+            result["e2e_vs_river"] = round(drain.events_per_s / river["events_per_s"], 2)
+        mem = core.bench_memory(s, entities)
+        say(f"memory: {mem['bytes_per_entity']:,.0f} bytes per live entity "
+            f"({mem['array_bytes_per_slot']:,.0f} B of state arrays per slot)")
+        result["memory"] = mem
+        result["bytes_per_entity"] = round(mem["bytes_per_entity"], 1)
+        if soak:
+            sk = core.run_e2e(s, boot, db_url, events=0, entities=entities, rate=soak_rate, duration_s=soak,
+                              batch=batch, commit_interval_ms=commit_interval_ms,
+                             snapshot_interval_s=snapshot_interval_s, fetch_max_wait_ms=fetch_max_wait_ms,
+                             progress=say)
+            summary = core.soak_summary(sk.extra.get("rss_samples", []))
+            say(f"soak {soak:.0f}s at {soak_rate:,.0f}/s: {summary}")
+            result["soak"] = {**sk.__dict__, "summary": summary}
+        result["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    finally:
+        if broker is not None:
+            broker.stop()
+        tmp.cleanup()
+    text = json.dumps(result, default=str, indent=2)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+    if as_json:
+        print(text)
+    else:
+        keys = ("e2e_events_per_s", "p50_latency_ms", "p99_latency_ms", "scorer_windows_per_s",
+                "naive_events_per_s", "peer_river_events_per_s", "bytes_per_entity")
+        for k in keys:
+            out.print(f"{k}: {result.get(k)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     run_id: str = Field("live", description="namespace of state, offsets and alerts; replays use their own")
     models_dir: Path | None = Field(None, description="where checkpoints live; unset = the bundled models/")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    torch_threads: int = 0
+    torch_threads: int = Field(1, description="intra-op threads for CPU scoring; 0 = torch default (all cores)")
     max_batch_records: int = 5000
     poll_timeout_ms: int = 50
     commit_interval_ms: int = 200

@@ -81,6 +81,7 @@ class Processor:
         self._max_event_ts = 0.0
         self.ready = threading.Event()
         self._next_offset: dict[TopicPartition, int] = {}  # records below this were applied already
+        self._snapshot_due: dict[TopicPartition, float] = {}  # monotonic time each partition's snapshot is due
 
     # -- partitions ---------------------------------------------------------------------------------
     def _loader_for(self, stream: str) -> Callable[[Sequence[str]], dict[str, bytes]]:
@@ -103,6 +104,10 @@ class Processor:
             if snap is not None:
                 pos.snapshot[tp] = snap
             log.info("assigned %s[%d]: resume state from %d, outputs durable up to %s", tp[0], tp[1], start, committed)
+        # stagger state snapshots over the interval: one partition's entities per checkpoint, not all at once
+        now, every = time.monotonic(), self.opt.snapshot_interval_s
+        ordered = sorted(tps)
+        self._snapshot_due = {tp: now + every * (i + 1) / len(ordered) for i, tp in enumerate(ordered)}
         self.ready.set()
 
     def on_revoked(self, tps: Sequence[TopicPartition]) -> None:
@@ -124,6 +129,7 @@ class Processor:
             self.checkpointer.positions.forget(tp)
             self.recovery_until.pop(tp, None)
             self._next_offset.pop(tp, None)
+            self._snapshot_due.pop(tp, None)
         log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in tps))
 
     def _collect_states(self, tps: set[TopicPartition]) -> tuple[list[StateRow], Callable[[], None]]:
@@ -231,7 +237,7 @@ class Processor:
         return keep
 
     # -- loop ---------------------------------------------------------------------------------------
-    def checkpoint_with_retry(self, snapshot: bool, stop: threading.Event | None = None) -> bool:
+    def checkpoint_with_retry(self, snapshot: bool | set[TopicPartition], stop: threading.Event | None = None) -> bool:
         delay = 0.2
         while True:
             try:
@@ -270,11 +276,13 @@ class Processor:
                 self.handle(records)
                 last_data = now
             if now - last_commit >= commit_every:
-                snap = now - last_snapshot >= self.opt.snapshot_interval_s
+                snap = self._due_snapshot(now)
                 if not self.checkpoint_with_retry(snap, stop):
                     break
                 last_commit = time.monotonic()
-                if snap:
+                for tp in snap:
+                    self._snapshot_due[tp] = last_commit + self.opt.snapshot_interval_s
+                if last_commit - last_snapshot >= self.opt.snapshot_interval_s:
                     last_snapshot = last_commit
                     self._evict()
                     lag = self.source.lag()
@@ -289,6 +297,12 @@ class Processor:
                 break
         self.final_checkpoint()
         return self.stats
+
+    def _due_snapshot(self, now: float) -> set[TopicPartition]:
+        """At most one partition per checkpoint: the most overdue one that has consumed records."""
+        consumed = self.checkpointer.positions.consumed
+        due = [(t, tp) for tp, t in self._snapshot_due.items() if t <= now and tp in consumed]
+        return {min(due)[1]} if due else set()
 
     def final_checkpoint(self, attempts: int = 5) -> bool:
         """Graceful shutdown: make everything durable and commit, with a bounded number of tries."""

@@ -91,12 +91,18 @@ class Checkpointer:
             self.tracker.observe(topic, stream, records, partitions, event_ts, batch.entity_ids, batch.scores,
                                  batch.thresholds, batch.is_anomaly, self.positions.committed)
 
-    def checkpoint(self, snapshot: bool, only: set[TopicPartition] | None = None) -> int:
-        """Flush sinks, then commit offsets. Returns alerts newly inserted. Raises CheckpointError."""
+    def checkpoint(self, snapshot: bool | set[TopicPartition], only: set[TopicPartition] | None = None) -> int:
+        """Flush sinks, then commit offsets. Returns alerts newly inserted. Raises CheckpointError.
+
+        snapshot: True = state snapshot of every consumed partition; a set = of those partitions only
+        (the processor staggers partitions so no single checkpoint writes every entity).
+        """
         started = time.perf_counter()
         consumed = {tp: o for tp, o in self.positions.consumed.items() if only is None or tp in only}
         changed = {tp: o for tp, o in consumed.items() if self.positions.committed.get(tp) != o}
-        snap_tps = set(consumed) if snapshot else set()
+        wanted = set(consumed) if snapshot is True else (snapshot or set())
+        snap_tps = wanted & set(consumed)
+        snapshot = bool(snap_tps)
         states, mark_clean = self.collect_states(snap_tps) if snapshot else ([], lambda: None)
         lifecycle = self.tracker.prepare(self.pending) if self.tracker is not None else None
         if not changed and not self.pending and not states and not snapshot and not lifecycle:

@@ -128,3 +128,24 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"shared benchmark data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def apache_kafka() -> Iterator[str]:
+    """Real Apache Kafka: KAFKA_BOOTSTRAP if set, else a testcontainers broker where a Docker engine runs."""
+    explicit = os.environ.get("KAFKA_BOOTSTRAP")
+    if explicit:
+        yield explicit
+        return
+    try:
+        import docker
+
+        docker.from_env().ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means no engine here
+        pytest.skip(f"no Docker engine for a testcontainers Kafka ({type(exc).__name__}); set KAFKA_BOOTSTRAP to run")
+    try:
+        from testcontainers.kafka import KafkaContainer
+    except ImportError:
+        from testcontainers.community.kafka import KafkaContainer  # type: ignore[no-redef]
+    with KafkaContainer("confluentinc/cp-kafka:7.6.1").with_kraft() as kafka:
+        yield kafka.get_bootstrap_server()

@@ -35,9 +35,37 @@ class LSTMAEConfig:
     # features whose errors make the score (None = all); the others are context the model reads but does
     # not score, e.g. time-of-day of a payment, which is noise to reconstruct but informs the others
     score_features: tuple[int, ...] | None = None
+    # one-sided features (indices into the features): only an error *above* the normal error mean counts,
+    # e.g. an unusually high payment amount is suspicious, an unusually low one is not. Default: none.
+    upper_features: tuple[int, ...] = ()
+    # features scaled by the global training prior instead of per entity (pipeline.state.store): the absolute
+    # level matters, e.g. a payment over a fixed amount is suspicious for any customer. Default: none.
+    global_features: tuple[int, ...] = ()
+    # hide the newest step's scored features from the encoder (they read as the entity mean, 0 scaled), so
+    # their error is a prediction error from context and the model cannot copy an anomaly through
+    mask_last: bool = False
+    # scored features whose scaled *value* (not its reconstruction error) enters the error model: a level
+    # rule inside the Mahalanobis score, e.g. a globally scaled amount. Default: none.
+    value_features: tuple[int, ...] = ()
+    # ignore error correlations (diagonal covariance): the score becomes a sum of per-feature squared
+    # z-scores, so two agreeing pieces of evidence add up instead of being discounted as "correlated"
+    diagonal_error: bool = False
 
     def scored(self) -> list[int]:
         return list(range(self.n_features)) if self.score_features is None else list(self.score_features)
+
+    def errors(self, windows: np.ndarray, recon: np.ndarray) -> np.ndarray:
+        """Two-sided errors of the last score_steps steps over the scored features: (N, k, S) float64."""
+        k, sel = self.score_steps, self.scored()
+        err = (windows[:, -k:, sel] - recon[:, -k:, sel]).astype(np.float64)
+        if self.value_features:
+            val = np.isin(np.asarray(sel), np.asarray(self.value_features, dtype=np.int64))
+            err[..., val] = windows[:, -k:, np.asarray(sel)[val]]
+        return err
+
+    def upper_mask(self) -> np.ndarray:
+        """Bool over the scored features: True where only positive deviations count."""
+        return np.isin(np.asarray(self.scored()), np.asarray(self.upper_features, dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -65,6 +93,9 @@ class LSTMAutoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, W, F) scaled features -> (B, W, F) reconstruction
+        if self.config.mask_last:
+            x = x.clone()
+            x[:, -1, self.config.scored()] = 0.0
         _, (h, _) = self.encoder(x)  # h: (layers, B, H)
         z = torch.tanh(self.to_latent(h[-1]))  # (B, L)
         z_seq = z.unsqueeze(1).expand(-1, x.shape[1], -1)  # (B, W, L)
@@ -80,10 +111,12 @@ class ErrorModel:
     precision: np.ndarray  # (F, F) inverse covariance
 
     @classmethod
-    def fit(cls, errors: np.ndarray, ridge: float = 1e-6) -> ErrorModel:
+    def fit(cls, errors: np.ndarray, ridge: float = 1e-6, diagonal: bool = False) -> ErrorModel:
         # errors: (N, F)
         mean = errors.mean(axis=0)
         cov = np.cov(errors, rowvar=False).reshape(errors.shape[1], errors.shape[1])
+        if diagonal:
+            cov = np.diag(np.diag(cov))
         cov = cov + np.eye(cov.shape[0]) * (ridge + 1e-3 * float(np.trace(cov)) / cov.shape[0])
         return cls(mean=mean.astype(np.float64), precision=np.linalg.inv(cov).astype(np.float64))
 
@@ -125,8 +158,12 @@ class Checkpoint:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """-> (scores (N,), per-feature contributions (N, F), reconstruction of the last step (N, F))."""
         recon = self.reconstruct(windows, device)
-        k, sel = self.config.score_steps, self.config.scored()
-        err = (windows[:, -k:, sel] - recon[:, -k:, sel]).astype(np.float64)  # (N, k, S)
+        sel = self.config.scored()
+        err = self.config.errors(windows, recon)  # (N, k, S)
+        upper = self.config.upper_mask()
+        if upper.any():  # below-normal errors of one-sided features count as exactly normal
+            mu = self.error_model.mean[upper]
+            err[..., upper] = np.maximum(err[..., upper], mu)
         part = self.error_model.contributions(err.reshape(-1, err.shape[-1])).reshape(err.shape).mean(axis=1)
         contrib = np.zeros((len(windows), windows.shape[2]), np.float64)
         contrib[:, sel] = part
@@ -206,9 +243,8 @@ def train_autoencoder(
     model = model.cpu().eval()
     ckpt = Checkpoint(config=config, model=model, error_model=ErrorModel(np.zeros(1), np.eye(1)), threshold=0.0)
     recon = ckpt.reconstruct(val)
-    k, sel = config.score_steps, config.scored()
-    val_err = (val[:, -k:, sel] - recon[:, -k:, sel]).astype(np.float64).reshape(-1, len(sel))
-    ckpt.error_model = ErrorModel.fit(val_err)
+    val_err = config.errors(val, recon).reshape(-1, len(config.scored()))
+    ckpt.error_model = ErrorModel.fit(val_err, diagonal=config.diagonal_error)
     val_scores, _, _ = ckpt.score(val)
     ckpt.threshold = train.threshold_margin * float(np.quantile(val_scores, train.threshold_quantile))
     ckpt.card = {
@@ -265,6 +301,9 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
     cfg = dict(blob["config"])
     if cfg.get("score_features") is not None:
         cfg["score_features"] = tuple(cfg["score_features"])
+    cfg["upper_features"] = tuple(cfg.get("upper_features", ()))
+    cfg["global_features"] = tuple(cfg.get("global_features", ()))
+    cfg["value_features"] = tuple(cfg.get("value_features", ()))
     config = LSTMAEConfig(**cfg)
     model = LSTMAutoencoder(config)
     model.load_state_dict(blob["state_dict"])

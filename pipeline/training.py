@@ -36,9 +36,9 @@ def feature_prior(spec: StreamSpec, cols: EventColumns) -> tuple[np.ndarray, np.
 
 def training_windows(
     spec: StreamSpec, cols: EventColumns, window: int, prior: tuple[np.ndarray, np.ndarray], min_history: int,
-    chunk: int = 20000,
+    chunk: int = 20000, global_features: tuple[int, ...] = (),
 ) -> np.ndarray:
-    scorer = StreamScorer(spec, None, prior=prior, window=window)
+    scorer = StreamScorer(spec, None, prior=prior, window=window, global_features=global_features)
     out = []
     n = len(cols.entity_ids)
     for s in range(0, n, chunk):
@@ -62,7 +62,7 @@ def train_stream_model(
 ) -> Checkpoint:
     model = model or LSTMAEConfig(n_features=spec.n_features)
     prior = feature_prior(spec, cols)
-    windows = training_windows(spec, cols, model.window, prior, min_history)
+    windows = training_windows(spec, cols, model.window, prior, min_history, global_features=model.global_features)
     card = {
         "stream": spec.name,
         "feature_prior": {"mean": prior[0].tolist(), "std": prior[1].tolist()},

@@ -6,12 +6,14 @@ channel's *training* series is split; the tail becomes a pseudo test part with i
 write folders in the benchmark's own format, so `pipeline evaluate` runs on them unchanged.
 
     python -m pipeline.evaluate.validation skab ../shared/data/skab /tmp/skab-val
+    python -m pipeline.evaluate.validation skab-train ../shared/data/skab /tmp/skab-val2   # train_rows=250
     python -m pipeline.evaluate.validation nasa ../shared/data/nasa_msl /tmp/nasa-val
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,31 @@ def skab_set(skab_dir: Path, out: Path, *, chunk: int = 1150, train_rows: int = 
     return out
 
 
+def skab_train_set(skab_dir: Path, out: Path, *, rows: int = 400, train_rows: int = 250, seed: int = 0) -> Path:
+    """From each anomalous experiment's *training part* (its first `rows` rows): the first `train_rows` stay
+    training, the rest get one injected fault, written as out/other/<subset>-<name>.csv. The normal rows keep
+    the experiment's own drift, so FAR on it is realistic. Evaluate with SkabConfig(train_rows=train_rows)."""
+    from pipeline.evaluate.skab import find_files, read
+
+    rng = np.random.default_rng(seed)
+    (out / "other").mkdir(parents=True, exist_ok=True)
+    n_test = rows - train_rows
+    for f in find_files(skab_dir):
+        df = read(f).iloc[:rows].copy()
+        chans = [c for c in df.columns if c not in ("anomaly", "changepoint")]
+        x = df[chans].to_numpy(np.float64, copy=True)
+        std = x[:train_rows].std(axis=0) + 1e-9
+        length = int(rng.integers(n_test * 4 // 15, n_test * 2 // 3))
+        start = train_rows + int(rng.integers(n_test // 15, n_test - length))
+        _fault(x, start, start + length, std, rng)
+        df[chans] = x
+        df["anomaly"] = 0.0
+        df.iloc[start : start + length, df.columns.get_loc("anomaly")] = 1.0
+        df["changepoint"] = 0.0
+        df.to_csv(out / "other" / f"{f.parent.name}-{f.stem}.csv", sep=";")
+    return out
+
+
 def nasa_set(nasa_dir: Path, out: Path, *, test_fraction: float = 0.4, seed: int = 0) -> Path:
     """Split each channel's training series: head -> train/, tail (+ injected segment) -> test/."""
     rng = np.random.default_rng(seed)
@@ -92,4 +119,6 @@ def nasa_set(nasa_dir: Path, out: Path, *, test_fraction: float = 0.4, seed: int
 
 if __name__ == "__main__":
     kind, src, dst = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    print(skab_set(src, dst) if kind == "skab" else nasa_set(src, dst))
+    makers: dict[str, Callable[[Path, Path], Path]] = {"skab": skab_set, "skab-train": skab_train_set,
+                                                       "nasa": nasa_set}
+    print(makers[kind](src, dst))

@@ -84,7 +84,9 @@ class StreamScorer:
         loader: Loader | None = None,
         prior: tuple[np.ndarray, np.ndarray] | None = None,
         window: int | None = None,
+        global_features: tuple[int, ...] = (),
     ) -> None:
+        """Without a checkpoint (training), `prior`, `window` and `global_features` come from the caller."""
         self.spec = spec
         self.checkpoint = checkpoint
         if checkpoint is not None:
@@ -96,6 +98,7 @@ class StreamScorer:
                 )
             prior = prior or (np.asarray(card["feature_prior"]["mean"]), np.asarray(card["feature_prior"]["std"]))
             window = checkpoint.config.window
+            global_features = checkpoint.config.global_features
             threshold = threshold or AdaptiveThreshold(checkpoint.threshold)
             self.device = select_device(device) if isinstance(device, str) else device
             checkpoint.model.to(self.device)
@@ -105,7 +108,8 @@ class StreamScorer:
             raise ScoringError("a scorer without a checkpoint needs prior and window")
         self.threshold = threshold
         self.min_history = min_history
-        self.store = EntityStateStore(StateLayout(window, spec.n_features), prior[0], prior[1], loader=loader)
+        self.store = EntityStateStore(StateLayout(window, spec.n_features), prior[0], prior[1], loader=loader,
+                                      global_features=global_features)
 
     @property
     def model_version(self) -> str:

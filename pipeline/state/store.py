@@ -64,12 +64,17 @@ class EntityStateStore:
         clip_sigma: float = 4.0,
         capacity: int = 1024,
         loader: Loader | None = None,
+        global_features: Sequence[int] = (),
     ) -> None:
         self.layout = layout
         w, f = layout.window, layout.n_features
         self.prior_mean = np.asarray(prior_mean, dtype=np.float64).reshape(f)
         self.prior_var = np.maximum(np.asarray(prior_std, dtype=np.float64).reshape(f), 1e-6) ** 2
         self.prior_strength = float(prior_strength)
+        # features always scaled by the global prior (their absolute level is the evidence), not per entity
+        self.global_features = np.asarray(sorted(set(global_features)), dtype=np.int64)
+        if self.global_features.size and (self.global_features.min() < 0 or self.global_features.max() >= f):
+            raise ValueError(f"global_features {list(global_features)} out of range for {f} features")
         self.clip_sigma = float(clip_sigma)
         self.loader = loader
         self._slot_of: dict[str, int] = {}
@@ -185,6 +190,10 @@ class EntityStateStore:
         mean = (n * mean_e + k * self.prior_mean) / (n + k)
         var = (self.feat_m2[slots] + k * self.prior_var + n * k / (n + k) * (mean_e - self.prior_mean) ** 2) / (n + k)
         std = np.sqrt(np.maximum(var, 0.01 * self.prior_var))
+        g = self.global_features
+        if g.size:
+            mean[:, g] = self.prior_mean[g]
+            std[:, g] = np.sqrt(self.prior_var[g])
         return mean, std
 
     def update_feature_stats(self, slots: np.ndarray, features: np.ndarray) -> None:

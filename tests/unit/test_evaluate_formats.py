@@ -104,3 +104,22 @@ def test_wrong_layout_is_a_config_error(tmp_path: Path) -> None:
     for fmt in KEYS:
         res = CliRunner().invoke(_app(), ["evaluate", "--format", fmt, "--data", str(tmp_path / "empty")])
         assert isinstance(res.exception, ConfigError), fmt
+
+
+def test_skab_train_validation_set_uses_training_rows_only(tmp_path: Path) -> None:
+    from pipeline.evaluate import skab
+    from pipeline.evaluate.validation import skab_train_set
+
+    src = _skab(tmp_path / "src", np.random.default_rng(1))
+    out = skab_train_set(src, tmp_path / "val")
+    files = sorted((out / "other").glob("*.csv"))
+    assert [f.stem for f in files] == ["valve1-0", "valve1-1"]
+    for f in files:
+        df = skab.read(f)
+        orig = skab.read(src / "valve1" / f"{f.stem.split('-')[1]}.csv")
+        assert len(df) == 400  # the source's test rows (400+) never appear
+        y = df["anomaly"].to_numpy()
+        assert y[:250].sum() == 0 and 40 <= y[250:].sum() < 100
+        np.testing.assert_allclose(df.iloc[:250, :3].to_numpy(), orig.iloc[:250, :3].to_numpy())
+    channels, train, test, labels = skab.load(out, 250)
+    assert len(labels) == 2 * 150 and labels.any()

@@ -76,3 +76,58 @@ def test_transaction_stream_terminal_context_features() -> None:
     assert cols.base[1, 6] > 0
     with pytest.raises(ValueError):
         ctx.columns_from_arrays(["c1"], np.array([0.0]), np.array([1.0]))
+
+
+def test_upper_features_count_only_high_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    two = _ckpt(2)
+    one = _ckpt(2)
+    one.config = LSTMAEConfig(**{**one.config.__dict__, "upper_features": (0,)})
+    one.model, one.error_model = two.model, two.error_model
+    x = np.random.default_rng(4).normal(0, 1, (50, 4, 2)).astype(np.float32)
+    base_two, base_one = two.score(x)[0], one.score(x)[0]
+    np.testing.assert_allclose(base_one, one.score(x)[0])
+    lo, hi = x.copy(), x.copy()
+    lo[:, -1, 0] -= 20.0  # unusually low feature 0: two-sided score jumps, one-sided does not
+    hi[:, -1, 0] += 20.0
+    assert np.all(two.score(lo)[0] > base_two + 10)
+    assert np.all(one.score(lo)[0] <= two.score(lo)[0])
+    assert np.all(one.score(lo)[0] < base_one + 10)
+    np.testing.assert_allclose(one.score(hi)[0], two.score(hi)[0], rtol=0.2)
+    assert np.all(one.score(hi)[0] > base_one + 10)
+    loaded = load_checkpoint(save_checkpoint(one, tmp_path / "u.pt"))
+    assert loaded.config.upper_features == (0,)
+    np.testing.assert_allclose(loaded.score(lo)[0], one.score(lo)[0], rtol=1e-6)
+
+
+def test_mask_last_hides_the_newest_scored_step_from_the_encoder() -> None:
+    import torch
+
+    from models.lstm_ae import LSTMAutoencoder
+
+    cfg = LSTMAEConfig(n_features=3, window=4, hidden_size=4, latent_size=2, score_features=(0, 2), mask_last=True)
+    model = LSTMAutoencoder(cfg).eval()
+    x = torch.randn(5, 4, 3)
+    y = x.clone()
+    y[:, -1, [0, 2]] += 100.0  # only the masked values change
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(y))
+        z = x.clone()
+        z[:, -1, 1] += 100.0  # an unscored (context) feature of the last step is still read
+        assert not torch.allclose(model(x), model(z))
+
+
+def test_value_features_and_diagonal_error_model() -> None:
+    from models.lstm_ae import ErrorModel
+
+    e = np.random.default_rng(5).normal(0, 1, (500, 2))
+    e[:, 1] = e[:, 0] + 0.1 * e[:, 1]  # strongly correlated errors
+    full, diag = ErrorModel.fit(e), ErrorModel.fit(e, diagonal=True)
+    assert abs(full.precision[0, 1]) > 1.0 and diag.precision[0, 1] == 0.0
+    both_high = np.array([[3.0, 3.0]])
+    assert diag.contributions(both_high).sum() > full.contributions(both_high).sum()  # agreeing evidence adds up
+    cfg = LSTMAEConfig(n_features=2, window=4, score_features=(0, 1), value_features=(1,))
+    w = np.random.default_rng(6).normal(0, 1, (3, 4, 2)).astype(np.float32)
+    recon = np.zeros_like(w) + 0.5
+    err = cfg.errors(w, recon)
+    np.testing.assert_allclose(err[:, -1, 0], w[:, -1, 0] - 0.5, rtol=1e-6)
+    np.testing.assert_allclose(err[:, -1, 1], w[:, -1, 1], rtol=1e-6)  # the value, not the error

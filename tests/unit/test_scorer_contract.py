@@ -41,7 +41,17 @@ def _slice(cols: EventColumns, a: int, b: int) -> EventColumns:
     return EventColumns(cols.entity_ids[a:b], cols.ts[a:b], cols.base[a:b])
 
 
-@pytest.mark.parametrize("which", ["sensor_model", "tx_model"])
+@pytest.fixture(scope="module")
+def tx_onesided_model() -> tuple[TransactionStream, Checkpoint]:
+    """One-sided amount errors and a globally scaled amount (the transactions benchmark's knobs)."""
+    spec = TransactionStream()
+    recs, _ = simulate_transactions(60, 30, seed=4)
+    cfg = LSTMAEConfig(n_features=spec.n_features, window=8, hidden_size=16, latent_size=4, score_steps=2,
+                       upper_features=(0,), global_features=(0,))
+    return spec, train_stream_model(spec, _cols(spec, recs), model=cfg, train=SMALL, min_history=4)
+
+
+@pytest.mark.parametrize("which", ["sensor_model", "tx_model", "tx_onesided_model"])
 def test_batched_scoring_equals_one_at_a_time(which: str, request: pytest.FixtureRequest) -> None:
     spec, ckpt = request.getfixturevalue(which)
     if which == "sensor_model":

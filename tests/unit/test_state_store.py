@@ -72,3 +72,17 @@ def test_eviction_only_takes_clean_idle_entities_and_reuses_slots() -> None:
 def test_memory_per_entity_is_bounded() -> None:
     s = EntityStateStore(StateLayout(32, 8), np.zeros(8), np.ones(8), capacity=10_000)
     assert s.nbytes_per_entity() < 8 * 1024
+
+
+def test_global_features_are_scaled_by_the_prior_only() -> None:
+    from pipeline.state.store import EntityStateStore, StateLayout
+
+    store = EntityStateStore(StateLayout(4, 2), np.array([1.0, 2.0]), np.array([3.0, 4.0]), global_features=(1,))
+    slots = store.resolve(["a"])
+    for v in (10.0, 12.0, 11.0, 13.0):
+        store.update_feature_stats(slots, np.array([[v, v]]))
+    mean, std = store.scaling(slots)
+    assert mean[0, 1] == 2.0 and std[0, 1] == 4.0  # global feature: prior scaling, whatever the entity did
+    assert mean[0, 0] != 1.0  # per-entity feature moved towards the entity's values
+    with pytest.raises(ValueError):
+        EntityStateStore(StateLayout(4, 2), np.zeros(2), np.ones(2), global_features=(2,))

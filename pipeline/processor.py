@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline import metrics
 from pipeline.checkpointing import Checkpointer
-from pipeline.errors import CheckpointError, DecodeError
+from pipeline.errors import CheckpointError, DecodeError, SinkError
 from pipeline.records import DeadLetterSink, RawRecord, Source, TopicPartition
 from pipeline.scoring.scorer import StreamScorer
 from pipeline.sinks.sql import AlertRow, SqlStore, StateRow
@@ -87,8 +87,21 @@ class Processor:
     def _loader_for(self, stream: str) -> Callable[[Sequence[str]], dict[str, bytes]]:
         return lambda ids: self.db.load_states(self.opt.run_id, stream, ids)
 
+    def _load_offsets(self) -> dict[TopicPartition, tuple[int, int | None]]:
+        """Positions must come from the database: without them state would restart from the wrong place,
+        so a database outage during assignment is waited out (the heartbeat thread keeps us in the group)."""
+        delay = 0.2
+        while True:
+            try:
+                return self.db.load_offsets(self.opt.run_id, self.opt.group_id)
+            except SinkError as exc:
+                self.stats.db_failures += 1
+                log.warning("cannot read partition checkpoints; retrying in %.1fs: %s", delay, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, self.opt.db_retry_max_s)
+
     def on_assigned(self, tps: Sequence[TopicPartition]) -> None:
-        saved = self.db.load_offsets(self.opt.run_id, self.opt.group_id)
+        saved = self._load_offsets()
         pos = self.checkpointer.positions
         for tp in tps:
             committed, snap = saved.get(tp, (None, None))

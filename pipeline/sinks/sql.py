@@ -411,12 +411,15 @@ class SqlStore:
 
     def load_offsets(self, run_id: str, group_id: str) -> dict[tuple[str, int], tuple[int, int | None]]:
         """{(topic, partition): (committed_offset, snapshot_offset)}"""
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(partition_checkpoints).where(partition_checkpoints.c.run_id == run_id,
-                                                    partition_checkpoints.c.group_id == group_id)
-            )
-            return {(r.topic, r.partition): (r.committed_offset, r.snapshot_offset) for r in rows}
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    select(partition_checkpoints).where(partition_checkpoints.c.run_id == run_id,
+                                                        partition_checkpoints.c.group_id == group_id)
+                )
+                return {(r.topic, r.partition): (r.committed_offset, r.snapshot_offset) for r in rows}
+        except SQLAlchemyError as exc:
+            raise SinkError(f"could not load partition checkpoints: {exc!s}") from exc
 
     def list_alerts(
         self,

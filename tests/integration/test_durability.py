@@ -98,17 +98,21 @@ def test_database_unavailable_backs_off_commits_nothing_then_delivers(
     runner = Runner(proc).start()
     locker = create_engine(pg_url).connect()
     probe = KafkaSource(kafka_bootstrap, s.group_id)
+    recs = sensor_records(24, 70)  # readings 55-69 of three pumps are anomalous
+    normal, anomalous = recs[: 24 * 55], recs[24 * 55 :]
     try:
         assert proc.ready.wait(30), "no partition assignment"
+        produce_sensors(kafka_bootstrap, s.sensors_topic, normal, create=False)
+        wait_until(lambda: _durable(pg_store, "live", s.group_id) == len(normal), 60, "normal part durable")
+        committed_before = dict(proc.checkpointer.positions.committed)
+        kafka_before = {p: probe.committed((s.sensors_topic, p)) for p in range(PARTITIONS)}
         tx = locker.begin()
         locker.execute(text("LOCK TABLE alerts, partition_checkpoints IN ACCESS EXCLUSIVE MODE"))
-        recs = sensor_records(24, 70)
-        produce_sensors(kafka_bootstrap, s.sensors_topic, recs, create=False)
+        produce_sensors(kafka_bootstrap, s.sensors_topic, anomalous, create=False)
         wait_until(lambda: proc.stats.db_failures >= 4, 30, "checkpoint retries")
-        pending = len(proc.checkpointer.pending)
-        assert pending > 0, "alerts are waiting for the database"
-        assert proc.checkpointer.positions.committed == {}
-        assert all(probe.committed((s.sensors_topic, p)) is None for p in range(PARTITIONS)), \
+        assert len(proc.checkpointer.pending) > 0, "alerts are waiting for the database"
+        assert proc.checkpointer.positions.committed == committed_before
+        assert {p: probe.committed((s.sensors_topic, p)) for p in range(PARTITIONS)} == kafka_before, \
             "offsets committed to Kafka while their alerts were not durable"
         tx.rollback()  # the database is back
         wait_until(lambda: _durable(pg_store, "live", s.group_id) == len(recs), 60, "delivery after recovery")
@@ -170,3 +174,32 @@ def test_rebalance_moves_entities_with_their_state(
     assert alert_set(pg_store, "live") == alert_set(pg_store, "reference")
     db1.dispose()
     db2.dispose()
+
+
+def test_database_down_at_assignment_is_waited_out(
+    kafka_bootstrap: str, pg_store: SqlStore, pg_url: str, topic_prefix: str
+) -> None:
+    """Without its stored positions a worker would restart state from the wrong offset: it waits instead."""
+    s = settings_for(topic_prefix, pg_url)
+    ensure_topics(kafka_bootstrap, [s.sensors_topic], PARTITIONS)
+    recs = sensor_records(8, 40)
+    produce_sensors(kafka_bootstrap, s.sensors_topic, recs, create=False)
+    db = SqlStore(pg_url + "%20-clock_timeout%3D300")
+    proc, source, dlq = make_processor(s, kafka_bootstrap, db)
+    locker = create_engine(pg_url).connect()
+    tx = locker.begin()
+    locker.execute(text("LOCK TABLE partition_checkpoints IN ACCESS EXCLUSIVE MODE"))
+    runner = Runner(proc).start()
+    try:
+        wait_until(lambda: proc.stats.db_failures >= 2, 30, "assignment retries")
+        assert not proc.ready.is_set() and proc.stats.events == 0
+        tx.rollback()
+        assert proc.ready.wait(30)
+        wait_until(lambda: _durable(pg_store, "live", s.group_id) == len(recs), 60, "all events durable")
+    finally:
+        locker.close()
+        runner.stop.set()
+        runner.join(30)
+        source.close()
+        dlq.close()
+        db.dispose()

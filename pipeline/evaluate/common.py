@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -76,3 +77,40 @@ def stream(scorer: StreamScorer, cols: EventColumns, *, learn: bool = True, batc
             scores[idx], thresholds[idx], alerts[idx] = res.scores, res.thresholds, res.is_anomaly
             bar.update(len(idx))
     return Scored(scores, thresholds, alerts)
+
+
+class SeriesProtocolConfig(Protocol):
+    """The knobs of benchmarks whose protocol is 'train part warms each entity, test part is frozen'."""
+
+    @property
+    def epochs(self) -> int: ...
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def min_history(self) -> int: ...
+
+    @property
+    def warmup(self) -> int: ...
+
+    @property
+    def z(self) -> float: ...
+
+    @property
+    def floor_ratio(self) -> float: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+
+def train_then_score(spec: StreamSpec, train: EventColumns, test: EventColumns, model: LSTMAEConfig,
+                     cfg: SeriesProtocolConfig, *, name: str, device: str = "cpu") -> Scored:
+    """Fit on the training part, stream it to warm every entity's scaling and thresholds (learning),
+    then stream the test part with learning frozen (SKAB and NASA protocols)."""
+    ckpt = fit(spec, train, model, TrainConfig(epochs=cfg.epochs, seed=cfg.seed), min_history=cfg.min_history,
+               device=device, name=name)
+    thr = AdaptiveThreshold(ckpt.threshold, warmup=cfg.warmup, z=cfg.z, floor_ratio=cfg.floor_ratio)
+    scorer = make_scorer(spec, ckpt, thr, min_history=cfg.min_history, device=device)
+    stream(scorer, train, learn=True, batch_size=cfg.batch_size, desc=f"{name} train part")
+    return stream(scorer, test, learn=False, batch_size=cfg.batch_size, desc=f"{name} test part")

@@ -16,12 +16,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models.lstm_ae import LSTMAEConfig, TrainConfig
+from models.lstm_ae import LSTMAEConfig
 from pipeline.errors import ConfigError
 from pipeline.evaluate import common
 from pipeline.evaluate.metrics import segment_f1, segments
 from pipeline.features.streams import EventColumns, SensorStream
-from pipeline.scoring.threshold import AdaptiveThreshold
 
 LABELS = "labeled_anomalies.csv"
 CHANNELS = ["value", "commands"]
@@ -93,12 +92,7 @@ def evaluate(path: Path, cfg: NasaConfig = NasaConfig(), *, device: str = "cpu")
     chans, train, test, labeled, lengths = load(path)
     spec = SensorStream(CHANNELS)
     model = LSTMAEConfig(n_features=len(CHANNELS), **cfg.model)
-    ckpt = common.fit(spec, train, model, TrainConfig(epochs=cfg.epochs, seed=cfg.seed),
-                      min_history=cfg.min_history, device=device, name="nasa")
-    thr = AdaptiveThreshold(ckpt.threshold, warmup=cfg.warmup, z=cfg.z, floor_ratio=cfg.floor_ratio)
-    scorer = common.make_scorer(spec, ckpt, thr, min_history=cfg.min_history, device=device)
-    common.stream(scorer, train, learn=True, batch_size=cfg.batch_size, desc="nasa train part")
-    res = common.stream(scorer, test, learn=False, batch_size=cfg.batch_size, desc="nasa test part")
+    res = common.train_then_score(spec, train, test, model, cfg, name="nasa", device=device)
     ids = np.asarray(test.entity_ids, dtype=object)
     pairs = []
     for chan in chans:

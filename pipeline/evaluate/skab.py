@@ -16,12 +16,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models.lstm_ae import LSTMAEConfig, TrainConfig
+from models.lstm_ae import LSTMAEConfig
 from pipeline.errors import ConfigError
 from pipeline.evaluate import common
 from pipeline.evaluate.metrics import pointwise
 from pipeline.features.streams import EventColumns, SensorStream
-from pipeline.scoring.threshold import AdaptiveThreshold
 
 LABEL, CHANGEPOINT = "anomaly", "changepoint"
 SUBSETS = ("valve1", "valve2", "other")
@@ -100,12 +99,7 @@ def evaluate(path: Path, cfg: SkabConfig = SkabConfig(), *, device: str = "cpu")
     channels, train, test, y = load(path, cfg.train_rows)
     spec = SensorStream(channels)
     model = LSTMAEConfig(n_features=len(channels), **cfg.model)
-    ckpt = common.fit(spec, train, model, TrainConfig(epochs=cfg.epochs, seed=cfg.seed),
-                      min_history=cfg.min_history, device=device, name="skab")
-    thr = AdaptiveThreshold(ckpt.threshold, warmup=cfg.warmup, z=cfg.z, floor_ratio=cfg.floor_ratio)
-    scorer = common.make_scorer(spec, ckpt, thr, min_history=cfg.min_history, device=device)
-    common.stream(scorer, train, learn=True, batch_size=cfg.batch_size, desc="skab train part")
-    res = common.stream(scorer, test, learn=False, batch_size=cfg.batch_size, desc="skab test part")
+    res = common.train_then_score(spec, train, test, model, cfg, name="skab", device=device)
     out = pointwise(y, res.alerts)
     out.update(files=len(set(test.entity_ids)), train_events=len(train.entity_ids), test_events=len(y))
     return out

@@ -279,7 +279,7 @@ class Processor:
         max_events: int | None = None,
     ) -> ProcessorStats:
         self.source.subscribe(list(self.scorers), self.on_assigned, self.on_revoked)
-        last_commit = last_snapshot = time.monotonic()
+        last_commit = last_housekeeping = time.monotonic()
         last_data = time.monotonic()
         commit_every = self.opt.commit_interval_ms / 1000.0
         while not stop.is_set():
@@ -295,8 +295,8 @@ class Processor:
                 last_commit = time.monotonic()
                 for tp in snap:
                     self._snapshot_due[tp] = last_commit + self.opt.snapshot_interval_s
-                if last_commit - last_snapshot >= self.opt.snapshot_interval_s:
-                    last_snapshot = last_commit
+                if last_commit - last_housekeeping >= self.opt.snapshot_interval_s:  # eviction, lag gauge
+                    last_housekeeping = last_commit
                     self._evict()
                     lag = self.source.lag()
                     if lag is not None:

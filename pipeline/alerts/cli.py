@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
 
@@ -156,6 +157,17 @@ def _target(item_id: int, incident: bool) -> dict[str, int]:
     return {"incident_id": item_id} if incident else {"alert_id": item_id}
 
 
+def _update(database_url: str | None, item_id: int, incident: bool,
+            change: Callable[[Any, dict[str, int]], int]) -> tuple[dict[str, Any], int]:
+    """Apply an operator change (ack, label) to an alert or incident; return the row after it and rows hit."""
+    store = _store(database_url)
+    try:
+        n = change(store, _target(item_id, incident))
+        return (store.get_incident(item_id) if incident else store.get_alert(item_id)), n
+    finally:
+        store.dispose()
+
+
 @alerts_app.command("ack")
 def ack_cmd(
     item_id: Annotated[int, typer.Argument(metavar="ID", help="alert id (or incident id with --incident)")],
@@ -165,12 +177,7 @@ def ack_cmd(
     database_url: DbOpt = None,
 ) -> None:
     """Acknowledge an alert (or a whole incident)."""
-    store = _store(database_url)
-    try:
-        n = store.ack(by=by, **_target(item_id, incident))
-        row = store.get_incident(item_id) if incident else store.get_alert(item_id)
-    finally:
-        store.dispose()
+    row, n = _update(database_url, item_id, incident, lambda store, target: store.ack(by=by, **target))
     if as_json:
         _print_json({"acked": _jsonable(row), "rows": n})
     else:
@@ -190,12 +197,7 @@ def label_cmd(
     if tp is None:
         raise ConfigError("give --tp or --fp")
     label = "tp" if tp else "fp"
-    store = _store(database_url)
-    try:
-        n = store.label(label, **_target(item_id, incident))
-        row = store.get_incident(item_id) if incident else store.get_alert(item_id)
-    finally:
-        store.dispose()
+    row, n = _update(database_url, item_id, incident, lambda store, target: store.label(label, **target))
     if as_json:
         _print_json({"labeled": _jsonable(row), "rows": n})
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -57,20 +58,17 @@ def bench(
     try:
         say(f"[bold]bench[/bold] on {info['cpu']} x{info['cores']} (load {info['load_avg_at_start']}), "
             f"broker {boot}, database {result['database']}")
-        drain = core.run_e2e(s, boot, db_url, events=events, entities=entities, rate=None, batch=batch,
-                             commit_interval_ms=commit_interval_ms,
-                             snapshot_interval_s=snapshot_interval_s, fetch_max_wait_ms=fetch_max_wait_ms,
-                             progress=say)
+        e2e = functools.partial(core.run_e2e, s, boot, db_url, entities=entities, batch=batch,
+                                commit_interval_ms=commit_interval_ms, snapshot_interval_s=snapshot_interval_s,
+                                fetch_max_wait_ms=fetch_max_wait_ms, progress=say)
+        drain = e2e(events=events, rate=None)
         say(f"e2e drain: {drain.events} events in {drain.seconds:.1f}s = {drain.events_per_s:,.0f} events/s")
         result["e2e_drain"] = drain.__dict__
         result["e2e_events_per_s"] = round(drain.events_per_s, 1)
         paced_rate = rate
         if paced_rate > 0:
             n = int(paced_rate * paced_seconds)
-            paced = core.run_e2e(s, boot, db_url, events=n, entities=entities, rate=paced_rate, batch=batch,
-                                 commit_interval_ms=commit_interval_ms,
-                             snapshot_interval_s=snapshot_interval_s, fetch_max_wait_ms=fetch_max_wait_ms,
-                             progress=say)
+            paced = e2e(events=n, rate=paced_rate)
             say(f"e2e paced at {paced_rate:,.0f}/s: {paced.events} events, latency ms {paced.latency_ms}")
             result["e2e_paced"] = paced.__dict__
             result["p50_latency_ms"] = paced.latency_ms.get("p50")

@@ -36,6 +36,19 @@ def _fault(x: np.ndarray, start: int, end: int, std: np.ndarray, rng: np.random.
             x[start:end, c] += rng.normal(0.0, abs(mag), n)
 
 
+def _write_with_fault(df: pd.DataFrame, chans: list[str], train_rows: int, start: int, length: int,
+                      rng: np.random.Generator, path: Path) -> None:
+    """Inject one fault into rows [start, start+length), label it, write a SKAB-format CSV."""
+    x = df[chans].to_numpy(np.float64, copy=True)
+    std = x[:train_rows].std(axis=0) + 1e-9
+    _fault(x, start, start + length, std, rng)
+    df[chans] = x
+    df["anomaly"] = 0.0
+    df.iloc[start : start + length, df.columns.get_loc("anomaly")] = 1.0
+    df["changepoint"] = 0.0
+    df.to_csv(path, sep=";")
+
+
 def skab_set(skab_dir: Path, out: Path, *, chunk: int = 1150, train_rows: int = 400, seed: int = 0) -> Path:
     """Pseudo-experiments from anomaly-free/anomaly-free.csv, written as out/other/<i>.csv."""
     src = skab_dir / "anomaly-free" / "anomaly-free.csv"
@@ -45,17 +58,10 @@ def skab_set(skab_dir: Path, out: Path, *, chunk: int = 1150, train_rows: int = 
     (out / "other").mkdir(parents=True, exist_ok=True)
     for i in range(len(df) // chunk):
         part = df.iloc[i * chunk : (i + 1) * chunk].copy()
-        x = part[chans].to_numpy(np.float64, copy=True)
-        std = x[:train_rows].std(axis=0) + 1e-9
         n_test = chunk - train_rows
         length = int(rng.integers(n_test // 4, n_test // 2))
         start = train_rows + int(rng.integers(n_test // 10, n_test - length))
-        _fault(x, start, start + length, std, rng)
-        part[chans] = x
-        part["anomaly"] = 0.0
-        part.iloc[start : start + length, part.columns.get_loc("anomaly")] = 1.0
-        part["changepoint"] = 0.0
-        part.to_csv(out / "other" / f"{i}.csv", sep=";")
+        _write_with_fault(part, chans, train_rows, start, length, rng, out / "other" / f"{i}.csv")
     return out
 
 
@@ -71,16 +77,9 @@ def skab_train_set(skab_dir: Path, out: Path, *, rows: int = 400, train_rows: in
     for f in find_files(skab_dir):
         df = read(f).iloc[:rows].copy()
         chans = [c for c in df.columns if c not in ("anomaly", "changepoint")]
-        x = df[chans].to_numpy(np.float64, copy=True)
-        std = x[:train_rows].std(axis=0) + 1e-9
         length = int(rng.integers(n_test * 4 // 15, n_test * 2 // 3))
         start = train_rows + int(rng.integers(n_test // 15, n_test - length))
-        _fault(x, start, start + length, std, rng)
-        df[chans] = x
-        df["anomaly"] = 0.0
-        df.iloc[start : start + length, df.columns.get_loc("anomaly")] = 1.0
-        df["changepoint"] = 0.0
-        df.to_csv(out / "other" / f"{f.parent.name}-{f.stem}.csv", sep=";")
+        _write_with_fault(df, chans, train_rows, start, length, rng, out / "other" / f"{f.parent.name}-{f.stem}.csv")
     return out
 
 

@@ -53,7 +53,8 @@ def build_scorers(settings: Settings, checkpoints: dict[str, Checkpoint]) -> dic
     for stream, ckpt in checkpoints.items():
         spec = make_stream(stream, channels=ckpt.card.get("feature_names", settings.sensor_channels),
                            max_message_bytes=settings.max_message_bytes)
-        thr = AdaptiveThreshold(ckpt.threshold, warmup=t.warmup, z=t.z, floor_ratio=t.floor_ratio)
+        thr = AdaptiveThreshold(ckpt.threshold, warmup=t.warmup, z=t.z, floor_ratio=t.floor_ratio,
+                                smoothing=t.smoothing)
         out[topics[stream]] = StreamScorer(spec, ckpt, threshold=thr, min_history=t.min_history,
                                            device=settings.device)
     return out

@@ -18,6 +18,8 @@ class ThresholdSettings(BaseSettings):
     z: float = Field(4.0, description="entity threshold = exp(mean + z*std) of its normal log-scores")
     floor_ratio: float = Field(1.0, description="entity threshold never below floor_ratio * global threshold")
     min_history: int = Field(8, description="events an entity needs before any alert (window fill)")
+    smoothing: float = Field(1.0, gt=0.0, le=1.0,
+                             description="EWMA alpha of each entity's log-scores before thresholding; 1 = none")
 
 
 class AlertSettings(BaseSettings):

@@ -62,8 +62,8 @@ def make_scorer(spec: StreamSpec, ckpt: Checkpoint, threshold: AdaptiveThreshold
     return StreamScorer(spec, ckpt, threshold=threshold, min_history=min_history, device=device)
 
 
-def stream(scorer: StreamScorer, cols: EventColumns, *, learn: bool = True, batch_size: int = 2000,
-           desc: str = "score") -> Scored:
+def stream(scorer: StreamScorer, cols: EventColumns, *, learn: bool = True, learn_scores: bool | None = None,
+           batch_size: int = 2000, desc: str = "score") -> Scored:
     """Feed events in event-time order (stable, so each entity keeps its order) in micro-batches."""
     n = len(cols.entity_ids)
     order = np.argsort(cols.ts, kind="stable")
@@ -73,7 +73,7 @@ def stream(scorer: StreamScorer, cols: EventColumns, *, learn: bool = True, batc
     with tqdm(total=n, desc=desc, unit="ev", file=sys.stderr, leave=False, mininterval=0.5) as bar:
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            res = scorer.process(take(cols, idx), learn=learn)
+            res = scorer.process(take(cols, idx), learn=learn, learn_scores=learn_scores)
             scores[idx], thresholds[idx], alerts[idx] = res.scores, res.thresholds, res.is_anomaly
             bar.update(len(idx))
     return Scored(scores, thresholds, alerts)
@@ -103,6 +103,9 @@ class SeriesProtocolConfig(Protocol):
     @property
     def batch_size(self) -> int: ...
 
+    @property
+    def smoothing(self) -> float: ...
+
 
 def train_then_score(spec: StreamSpec, train: EventColumns, test: EventColumns, model: LSTMAEConfig,
                      cfg: SeriesProtocolConfig, *, name: str, device: str = "cpu") -> Scored:
@@ -110,7 +113,8 @@ def train_then_score(spec: StreamSpec, train: EventColumns, test: EventColumns, 
     then stream the test part with learning frozen (SKAB and NASA protocols)."""
     ckpt = fit(spec, train, model, TrainConfig(epochs=cfg.epochs, seed=cfg.seed), min_history=cfg.min_history,
                device=device, name=name)
-    thr = AdaptiveThreshold(ckpt.threshold, warmup=cfg.warmup, z=cfg.z, floor_ratio=cfg.floor_ratio)
+    thr = AdaptiveThreshold(ckpt.threshold, warmup=cfg.warmup, z=cfg.z, floor_ratio=cfg.floor_ratio,
+                            smoothing=cfg.smoothing)
     scorer = make_scorer(spec, ckpt, thr, min_history=cfg.min_history, device=device)
     stream(scorer, train, learn=True, batch_size=cfg.batch_size, desc=f"{name} train part")
     return stream(scorer, test, learn=False, batch_size=cfg.batch_size, desc=f"{name} test part")

@@ -37,6 +37,7 @@ class NasaConfig:
     z: float = 5.0
     warmup: int = 30
     floor_ratio: float = 0.0
+    smoothing: float = 1.0
     min_history: int = 16
     merge_gap: int = 100
     batch_size: int = 5000

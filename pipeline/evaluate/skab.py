@@ -38,6 +38,7 @@ class SkabConfig:
     z: float = 4.0
     warmup: int = 30
     floor_ratio: float = 0.0
+    smoothing: float = 1.0
     min_history: int = 8
     batch_size: int = 2000
 

@@ -1,8 +1,14 @@
-"""Card transactions (Fraud Detection Handbook simulator layout), unsupervised.
+"""Card transactions (Fraud Detection Handbook simulator layout), unsupervised model, delayed feedback.
 
-Customer-keyed TransactionStream with per-terminal context. The model trains on the earlier days (no
-labels used); the last `warm_days` of them are streamed to warm customer state and score statistics, then
-the test days are streamed with learning on, as production would run. Labels are only used for metrics.
+Customer-keyed TransactionStream with per-terminal context. The model trains on the earlier days without
+labels; the last `warm_days` of them are streamed to warm customer state and score statistics, then the
+test days are streamed with learning on, as production would run.
+
+Labels enter in one way only, as in the handbook's protocol and in production: as *delayed feedback*
+(chargebacks and investigations report fraud `feedback_delay_days` after the payment). Each payment's
+label is folded into its terminal's fraud-rate feature once that delay has passed, so a payment is
+featurised from labels known at its own time, never later ones. Test labels are otherwise used only for
+the metrics.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from models.lstm_ae import LSTMAEConfig, TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.evaluate import common
 from pipeline.evaluate.metrics import card_precision_at_k, ranking
-from pipeline.features.streams import DAY, TransactionStream
+from pipeline.features.streams import DAY, EventColumns, TransactionStream
 from pipeline.scoring.threshold import AdaptiveThreshold
 
 COLUMNS = ["TX_DATETIME", "CUSTOMER_ID", "TERMINAL_ID", "TX_AMOUNT", "TX_FRAUD"]
@@ -31,14 +37,17 @@ class TransactionsConfig:
     test_fraction: float = 0.2
     warm_days: int = 21
     terminal_context: bool = True
+    # label feedback: a payment's label is known this many days after it (None = no feedback feature)
+    feedback_delay_days: float | None = 7.0
+    feedback_tau_days: float = 3.0  # memory of the terminal fraud rate
     # score (diagonal, one-sided): the customer-relative amount as a prediction error of the LSTM (log_amount,
-    # hidden from the encoder at the scored step) plus the absolute level of the terminal-relative amount
-    # (terminal_amount_dev scaled by the global prior). Chosen on the training days' own split
-    # (docs/results/evaluation.md).
+    # hidden from the encoder at the scored step), the absolute level of the terminal-relative amount
+    # (terminal_amount_dev scaled by the global prior) and the terminal's known fraud rate (global level).
+    # Chosen on the training days' own split (docs/results/evaluation.md).
     model: dict[str, Any] = field(default_factory=lambda: {"window": 8, "hidden_size": 32, "latent_size": 2,
-                                                           "score_steps": 1, "score_features": (0, 7),
-                                                           "upper_features": (0, 7), "global_features": (7,),
-                                                           "value_features": (7,), "mask_last": True,
+                                                           "score_steps": 1, "score_features": (0, 7, 8),
+                                                           "upper_features": (0, 7, 8), "global_features": (7, 8),
+                                                           "value_features": (7, 8), "mask_last": True,
                                                            "diagonal_error": True})
     epochs: int = 5
     max_windows: int = 150_000
@@ -68,6 +77,28 @@ def read(path: Path) -> pd.DataFrame:
     return df
 
 
+def featurize_with_feedback(spec: TransactionStream, customers: list[str], ts: np.ndarray, amounts: np.ndarray,
+                            terminals: list[str], fraud: np.ndarray, delay_s: float, slice_s: float = 3600.0
+                            ) -> EventColumns:
+    """Features in event-time slices; before each slice, the labels known by its start (payment time + delay)
+    are fed back to the terminals. Conservative: a label is used at most `slice_s` later than it was known,
+    never earlier. `ts` must be sorted."""
+    assert spec.terminals is not None
+    known_at = ts + delay_s
+    fed = 0
+    parts: list[EventColumns] = []
+    edges = np.searchsorted(ts, np.arange(ts[0], ts[-1] + slice_s, slice_s), side="left").tolist() + [len(ts)]
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        if a == b:
+            continue
+        due = int(np.searchsorted(known_at, ts[a], side="right"))
+        if due > fed:
+            spec.terminals.feedback(terminals[fed:due], known_at[fed:due], fraud[fed:due])
+            fed = due
+        parts.append(spec.columns_from_arrays(customers[a:b], ts[a:b], amounts[a:b], terminals[a:b]))
+    return common.concat(parts)
+
+
 def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, device: str = "cpu") -> dict[str, Any]:
     df = read(path)
     ts = pd.to_datetime(df["TX_DATETIME"]).to_numpy(dtype="datetime64[ns]").astype(np.int64) / 1e9
@@ -78,9 +109,20 @@ def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, devi
     first_test = n_days - max(1, int(round(n_days * cfg.test_fraction)))
     if first_test < 1:
         raise ConfigError(f"--data {path}: {n_days} day(s); need at least 2 to split train/test")
-    spec = TransactionStream(terminal_context=cfg.terminal_context)
-    cols = spec.columns_from_arrays(df["CUSTOMER_ID"].astype(str).tolist(), ts, df["TX_AMOUNT"].to_numpy(np.float64),
-                                    df["TERMINAL_ID"].astype(str).tolist() if cfg.terminal_context else None)
+    feedback = cfg.feedback_delay_days is not None
+    if feedback and not cfg.terminal_context:
+        raise ConfigError("label feedback is a terminal feature: it needs terminal_context")
+    spec = TransactionStream(terminal_context=cfg.terminal_context,
+                             fraud_feedback_tau_s=cfg.feedback_tau_days * DAY if feedback else None)
+    customers = df["CUSTOMER_ID"].astype(str).tolist()
+    amounts = df["TX_AMOUNT"].to_numpy(np.float64)
+    terminals = df["TERMINAL_ID"].astype(str).tolist() if cfg.terminal_context else None
+    if feedback:
+        assert terminals is not None and cfg.feedback_delay_days is not None
+        cols = featurize_with_feedback(spec, customers, ts, amounts, terminals, df["TX_FRAUD"].to_numpy(),
+                                       cfg.feedback_delay_days * DAY)
+    else:
+        cols = spec.columns_from_arrays(customers, ts, amounts, terminals)
     train_idx = np.flatnonzero(day < first_test)
     test_idx = np.flatnonzero(day >= first_test)
     warm_idx = np.flatnonzero((day < first_test) & (day >= first_test - cfg.warm_days))

@@ -17,7 +17,7 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from pipeline.errors import DecodeError
-from pipeline.features.terminal import TERMINAL_FEATURES, TerminalContext
+from pipeline.features.terminal import FEEDBACK_FEATURES, TERMINAL_FEATURES, TerminalContext
 from schemas.types import SensorReading, Transaction
 
 DAY = 86400.0
@@ -99,15 +99,20 @@ class TransactionStream(StreamSpec):
     entity_field = "customer_id"
 
     def __init__(self, max_message_bytes: int = 65536, *, terminal_context: bool = False,
-                 terminal_tau_s: float = DAY) -> None:
-        """terminal_context=True adds per-terminal features (pipeline.features.terminal; partition-local)."""
+                 terminal_tau_s: float = DAY, fraud_feedback_tau_s: float | None = None) -> None:
+        """terminal_context=True adds per-terminal features (pipeline.features.terminal; partition-local);
+        fraud_feedback_tau_s adds the terminal's fraud rate from label feedback (`terminals.feedback`)."""
         super().__init__(max_message_bytes)
         self._adapter = TypeAdapter(Transaction)
         self.feature_names = ["log_amount", "log_seconds_since_prev", "hour_sin", "hour_cos", "dow_sin", "dow_cos"]
         self.terminals: TerminalContext | None = None
+        if fraud_feedback_tau_s is not None and not terminal_context:
+            raise ValueError("fraud feedback is a terminal-context feature: set terminal_context=True")
         if terminal_context:
-            self.terminals = TerminalContext(terminal_tau_s)
+            self.terminals = TerminalContext(terminal_tau_s, feedback_tau_s=fraud_feedback_tau_s)
             self.feature_names += TERMINAL_FEATURES
+            if fraud_feedback_tau_s is not None:
+                self.feature_names += FEEDBACK_FEATURES
 
     def columns(self, records: Sequence[Any]) -> EventColumns:
         n = len(records)
@@ -129,7 +134,7 @@ class TransactionStream(StreamSpec):
         if self.terminals is not None:
             if terminal_ids is None:
                 raise ValueError("terminal context needs terminal_ids")
-            base[:, 6:8] = self.terminals.features(terminal_ids, ts, base[:, 0])
+            base[:, 6:] = self.terminals.features(terminal_ids, ts, base[:, 0])
         return EventColumns(entity_ids, ts, base)
 
     def finish(self, base: np.ndarray, ts: np.ndarray, prev_ts: np.ndarray) -> np.ndarray:

@@ -64,12 +64,13 @@ class Prepared:
 class ScoreBatch:
     slots: np.ndarray
     entity_ids: list[str]
-    scores: np.ndarray  # (N,)
+    scores: np.ndarray  # (N,) the score the threshold judged (smoothed when the threshold smooths)
     thresholds: np.ndarray  # (N,)
     is_anomaly: np.ndarray  # (N,) bool
     contributions: np.ndarray  # (N, F)
     observed: np.ndarray  # (N, F) raw features
     reconstructed: np.ndarray  # (N, F) reconstruction in raw units
+    raw_scores: np.ndarray  # (N,) the model's score of this event alone
 
 
 class StreamScorer:
@@ -143,8 +144,14 @@ class StreamScorer:
                 store.update_feature_stats(s, feats)
         return Prepared(slots, windows, raw, mean, std, count, order)
 
-    def process(self, cols: EventColumns, partitions: np.ndarray | None = None, *, learn: bool = True) -> ScoreBatch:
-        """Score a micro-batch; learn=False freezes feature scaling and score statistics (see `prepare`)."""
+    def process(self, cols: EventColumns, partitions: np.ndarray | None = None, *, learn: bool = True,
+                learn_scores: bool | None = None) -> ScoreBatch:
+        """Score a micro-batch; learn=False freezes feature scaling and score statistics (see `prepare`).
+
+        learn_scores (default: learn) decides separately whether normal scores update the entities' score
+        statistics, e.g. frozen scaling (a benchmark's scaler fitted on its training part) with thresholds
+        that keep adapting to slow drift of the normal scores, as a long-running service does."""
+        learn_scores = learn if learn_scores is None else learn_scores
         if self.checkpoint is None or self.threshold is None:
             raise ScoringError("scorer has no model")
         p = self.prepare(cols, partitions, learn=learn)
@@ -155,13 +162,17 @@ class StreamScorer:
             scores, contrib, recon = np.empty(0), np.empty((0, p.raw.shape[1])), np.empty((0, p.raw.shape[1]))
         thresholds = np.empty(n, np.float64)
         anomalous = np.zeros(n, bool)
+        raw_scores = scores
+        scores = np.empty(n, np.float64)
         for idx in p.order:
             s = p.slots[idx]
             thr = self.threshold.thresholds(self.store, s)
+            sc = self.threshold.smooth(self.store, s, raw_scores[idx])
             warm = p.count[idx] >= self.min_history
-            anom = warm & (scores[idx] > thr)
-            if learn:
-                self.threshold.observe(self.store, s, scores[idx], warm & ~anom)
-            thresholds[idx], anomalous[idx] = thr, anom
+            anom = warm & (sc > thr)
+            if learn_scores:
+                self.threshold.observe(self.store, s, sc, warm & ~anom)
+            thresholds[idx], anomalous[idx], scores[idx] = thr, anom, sc
         reconstructed = recon * p.std + p.mean
-        return ScoreBatch(p.slots, cols.entity_ids, scores, thresholds, anomalous, contrib, p.raw, reconstructed)
+        return ScoreBatch(p.slots, cols.entity_ids, scores, thresholds, anomalous, contrib, p.raw, reconstructed,
+                          raw_scores)

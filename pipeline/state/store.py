@@ -15,7 +15,8 @@ import numpy as np
 
 from pipeline.errors import StateError
 
-LAYOUT_VERSION = 1
+# v2 added score_ema (the entity's smoothed score); v1 blobs are migrated on load (smoothing restarts)
+LAYOUT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -23,25 +24,29 @@ class StateLayout:
     window: int
     n_features: int
 
+    def dtype_of(self, version: int) -> np.dtype:
+        w, f = self.window, self.n_features
+        fields: list[tuple[str, str] | tuple[str, str, tuple[int, ...]]] = [
+            ("version", "<u2"),
+            ("window", "<u2"),
+            ("n_features", "<u2"),
+            ("count", "<i8"),
+            ("last_ts", "<f8"),
+            ("win", "<f4", (w, f)),  # oldest -> newest
+            ("feat_n", "<f8"),
+            ("feat_mean", "<f8", (f,)),
+            ("feat_m2", "<f8", (f,)),
+            ("score_n", "<f8"),
+            ("score_mean", "<f8"),
+            ("score_m2", "<f8"),
+        ]
+        if version >= 2:
+            fields.append(("score_ema", "<f8"))
+        return np.dtype(fields)
+
     @property
     def dtype(self) -> np.dtype:
-        w, f = self.window, self.n_features
-        return np.dtype(
-            [
-                ("version", "<u2"),
-                ("window", "<u2"),
-                ("n_features", "<u2"),
-                ("count", "<i8"),
-                ("last_ts", "<f8"),
-                ("win", "<f4", (w, f)),  # oldest -> newest
-                ("feat_n", "<f8"),
-                ("feat_mean", "<f8", (f,)),
-                ("feat_m2", "<f8", (f,)),
-                ("score_n", "<f8"),
-                ("score_mean", "<f8"),
-                ("score_m2", "<f8"),
-            ]
-        )
+        return self.dtype_of(LAYOUT_VERSION)
 
     @property
     def blob_size(self) -> int:
@@ -91,6 +96,7 @@ class EntityStateStore:
         self.score_n = np.zeros(cap, np.float64)
         self.score_mean = np.zeros(cap, np.float64)
         self.score_m2 = np.zeros(cap, np.float64)
+        self.score_ema = np.full(cap, np.nan)  # EWMA of log1p(score); NaN until the entity's first score
         self.last_seen = np.zeros(cap, np.float64)
         self.dirty = np.zeros(cap, bool)
         self.partition = np.full(cap, -1, np.int32)
@@ -112,11 +118,13 @@ class EntityStateStore:
             return
         new = max(needed, cap * 2)
         for name in ("win", "pos", "count", "last_ts", "feat_n", "feat_mean", "feat_m2", "score_n",
-                     "score_mean", "score_m2", "last_seen", "dirty", "partition"):
+                     "score_mean", "score_m2", "score_ema", "last_seen", "dirty", "partition"):
             old = getattr(self, name)
             arr = np.zeros((new, *old.shape[1:]), old.dtype)
             if name == "partition":
                 arr[:] = -1
+            elif name == "score_ema":
+                arr[:] = np.nan
             arr[:cap] = old
             setattr(self, name, arr)
 
@@ -143,6 +151,7 @@ class EntityStateStore:
         self.score_n[slot] = 0
         self.score_mean[slot] = 0
         self.score_m2[slot] = 0
+        self.score_ema[slot] = np.nan
         self.dirty[slot] = False
         self.partition[slot] = -1
 
@@ -222,6 +231,16 @@ class EntityStateStore:
         own = np.maximum(own, floor_ratio * global_threshold)
         return np.where(n >= warmup, own, global_threshold)
 
+    def smooth_scores(self, slots: np.ndarray, scores: np.ndarray, alpha: float) -> np.ndarray:
+        """EWMA of each entity's log1p-scores (slots distinct): a persistent fault accumulates, a one-off blip
+        fades, and one absurd score cannot hold the average up for long (log scale, like the threshold's
+        statistics). Returns the smoothed scores in score units; alpha = 1 returns the raw scores."""
+        x = np.log1p(np.maximum(scores, 0.0))
+        prev = self.score_ema[slots]
+        smoothed = np.where(np.isnan(prev), x, alpha * x + (1.0 - alpha) * prev)
+        self.score_ema[slots] = smoothed
+        return np.asarray(np.expm1(smoothed)) if alpha < 1.0 else scores
+
     def update_score_stats(self, slots: np.ndarray, scores: np.ndarray) -> None:
         x = np.log1p(np.maximum(scores, 0.0))
         n = self.score_n[slots] + 1
@@ -248,17 +267,19 @@ class EntityStateStore:
         rec["score_n"] = self.score_n[slots]
         rec["score_mean"] = self.score_mean[slots]
         rec["score_m2"] = self.score_m2[slots]
+        rec["score_ema"] = self.score_ema[slots]
         buf = rec.tobytes()
         size = self.layout.blob_size
         return [buf[i * size : (i + 1) * size] for i in range(len(slots))]
 
     def _restore_slot(self, slot: int, blob: bytes, entity_id: str) -> None:
-        if len(blob) != self.layout.blob_size:
-            raise StateError(f"state of {entity_id!r}: {len(blob)} bytes, layout expects {self.layout.blob_size}")
-        rec = np.frombuffer(blob, self.layout.dtype)[0]
-        if (int(rec["version"]), int(rec["window"]), int(rec["n_features"])) != (
-            LAYOUT_VERSION, self.layout.window, self.layout.n_features
-        ):
+        version = int(np.frombuffer(blob[:2], "<u2")[0]) if len(blob) >= 2 else -1
+        if version not in (1, LAYOUT_VERSION) or len(blob) != self.layout.dtype_of(version).itemsize:
+            raise StateError(f"state of {entity_id!r}: {len(blob)} bytes of layout v{version}; this model needs "
+                             f"v{LAYOUT_VERSION} with {self.layout.blob_size} bytes (window={self.layout.window} "
+                             f"features={self.layout.n_features}). Migrate or start a new run_id.")
+        rec = np.frombuffer(blob, self.layout.dtype_of(version))[0]
+        if (int(rec["window"]), int(rec["n_features"])) != (self.layout.window, self.layout.n_features):
             raise StateError(
                 f"state of {entity_id!r} was saved with layout v{rec['version']} window={rec['window']} "
                 f"features={rec['n_features']}; this model needs window={self.layout.window} "
@@ -275,6 +296,7 @@ class EntityStateStore:
         self.score_n[slot] = rec["score_n"]
         self.score_mean[slot] = rec["score_mean"]
         self.score_m2[slot] = rec["score_m2"]
+        self.score_ema[slot] = rec["score_ema"] if version >= 2 else np.nan
 
     def dirty_slots(self, partition: int | None = None) -> np.ndarray:
         live = self.live_slots()
@@ -320,5 +342,6 @@ class EntityStateStore:
     def nbytes_per_entity(self) -> float:
         """Array bytes per slot (excludes the id map; bench measures the whole process)."""
         arrays = (self.win, self.pos, self.count, self.last_ts, self.feat_n, self.feat_mean, self.feat_m2,
-                  self.score_n, self.score_mean, self.score_m2, self.last_seen, self.dirty, self.partition)
+                  self.score_n, self.score_mean, self.score_m2, self.score_ema, self.last_seen, self.dirty,
+                  self.partition)
         return sum(a.nbytes for a in arrays) / max(1, self.capacity)

@@ -131,3 +131,41 @@ def test_value_features_and_diagonal_error_model() -> None:
     err = cfg.errors(w, recon)
     np.testing.assert_allclose(err[:, -1, 0], w[:, -1, 0] - 0.5, rtol=1e-6)
     np.testing.assert_allclose(err[:, -1, 1], w[:, -1, 1], rtol=1e-6)  # the value, not the error
+
+
+def test_terminal_fraud_feedback_is_causal_and_decays() -> None:
+    day = 86400.0
+    ctx = TerminalContext(feedback_tau_s=2 * day)
+    assert ctx.n_features == 3
+    f0 = ctx.features(["A", "B"], np.array([0.0, 0.0]), np.array([1.0, 1.0]))
+    assert f0[:, 2].tolist() == [0.0, 0.0]  # no label known yet
+    # at day 7, the labels of two day-0 payments at A arrive: one fraud, one not
+    ctx.feedback(["A", "A"], np.array([7 * day, 7 * day]), np.array([1, 0]))
+    f = ctx.features(["A", "B", "A"], np.array([7 * day, 7 * day, 9 * day]), np.array([1.0, 1.0, 1.0]))
+    assert f[0, 2] == pytest.approx(1 / (2 + 1))  # one pseudo-legit label as prior
+    assert f[1, 2] == 0.0  # other terminals unaffected
+    d = np.exp(-1.0)  # two days later, at tau = 2 days
+    assert f[2, 2] == pytest.approx(d / (2 * d + 1))
+    with pytest.raises(ValueError):
+        TerminalContext().feedback(["A"], np.array([0.0]), np.array([1]))
+
+
+def test_transaction_stream_with_feedback_has_the_risk_feature() -> None:
+    spec = TransactionStream(terminal_context=True, fraud_feedback_tau_s=86400.0)
+    assert spec.feature_names[-1] == "terminal_fraud_risk" and spec.n_features == 9
+    with pytest.raises(ValueError):
+        TransactionStream(fraud_feedback_tau_s=86400.0)
+
+
+def test_featurize_with_feedback_never_uses_a_label_before_it_is_known() -> None:
+    from pipeline.evaluate.transactions import featurize_with_feedback
+
+    day = 86400.0
+    ts = np.arange(0, 20 * day, day / 4)  # 4 payments a day at one terminal, every one a fraud
+    n = len(ts)
+    spec = TransactionStream(terminal_context=True, fraud_feedback_tau_s=3 * day)
+    cols = featurize_with_feedback(spec, ["c"] * n, ts, np.full(n, 10.0), ["T"] * n, np.ones(n, int), 7 * day)
+    risk = cols.base[:, 8]
+    assert np.all(risk[ts < 7 * day] == 0.0)  # nothing is known during the first week
+    assert risk[ts == 7 * day][0] == pytest.approx(0.5)  # the day-0 label, known exactly a week later
+    assert np.all(risk[ts >= 8 * day] > 0.5)

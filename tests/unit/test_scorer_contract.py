@@ -11,6 +11,7 @@ import pytest
 from models.lstm_ae import Checkpoint, LSTMAEConfig, TrainConfig, load_checkpoint, save_checkpoint
 from pipeline.features.streams import EventColumns, SensorStream, TransactionStream
 from pipeline.scoring import StreamScorer
+from pipeline.scoring.threshold import AdaptiveThreshold
 from pipeline.simulate import SENSOR_CHANNELS, simulate_sensors, simulate_transactions, strip_labels
 from pipeline.training import train_stream_model
 
@@ -114,3 +115,56 @@ def test_injected_anomalies_outscore_normal_traffic(tx_model: tuple[TransactionS
     res = StreamScorer(spec, ckpt, min_history=4).process(_cols(spec, recs))
     labels = np.array([r["label"] for r in recs], bool)
     assert res.scores[labels].min() > np.quantile(res.scores[~labels], 0.95)
+
+
+def test_smoothed_scoring_batched_equals_one_at_a_time(sensor_model: tuple[SensorStream, Checkpoint]) -> None:
+    """The EWMA of log-scores lives in entity state, so micro-batching cannot change it."""
+    spec, ckpt = sensor_model
+    recs, _ = simulate_sensors(4, 50, seed=19, spike_devices=1, anomaly_len=12)
+    cols = _cols(spec, recs)
+
+    def scorer() -> StreamScorer:
+        return StreamScorer(spec, ckpt, min_history=4, threshold=AdaptiveThreshold(ckpt.threshold, warmup=5,
+                                                                                     smoothing=0.2))
+
+    batched = scorer().process(cols)
+    single = scorer()
+    one = [single.process(_slice(cols, i, i + 1)) for i in range(len(cols.ts))]
+    np.testing.assert_allclose(batched.scores, np.concatenate([o.scores for o in one]), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(batched.raw_scores, np.concatenate([o.raw_scores for o in one]), rtol=1e-5,
+                               atol=1e-6)
+    assert batched.is_anomaly.tolist() == np.concatenate([o.is_anomaly for o in one]).tolist()
+    # the smoothed score is the EWMA (alpha 0.2) of the entity's log1p raw scores
+    ent = np.asarray(cols.entity_ids) == cols.entity_ids[0]
+    x = np.log1p(batched.raw_scores[ent])
+    ema = [x[0]]
+    for v in x[1:]:
+        ema.append(0.2 * v + 0.8 * ema[-1])
+    np.testing.assert_allclose(batched.scores[ent], np.expm1(ema), rtol=1e-9)
+
+
+def test_no_smoothing_keeps_raw_scores(sensor_model: tuple[SensorStream, Checkpoint]) -> None:
+    spec, ckpt = sensor_model
+    recs, _ = simulate_sensors(2, 30, seed=21)
+    res = StreamScorer(spec, ckpt, min_history=4).process(_cols(spec, recs))
+    np.testing.assert_array_equal(res.scores, res.raw_scores)
+
+
+def test_level_features_add_an_error_dimension(tmp_path: Path) -> None:
+    """A level dimension per level feature; contributions still sum to the score; save/load keeps it."""
+    spec = SensorStream(SENSOR_CHANNELS)
+    recs, _ = simulate_sensors(4, 120, seed=2)
+    cfg = LSTMAEConfig(n_features=8, window=8, hidden_size=8, latent_size=2, score_features=(0, 1, 2),
+                       level_features=(1, 5))
+    ckpt = train_stream_model(spec, _cols(spec, recs), model=cfg, train=SMALL, min_history=4)
+    assert ckpt.error_model.mean.shape == (5,)
+    x = np.random.default_rng(0).normal(0, 1, (20, 8, 8)).astype(np.float32)
+    scores, contrib, _ = ckpt.score(x)
+    np.testing.assert_allclose(scores, contrib.sum(axis=1), rtol=1e-9)
+    assert np.all(contrib[:, [3, 4, 6, 7]] == 0) and np.any(contrib[:, 5] != 0)
+    shifted = x.copy()
+    shifted[:, :, 5] += 6.0  # a persistent level shift of an unscored channel: only its level term sees it
+    assert np.all(ckpt.score(shifted)[0] > scores)
+    loaded = load_checkpoint(save_checkpoint(ckpt, tmp_path / "lv.pt"))
+    assert loaded.config.level_features == (1, 5)
+    np.testing.assert_allclose(loaded.score(x)[0], scores, rtol=1e-6)

@@ -50,33 +50,22 @@ class LSTMAEConfig:
     # ignore error correlations (diagonal covariance): the score becomes a sum of per-feature squared
     # z-scores, so two agreeing pieces of evidence add up instead of being discounted as "correlated"
     diagonal_error: bool = False
-    # features whose scaled *level* enters the error model as an extra dimension, next to their
-    # reconstruction error: an autoencoder with enough capacity copies a persistent level shift (a valve
-    # that stays closed) through, so its error fades while the level stays abnormal. Default: none.
-    level_features: tuple[int, ...] = ()
 
     def scored(self) -> list[int]:
         return list(range(self.n_features)) if self.score_features is None else list(self.score_features)
 
-    def error_features(self) -> list[int]:
-        """The feature behind each error-model dimension: the scored features, then the level features."""
-        return self.scored() + list(self.level_features)
-
     def errors(self, windows: np.ndarray, recon: np.ndarray) -> np.ndarray:
-        """Errors of the last score_steps steps, one column per error dimension: (N, k, S + L) float64."""
+        """Two-sided errors of the last score_steps steps over the scored features: (N, k, S) float64."""
         k, sel = self.score_steps, self.scored()
         err = (windows[:, -k:, sel] - recon[:, -k:, sel]).astype(np.float64)
         if self.value_features:
             val = np.isin(np.asarray(sel), np.asarray(self.value_features, dtype=np.int64))
             err[..., val] = windows[:, -k:, np.asarray(sel)[val]]
-        if self.level_features:
-            err = np.concatenate([err, windows[:, -k:, list(self.level_features)].astype(np.float64)], axis=2)
         return err
 
     def upper_mask(self) -> np.ndarray:
-        """Bool over the error dimensions: True where only positive deviations count (levels: two-sided)."""
-        upper = np.isin(np.asarray(self.scored()), np.asarray(self.upper_features, dtype=np.int64))
-        return np.r_[upper, np.zeros(len(self.level_features), bool)]
+        """Bool over the scored features: True where only positive deviations count."""
+        return np.isin(np.asarray(self.scored()), np.asarray(self.upper_features, dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -169,18 +158,15 @@ class Checkpoint:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """-> (scores (N,), per-feature contributions (N, F), reconstruction of the last step (N, F))."""
         recon = self.reconstruct(windows, device)
-        err = self.config.errors(windows, recon)  # (N, k, S + L)
+        sel = self.config.scored()
+        err = self.config.errors(windows, recon)  # (N, k, S)
         upper = self.config.upper_mask()
         if upper.any():  # below-normal errors of one-sided features count as exactly normal
             mu = self.error_model.mean[upper]
             err[..., upper] = np.maximum(err[..., upper], mu)
         part = self.error_model.contributions(err.reshape(-1, err.shape[-1])).reshape(err.shape).mean(axis=1)
         contrib = np.zeros((len(windows), windows.shape[2]), np.float64)
-        n_sel = len(self.config.scored())
-        contrib[:, self.config.scored()] = part[:, :n_sel]
-        if self.config.level_features:  # a feature's level adds to its error's contribution
-            for j, feat in enumerate(self.config.level_features):
-                contrib[:, feat] += part[:, n_sel + j]
+        contrib[:, sel] = part
         return contrib.sum(axis=1), contrib, recon[:, -1, :]
 
 
@@ -257,7 +243,7 @@ def train_autoencoder(
     model = model.cpu().eval()
     ckpt = Checkpoint(config=config, model=model, error_model=ErrorModel(np.zeros(1), np.eye(1)), threshold=0.0)
     recon = ckpt.reconstruct(val)
-    val_err = config.errors(val, recon).reshape(-1, len(config.error_features()))
+    val_err = config.errors(val, recon).reshape(-1, len(config.scored()))
     ckpt.error_model = ErrorModel.fit(val_err, diagonal=config.diagonal_error)
     val_scores, _, _ = ckpt.score(val)
     ckpt.threshold = train.threshold_margin * float(np.quantile(val_scores, train.threshold_quantile))
@@ -318,7 +304,6 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
     cfg["upper_features"] = tuple(cfg.get("upper_features", ()))
     cfg["global_features"] = tuple(cfg.get("global_features", ()))
     cfg["value_features"] = tuple(cfg.get("value_features", ()))
-    cfg["level_features"] = tuple(cfg.get("level_features", ()))
     config = LSTMAEConfig(**cfg)
     model = LSTMAutoencoder(config)
     model.load_state_dict(blob["state_dict"])

@@ -106,15 +106,23 @@ class SeriesProtocolConfig(Protocol):
     @property
     def smoothing(self) -> float: ...
 
+    @property
+    def learn_in_test(self) -> bool: ...
+
+    @property
+    def learn_scores_in_test(self) -> bool: ...
+
 
 def train_then_score(spec: StreamSpec, train: EventColumns, test: EventColumns, model: LSTMAEConfig,
                      cfg: SeriesProtocolConfig, *, name: str, device: str = "cpu") -> Scored:
-    """Fit on the training part, stream it to warm every entity's scaling and thresholds (learning),
-    then stream the test part with learning frozen (SKAB and NASA protocols)."""
+    """Fit on the training part, stream it to warm every entity's scaling and thresholds (learning), then
+    stream the test part with the scaling frozen unless `learn_in_test` (SKAB's scaler is fitted on its
+    training rows) and the score statistics frozen unless `learn_scores_in_test` (label-free adaptation)."""
     ckpt = fit(spec, train, model, TrainConfig(epochs=cfg.epochs, seed=cfg.seed), min_history=cfg.min_history,
                device=device, name=name)
     thr = AdaptiveThreshold(ckpt.threshold, warmup=cfg.warmup, z=cfg.z, floor_ratio=cfg.floor_ratio,
                             smoothing=cfg.smoothing)
     scorer = make_scorer(spec, ckpt, thr, min_history=cfg.min_history, device=device)
     stream(scorer, train, learn=True, batch_size=cfg.batch_size, desc=f"{name} train part")
-    return stream(scorer, test, learn=False, batch_size=cfg.batch_size, desc=f"{name} test part")
+    return stream(scorer, test, learn=cfg.learn_in_test, learn_scores=cfg.learn_in_test or cfg.learn_scores_in_test,
+                  batch_size=cfg.batch_size, desc=f"{name} test part")

@@ -38,6 +38,8 @@ class NasaConfig:
     warmup: int = 30
     floor_ratio: float = 0.0
     smoothing: float = 1.0
+    learn_in_test: bool = False
+    learn_scores_in_test: bool = False
     min_history: int = 16
     merge_gap: int = 100
     batch_size: int = 5000

@@ -13,12 +13,14 @@ the metrics.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from models.lstm_ae import LSTMAEConfig, TrainConfig
 from pipeline.errors import ConfigError
@@ -88,7 +90,8 @@ def featurize_with_feedback(spec: TransactionStream, customers: list[str], ts: n
     fed = 0
     parts: list[EventColumns] = []
     edges = np.searchsorted(ts, np.arange(ts[0], ts[-1] + slice_s, slice_s), side="left").tolist() + [len(ts)]
-    for a, b in zip(edges[:-1], edges[1:], strict=True):
+    for a, b in tqdm(list(zip(edges[:-1], edges[1:], strict=True)), desc="features + label feedback", unit="h",
+                     file=sys.stderr, leave=False, mininterval=0.5):
         if a == b:
             continue
         due = int(np.searchsorted(known_at, ts[a], side="right"))

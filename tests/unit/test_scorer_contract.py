@@ -148,23 +148,3 @@ def test_no_smoothing_keeps_raw_scores(sensor_model: tuple[SensorStream, Checkpo
     recs, _ = simulate_sensors(2, 30, seed=21)
     res = StreamScorer(spec, ckpt, min_history=4).process(_cols(spec, recs))
     np.testing.assert_array_equal(res.scores, res.raw_scores)
-
-
-def test_level_features_add_an_error_dimension(tmp_path: Path) -> None:
-    """A level dimension per level feature; contributions still sum to the score; save/load keeps it."""
-    spec = SensorStream(SENSOR_CHANNELS)
-    recs, _ = simulate_sensors(4, 120, seed=2)
-    cfg = LSTMAEConfig(n_features=8, window=8, hidden_size=8, latent_size=2, score_features=(0, 1, 2),
-                       level_features=(1, 5))
-    ckpt = train_stream_model(spec, _cols(spec, recs), model=cfg, train=SMALL, min_history=4)
-    assert ckpt.error_model.mean.shape == (5,)
-    x = np.random.default_rng(0).normal(0, 1, (20, 8, 8)).astype(np.float32)
-    scores, contrib, _ = ckpt.score(x)
-    np.testing.assert_allclose(scores, contrib.sum(axis=1), rtol=1e-9)
-    assert np.all(contrib[:, [3, 4, 6, 7]] == 0) and np.any(contrib[:, 5] != 0)
-    shifted = x.copy()
-    shifted[:, :, 5] += 6.0  # a persistent level shift of an unscored channel: only its level term sees it
-    assert np.all(ckpt.score(shifted)[0] > scores)
-    loaded = load_checkpoint(save_checkpoint(ckpt, tmp_path / "lv.pt"))
-    assert loaded.config.level_features == (1, 5)
-    np.testing.assert_allclose(loaded.score(x)[0], scores, rtol=1e-6)

@@ -123,3 +123,22 @@ def test_skab_train_validation_set_uses_training_rows_only(tmp_path: Path) -> No
         np.testing.assert_allclose(df.iloc[:250, :3].to_numpy(), orig.iloc[:250, :3].to_numpy())
     channels, train, test, labels = skab.load(out, 250)
     assert len(labels) == 2 * 150 and labels.any()
+
+
+def test_skab_slow_channels_are_found_from_training_rows_only() -> None:
+    from pipeline.evaluate.skab import SkabConfig, model_config, slow_channels
+    from pipeline.features.streams import EventColumns
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for e in range(3):
+        white = rng.normal(0, 1, (400, 2))
+        walk = np.cumsum(rng.normal(0, 1, (400, 1)), axis=0)  # a thermal-like channel: slow drift
+        parts.append(EventColumns([f"f{e}"] * 400, np.arange(400.0), np.hstack([white[:, :1], walk, white[:, 1:]])))
+    train = EventColumns([i for p in parts for i in p.entity_ids], np.concatenate([p.ts for p in parts]),
+                         np.concatenate([p.base for p in parts]))
+    assert slow_channels(train, 0.6) == [1]
+    model, slow = model_config(SkabConfig(), train, 3)
+    assert slow == [1] and model.score_features == (0, 2)
+    everything, none = model_config(SkabConfig(context_autocorr=None), train, 3)
+    assert none == [] and everything.score_features is None

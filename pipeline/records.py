@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
-@dataclass(frozen=True, slots=True)
-class RawRecord:
+class RawRecord(NamedTuple):
+    """One consumed record (immutable). A NamedTuple: built once per record on the hot path, ~3x cheaper to
+    create than a frozen dataclass."""
+
     topic: str
     partition: int
     offset: int

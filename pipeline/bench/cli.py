@@ -30,7 +30,8 @@ def bench(
     batch: Annotated[int, typer.Option(help="processor max_batch_records")] = 1000,
     commit_interval_ms: Annotated[int, typer.Option(help="processor commit interval")] = 100,
     snapshot_interval_s: Annotated[float, typer.Option(help="processor state snapshot interval")] = 10.0,
-    fetch_max_wait_ms: Annotated[int, typer.Option(help="consumer fetch_max_wait_ms")] = 50,
+    fetch_max_wait_ms: Annotated[int, typer.Option(help="consumer fetch_max_wait_ms (Tansu holds a fetch this long "
+                                                            "when no data is there)")] = 20,
     torch_threads: Annotated[int, typer.Option(help="torch intra-op threads (0 = torch default)")] = 1,
     peers: Annotated[bool, typer.Option(help="run the River and naive-loop peers")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")] = False,

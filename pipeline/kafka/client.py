@@ -15,6 +15,7 @@ from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from pipeline.errors import BrokerError, SinkError
+from pipeline.kafka import fast_fetch
 from pipeline.records import AssignCallback, RawRecord
 from pipeline.records import TopicPartition as TP
 
@@ -95,7 +96,9 @@ class KafkaSource:
 
     def __init__(self, bootstrap: str, group_id: str | None, *, session_timeout_ms: int = 6000,
                  heartbeat_interval_ms: int = 1000, client_id: str = "anomaly-pipeline",
-                 commit_timeout_ms: int = 5000, **overrides: Any) -> None:
+                 commit_timeout_ms: int = 5000, fast_parse: bool = True, **overrides: Any) -> None:
+        """fast_parse: records parsed by pipeline.kafka.fast_fetch (RawRecords straight from the fetched
+        batches) instead of kafka-python's per-record objects; same records, ~3x less CPU."""
         opts: dict[str, Any] = {
             "bootstrap_servers": bootstrap,
             "group_id": group_id,
@@ -118,6 +121,7 @@ class KafkaSource:
             self.consumer = KafkaConsumer(**opts)
         except NoBrokersAvailable as exc:
             raise BrokerError(f"no broker at {bootstrap}") from exc
+        self.fast_parse = fast_parse and fast_fetch.install(self.consumer)
         self.bootstrap = bootstrap
         self.commit_timeout_ms = commit_timeout_ms
         self._checked_at = time.monotonic()
@@ -161,6 +165,10 @@ class KafkaSource:
             self._checked_at = now
             self._watch_connection(now)
         out: list[RawRecord] = []
+        if self.fast_parse:  # already RawRecords
+            for recs in batches.values():
+                out.extend(recs)
+            return out
         for recs in batches.values():
             out.extend(RawRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp) for r in recs)
         return out
@@ -220,6 +228,7 @@ class KafkaDeadLetterSink:
         self.topic = topic
         self.producer = make_producer(bootstrap)
         self.sent = 0
+        self._unflushed = 0
 
     def send(self, record: RawRecord, reason: str, detail: str) -> None:
         envelope = {
@@ -239,12 +248,16 @@ class KafkaDeadLetterSink:
                      ("dlq.source.offset", str(record.offset).encode())],
         )
         self.sent += 1
+        self._unflushed += 1
 
     def flush(self) -> None:
+        if not self._unflushed:  # every checkpoint flushes; waking the sender thread for nothing cost ~3% of the
+            return               # processor thread (GIL hand-offs) at 10 checkpoints/s
         try:
             self.producer.flush(timeout=30)
         except KafkaError as exc:
             raise SinkError(f"dead-letter flush failed: {exc}") from exc
+        self._unflushed = 0
 
     def close(self) -> None:
         self.producer.close(timeout=10)

@@ -344,14 +344,7 @@ class SqlStore:
                     result = conn.execute(stmt, [a.__dict__ for a in alert_rows])
                     inserted = max(result.rowcount, 0)
                 if states:
-                    ins = self._insert(entity_state)
-                    stmt = ins.on_conflict_do_update(
-                        index_elements=["run_id", "stream", "entity_id"],
-                        set_={"state": ins.excluded.state, "source_topic": ins.excluded.source_topic,
-                              "source_partition": ins.excluded.source_partition,
-                              "updated_at": ins.excluded.updated_at},
-                    )
-                    conn.execute(stmt, [{"run_id": run_id, "updated_at": now, **s.__dict__} for s in states])
+                    self._write_states(conn, run_id, states, now)
                 for o in offsets:
                     ins = self._insert(partition_checkpoints)
                     set_: dict[str, Any] = {"committed_offset": ins.excluded.committed_offset,
@@ -372,6 +365,30 @@ class SqlStore:
             raise SinkError(f"database unavailable: {exc.orig!s}".strip()) from exc
         except SQLAlchemyError as exc:
             raise SinkError(f"checkpoint write failed: {exc!s}") from exc
+
+    def _write_states(self, conn: Any, run_id: str, states: Sequence[StateRow], now: datetime,
+                      generic: bool = False) -> None:
+        """Upsert entity-state snapshots. On SQLite straight through the driver's executemany with one
+        prepared statement: a partition's snapshot (2,500 rows in the bench) spent ~25 ms in SQLAlchemy's
+        per-row parameter processing against ~5 ms in SQLite itself, and the processor waits for it. Same
+        rows, same stored values (the timestamp goes through the column type's own bind processor)."""
+        if self.dialect == "sqlite" and not generic:
+            stamp = self._stamp_processor(now)
+            conn.exec_driver_sql(_SQLITE_STATE_UPSERT, [
+                (run_id, s.stream, s.entity_id, s.source_topic, s.source_partition, s.state, stamp) for s in states])
+            return
+        ins = self._insert(entity_state)
+        stmt = ins.on_conflict_do_update(
+            index_elements=["run_id", "stream", "entity_id"],
+            set_={"state": ins.excluded.state, "source_topic": ins.excluded.source_topic,
+                  "source_partition": ins.excluded.source_partition,
+                  "updated_at": ins.excluded.updated_at},
+        )
+        conn.execute(stmt, [{"run_id": run_id, "updated_at": now, **s.__dict__} for s in states])
+
+    def _stamp_processor(self, now: datetime) -> Any:
+        proc = entity_state.c.updated_at.type.dialect_impl(self.engine.dialect).bind_processor(self.engine.dialect)
+        return proc(now) if proc is not None else now
 
     def _write_lifecycle(self, conn: Any, run_id: str, lc: LifecycleWrite, now: datetime) -> None:
         if lc.incidents:
@@ -646,6 +663,14 @@ def _where_common(q: Any, table: Table, time_col: Any, *, run_id: str | None, en
     if since is not None:
         q = q.where(time_col >= since)
     return q
+
+
+_SQLITE_STATE_UPSERT = (
+    "INSERT INTO entity_state (run_id, stream, entity_id, source_topic, source_partition, state, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, stream, entity_id) DO UPDATE SET "
+    "state = excluded.state, source_topic = excluded.source_topic, "
+    "source_partition = excluded.source_partition, updated_at = excluded.updated_at"
+)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -58,3 +58,27 @@ def test_failed_transaction_writes_nothing(store: SqlStore) -> None:
         store.write_checkpoint("live", "g", [_alert(4), bad], [], [OffsetRow("tx", 0, 6)])
     assert store.list_alerts(run_id="live") == []
     assert store.load_offsets("live", "g") == {}
+
+
+def test_sqlite_state_fast_path_stores_what_sqlalchemy_stores(sqlite_store: SqlStore) -> None:
+    from sqlalchemy import select
+
+    from pipeline.sinks.sql import entity_state
+
+    now = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
+    rows = [StateRow("sensors", f"pump-{i}", "s", i % 4, bytes([i]) * 1206) for i in range(50)]
+
+    def written(run: str, generic: bool) -> list[tuple[object, ...]]:
+        with sqlite_store.engine.begin() as conn:
+            sqlite_store._write_states(conn, run, rows, now, generic=generic)
+            sqlite_store._write_states(conn, run, rows[:10], now, generic=generic)  # upsert over existing rows
+        with sqlite_store.engine.connect() as conn:
+            raw = conn.exec_driver_sql(
+                "SELECT stream, entity_id, source_topic, source_partition, state, updated_at, typeof(updated_at) "
+                "FROM entity_state WHERE run_id = ? ORDER BY entity_id", (run,)).all()
+            typed = conn.execute(select(entity_state.c.updated_at).where(entity_state.c.run_id == run)).scalars()
+            assert set(typed) == {now.replace(tzinfo=None)}
+        return [tuple(r) for r in raw]
+
+    assert written("fast", False) == written("generic", True)
+    assert sqlite_store.load_states("fast", "sensors", ["pump-7"]) == {"pump-7": bytes([7]) * 1206}

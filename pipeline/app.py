@@ -99,7 +99,8 @@ def build_service(settings: Settings, bootstrap: str, *, train_if_missing: bool 
     db.create_schema()
     ensure_topics(bootstrap, all_topics(settings), settings.topic_partitions)
     source = KafkaSource(bootstrap, settings.group_id, session_timeout_ms=settings.session_timeout_ms,
-                         heartbeat_interval_ms=settings.heartbeat_interval_ms)
+                         heartbeat_interval_ms=settings.heartbeat_interval_ms,
+                         fetch_max_wait_ms=settings.fetch_max_wait_ms)
     dlq = KafkaDeadLetterSink(bootstrap, settings.dlq_topic)
     processor = Processor(source, db, dlq, build_scorers(settings, checkpoints), options_from(settings))
     publisher = enable_incidents(processor, settings, db, bootstrap) if settings.alerts.incidents else None

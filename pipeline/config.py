@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, description="intra-op threads for CPU scoring; 0 = torch default (all cores)")
     max_batch_records: int = 5000
     poll_timeout_ms: int = 50
+    fetch_max_wait_ms: int = Field(20, description="longest the broker may hold a fetch (latency vs idle requests)")
     commit_interval_ms: int = 200
     snapshot_interval_s: float = 10.0
     entity_ttl_s: float = Field(3600.0, description="idle entities (by event time) leave memory after this")

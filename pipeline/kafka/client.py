@@ -113,8 +113,9 @@ class KafkaSource:
             "receive_message_max_bytes": 64 * 1024 * 1024,  # Tansu may exceed fetch_max_bytes
             "reconnect_backoff_max_ms": 2000,
             # the broker answers a fetch as soon as data is there, or after this; Tansu tends to hold fetches
-            # to the limit, and kafka-python's 500 ms default doubled the bench's median latency
-            "fetch_max_wait_ms": 50,
+            # to the limit, and kafka-python's 500 ms default doubled the bench's median latency (the service
+            # passes PIPELINE_FETCH_MAX_WAIT_MS, 20 ms by default, as the bench measures)
+            "fetch_max_wait_ms": 20,
         }
         opts.update(overrides)
         try:

@@ -82,8 +82,9 @@ def bench(
         result["scorer_cpu"] = cpu
         result["scorer_windows_per_s"] = round(cpu["windows_per_s"], 1)
         if torch.cuda.is_available():
-            gpu = core.bench_scorer(s, load, device="cuda", batch=20000)
-            say(f"scorer cuda: {gpu['windows_per_s']:,.0f} windows/s (batch {gpu['batch']})")
+            gpu = core.bench_scorer(s, load, device="cuda", batch=32768)  # two full 16k-window chunks
+            say(f"scorer cuda: {gpu['windows_per_s']:,.0f} windows/s (batch {gpu['batch']}, batch fill "
+                f"{gpu['batch_fill']:.0%} of {gpu['model_chunk']}, model {gpu['model_share_of_time']:.0%} of the time)")
             result["scorer_cuda"] = gpu
             result["scorer_cuda_windows_per_s"] = round(gpu["windows_per_s"], 1)
         if peers:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from models.lstm_ae import model_chunk
 from pipeline.bench.load import SensorLoad
 from pipeline.config import Settings
 from pipeline.features.streams import EventColumns
@@ -82,11 +83,14 @@ def bench_scorer(settings: Settings, load: SensorLoad, *, device: str = "cpu", b
     scorer.process(warm)
     batches = [columns(load, k + i * batch, batch) for i in range(max(1, int(2 * k / batch)))]
     n = 0
+    calls = 0
     model_s = 0.0
+    chunk = model_chunk(scorer.device)
     t0 = time.perf_counter()
     i = 0
     while time.perf_counter() - t0 < seconds or i < len(batches):
         p = scorer.prepare(batches[i % len(batches)])
+        calls += -(-len(p.slots) // chunk)
         m0 = time.perf_counter()
         scorer.checkpoint.score(p.windows, scorer.device)  # type: ignore[union-attr]
         if scorer.device.type == "cuda":
@@ -106,7 +110,10 @@ def bench_scorer(settings: Settings, load: SensorLoad, *, device: str = "cpu", b
     return {"device": str(scorer.device), "batch": batch, "windows": n,
             "windows_per_s": full, "prepare_plus_model_windows_per_s": n / elapsed,
             "model_only_windows_per_s": n / model_s if model_s else None,
-            "model_share_of_time": model_s / elapsed}
+            "model_share_of_time": model_s / elapsed,
+            # how full the LSTM's calls are: windows per call / the device's chunk size (a GPU stays busy
+            # only with full chunks, so the service's max_batch_records should be >= the chunk there)
+            "model_chunk": chunk, "batch_fill": n / (calls * chunk) if calls else None}
 
 
 def bench_naive(settings: Settings, load: SensorLoad, *, events: int = 3000) -> dict[str, Any]:

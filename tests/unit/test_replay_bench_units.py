@@ -78,3 +78,12 @@ def test_bench_load_is_valid_wire_json() -> None:
     assert [r.device_id for r in recs] == [load.ids[d] for d in dev]
     np.testing.assert_allclose([r.timestamp.timestamp() for r in recs], ts, atol=1e-6)
     np.testing.assert_allclose([[r.values[c] for c in SENSOR_CHANNELS] for r in recs], vals, atol=1e-5)
+
+
+def test_scorer_bench_reports_batch_fill_of_the_model_calls() -> None:
+    from pipeline.bench.core import bench_scorer
+
+    res = bench_scorer(Settings(), SensorLoad(300, seed=1), device="cpu", batch=1536, seconds=0.2)
+    assert res["model_chunk"] == 1024
+    assert res["batch_fill"] == pytest.approx(1536 / 2048)  # 1536 windows = one full + one half chunk
+    assert res["windows_per_s"] > 0 and 0 < res["model_share_of_time"] <= 1

@@ -23,6 +23,11 @@ TERMINAL_FEATURES = ["terminal_log_rate", "terminal_amount_dev"]
 FEEDBACK_FEATURES = ["terminal_fraud_risk"]
 
 
+def _decay(last: np.ndarray, t: np.ndarray, tau_s: float) -> np.ndarray:
+    """exp(-(t - last) / tau); 0 where nothing was seen yet (last is NaN), so the sums start empty."""
+    return np.where(np.isnan(last), 0.0, np.exp(-np.clip(t - last, 0, None) / tau_s))
+
+
 class TerminalContext:
     def __init__(self, tau_s: float = 86400.0, prior_log_amount: float = 3.5, *,
                  feedback_tau_s: float | None = None, feedback_prior: float = 1.0) -> None:
@@ -60,11 +65,6 @@ class TerminalContext:
             self.fb_last = np.r_[self.fb_last, np.full(grow, np.nan)]
         return np.fromiter((self._slot[t] for t in terminal_ids), np.int64, len(terminal_ids))
 
-    def _fb_decay(self, s: np.ndarray, t: np.ndarray) -> np.ndarray:
-        assert self.feedback_tau_s is not None
-        last = self.fb_last[s]
-        return np.where(np.isnan(last), 0.0, np.exp(-np.clip(t - last, 0, None) / self.feedback_tau_s))
-
     def features(self, terminal_ids: Sequence[str], ts: np.ndarray, log_amount: np.ndarray) -> np.ndarray:
         """(N, n_features): log1p(decayed count of the terminal's earlier payments), log-amount minus its
         decayed mean, and (with feedback) the decayed fraud share of its labelled payments known so far."""
@@ -74,14 +74,14 @@ class TerminalContext:
         out = np.empty((len(ts), self.n_features), np.float64)
         for idx in rounds(occurrence_rank(slots)):
             s, t = slots[idx], ts[idx]
-            decay = np.where(np.isnan(self.last[s]), 0.0, np.exp(-np.clip(t - self.last[s], 0, None) / self.tau_s))
+            decay = _decay(self.last[s], t, self.tau_s)
             n, tot = self.n[s] * decay, self.s[s] * decay
             mean = (tot + self.prior) / (n + 1.0)  # one pseudo-payment at the prior keeps new terminals sane
             out[idx, 0] = np.log1p(n)
             out[idx, 1] = log_amount[idx] - mean
             self.n[s], self.s[s], self.last[s] = n + 1.0, tot + log_amount[idx], t
         if self.feedback_tau_s is not None:
-            d = self._fb_decay(slots, ts)
+            d = _decay(self.fb_last[slots], ts, self.feedback_tau_s)
             out[:, 2] = self.fb_fraud[slots] * d / (self.fb_n[slots] * d + self.feedback_prior)
         return out
 
@@ -95,7 +95,7 @@ class TerminalContext:
         fraud = np.asarray(is_fraud, np.float64)
         for idx in rounds(occurrence_rank(slots)):
             s, t = slots[idx], known_at[idx]
-            d = self._fb_decay(s, t)
+            d = _decay(self.fb_last[s], t, self.feedback_tau_s)
             self.fb_fraud[s] = self.fb_fraud[s] * d + fraud[idx]
             self.fb_n[s] = self.fb_n[s] * d + 1.0
             self.fb_last[s] = np.where(np.isnan(self.fb_last[s]), t, np.maximum(self.fb_last[s], t))

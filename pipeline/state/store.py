@@ -234,12 +234,15 @@ class EntityStateStore:
     def smooth_scores(self, slots: np.ndarray, scores: np.ndarray, alpha: float) -> np.ndarray:
         """EWMA of each entity's log1p-scores (slots distinct): a persistent fault accumulates, a one-off blip
         fades, and one absurd score cannot hold the average up for long (log scale, like the threshold's
-        statistics). Returns the smoothed scores in score units; alpha = 1 returns the raw scores."""
+        statistics). Returns the smoothed scores in score units. alpha = 1 (no smoothing, the default) returns
+        the raw scores and keeps no average: nothing reads it, and the hot path need not pay for it."""
+        if alpha >= 1.0:
+            return scores
         x = np.log1p(np.maximum(scores, 0.0))
         prev = self.score_ema[slots]
         smoothed = np.where(np.isnan(prev), x, alpha * x + (1.0 - alpha) * prev)
         self.score_ema[slots] = smoothed
-        return np.asarray(np.expm1(smoothed)) if alpha < 1.0 else scores
+        return np.asarray(np.expm1(smoothed))
 
     def update_score_stats(self, slots: np.ndarray, scores: np.ndarray) -> None:
         x = np.log1p(np.maximum(scores, 0.0))

@@ -11,13 +11,35 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import pandas as pd
 from tqdm import tqdm
 
 from models.lstm_ae import Checkpoint, LSTMAEConfig, TrainConfig
+from pipeline.errors import ConfigError
 from pipeline.features.streams import EventColumns, StreamSpec
 from pipeline.scoring.scorer import StreamScorer
 from pipeline.scoring.threshold import AdaptiveThreshold
 from pipeline.training import train_stream_model
+
+
+def require_numbers(df: pd.DataFrame, columns: list[str], source: object) -> None:
+    """Make `columns` float in place, or raise ConfigError naming the first bad cell (empty, text, inf)."""
+    for c in columns:
+        values = pd.to_numeric(df[c], errors="coerce").astype(np.float64)
+        bad = ~np.isfinite(values.to_numpy())
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ConfigError(f"{source}: column {c!r} row {row + 1} is {df[c].iloc[row]!r}, not a finite number")
+        df[c] = values
+
+
+def require_times(values: pd.Series, source: object, column: str) -> pd.Series:
+    """Parsed timestamps, or ConfigError naming the first value that is not one."""
+    parsed = pd.to_datetime(values, errors="coerce")
+    if parsed.isna().any():
+        row = int(np.flatnonzero(parsed.isna().to_numpy())[0])
+        raise ConfigError(f"{source}: column {column!r} row {row + 1} is {values.iloc[row]!r}, not a timestamp")
+    return parsed
 
 
 @dataclass

@@ -74,6 +74,8 @@ def read(file: Path) -> pd.DataFrame:
         raise ConfigError(f"{file}: not a SKAB CSV (';'-separated with a datetime column): {exc}") from None
     if LABEL not in df.columns:
         raise ConfigError(f"{file}: no '{LABEL}' column")
+    df.index = pd.DatetimeIndex(common.require_times(df.index.to_series(), file, "datetime"))
+    common.require_numbers(df, list(df.columns), file)
     return df
 
 

@@ -76,6 +76,8 @@ def read(path: Path) -> pd.DataFrame:
     missing = set(COLUMNS) - set(df.columns)
     if missing:
         raise ConfigError(f"{path}: missing columns {sorted(missing)}")
+    common.require_numbers(df, ["TX_AMOUNT", "TX_FRAUD"], path)
+    df["TX_DATETIME"] = common.require_times(df["TX_DATETIME"], path, "TX_DATETIME")
     return df
 
 

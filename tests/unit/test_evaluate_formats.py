@@ -106,6 +106,26 @@ def test_wrong_layout_is_a_config_error(tmp_path: Path) -> None:
         assert isinstance(res.exception, ConfigError), fmt
 
 
+def test_bad_cells_name_their_column_and_row(tmp_path: Path) -> None:
+    head = "TRANSACTION_ID,TX_DATETIME,CUSTOMER_ID,TERMINAL_ID,TX_AMOUNT,TX_FRAUD\n"
+    cases = {
+        "tx-amount.csv": (head + "1,2018-04-01 00:00:00,1,2,12.5,0\n2,2018-04-02 00:00:00,1,2,abc,0\n",
+                          "transactions", "'TX_AMOUNT' row 2"),
+        "tx-time.csv": (head + "1,notadate,1,2,3.0,0\n", "transactions", "'TX_DATETIME' row 1"),
+    }
+    skab_dir = tmp_path / "skab" / "valve1"
+    skab_dir.mkdir(parents=True)
+    (skab_dir / "0.csv").write_text("datetime;a;b;anomaly;changepoint\n2020-03-09 10:00:00;1.0;x;0;0\n")
+    for name, (text, _, _) in cases.items():
+        (tmp_path / name).write_text(text)
+    checks = [(tmp_path / n, fmt, msg) for n, (_, fmt, msg) in cases.items()]
+    checks.append((tmp_path / "skab", "skab", "'b' row 1"))
+    for data, fmt, msg in checks:
+        res = CliRunner().invoke(_app(), ["evaluate", "--format", fmt, "--data", str(data)])
+        assert isinstance(res.exception, ConfigError), (data, res.exception)
+        assert msg in str(res.exception)
+
+
 def test_skab_train_validation_set_uses_training_rows_only(tmp_path: Path) -> None:
     from pipeline.evaluate import skab
     from pipeline.evaluate.validation import skab_train_set

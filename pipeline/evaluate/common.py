@@ -136,10 +136,35 @@ class SeriesProtocolConfig(Protocol):
 
 
 def train_then_score(spec: StreamSpec, train: EventColumns, test: EventColumns, model: LSTMAEConfig,
-                     cfg: SeriesProtocolConfig, *, name: str, device: str = "cpu") -> Scored:
+                     cfg: SeriesProtocolConfig, *, name: str, device: str = "cpu",
+                     model_per_entity: bool = False) -> Scored:
     """Fit on the training part, stream it to warm every entity's scaling and thresholds (learning), then
     stream the test part with the scaling frozen unless `learn_in_test` (SKAB's scaler is fitted on its
-    training rows) and the score statistics frozen unless `learn_scores_in_test` (label-free adaptation)."""
+    training rows) and the score statistics frozen unless `learn_scores_in_test` (label-free adaptation).
+
+    `model_per_entity`: one model per entity, trained on that entity's training events only (telemanom
+    trains one per telemetry channel), each served by its own StreamScorer; otherwise one shared model."""
+    if not model_per_entity:
+        return _train_then_score(spec, train, test, model, cfg, name=name, device=device)
+    train_ids = np.asarray(train.entity_ids, dtype=object)
+    test_ids = np.asarray(test.entity_ids, dtype=object)
+    untrained = sorted(set(test.entity_ids) - set(train.entity_ids))
+    if untrained:
+        raise ConfigError(f"{name}: no training events for {', '.join(map(str, untrained[:5]))}; "
+                          "a model per entity needs each entity's own training part")
+    n = len(test_ids)
+    out = Scored(np.empty(n, np.float64), np.empty(n, np.float64), np.zeros(n, bool))
+    for entity in tqdm(list(dict.fromkeys(test.entity_ids)), desc=f"{name} models", file=sys.stderr,
+                       leave=False):
+        tr, te = np.flatnonzero(train_ids == entity), np.flatnonzero(test_ids == entity)
+        res = _train_then_score(spec, take(train, tr), take(test, te), model, cfg, name=f"{name} {entity}",
+                                device=device)
+        out.scores[te], out.thresholds[te], out.alerts[te] = res.scores, res.thresholds, res.alerts
+    return out
+
+
+def _train_then_score(spec: StreamSpec, train: EventColumns, test: EventColumns, model: LSTMAEConfig,
+                      cfg: SeriesProtocolConfig, *, name: str, device: str) -> Scored:
     ckpt = fit(spec, train, model, TrainConfig(epochs=cfg.epochs, seed=cfg.seed), min_history=cfg.min_history,
                device=device, name=name)
     thr = AdaptiveThreshold(ckpt.threshold, warmup=cfg.warmup, z=cfg.z, floor_ratio=cfg.floor_ratio,

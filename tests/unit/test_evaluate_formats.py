@@ -162,3 +162,40 @@ def test_skab_slow_channels_are_found_from_training_rows_only() -> None:
     assert slow == [1] and model.score_features == (0, 2)
     everything, none = model_config(SkabConfig(context_autocorr=None), train, 3)
     assert none == [] and everything.score_features is None
+
+
+def test_model_per_entity_equals_one_run_per_entity(tmp_path: Path) -> None:
+    """A model per entity is exactly the shared protocol run on each entity alone, merged back in order."""
+    from dataclasses import replace
+
+    from models.lstm_ae import LSTMAEConfig
+    from pipeline.evaluate import common, nasa
+    from pipeline.features.streams import SensorStream
+
+    chans, train, test, _, _ = nasa.load(_nasa(tmp_path / "nasa", np.random.default_rng(1)))
+    cfg = replace(nasa.NasaConfig(), epochs=1, model={"window": 16, "hidden_size": 8, "latent_size": 4,
+                                                      "score_steps": 4})
+    spec, model = SensorStream(nasa.CHANNELS), LSTMAEConfig(n_features=2, **cfg.model)
+    merged = common.train_then_score(spec, train, test, model, cfg, name="t", model_per_entity=True)
+    shared = common.train_then_score(spec, train, test, model, cfg, name="t")
+    test_ids = np.asarray(test.entity_ids)
+    train_ids = np.asarray(train.entity_ids)
+    for chan in chans:
+        te, tr = np.flatnonzero(test_ids == chan), np.flatnonzero(train_ids == chan)
+        alone = common.train_then_score(spec, common.take(train, tr), common.take(test, te), model, cfg, name="t")
+        np.testing.assert_array_equal(merged.scores[te], alone.scores)
+        np.testing.assert_array_equal(merged.alerts[te], alone.alerts)
+    assert np.isfinite(merged.scores).all()
+    assert not np.array_equal(merged.scores, shared.scores)  # really separate models
+
+
+def test_model_per_entity_needs_each_entitys_training_part(tmp_path: Path) -> None:
+    from models.lstm_ae import LSTMAEConfig
+    from pipeline.evaluate import common, nasa
+    from pipeline.features.streams import SensorStream
+
+    _, train, test, _, _ = nasa.load(_nasa(tmp_path / "nasa", np.random.default_rng(1)))
+    only_a = common.take(train, np.flatnonzero(np.asarray(train.entity_ids) == "A-1"))
+    with pytest.raises(ConfigError, match="B-2"):
+        common.train_then_score(SensorStream(nasa.CHANNELS), only_a, test, LSTMAEConfig(n_features=2),
+                                nasa.NasaConfig(epochs=1), name="t", model_per_entity=True)

@@ -199,3 +199,22 @@ def test_model_per_entity_needs_each_entitys_training_part(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="B-2"):
         common.train_then_score(SensorStream(nasa.CHANNELS), only_a, test, LSTMAEConfig(n_features=2),
                                 nasa.NasaConfig(epochs=1), name="t", model_per_entity=True)
+
+
+def test_sweep_pools_counts_and_rejects_unknown_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.evaluate import skab, sweep
+
+    data = _skab(tmp_path / "skab", np.random.default_rng(0))
+    assert sweep.main(["skab", str(data), f"{data}:420", "--z", "3", "--set", "epochs=1",
+                       "--set", 'model={"window": 16}']) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["data"] for line in lines] == [str(data), f"{data}:420", "pooled"]
+    for k in ("tp", "fp", "fn", "tn"):
+        assert lines[2][k] == lines[0][k] + lines[1][k]
+    # FOLDER:420 trains on 420 rows: the faults (rows 430-469) stay in its test part, 20 normal rows leave it
+    assert lines[0]["tp"] + lines[0]["fn"] == lines[1]["tp"] + lines[1]["fn"] == 80
+    assert lines[0]["tn"] + lines[0]["fp"] == lines[1]["tn"] + lines[1]["fp"] + 40
+    merged = sweep.parse_overrides(['model={"window": 16}'], skab.SkabConfig)["model"]
+    assert merged["window"] == 16 and merged["hidden_size"] == skab.SkabConfig().model["hidden_size"]
+    assert sweep.main(["skab", str(data), "--z", "3", "--set", "nope=1"]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -20,6 +20,11 @@ def pointwise(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     fp = int((~t & p).sum())
     fn = int((t & ~p).sum())
     tn = int((~t & ~p).sum())
+    return pointwise_from_counts(tp, fp, fn, tn)
+
+
+def pointwise_from_counts(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
+    """SKAB's metrics from point counts (also for counts pooled over several folders)."""
     return {
         "f1": tp / (tp + (fp + fn) / 2) if tp + fp + fn else 1.0,
         "far": fp / (fp + tn) if fp + tn else 0.0,
@@ -60,6 +65,11 @@ def segment_f1(per_signal: Iterable[tuple[Sequence[tuple[int, int]], Sequence[tu
     for labeled, predicted in per_signal:
         a, b, c = segment_counts(labeled, predicted)
         tp, fp, fn = tp + a, fp + b, fn + c
+    return segment_f1_from_counts(tp, fp, fn)
+
+
+def segment_f1_from_counts(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Precision, recall and F1 from segment counts (also for counts pooled over several folders)."""
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0

@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.evaluate.metrics import pointwise_from_counts, segment_f1_from_counts
 
 COUNTS = ("tp", "fp", "fn", "tn")
 
@@ -42,31 +44,30 @@ def parse_overrides(pairs: list[str], config_type: type) -> dict[str, Any]:
     return out
 
 
+def _protocol(fmt: str) -> tuple[type, Callable[..., dict[str, Any]]]:
+    """The format's config dataclass and its `evaluate` (the same functions `pipeline evaluate` calls)."""
+    if fmt == "skab":
+        from pipeline.evaluate import skab
+
+        return skab.SkabConfig, skab.evaluate
+    if fmt == "nasa":
+        from pipeline.evaluate import nasa
+
+        return nasa.NasaConfig, nasa.evaluate
+    raise ConfigError(f"format {fmt!r}: sweeps cover skab and nasa (transactions ranks scores, no z)")
+
+
 def pooled(fmt: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum the counts of per-folder results and recompute the format's headline metrics."""
     c = {k: sum(int(r.get(k, 0)) for r in rows) for k in COUNTS}
     if fmt == "skab":
-        tp, fp, fn, tn = c["tp"], c["fp"], c["fn"], c["tn"]
-        return {**c, "f1": tp / (tp + (fp + fn) / 2) if tp + fp + fn else 1.0,
-                "far": fp / (fp + tn) if fp + tn else 0.0, "mar": fn / (fn + tp) if fn + tp else 0.0}
-    tp, fp, fn = c["tp"], c["fp"], c["fn"]
-    p = tp / (tp + fp) if tp + fp else 0.0
-    r = tp / (tp + fn) if tp + fn else 0.0
-    return {"tp": tp, "fp": fp, "fn": fn, "precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
+        return pointwise_from_counts(c["tp"], c["fp"], c["fn"], c["tn"])
+    return segment_f1_from_counts(c["tp"], c["fp"], c["fn"])
 
 
 def sweep(fmt: str, folders: list[str], zs: list[float], overrides: dict[str, Any]) -> list[dict[str, Any]]:
-    if fmt == "skab":
-        from pipeline.evaluate import skab
-
-        base: Any = replace(skab.SkabConfig(), **overrides)
-        run: Any = skab.evaluate
-    elif fmt == "nasa":
-        from pipeline.evaluate import nasa
-
-        base, run = replace(nasa.NasaConfig(), **overrides), nasa.evaluate
-    else:
-        raise ConfigError(f"format {fmt!r}: sweeps cover skab and nasa (transactions ranks scores, no z)")
+    config_type, run = _protocol(fmt)
+    base = replace(config_type(), **overrides)
     out = []
     for z in zs:
         rows = []
@@ -90,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON")
     args = ap.parse_args(argv)
     try:
-        from pipeline.evaluate import nasa, skab
-
-        config_type = skab.SkabConfig if args.format == "skab" else nasa.NasaConfig
-        sweep(args.format, args.folders, args.z, parse_overrides(args.overrides, config_type))
+        sweep(args.format, args.folders, args.z, parse_overrides(args.overrides, _protocol(args.format)[0]))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -73,6 +73,8 @@ def sweep(fmt: str, folders: list[str], zs: list[float], overrides: dict[str, An
         rows = []
         for spec in folders:
             path, _, rows_part = spec.partition(":")
+            if rows_part and not rows_part.isdigit():
+                raise ConfigError(f"{spec!r}: FOLDER:N needs a whole number of training rows after ':'")
             cfg = replace(base, z=z, **({"train_rows": int(rows_part)} if rows_part else {}))
             res = run(Path(path), cfg)
             rows.append(res)

@@ -218,3 +218,5 @@ def test_sweep_pools_counts_and_rejects_unknown_keys(tmp_path: Path, capsys: pyt
     assert merged["window"] == 16 and merged["hidden_size"] == skab.SkabConfig().model["hidden_size"]
     assert sweep.main(["skab", str(data), "--z", "3", "--set", "nope=1"]) == 2
     assert "nope" in capsys.readouterr().err
+    assert sweep.main(["skab", f"{data}:many", "--z", "3"]) == 2
+    assert "whole number" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from pipeline.alerts.lifecycle import IncidentTracker, LifecyclePolicy
 from pipeline.alerts.outbox import OutboxRelay
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
-from pipeline.features.streams import make_stream
+from pipeline.features.streams import TransactionStream, make_stream
 from pipeline.kafka.client import KafkaDeadLetterSink, KafkaPublisher, KafkaSource, ensure_topics
 from pipeline.processor import Processor, ProcessorOptions
 from pipeline.scoring.scorer import StreamScorer
@@ -51,13 +51,24 @@ def build_scorers(settings: Settings, checkpoints: dict[str, Checkpoint]) -> dic
     topics = {"transactions": settings.transactions_topic, "sensors": settings.sensors_topic}
     out = {}
     for stream, ckpt in checkpoints.items():
-        spec = make_stream(stream, channels=ckpt.card.get("feature_names", settings.sensor_channels),
-                           max_message_bytes=settings.max_message_bytes)
+        try:
+            spec = make_stream(stream, channels=ckpt.card.get("feature_names", settings.sensor_channels),
+                               max_message_bytes=settings.max_message_bytes, card=ckpt.card)
+        except ValueError as exc:
+            raise ConfigError(f"{stream} model {ckpt.version}: {exc}") from None
         thr = AdaptiveThreshold(ckpt.threshold, warmup=t.warmup, z=t.z, floor_ratio=t.floor_ratio,
                                 smoothing=t.smoothing)
         out[topics[stream]] = StreamScorer(spec, ckpt, threshold=thr, min_history=t.min_history,
                                            device=settings.device)
     return out
+
+
+def label_topics(settings: Settings, scorers: dict[str, StreamScorer]) -> dict[str, str]:
+    """labels topic -> transactions topic, when the transactions model reads label feedback."""
+    scorer = scorers.get(settings.transactions_topic)
+    if scorer is not None and isinstance(scorer.spec, TransactionStream) and scorer.spec.label_feedback:
+        return {settings.labels_topic: settings.transactions_topic}
+    return {}
 
 
 def options_from(settings: Settings) -> ProcessorOptions:
@@ -97,12 +108,21 @@ def build_service(settings: Settings, bootstrap: str, *, train_if_missing: bool 
     checkpoints = ensure_models(settings, train_if_missing)
     db = SqlStore(settings.database_url)
     db.create_schema()
-    ensure_topics(bootstrap, all_topics(settings), settings.topic_partitions)
+    scorers = build_scorers(settings, checkpoints)
+    labels = label_topics(settings, scorers)
+    ensure_topics(bootstrap, all_topics(settings) + list(labels), settings.topic_partitions)
     source = KafkaSource(bootstrap, settings.group_id, session_timeout_ms=settings.session_timeout_ms,
                          heartbeat_interval_ms=settings.heartbeat_interval_ms,
                          fetch_max_wait_ms=settings.fetch_max_wait_ms)
+    for topic, fed in labels.items():
+        counts = {t: len(source.partitions_for(t)) for t in (topic, fed)}
+        if counts[topic] != counts[fed]:
+            source.close()
+            raise ConfigError(f"labels topic {topic!r} has {counts[topic]} partitions and {fed!r} {counts[fed]}: "
+                              "label feedback needs both keyed by customer with the same partition count")
+        log.info("label feedback: %s -> terminal fraud risk of %s", topic, fed)
     dlq = KafkaDeadLetterSink(bootstrap, settings.dlq_topic)
-    processor = Processor(source, db, dlq, build_scorers(settings, checkpoints), options_from(settings))
+    processor = Processor(source, db, dlq, scorers, options_from(settings), label_topics=labels)
     publisher = enable_incidents(processor, settings, db, bootstrap) if settings.alerts.incidents else None
     return Service(processor, source, dlq, db, publisher)
 

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     sensors_topic: str = "sensor-readings"
     dlq_topic: str = "dead-letter"
     alerts_topic: str = "alerts"
+    labels_topic: str = Field("transaction-labels", description="label feedback (schemas/transaction_label), "
+                              "read when the transactions model uses terminal_fraud_risk")
     topic_partitions: int = 4
     group_id: str = "anomaly-pipeline"
     run_id: str = Field("live", description="namespace of state, offsets and alerts; replays use their own")

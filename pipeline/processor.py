@@ -1,5 +1,11 @@
 """The stream processor core: Source -> decode/validate -> per-entity state -> batched scoring ->
 threshold -> alerts -> checkpoint. Knows Kafka only through pipeline.records.Source.
+
+Label feedback (optional, for transactions models that read `terminal_fraud_risk`): a labels topic keyed
+by customer, co-partitioned with the transactions topic. Labels are queued in their partition's terminal
+context and applied once that partition's payments reach the label's time; the labels partition's position
+only advances past labels that were applied, and it is snapshotted together with the transactions
+partition whose context holds them, so a restart re-reads exactly the labels the restored context lacks.
 """
 
 from __future__ import annotations
@@ -17,13 +23,19 @@ import numpy as np
 
 from pipeline import metrics
 from pipeline.checkpointing import Checkpointer
-from pipeline.errors import CheckpointError, DecodeError, SinkError
+from pipeline.errors import CheckpointError, DecodeError, SinkError, StateError
+from pipeline.features.streams import LabelStream, TransactionStream
 from pipeline.records import DeadLetterSink, RawRecord, Source, TopicPartition
 from pipeline.scoring.scorer import StreamScorer
 from pipeline.sinks.sql import AlertRow, SqlStore, StateRow
 
 log = logging.getLogger(__name__)
 _gc_frozen = False
+
+
+def context_key(partition: int) -> str:
+    """entity_state key of a partition's terminal context ('#' is never the first character of an entity id)."""
+    return f"#terminals:{partition}"
 
 
 def freeze_gc() -> None:
@@ -89,14 +101,25 @@ class Processor:
         scorers: dict[str, StreamScorer],  # topic -> scorer
         options: ProcessorOptions = ProcessorOptions(),
         after_durable: Callable[[list[AlertRow]], None] | None = None,
+        label_topics: dict[str, str] | None = None,  # labels topic -> the transactions topic it feeds
     ) -> None:
         self.source, self.db, self.dlq, self.scorers, self.opt = source, db, dlq, scorers, options
+        self.label_topics = dict(label_topics or {})
+        self._label_spec = LabelStream()
+        self._label_read: dict[TopicPartition, int] = {}  # labels partition -> next offset after the last read
         self.stats = ProcessorStats()
         self.recovery_until: dict[TopicPartition, int] = {}
         self.checkpointer = Checkpointer(db, source, dlq, run_id=options.run_id, group_id=options.group_id,
                                          collect_states=self._collect_states, after_durable=after_durable)
-        for scorer in scorers.values():
+        for topic, scorer in scorers.items():
             scorer.store.loader = self._loader_for(scorer.spec.name)
+            if isinstance(scorer.spec, TransactionStream) and scorer.spec.terminal_context:
+                scorer.spec.context_loader = self._context_loader_for(topic, scorer.spec.name)
+        for labels, fed in self.label_topics.items():
+            spec = scorers[fed].spec if fed in scorers else None
+            if not (isinstance(spec, TransactionStream) and spec.label_feedback):
+                raise ValueError(f"labels topic {labels!r} feeds {fed!r}, which is not a transactions stream "
+                                 "whose model reads label feedback")
         self._max_event_ts = 0.0
         self.ready = threading.Event()
         self._next_offset: dict[TopicPartition, int] = {}  # records below this were applied already
@@ -105,6 +128,17 @@ class Processor:
     # -- partitions ---------------------------------------------------------------------------------
     def _loader_for(self, stream: str) -> Callable[[Sequence[str]], dict[str, bytes]]:
         return lambda ids: self.db.load_states(self.opt.run_id, stream, ids)
+
+    def _context_loader_for(self, topic: str, stream: str) -> Callable[[int], bytes | None]:
+        def load(partition: int) -> bytes | None:
+            key = context_key(partition)
+            blob = self.db.load_states(self.opt.run_id, stream, [key]).get(key)
+            if blob is None and self.checkpointer.positions.snapshot.get((topic, partition)) is not None:
+                raise StateError(f"{topic}[{partition}] has a state snapshot but no terminal context (written by a "
+                                 "model without terminal features?); use a new run id for this model")
+            return blob
+
+        return load
 
     def _load_offsets(self) -> dict[TopicPartition, tuple[int, int | None]]:
         """Positions must come from the database: without them state would restart from the wrong place,
@@ -136,11 +170,24 @@ class Processor:
             if snap is not None:
                 pos.snapshot[tp] = snap
             log.info("assigned %s[%d]: resume state from %d, outputs durable up to %s", tp[0], tp[1], start, committed)
-        # stagger state snapshots over the interval: one partition's entities per checkpoint, not all at once
+        # stagger state snapshots over the interval: one partition's entities per checkpoint, not all at once.
+        # A labels partition is never snapshotted on its own, only with its transactions partition.
         now, every = time.monotonic(), self.opt.snapshot_interval_s
-        ordered = sorted(tps)
+        ordered = sorted(tp for tp in tps if tp[0] not in self.label_topics)
+        self._check_copartitioned(tps)
         self._snapshot_due = {tp: now + every * (i + 1) / len(ordered) for i, tp in enumerate(ordered)}
         self.ready.set()
+
+    def _check_copartitioned(self, tps: Sequence[TopicPartition]) -> None:
+        """Labels reach a payment's context only if this worker owns both partition p's: the range assignor
+        (kafka-python's default) guarantees it when both topics have the same number of partitions."""
+        have = set(tps)
+        for labels, fed in self.label_topics.items():
+            lone = sorted({p for t, p in have if t == labels} ^ {p for t, p in have if t == fed})
+            if lone:
+                log.error("partitions %s of %s / %s are not assigned together: labels of those partitions cannot "
+                          "reach their payments (are the topics' partition counts equal, is the range assignor "
+                          "in use?)", lone, fed, labels)
 
     def on_revoked(self, tps: Sequence[TopicPartition]) -> None:
         if not tps:
@@ -158,6 +205,9 @@ class Processor:
             scorer = self.scorers.get(tp[0])
             if scorer is not None:
                 scorer.store.drop_partition(tp[1])
+                if isinstance(scorer.spec, TransactionStream):
+                    scorer.spec.drop_partition(tp[1])  # its queued labels go too: they are re-read
+            self._label_read.pop(tp, None)
             self.checkpointer.positions.forget(tp)
             self.recovery_until.pop(tp, None)
             self._next_offset.pop(tp, None)
@@ -178,6 +228,10 @@ class Processor:
                 ids = scorer.store.entity_ids(slots)
                 rows.extend(StateRow(scorer.spec.name, e, t, p, b) for e, b in zip(ids, blobs, strict=True))
                 to_clean.append((scorer, slots))
+            spec = scorer.spec
+            if isinstance(spec, TransactionStream):
+                rows.extend(StateRow(spec.name, context_key(p), t, p, spec.contexts[p].snapshot())
+                            for t, p in tps if t == topic and p in spec.contexts)
 
         def mark_clean() -> None:
             for scorer, slots in to_clean:
@@ -191,6 +245,9 @@ class Processor:
         for r in records:
             by_topic[r.topic].append(r)
         pos = self.checkpointer.positions
+        for topic in self.label_topics:  # queue labels first: payments of this poll may already need them
+            if topic in by_topic:
+                self._read_labels(topic, by_topic.pop(topic))
         for topic, recs in by_topic.items():
             scorer = self.scorers.get(topic)
             if scorer is None:
@@ -218,8 +275,8 @@ class Processor:
             metrics.EVENTS.labels(spec.name).inc(len(recs))
             if not good:
                 continue
-            cols = spec.columns(good)
             parts = np.fromiter((r.partition for r in good_recs), np.int32, len(good_recs))
+            cols = spec.columns(good, parts)
             res = scorer.process(cols, parts)
             self.stats.scored += len(good)
             metrics.SCORED.labels(spec.name).inc(len(good))
@@ -246,6 +303,46 @@ class Processor:
                 ))
                 self.stats.alerts += 1
                 self.stats.alerts_by_stream[spec.name] += 1
+        self._advance_label_positions()
+
+    def _read_labels(self, topic: str, recs: list[RawRecord]) -> None:
+        """Decode labels (bad ones to the dead-letter topic) and queue them in their partition's context."""
+        spec = self.scorers[self.label_topics[topic]].spec
+        assert isinstance(spec, TransactionStream)
+        recs = self._drop_reapplied(recs)
+        queued: dict[int, tuple[list[int], list[str], list[float], list[float]]] = defaultdict(
+            lambda: ([], [], [], []))
+        for r in recs:
+            self._label_read[(r.topic, r.partition)] = r.offset + 1
+            try:
+                lab = self._label_spec.decode(r.value)
+                if r.key is not None and r.key.decode("utf-8", "replace") != lab.customer_id:
+                    raise DecodeError("key_mismatch", f"key {r.key[:80]!r} != customer_id")
+            except DecodeError as exc:
+                if r.offset >= self.recovery_until.get((r.topic, r.partition), 0):
+                    self.dlq.send(r, exc.reason, exc.detail)
+                    self.stats.dead_letters += 1
+                    metrics.DLQ.labels(exc.reason).inc()
+                continue
+            q = queued[r.partition]
+            q[0].append(r.offset)
+            q[1].append(lab.terminal_id)
+            q[2].append(lab.labelled_at.timestamp())
+            q[3].append(1.0 if lab.is_fraud else 0.0)
+        for p, (offsets, terminals, known, fraud) in queued.items():
+            spec.context(p).add_labels(offsets, terminals, np.asarray(known), np.asarray(fraud))
+        self.stats.events += len(recs)
+        metrics.EVENTS.labels(self._label_spec.name).inc(len(recs))
+
+    def _advance_label_positions(self) -> None:
+        """A labels partition's position = its oldest label not applied yet (or past the last one read)."""
+        pos = self.checkpointer.positions
+        for (topic, p), read_next in self._label_read.items():
+            spec = self.scorers[self.label_topics[topic]].spec
+            assert isinstance(spec, TransactionStream)
+            ctx = spec.contexts.get(p)
+            first = ctx.first_pending_offset if ctx is not None else None
+            pos.advance((topic, p), read_next if first is None else first)
 
     def _drop_reapplied(self, recs: list[RawRecord]) -> list[RawRecord]:
         """Never apply a record to state twice: a broker that lost its log (e.g. restarted with memory
@@ -299,7 +396,7 @@ class Processor:
     ) -> ProcessorStats:
         if self.opt.freeze_gc:
             freeze_gc()
-        self.source.subscribe(list(self.scorers), self.on_assigned, self.on_revoked)
+        self.source.subscribe([*self.scorers, *self.label_topics], self.on_assigned, self.on_revoked)
         last_commit = last_housekeeping = time.monotonic()
         last_data = time.monotonic()
         commit_every = self.opt.commit_interval_ms / 1000.0
@@ -315,7 +412,8 @@ class Processor:
                     break
                 last_commit = time.monotonic()
                 for tp in snap:
-                    self._snapshot_due[tp] = last_commit + self.opt.snapshot_interval_s
+                    if tp in self._snapshot_due:  # not the labels partitions that came along
+                        self._snapshot_due[tp] = last_commit + self.opt.snapshot_interval_s
                 if last_commit - last_housekeeping >= self.opt.snapshot_interval_s:  # eviction, lag gauge
                     last_housekeeping = last_commit
                     self._evict()
@@ -336,7 +434,11 @@ class Processor:
         """At most one partition per checkpoint: the most overdue one that has consumed records."""
         consumed = self.checkpointer.positions.consumed
         due = [(t, tp) for tp, t in self._snapshot_due.items() if t <= now and tp in consumed]
-        return {min(due)[1]} if due else set()
+        if not due:
+            return set()
+        tp = min(due)[1]
+        # the labels partition's position is only valid together with the context snapshot that holds them
+        return {tp, *((labels, tp[1]) for labels, fed in self.label_topics.items() if fed == tp[0])}
 
     def final_checkpoint(self, attempts: int = 5) -> bool:
         """Graceful shutdown: make everything durable and commit, with a bounded number of tries."""

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from models.lstm_ae import Checkpoint, LSTMAEConfig, TrainConfig, save_checkpoint, train_autoencoder
-from pipeline.features.streams import EventColumns, StreamSpec
+from pipeline.features.streams import EventColumns, StreamSpec, TransactionStream
 from pipeline.scoring.scorer import StreamScorer, occurrence_rank, rounds
 
 
@@ -63,12 +63,16 @@ def train_stream_model(
     model = model or LSTMAEConfig(n_features=spec.n_features)
     prior = feature_prior(spec, cols)
     windows = training_windows(spec, cols, model.window, prior, min_history, global_features=model.global_features)
-    card = {
+    card: dict[str, Any] = {
         "stream": spec.name,
         "feature_prior": {"mean": prior[0].tolist(), "std": prior[1].tolist()},
         "min_history": min_history,
-        **(extra_card or {}),
     }
+    if isinstance(spec, TransactionStream) and spec.terminal_context:  # the service rebuilds the stream from these
+        card["terminal_tau_s"] = spec.terminal_tau_s
+        if spec.fraud_feedback_tau_s is not None:
+            card["fraud_feedback_tau_s"] = spec.fraud_feedback_tau_s
+    card.update(extra_card or {})
     return train_autoencoder(windows, model, train, name=name or f"{spec.name}-lstm-ae",
                              feature_names=spec.feature_names, device=device, progress=progress, extra_card=card)
 
@@ -76,7 +80,7 @@ def train_stream_model(
 def train_default_models(out_dir: Path, channels: list[str], *, seed: int = 0, epochs: int = 8,
                          progress: Callable[[str, int, float, float], None] | None = None) -> dict[str, Path]:
     """Small models trained on simulated *normal* traffic: what `pipeline demo` and the tests start from."""
-    from pipeline.features.streams import SensorStream, TransactionStream
+    from pipeline.features.streams import SensorStream
     from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels
 
     paths: dict[str, Path] = {}

@@ -11,7 +11,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-SCHEMA_NAMES = ("transaction", "sensor_reading", "alert")
+SCHEMA_NAMES = ("transaction", "transaction_label", "sensor_reading", "alert")
 
 
 @cache

@@ -25,6 +25,16 @@ class Transaction(_Strict):
     timestamp: AwareDatetime
 
 
+class TransactionLabel(_Strict):
+    """Label feedback for an earlier payment; keyed (and partitioned) by customer like the payment."""
+
+    transaction_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    customer_id: EntityId
+    terminal_id: EntityId
+    is_fraud: bool
+    labelled_at: AwareDatetime
+
+
 class SensorReading(_Strict):
     device_id: EntityId
     timestamp: AwareDatetime

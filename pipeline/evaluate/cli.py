@@ -28,8 +28,9 @@ class Format(str, Enum):
 
 
 def run_evaluation(fmt: str, data: Path, *, epochs: int | None = None, seed: int | None = None,
-                   device: str = "cpu") -> dict[str, Any]:
-    """Dispatch to the format's protocol; overrides apply on top of the validated defaults."""
+                   device: str = "cpu", save_model: Path | None = None) -> dict[str, Any]:
+    """Dispatch to the format's protocol; overrides apply on top of the validated defaults.
+    save_model (transactions): also write the trained checkpoint, servable as PIPELINE_MODELS_DIR/transactions.pt."""
     from dataclasses import replace
 
     import torch
@@ -37,6 +38,9 @@ def run_evaluation(fmt: str, data: Path, *, epochs: int | None = None, seed: int
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     overrides: dict[str, Any] = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
     started = time.monotonic()
+    if save_model is not None and fmt != "transactions":
+        raise ConfigError("--save-model: only --format transactions trains one servable model (SKAB and NASA "
+                          "models are fitted per benchmark split)")
     if fmt == "skab":
         from pipeline.evaluate import skab
 
@@ -48,7 +52,8 @@ def run_evaluation(fmt: str, data: Path, *, epochs: int | None = None, seed: int
     elif fmt == "transactions":
         from pipeline.evaluate import transactions
 
-        res = transactions.evaluate(data, replace(transactions.TransactionsConfig(), **overrides), device=device)
+        res = transactions.evaluate(data, replace(transactions.TransactionsConfig(), **overrides), device=device,
+                                    save_model=save_model)
     else:
         raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(KEYS)}")
     res["format"] = fmt
@@ -66,9 +71,12 @@ def register(app: typer.Typer) -> None:
         epochs: Annotated[int | None, typer.Option(help="override the validated number of epochs")] = None,
         seed: Annotated[int | None, typer.Option()] = None,
         device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
+        save_model: Annotated[Path | None, typer.Option(
+            "--save-model", help="transactions: also save the trained model (.pt + .card.json) for `pipeline run`")
+        ] = None,
     ) -> None:
         """Train on a benchmark's training part, stream its test part through the scorer, print metrics."""
-        res = run_evaluation(fmt.value, data, epochs=epochs, seed=seed, device=device)
+        res = run_evaluation(fmt.value, data, epochs=epochs, seed=seed, device=device, save_model=save_model)
         if as_json:
             typer.echo(json.dumps(res, sort_keys=True))
             return

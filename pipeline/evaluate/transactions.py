@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from models.lstm_ae import LSTMAEConfig, TrainConfig
+from models.lstm_ae import LSTMAEConfig, TrainConfig, save_checkpoint
 from pipeline.errors import ConfigError
 from pipeline.evaluate import common
 from pipeline.evaluate.metrics import card_precision_at_k, ranking
@@ -82,29 +82,22 @@ def read(path: Path) -> pd.DataFrame:
 
 
 def featurize_with_feedback(spec: TransactionStream, customers: list[str], ts: np.ndarray, amounts: np.ndarray,
-                            terminals: list[str], fraud: np.ndarray, delay_s: float, slice_s: float = 3600.0
+                            terminals: list[str], fraud: np.ndarray, delay_s: float, chunk: int = 50_000
                             ) -> EventColumns:
-    """Features in event-time slices; before each slice, the labels known by its start (payment time + delay)
-    are fed back to the terminals. Conservative: a label is used at most `slice_s` later than it was known,
+    """Features with delayed label feedback, by the service's own mechanism: every payment's label is queued
+    (known `delay_s` after the payment, in payment order, as a labels topic would carry it) in the terminal
+    context, which folds each label in just before the first payment at or after the time it became known,
     never earlier. `ts` must be sorted."""
-    assert spec.terminals is not None
-    known_at = ts + delay_s
-    fed = 0
-    parts: list[EventColumns] = []
-    edges = np.searchsorted(ts, np.arange(ts[0], ts[-1] + slice_s, slice_s), side="left").tolist() + [len(ts)]
-    for a, b in tqdm(list(zip(edges[:-1], edges[1:], strict=True)), desc="features + label feedback", unit="h",
-                     file=sys.stderr, leave=False, mininterval=0.5):
-        if a == b:
-            continue
-        due = int(np.searchsorted(known_at, ts[a], side="right"))
-        if due > fed:
-            spec.terminals.feedback(terminals[fed:due], known_at[fed:due], fraud[fed:due])
-            fed = due
-        parts.append(spec.columns_from_arrays(customers[a:b], ts[a:b], amounts[a:b], terminals[a:b]))
+    spec.context(0).add_labels(np.arange(len(ts)), terminals, ts + delay_s, fraud)
+    parts = [spec.columns_from_arrays(customers[a : a + chunk], ts[a : a + chunk], amounts[a : a + chunk],
+                                      terminals[a : a + chunk])
+             for a in tqdm(range(0, len(ts), chunk), desc="features + label feedback", unit="chunk",
+                           file=sys.stderr, leave=False, mininterval=0.5)]
     return common.concat(parts)
 
 
-def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, device: str = "cpu") -> dict[str, Any]:
+def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, device: str = "cpu",
+             save_model: Path | None = None) -> dict[str, Any]:
     df = read(path)
     ts = pd.to_datetime(df["TX_DATETIME"]).to_numpy(dtype="datetime64[ns]").astype(np.int64) / 1e9
     order = np.argsort(ts, kind="stable")
@@ -135,6 +128,9 @@ def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, devi
     model = LSTMAEConfig(n_features=spec.n_features, **cfg.model)
     tcfg = TrainConfig(epochs=cfg.epochs, seed=cfg.seed, max_windows=cfg.max_windows)
     ckpt = common.fit(spec, train, model, tcfg, min_history=cfg.min_history, device=device, name="transactions")
+    if save_model is not None:
+        ckpt.card["training_data"] = f"{path.name}, days 0-{first_test - 1} (labels only as delayed feedback)"
+        save_checkpoint(ckpt, save_model)
     scorer = common.make_scorer(spec, ckpt, AdaptiveThreshold(ckpt.threshold), min_history=cfg.min_history,
                                 device=device)
     common.stream(scorer, common.take(cols, warm_idx), batch_size=cfg.batch_size, desc="transactions warm-up")

@@ -17,15 +17,16 @@ import numpy as np
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from pipeline.errors import DecodeError
+from pipeline.errors import DecodeError, StateError
 from pipeline.features.terminal import FEEDBACK_FEATURES, TERMINAL_FEATURES, TerminalContext
 from schemas import fast
-from schemas.types import SensorReading, Transaction
+from schemas.types import SensorReading, Transaction, TransactionLabel
 
 DAY = 86400.0
 WEEK = 7 * DAY
 
-StreamName = Literal["transactions", "sensors"]
+StreamName = Literal["transactions", "sensors", "transaction-labels"]
+BASE_TRANSACTION_FEATURES = ["log_amount", "log_seconds_since_prev", "hour_sin", "hour_cos", "dow_sin", "dow_cos"]
 
 
 @dataclass
@@ -99,7 +100,8 @@ class StreamSpec:
     def entity_of(self, record: Any) -> str:
         return str(getattr(record, self.entity_field))
 
-    def columns(self, records: Sequence[Any]) -> EventColumns:
+    def columns(self, records: Sequence[Any], partitions: np.ndarray | None = None) -> EventColumns:
+        """partitions: each record's source partition (partition-local state, e.g. terminal context)."""
         raise NotImplementedError
 
     def finish(self, base: np.ndarray, ts: np.ndarray, prev_ts: np.ndarray) -> np.ndarray:
@@ -113,31 +115,64 @@ class TransactionStream(StreamSpec):
 
     def __init__(self, max_message_bytes: int = 65536, *, terminal_context: bool = False,
                  terminal_tau_s: float = DAY, fraud_feedback_tau_s: float | None = None) -> None:
-        """terminal_context=True adds per-terminal features (pipeline.features.terminal; partition-local);
-        fraud_feedback_tau_s adds the terminal's fraud rate from label feedback (`terminals.feedback`)."""
+        """terminal_context=True adds per-terminal features (pipeline.features.terminal), one context per
+        partition; fraud_feedback_tau_s adds the terminal's fraud rate from label feedback (`add_labels`)."""
         super().__init__(max_message_bytes)
         self._adapter = TypeAdapter(Transaction)
         self._fast = fast.transaction
-        self.feature_names = ["log_amount", "log_seconds_since_prev", "hour_sin", "hour_cos", "dow_sin", "dow_cos"]
-        self.terminals: TerminalContext | None = None
+        self.feature_names = list(BASE_TRANSACTION_FEATURES)
         if fraud_feedback_tau_s is not None and not terminal_context:
             raise ValueError("fraud feedback is a terminal-context feature: set terminal_context=True")
+        self.terminal_context = terminal_context
+        self.terminal_tau_s = float(terminal_tau_s)
+        self.fraud_feedback_tau_s = None if fraud_feedback_tau_s is None else float(fraud_feedback_tau_s)
+        self.contexts: dict[int, TerminalContext] = {}  # partition -> its terminals
+        # partition -> saved context (the processor sets it: restores a partition's context on first use)
+        self.context_loader: Callable[[int], bytes | None] | None = None
         if terminal_context:
-            self.terminals = TerminalContext(terminal_tau_s, feedback_tau_s=fraud_feedback_tau_s)
             self.feature_names += TERMINAL_FEATURES
             if fraud_feedback_tau_s is not None:
                 self.feature_names += FEEDBACK_FEATURES
 
-    def columns(self, records: Sequence[Any]) -> EventColumns:
+    @property
+    def label_feedback(self) -> bool:
+        return self.fraud_feedback_tau_s is not None
+
+    def context(self, partition: int = 0) -> TerminalContext:
+        """The partition's terminal context: in memory, else restored from its snapshot, else new."""
+        if not self.terminal_context:
+            raise ValueError("this TransactionStream has no terminal context")
+        ctx = self.contexts.get(partition)
+        if ctx is None:
+            ctx = TerminalContext(self.terminal_tau_s, feedback_tau_s=self.fraud_feedback_tau_s)
+            blob = self.context_loader(partition) if self.context_loader is not None else None
+            if blob is not None:
+                try:
+                    saved = TerminalContext.restore(blob)
+                except ValueError as exc:
+                    raise StateError(f"terminal context of partition {partition}: {exc}") from None
+                if not saved.same_parameters(ctx):
+                    raise StateError(f"terminal context of partition {partition} was saved with other parameters "
+                                     f"({saved._params()} vs the model's {ctx._params()}); use a new run id")
+                ctx = saved
+            self.contexts[partition] = ctx
+        return ctx
+
+    def drop_partition(self, partition: int) -> None:
+        self.contexts.pop(partition, None)
+
+    def columns(self, records: Sequence[Any], partitions: np.ndarray | None = None) -> EventColumns:
         n = len(records)
         ts = np.fromiter((r.timestamp.timestamp() for r in records), np.float64, n)
         amount = np.fromiter((r.amount for r in records), np.float64, n)
-        terminals = [r.terminal_id for r in records] if self.terminals is not None else None
-        return self.columns_from_arrays([r.customer_id for r in records], ts, amount, terminals)
+        terminals = [r.terminal_id for r in records] if self.terminal_context else None
+        return self.columns_from_arrays([r.customer_id for r in records], ts, amount, terminals, partitions)
 
     def columns_from_arrays(self, entity_ids: list[str], ts: np.ndarray, amount: np.ndarray,
-                            terminal_ids: Sequence[str] | None = None) -> EventColumns:
-        """Batch features; with terminal context, events must come in event-time order (it updates state)."""
+                            terminal_ids: Sequence[str] | None = None, partitions: np.ndarray | None = None
+                            ) -> EventColumns:
+        """Batch features; with terminal context, each partition's events must come in its log order (they
+        update its context); partitions=None means all from partition 0."""
         base = np.empty((len(ts), self.n_features), np.float64)
         base[:, 0] = np.log1p(amount)
         base[:, 1] = 0.0
@@ -145,10 +180,16 @@ class TransactionStream(StreamSpec):
         dow = 2 * math.pi * ((ts + 3 * DAY) % WEEK) / WEEK  # epoch day 0 was a Thursday
         base[:, 2], base[:, 3] = np.sin(hour), np.cos(hour)
         base[:, 4], base[:, 5] = np.sin(dow), np.cos(dow)
-        if self.terminals is not None:
+        if self.terminal_context:
             if terminal_ids is None:
                 raise ValueError("terminal context needs terminal_ids")
-            base[:, 6:] = self.terminals.features(terminal_ids, ts, base[:, 0])
+            if partitions is None:
+                base[:, 6:] = self.context(0).features(terminal_ids, ts, base[:, 0])
+            else:
+                for p in np.unique(partitions).tolist():
+                    idx = np.flatnonzero(partitions == p)
+                    base[idx, 6:] = self.context(int(p)).features([terminal_ids[i] for i in idx.tolist()], ts[idx],
+                                                                  base[idx, 0])
         return EventColumns(entity_ids, ts, base)
 
     def finish(self, base: np.ndarray, ts: np.ndarray, prev_ts: np.ndarray) -> np.ndarray:
@@ -177,7 +218,7 @@ class SensorStream(StreamSpec):
         if missing:
             raise DecodeError("missing_channels", ", ".join(sorted(missing)))
 
-    def columns(self, records: Sequence[Any]) -> EventColumns:
+    def columns(self, records: Sequence[Any], partitions: np.ndarray | None = None) -> EventColumns:
         n = len(records)
         ts = np.fromiter((r.timestamp.timestamp() for r in records), np.float64, n)
         pick = self._pick
@@ -185,8 +226,43 @@ class SensorStream(StreamSpec):
         return EventColumns([r.device_id for r in records], ts, base)
 
 
-def make_stream(name: str, *, channels: Sequence[str] = (), max_message_bytes: int = 65536) -> StreamSpec:
+class LabelStream(StreamSpec):
+    """Label feedback for a customer-keyed TransactionStream (schemas/transaction_label.schema.json): decoded
+    and validated like any stream, keyed by customer so a label lands in its payment's partition number."""
+
+    name = "transaction-labels"
+    entity_field = "customer_id"
+
+    def __init__(self, max_message_bytes: int = 65536) -> None:
+        super().__init__(max_message_bytes)
+        self._adapter = TypeAdapter(TransactionLabel)
+        self.feature_names = []
+
+
+def transaction_stream_for(feature_names: Sequence[str], card: dict[str, Any],
+                           max_message_bytes: int = 65536) -> TransactionStream:
+    """The TransactionStream a checkpoint was trained on, read from its feature names and model card."""
+    names = list(feature_names)
+    base = list(BASE_TRANSACTION_FEATURES)
+    layouts = {tuple(base): (False, False), tuple(base + TERMINAL_FEATURES): (True, False),
+               tuple(base + TERMINAL_FEATURES + FEEDBACK_FEATURES): (True, True)}
+    if tuple(names) not in layouts:
+        raise ValueError(f"transactions model has features {names}; this build knows {[list(k) for k in layouts]}")
+    terminal, feedback = layouts[tuple(names)]
+    tau = float(card.get("terminal_tau_s", DAY))
+    fb_tau = card.get("fraud_feedback_tau_s")
+    if feedback and fb_tau is None:
+        raise ValueError("transactions model reads terminal_fraud_risk but its card has no fraud_feedback_tau_s")
+    return TransactionStream(max_message_bytes, terminal_context=terminal, terminal_tau_s=tau,
+                             fraud_feedback_tau_s=float(fb_tau) if feedback and fb_tau is not None else None)
+
+
+def make_stream(name: str, *, channels: Sequence[str] = (), max_message_bytes: int = 65536,
+                card: dict[str, Any] | None = None) -> StreamSpec:
+    """card: the model card of the checkpoint the stream feeds (decides the transaction feature layout)."""
     if name == "transactions":
+        if card is not None and "feature_names" in card:
+            return transaction_stream_for(card["feature_names"], card, max_message_bytes)
         return TransactionStream(max_message_bytes)
     if name == "sensors":
         return SensorStream(channels, max_message_bytes)

@@ -1,16 +1,20 @@
 """Per-terminal context for a customer-keyed payment stream.
 
-A worker only sees its own partitions (keyed by customer), so this state is partition-local: it
-summarises the terminal's traffic *as seen by this worker*, which is deterministic given the partitioning
-(and exact with one worker, as in `pipeline evaluate`). Pure numpy, no IO. Per terminal it keeps an
+State is per *partition* (one `TerminalContext` per partition of the customer-keyed topic): it summarises
+the terminal's traffic as seen in that partition, so it is deterministic whichever worker owns the
+partition, it moves with the partition on a rebalance, and it is snapshotted with the partition's entity
+states (exact with one partition, as in `pipeline evaluate`). Pure numpy, no IO. Per terminal it keeps an
 exponentially decayed transaction count and decayed mean log-amount (time constant `tau_s`); each event
 is featurised from the state *before* it, then folded in, in event order (rounds keep batches exact).
 
 Optionally (`feedback_tau_s`) it also keeps the terminal's confirmed-fraud rate from *label feedback*
-(chargebacks, analysts' labels): `feedback()` folds in labels when they become known, and the feature is
-the decayed share of fraud among the terminal's labelled payments. Labels arrive late (days), so the
-feature only ever uses what was known at the event's time; a compromised terminal raises the risk of
-every later payment there, which no label-free feature of the payment itself can show.
+(chargebacks, analysts' labels): the decayed share of fraud among the terminal's labelled payments.
+Labels arrive late (days) and are queued (`add_labels`, in the order they were read); a queued label is
+folded in just before the first payment whose time is at or after the label's `known_at`, so a payment
+never sees a label that was not yet known at its own time. Labels are applied in queue order (a label
+that is not due yet holds back the ones behind it), which keeps "applied up to offset X" a single number
+the processor can commit. A compromised terminal raises the risk of every later payment there, which no
+label-free feature of the payment itself can show.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import orjson
 
 TERMINAL_FEATURES = ["terminal_log_rate", "terminal_amount_dev"]
 FEEDBACK_FEATURES = ["terminal_fraud_risk"]
+_SNAPSHOT_VERSION = 1
 
 
 def _decay(last: np.ndarray, t: np.ndarray, tau_s: float) -> np.ndarray:
@@ -29,6 +35,8 @@ def _decay(last: np.ndarray, t: np.ndarray, tau_s: float) -> np.ndarray:
 
 
 class TerminalContext:
+    _ARRAYS = ("n", "s", "last", "fb_fraud", "fb_n", "fb_last")
+
     def __init__(self, tau_s: float = 86400.0, prior_log_amount: float = 3.5, *,
                  feedback_tau_s: float | None = None, feedback_prior: float = 1.0) -> None:
         self.tau_s = float(tau_s)
@@ -42,6 +50,11 @@ class TerminalContext:
         self.fb_fraud = np.zeros(0)  # decayed count of labels saying fraud
         self.fb_n = np.zeros(0)  # decayed count of labels
         self.fb_last = np.zeros(0)  # time the decayed counts refer to
+        # labels read but not yet due, in read order (not part of a snapshot: they are re-read from the log)
+        self._q_offset = np.zeros(0, np.int64)
+        self._q_known = np.zeros(0)
+        self._q_fraud = np.zeros(0)
+        self._q_terminal: list[str] = []
 
     def __len__(self) -> int:
         return len(self._slot)
@@ -50,6 +63,15 @@ class TerminalContext:
     def n_features(self) -> int:
         return len(TERMINAL_FEATURES) + (len(FEEDBACK_FEATURES) if self.feedback_tau_s is not None else 0)
 
+    @property
+    def pending_labels(self) -> int:
+        return len(self._q_terminal)
+
+    @property
+    def first_pending_offset(self) -> int | None:
+        """Log offset of the oldest queued label: every label read before it has been applied."""
+        return int(self._q_offset[0]) if len(self._q_offset) else None
+
     def _slots(self, terminal_ids: Sequence[str]) -> np.ndarray:
         for t in terminal_ids:
             if t not in self._slot:
@@ -57,13 +79,20 @@ class TerminalContext:
         need = len(self._slot)
         if need > len(self.n):
             grow = max(need, 2 * len(self.n), 64) - len(self.n)
-            self.n = np.r_[self.n, np.zeros(grow)]
-            self.s = np.r_[self.s, np.zeros(grow)]
-            self.last = np.r_[self.last, np.full(grow, np.nan)]
-            self.fb_fraud = np.r_[self.fb_fraud, np.zeros(grow)]
-            self.fb_n = np.r_[self.fb_n, np.zeros(grow)]
-            self.fb_last = np.r_[self.fb_last, np.full(grow, np.nan)]
+            for name in self._ARRAYS:
+                fill = np.nan if name in ("last", "fb_last") else 0.0
+                setattr(self, name, np.r_[getattr(self, name), np.full(grow, fill)])
         return np.fromiter((self._slot[t] for t in terminal_ids), np.int64, len(terminal_ids))
+
+    def add_labels(self, offsets: Sequence[int] | np.ndarray, terminal_ids: Sequence[str],
+                   known_at: np.ndarray, is_fraud: np.ndarray) -> None:
+        """Queue labels (in log order); each is applied by `features` once payments reach its `known_at`."""
+        if self.feedback_tau_s is None:
+            raise ValueError("this TerminalContext was built without feedback_tau_s")
+        self._q_offset = np.r_[self._q_offset, np.asarray(offsets, np.int64)]
+        self._q_known = np.r_[self._q_known, np.asarray(known_at, np.float64)]
+        self._q_fraud = np.r_[self._q_fraud, np.asarray(is_fraud, np.float64)]
+        self._q_terminal.extend(terminal_ids)
 
     def features(self, terminal_ids: Sequence[str], ts: np.ndarray, log_amount: np.ndarray) -> np.ndarray:
         """(N, n_features): log1p(decayed count of the terminal's earlier payments), log-amount minus its
@@ -81,21 +110,102 @@ class TerminalContext:
             out[idx, 1] = log_amount[idx] - mean
             self.n[s], self.s[s], self.last[s] = n + 1.0, tot + log_amount[idx], t
         if self.feedback_tau_s is not None:
-            d = _decay(self.fb_last[slots], ts, self.feedback_tau_s)
-            out[:, 2] = self.fb_fraud[slots] * d / (self.fb_n[slots] * d + self.feedback_prior)
+            out[:, 2] = self._risk_with_due_labels(slots, np.asarray(ts, np.float64))
         return out
 
+    def _risk_with_due_labels(self, slots: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """Fraud share per payment, folding in each due label just before the first payment (in batch order)
+        whose time reaches the label's known_at. Labels and payments are merged into one sequence and run in
+        per-terminal rounds, so a batch costs a few vectorised steps however many labels fall inside it."""
+        from pipeline.scoring.scorer import occurrence_rank, rounds
+
+        assert self.feedback_tau_s is not None
+        n = len(ts)
+        due = 0
+        if len(self._q_known) and n:
+            before_row = np.searchsorted(np.maximum.accumulate(ts), self._q_known, side="left")
+            before_row = np.maximum.accumulate(before_row)  # queue order: a label waits for the ones ahead
+            due = int(np.searchsorted(before_row, n, side="left"))
+        if due == 0:
+            d = _decay(self.fb_last[slots], ts, self.feedback_tau_s)
+            return np.asarray(self.fb_fraud[slots] * d / (self.fb_n[slots] * d + self.feedback_prior))
+        lab_slots = self._slots(self._q_terminal[:due])
+        order = np.argsort(np.r_[2 * before_row[:due], 2 * np.arange(n) + 1], kind="stable")
+        m_slot = np.r_[lab_slots, slots][order]
+        m_time = np.r_[self._q_known[:due], ts][order]
+        m_fraud = np.r_[self._q_fraud[:due], np.zeros(n)][order]
+        m_row = np.r_[np.full(due, -1, np.int64), np.arange(n)][order]
+        risk = np.empty(n, np.float64)
+        for idx in rounds(occurrence_rank(m_slot)):
+            is_row = m_row[idx] >= 0
+            q, u = idx[is_row], idx[~is_row]
+            if len(q):
+                s = m_slot[q]
+                d = _decay(self.fb_last[s], m_time[q], self.feedback_tau_s)
+                risk[m_row[q]] = self.fb_fraud[s] * d / (self.fb_n[s] * d + self.feedback_prior)
+            if len(u):
+                self._fold(m_slot[u], m_time[u], m_fraud[u])
+        self._q_offset, self._q_known, self._q_fraud = self._q_offset[due:], self._q_known[due:], self._q_fraud[due:]
+        del self._q_terminal[:due]
+        return risk
+
+    def _fold(self, s: np.ndarray, t: np.ndarray, fraud: np.ndarray) -> None:
+        """Fold one label per distinct terminal slot into the decayed counts."""
+        assert self.feedback_tau_s is not None
+        d = _decay(self.fb_last[s], t, self.feedback_tau_s)
+        self.fb_fraud[s] = self.fb_fraud[s] * d + fraud
+        self.fb_n[s] = self.fb_n[s] * d + 1.0
+        self.fb_last[s] = np.where(np.isnan(self.fb_last[s]), t, np.maximum(self.fb_last[s], t))
+
     def feedback(self, terminal_ids: Sequence[str], known_at: np.ndarray, is_fraud: np.ndarray) -> None:
-        """Fold in labels of earlier payments, known at `known_at` (event time, non-decreasing per terminal)."""
+        """Fold in labels now (known_at: event time, non-decreasing per terminal), bypassing the queue."""
         if self.feedback_tau_s is None:
             raise ValueError("this TerminalContext was built without feedback_tau_s")
         from pipeline.scoring.scorer import occurrence_rank, rounds
 
         slots = self._slots(terminal_ids)
         fraud = np.asarray(is_fraud, np.float64)
+        known = np.asarray(known_at, np.float64)
         for idx in rounds(occurrence_rank(slots)):
-            s, t = slots[idx], known_at[idx]
-            d = _decay(self.fb_last[s], t, self.feedback_tau_s)
-            self.fb_fraud[s] = self.fb_fraud[s] * d + fraud[idx]
-            self.fb_n[s] = self.fb_n[s] * d + 1.0
-            self.fb_last[s] = np.where(np.isnan(self.fb_last[s]), t, np.maximum(self.fb_last[s], t))
+            self._fold(slots[idx], known[idx], fraud[idx])
+
+    # -- snapshots ----------------------------------------------------------------------------------
+    def _params(self) -> dict[str, float | None]:
+        return {"tau_s": self.tau_s, "prior": self.prior, "feedback_tau_s": self.feedback_tau_s,
+                "feedback_prior": self.feedback_prior}
+
+    def snapshot(self) -> bytes:
+        """The per-terminal state (not the label queue): JSON header line, terminal ids, float64 arrays."""
+        k = len(self._slot)
+        header = orjson.dumps({"v": _SNAPSHOT_VERSION, "terminals": k, **self._params()})
+        ids = "\n".join(self._slot).encode()  # insertion order == slot order; ids never contain newlines
+        arrays = np.stack([getattr(self, a)[:k] for a in self._ARRAYS]).astype("<f8").tobytes()
+        return b"%s\n%d\n%s%s" % (header, len(ids), ids, arrays)
+
+    @classmethod
+    def restore(cls, blob: bytes) -> TerminalContext:
+        """Inverse of `snapshot`; ValueError on a blob this version cannot read."""
+        try:
+            head, size, rest = blob.split(b"\n", 2)
+            meta = orjson.loads(head)
+            n_ids = int(size)
+        except (ValueError, orjson.JSONDecodeError) as exc:
+            raise ValueError(f"not a terminal-context snapshot: {exc}") from None
+        if meta.get("v") != _SNAPSHOT_VERSION:
+            raise ValueError(f"terminal-context snapshot version {meta.get('v')!r} (this build reads "
+                             f"{_SNAPSHOT_VERSION})")
+        ctx = cls(meta["tau_s"], meta["prior"], feedback_tau_s=meta["feedback_tau_s"],
+                  feedback_prior=meta["feedback_prior"])
+        k = int(meta["terminals"])
+        ids = rest[:n_ids].decode().split("\n") if k else []
+        arrays = np.frombuffer(rest[n_ids:], "<f8")
+        if len(ids) != k or arrays.size != len(cls._ARRAYS) * k:
+            raise ValueError(f"terminal-context snapshot is truncated ({len(ids)} ids, {arrays.size} values, "
+                             f"expected {k} and {len(cls._ARRAYS) * k})")
+        ctx._slots(ids)
+        for i, name in enumerate(cls._ARRAYS):
+            getattr(ctx, name)[:k] = arrays[i * k : (i + 1) * k]
+        return ctx
+
+    def same_parameters(self, other: TerminalContext) -> bool:
+        return self._params() == other._params()

@@ -4,7 +4,10 @@ Isolation: the source is a manually assigned consumer (no consumer group, nothin
 state/offsets/alerts are keyed by the replay's own run id, and dead letters are counted, never
 produced. Determinism: the processor's batched scoring equals one-at-a-time scoring, so the same
 range and model give the same alerts whatever the batching, and a replay from offset 0 of what the
-live processor saw reproduces the live run's alerts.
+live processor saw reproduces the live run's alerts. Exception: with a transactions model that reads
+label feedback, the labels topic's range is replayed alongside, and a label reaches the payments processed
+after it was read (never one before its `labelled_at`), so it can take effect a little later than it did
+live; the replay's alerts can then differ from the live run's near labels.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from models.lstm_ae import Checkpoint, bundled_checkpoint_path, load_checkpoint
 from pipeline.app import build_scorers, ensure_models, options_from
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
+from pipeline.features.streams import TransactionStream
 from pipeline.kafka.replay_source import ReplaySource, SeekMode
 from pipeline.processor import Processor
 from pipeline.records import RawRecord
@@ -174,6 +178,12 @@ def run_replay(
     if run_id == settings.run_id:
         raise ConfigError(f"run id {run_id!r} is the live run's namespace; pick another")
     scorers = scorers_for(settings, topics, stream, model)
+    # a transactions model that reads label feedback replays the labels topic's same range alongside
+    fed = [t for t, sc in scorers.items() if isinstance(sc.spec, TransactionStream) and sc.spec.label_feedback]
+    labels = {settings.labels_topic: fed[0]} if fed else {}
+    if len(fed) > 1 or (fed and settings.labels_topic in topics):
+        raise ConfigError("label feedback: replay one transactions topic at a time; its labels come from "
+                          f"PIPELINE_LABELS_TOPIC ({settings.labels_topic})")
     own_db = db is None
     store = db or SqlStore(settings.database_url)
     if own_db:
@@ -183,7 +193,7 @@ def run_replay(
     opts = options_from(settings)
     opts.run_id, opts.group_id = run_id, REPLAY_GROUP
     src: Any = _ProgressSource(source, progress) if progress is not None else source
-    processor = Processor(src, store, dlq, scorers, opts)
+    processor = Processor(src, store, dlq, scorers, opts, label_topics=labels)
     started = time.monotonic()
     try:
         stats = processor.run(stop or threading.Event(), idle_exit_s=0.0)
@@ -194,7 +204,7 @@ def run_replay(
         if own_db:
             store.dispose()
     return ReplayResult(
-        run_id=run_id, topics=list(topics),
+        run_id=run_id, topics=[*topics, *labels],
         model_versions={t: s.model_version for t, s in scorers.items()},
         events=stats.events, scored=stats.scored, alerts=stats.alerts, dead_letters=dict(dlq.reasons),
         out_of_range=source.out_of_range, seconds=time.monotonic() - started, from_ms=from_ms, to_ms=to_ms,

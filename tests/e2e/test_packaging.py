@@ -27,7 +27,8 @@ def test_wheel_contains_data_files(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in ("models/checkpoints/transactions.pt", "models/checkpoints/sensors.pt",
                      "models/checkpoints/transactions.card.json", "schemas/alert.schema.json",
-                     "schemas/transaction.schema.json", "schemas/sensor_reading.schema.json",
+                     "schemas/transaction.schema.json", "schemas/transaction_label.schema.json",
+                     "schemas/sensor_reading.schema.json",
                      "pipeline/py.typed"):
         assert required in names, required
     assert not any(n.startswith("tests/") for n in names)

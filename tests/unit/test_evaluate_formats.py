@@ -220,3 +220,26 @@ def test_sweep_pools_counts_and_rejects_unknown_keys(tmp_path: Path, capsys: pyt
     assert "nope" in capsys.readouterr().err
     assert sweep.main(["skab", f"{data}:many", "--z", "3"]) == 2
     assert "whole number" in capsys.readouterr().err
+
+
+def test_saved_transactions_model_is_servable_with_label_feedback(tmp_path: Path) -> None:
+    from models.lstm_ae import load_checkpoint
+    from pipeline.app import build_scorers, label_topics
+    from pipeline.config import Settings
+    from pipeline.features.streams import TransactionStream
+
+    data = _transactions(tmp_path / "tx", np.random.default_rng(1))
+    model = tmp_path / "models" / "transactions.pt"
+    res = CliRunner().invoke(_app(), ["evaluate", "--format", "transactions", "--data", str(data), "--json",
+                                      "--epochs", "1", "--save-model", str(model)])
+    assert res.exit_code == 0, (res.output, res.exception)
+    ckpt = load_checkpoint(model)
+    assert ckpt.card["fraud_feedback_tau_s"] == 3 * 86400.0 and model.with_suffix(".card.json").exists()
+    settings = Settings(device="cpu")
+    scorers = build_scorers(settings, {"transactions": ckpt})
+    spec = scorers[settings.transactions_topic].spec
+    assert isinstance(spec, TransactionStream) and spec.label_feedback and spec.n_features == 9
+    assert label_topics(settings, scorers) == {settings.labels_topic: settings.transactions_topic}
+    nope = CliRunner().invoke(_app(), ["evaluate", "--format", "skab", "--data", str(tmp_path),
+                                       "--save-model", str(model)])
+    assert isinstance(nope.exception, ConfigError) and "--save-model" in str(nope.exception)

@@ -11,12 +11,15 @@ from jsonschema import Draft202012Validator, FormatChecker
 from pydantic import TypeAdapter, ValidationError
 
 from schemas import SCHEMA_NAMES, load_schema
-from schemas.types import Alert, SensorReading, Transaction
+from schemas.types import Alert, SensorReading, Transaction, TransactionLabel
 
-TYPES: dict[str, Any] = {"transaction": Transaction, "sensor_reading": SensorReading, "alert": Alert}
+TYPES: dict[str, Any] = {"transaction": Transaction, "transaction_label": TransactionLabel,
+                         "sensor_reading": SensorReading, "alert": Alert}
 
 VALID_TX = {"transaction_id": "T1", "customer_id": "C000001", "terminal_id": "TERM1", "amount": 12.5,
             "timestamp": "2018-04-01T00:00:31Z"}
+VALID_LABEL = {"transaction_id": "T1", "customer_id": "C000001", "terminal_id": "TERM1", "is_fraud": True,
+               "labelled_at": "2018-04-08T00:00:31Z"}
 VALID_SENSOR = {"device_id": "pump-1", "timestamp": "2020-03-09T10:14:33+00:00",
                 "values": {"Current": 1.33, "Pressure": 0.05}}
 VALID_ALERT = {
@@ -38,6 +41,10 @@ def _variants(base: dict[str, Any], name: str) -> list[tuple[dict[str, Any], boo
                 ({**base, "customer_id": "bad id"}, False), ({**base, "customer_id": ""}, False),
                 ({**base, "currency": "EUR"}, True), ({**base, "currency": "eur"}, False),
                 ({**base, "amount": 7}, True), ({**base, "timestamp": "yesterday"}, False)]
+    if name == "transaction_label":
+        out += [({**base, "is_fraud": 1}, False), ({**base, "is_fraud": "true"}, False),
+                ({**base, "is_fraud": False}, True), ({**base, "terminal_id": "bad id"}, False),
+                ({**base, "labelled_at": "2018-04-08T00:00:31"}, False)]
     if name == "sensor_reading":
         out += [({**base, "values": {}}, False), ({**base, "values": {"Current": "x"}}, False),
                 ({**base, "device_id": "x" * 65}, False), ({**base, "values": {"a/b": 1.0}}, False)]
@@ -52,7 +59,8 @@ def test_schema_files_are_valid_json_schema(name: str) -> None:
     Draft202012Validator.check_schema(load_schema(name))
 
 
-@pytest.mark.parametrize(("name", "base"), [("transaction", VALID_TX), ("sensor_reading", VALID_SENSOR),
+@pytest.mark.parametrize(("name", "base"), [("transaction", VALID_TX), ("transaction_label", VALID_LABEL),
+                                            ("sensor_reading", VALID_SENSOR),
                                             ("alert", VALID_ALERT)])
 def test_python_types_agree_with_json_schema(name: str, base: dict[str, Any]) -> None:
     validator = Draft202012Validator(load_schema(name), format_checker=FormatChecker())

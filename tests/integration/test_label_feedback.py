@@ -1,0 +1,209 @@
+"""Label feedback on the real broker and PostgreSQL: a labels topic co-partitioned with the transactions
+topic feeds each partition's terminal context. Checks: the contexts equal an offline computation from the
+two logs, a labels partition's committed position never passes a label that was not applied, a restart
+restores the contexts and re-reads exactly the labels they lack, and a bad label is dead-lettered."""
+
+from __future__ import annotations
+
+import shutil
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from models.lstm_ae import LSTMAEConfig, TrainConfig, bundled_checkpoint_path, save_checkpoint
+from pipeline.app import build_scorers, build_service, label_topics
+from pipeline.errors import ConfigError
+from pipeline.features.streams import DAY, TransactionStream
+from pipeline.features.terminal import TerminalContext
+from pipeline.kafka.client import KafkaDeadLetterSink, KafkaSource, ensure_topics, make_producer, produce_json
+from pipeline.kafka.client import read_topic as read_topic_raw
+from pipeline.processor import Processor, ProcessorOptions
+from pipeline.replay.core import run_replay
+from pipeline.simulate import iso, simulate_transactions, strip_labels
+from pipeline.sinks.sql import SqlStore
+from pipeline.training import train_stream_model
+from tests.service_helpers import read_topic
+from tests.stream_helpers import PARTITIONS, Runner, settings_for, wait_until
+
+FEEDBACK_TAU = 3 * DAY
+
+
+def _ts(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+@pytest.fixture(scope="module")
+def feedback_model() -> Any:
+    spec = TransactionStream(terminal_context=True, fraud_feedback_tau_s=FEEDBACK_TAU)
+    recs = strip_labels(simulate_transactions(40, 30, seed=21)[0])
+    cols = spec.columns([spec.parse(r) for r in recs])
+    cfg = LSTMAEConfig(n_features=spec.n_features, window=8, hidden_size=8, latent_size=2, score_features=(0, 8))
+    return train_stream_model(spec, cols, model=cfg, train=TrainConfig(epochs=1, seed=0), min_history=1)
+
+
+def _state(ctx: TerminalContext) -> dict[str, np.ndarray]:
+    return {t: np.array([getattr(ctx, a)[i] for a in TerminalContext._ARRAYS]) for t, i in ctx._slot.items()}
+
+
+def _expected(bootstrap: str, tx_topic: str, labels_topic: str) -> dict[int, TerminalContext]:
+    """Each partition's context recomputed offline from the two logs (labels first: they were all queued
+    before any payment of this test was processed)."""
+    by_part: dict[int, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
+    for r in sorted(read_topic_raw(bootstrap, labels_topic), key=lambda r: (r.partition, r.offset)):
+        try:
+            lab = orjson.loads(r.value)
+            known = _ts(lab["labelled_at"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            continue
+        d = by_part[r.partition]
+        d["off"].append(r.offset)
+        d["lt"].append(lab["terminal_id"])
+        d["known"].append(known)
+        d["fraud"].append(float(lab["is_fraud"]))
+    for r in sorted(read_topic_raw(bootstrap, tx_topic), key=lambda r: (r.partition, r.offset)):
+        tx = orjson.loads(r.value)
+        d = by_part[r.partition]
+        d["tt"].append(tx["terminal_id"])
+        d["ts"].append(_ts(tx["timestamp"]))
+        d["amt"].append(np.log1p(tx["amount"]))
+    out = {}
+    for p, d in by_part.items():
+        ctx = TerminalContext(DAY, feedback_tau_s=FEEDBACK_TAU)
+        ctx.add_labels(d["off"], d["lt"], np.array(d["known"]), np.array(d["fraud"]))
+        ctx.features(d["tt"], np.array(d["ts"]), np.array(d["amt"]))
+        out[p] = ctx
+    return out
+
+
+def _assert_same_contexts(got: dict[int, TerminalContext], expected: dict[int, TerminalContext]) -> None:
+    assert got.keys() == expected.keys()
+    for p, ctx in expected.items():
+        want, have = _state(ctx), _state(got[p])
+        assert want.keys() == have.keys()
+        for t in want:
+            np.testing.assert_allclose(have[t], want[t], rtol=1e-12, equal_nan=True)
+
+
+def _processor(settings: Any, ckpt: Any, bootstrap: str, db: SqlStore) -> tuple[Processor, KafkaSource,
+                                                                                KafkaDeadLetterSink]:
+    scorers = build_scorers(settings, {"transactions": ckpt})
+    labels = label_topics(settings, scorers)
+    assert labels == {settings.labels_topic: settings.transactions_topic}
+    source = KafkaSource(bootstrap, settings.group_id, session_timeout_ms=6000, heartbeat_interval_ms=1000)
+    dlq = KafkaDeadLetterSink(bootstrap, settings.dlq_topic)
+    opts = ProcessorOptions(run_id="live", group_id=settings.group_id, snapshot_interval_s=0.5)
+    return Processor(source, db, dlq, scorers, opts, label_topics=labels), source, dlq
+
+
+def _committed(db: SqlStore, group: str, topic: str) -> dict[int, int]:
+    return {p: c for (t, p), (c, _) in db.load_offsets("live", group).items() if t == topic}
+
+
+def test_labels_reach_their_partitions_terminal_context_and_survive_a_restart(
+    kafka_bootstrap: str, pg_store: SqlStore, pg_url: str, topic_prefix: str, feedback_model: Any, tmp_path: Path
+) -> None:
+    s = settings_for(topic_prefix, pg_url)
+    s.labels_topic = f"{topic_prefix}-labels"
+    ensure_topics(kafka_bootstrap, [s.transactions_topic, s.labels_topic, s.dlq_topic], PARTITIONS)
+    txs = strip_labels(simulate_transactions(30, 24, seed=5)[0])
+    txs.sort(key=lambda r: r["timestamp"])
+    first, second = txs[: len(txs) * 2 // 3], txs[len(txs) * 2 // 3 :]
+    compromised = txs[0]["terminal_id"]
+    # every payment gets a label one day later: fraud at the compromised terminal, genuine elsewhere
+    labels = [{"transaction_id": r["transaction_id"], "customer_id": r["customer_id"], "terminal_id": r["terminal_id"],
+               "is_fraud": r["terminal_id"] == compromised, "labelled_at": iso(_ts(r["timestamp"]) + DAY)}
+              for r in txs]
+    producer = make_producer(kafka_bootstrap)
+    try:
+        produce_json(producer, s.labels_topic, [(lab["customer_id"], lab) for lab in labels]
+                     + [("C000001", b'{"customer_id": "C000001", "is_fraud": "yes"}')])
+    finally:
+        producer.close()
+
+    proc, src, dlq = _processor(s, feedback_model, kafka_bootstrap, pg_store)
+    spec = proc.scorers[s.transactions_topic].spec
+    assert isinstance(spec, TransactionStream)
+    runner = Runner(proc).start()
+    try:
+        wait_until(lambda: sum(c.pending_labels for c in spec.contexts.values()) == len(labels), 60,
+                   "every label queued")
+        producer = make_producer(kafka_bootstrap)
+        try:
+            produce_json(producer, s.transactions_topic, [(r["customer_id"], r) for r in first])
+        finally:
+            producer.close()
+        wait_until(lambda: sum(_committed(pg_store, s.group_id, s.transactions_topic).values()) == len(first), 60,
+                   "first payments durable")
+    finally:
+        runner.stop.set()
+        runner.join(30)
+        src.close()
+        dlq.close()
+    expected = _expected(kafka_bootstrap, s.transactions_topic, s.labels_topic)
+    _assert_same_contexts(spec.contexts, expected)
+    committed = _committed(pg_store, s.group_id, s.labels_topic)
+    for p, ctx in expected.items():
+        # the labels partition is durable exactly up to its oldest label not applied yet (the second part's)
+        assert ctx.first_pending_offset is not None and committed[p] == ctx.first_pending_offset
+    assert 0 < sum(committed.values()) < len(labels)
+    risky = [c.fb_fraud[c._slot[compromised]] for c in expected.values() if compromised in c._slot]
+    assert risky and max(risky) > 0.5  # the compromised terminal's fraud labels were folded in
+    dead = read_topic(kafka_bootstrap, s.dlq_topic)
+    assert {v["reason"] for _, v in dead} == {"missing_field"}
+    assert {v["source"]["topic"] for _, v in dead} == {s.labels_topic}
+
+    # restart: contexts come back from the snapshot, pending labels are re-read, the rest of the payments flow
+    db2 = SqlStore(pg_url)
+    proc2, src2, dlq2 = _processor(s, feedback_model, kafka_bootstrap, db2)
+    spec2 = proc2.scorers[s.transactions_topic].spec
+    assert isinstance(spec2, TransactionStream)
+    pending = sum(c.pending_labels for c in expected.values())
+    runner2 = Runner(proc2).start()
+    try:
+        wait_until(lambda: proc2.ready.is_set() and len(spec2.contexts) == len(expected)
+                   and sum(c.pending_labels for c in spec2.contexts.values()) == pending, 60,
+                   "contexts restored and the unapplied labels re-read")
+        producer = make_producer(kafka_bootstrap)
+        try:
+            produce_json(producer, s.transactions_topic, [(r["customer_id"], r) for r in second])
+        finally:
+            producer.close()
+        wait_until(lambda: sum(_committed(db2, s.group_id, s.transactions_topic).values()) == len(txs), 60,
+                   "all payments durable")
+    finally:
+        runner2.stop.set()
+        runner2.join(30)
+        src2.close()
+        dlq2.close()
+    # restored context + re-read labels + new payments == one uninterrupted computation over both logs
+    expected = _expected(kafka_bootstrap, s.transactions_topic, s.labels_topic)
+    _assert_same_contexts(spec2.contexts, expected)
+    committed = _committed(db2, s.group_id, s.labels_topic)
+    for p, ctx in expected.items():  # the last day's labels are not due yet
+        assert ctx.first_pending_offset is not None and committed[p] == ctx.first_pending_offset
+    db2.dispose()
+
+    # a replay of the transactions topic with this model reads the labels topic alongside
+    model = save_checkpoint(feedback_model, tmp_path / "transactions.pt")
+    res = run_replay(s, kafka_bootstrap, [s.transactions_topic], model=str(model), run_id="replay-fb", db=pg_store)
+    assert res.topics == [s.transactions_topic, s.labels_topic]
+    assert res.events == len(txs) + len(labels) + 1 and res.dead_letters == {"missing_field": 1}
+
+
+def test_service_refuses_a_labels_topic_with_another_partition_count(
+    kafka_bootstrap: str, pg_url: str, topic_prefix: str, feedback_model: Any, tmp_path: Path
+) -> None:
+    save_checkpoint(feedback_model, tmp_path / "transactions.pt")
+    for suffix in (".pt", ".card.json"):
+        shutil.copy(bundled_checkpoint_path("sensors").with_suffix(suffix), tmp_path / f"sensors{suffix}")
+    s = settings_for(topic_prefix, pg_url)
+    s.models_dir, s.labels_topic = tmp_path, f"{topic_prefix}-labels"
+    s.alerts_topic = f"{topic_prefix}-alerts"
+    ensure_topics(kafka_bootstrap, [s.labels_topic], PARTITIONS // 2)
+    with pytest.raises(ConfigError, match="same partition count"):
+        build_service(s, kafka_bootstrap, train_if_missing=False)

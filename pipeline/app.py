@@ -5,6 +5,7 @@ the Kafka layer, the SQL layer and the pure core.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,29 @@ def label_topics(settings: Settings, scorers: dict[str, StreamScorer]) -> dict[s
     return {}
 
 
+def check_partitioning(settings: Settings, scorers: dict[str, StreamScorer], labels: dict[str, str],
+                       partitions_for: Callable[[str], list[int]]) -> None:
+    """Terminal context is per partition, so a model trained on one split of the customers must be served
+    on the same split (else its terminal features shift: train/serve skew); labels must be co-partitioned."""
+    scorer = scorers.get(settings.transactions_topic)
+    if scorer is None or not (isinstance(scorer.spec, TransactionStream) and scorer.spec.terminal_context):
+        return
+    have = len(partitions_for(settings.transactions_topic))
+    card = scorer.checkpoint.card if scorer.checkpoint is not None else {}
+    trained = int(card.get("terminal_context_partitions", 1))
+    if have != trained:
+        raise ConfigError(f"transactions model {scorer.model_version} computed terminal context over {trained} "
+                          f"partition(s); topic {settings.transactions_topic!r} has {have}. Serve it on a topic with "
+                          f"{trained}, or retrain: pipeline evaluate --format transactions --partitions {have} "
+                          "--save-model ...")
+    for topic, fed in labels.items():
+        n = len(partitions_for(topic))
+        if n != have:
+            raise ConfigError(f"labels topic {topic!r} has {n} partitions and {fed!r} {have}: "
+                              "label feedback needs both keyed by customer with the same partition count")
+        log.info("label feedback: %s -> terminal fraud risk of %s", topic, fed)
+
+
 def options_from(settings: Settings) -> ProcessorOptions:
     return ProcessorOptions(
         run_id=settings.run_id, group_id=settings.group_id, max_batch_records=settings.max_batch_records,
@@ -114,13 +138,11 @@ def build_service(settings: Settings, bootstrap: str, *, train_if_missing: bool 
     source = KafkaSource(bootstrap, settings.group_id, session_timeout_ms=settings.session_timeout_ms,
                          heartbeat_interval_ms=settings.heartbeat_interval_ms,
                          fetch_max_wait_ms=settings.fetch_max_wait_ms)
-    for topic, fed in labels.items():
-        counts = {t: len(source.partitions_for(t)) for t in (topic, fed)}
-        if counts[topic] != counts[fed]:
-            source.close()
-            raise ConfigError(f"labels topic {topic!r} has {counts[topic]} partitions and {fed!r} {counts[fed]}: "
-                              "label feedback needs both keyed by customer with the same partition count")
-        log.info("label feedback: %s -> terminal fraud risk of %s", topic, fed)
+    try:
+        check_partitioning(settings, scorers, labels, source.partitions_for)
+    except ConfigError:
+        source.close()
+        raise
     dlq = KafkaDeadLetterSink(bootstrap, settings.dlq_topic)
     processor = Processor(source, db, dlq, scorers, options_from(settings), label_topics=labels)
     publisher = enable_incidents(processor, settings, db, bootstrap) if settings.alerts.incidents else None

@@ -28,7 +28,8 @@ class Format(str, Enum):
 
 
 def run_evaluation(fmt: str, data: Path, *, epochs: int | None = None, seed: int | None = None,
-                   device: str = "cpu", save_model: Path | None = None) -> dict[str, Any]:
+                   device: str = "cpu", save_model: Path | None = None, partitions: int | None = None
+                   ) -> dict[str, Any]:
     """Dispatch to the format's protocol; overrides apply on top of the validated defaults.
     save_model (transactions): also write the trained checkpoint, servable as PIPELINE_MODELS_DIR/transactions.pt."""
     from dataclasses import replace
@@ -41,6 +42,11 @@ def run_evaluation(fmt: str, data: Path, *, epochs: int | None = None, seed: int
     if save_model is not None and fmt != "transactions":
         raise ConfigError("--save-model: only --format transactions trains one servable model (SKAB and NASA "
                           "models are fitted per benchmark split)")
+    if partitions is not None:
+        if fmt != "transactions":
+            raise ConfigError("--partitions: only --format transactions has per-partition (terminal) state")
+        if partitions < 1:
+            raise ConfigError(f"--partitions must be >= 1, got {partitions}")
     if fmt == "skab":
         from pipeline.evaluate import skab
 
@@ -52,6 +58,8 @@ def run_evaluation(fmt: str, data: Path, *, epochs: int | None = None, seed: int
     elif fmt == "transactions":
         from pipeline.evaluate import transactions
 
+        if partitions is not None:
+            overrides["partitions"] = partitions
         res = transactions.evaluate(data, replace(transactions.TransactionsConfig(), **overrides), device=device,
                                     save_model=save_model)
     else:
@@ -74,9 +82,13 @@ def register(app: typer.Typer) -> None:
         save_model: Annotated[Path | None, typer.Option(
             "--save-model", help="transactions: also save the trained model (.pt + .card.json) for `pipeline run`")
         ] = None,
+        partitions: Annotated[int | None, typer.Option(
+            help="transactions: partition count of the topic the model will serve (terminal context is per "
+                 "partition); default 1")] = None,
     ) -> None:
         """Train on a benchmark's training part, stream its test part through the scorer, print metrics."""
-        res = run_evaluation(fmt.value, data, epochs=epochs, seed=seed, device=device, save_model=save_model)
+        res = run_evaluation(fmt.value, data, epochs=epochs, seed=seed, device=device, save_model=save_model,
+                             partitions=partitions)
         if as_json:
             typer.echo(json.dumps(res, sort_keys=True))
             return

@@ -27,6 +27,7 @@ from pipeline.errors import ConfigError
 from pipeline.evaluate import common
 from pipeline.evaluate.metrics import card_precision_at_k, ranking
 from pipeline.features.streams import DAY, EventColumns, TransactionStream
+from pipeline.kafka.partitioning import partitions_of
 from pipeline.scoring.threshold import AdaptiveThreshold
 
 COLUMNS = ["TX_DATETIME", "CUSTOMER_ID", "TERMINAL_ID", "TX_AMOUNT", "TX_FRAUD"]
@@ -42,6 +43,9 @@ class TransactionsConfig:
     # label feedback: a payment's label is known this many days after it (None = no feedback feature)
     feedback_delay_days: float | None = 7.0
     feedback_tau_days: float = 3.0  # memory of the terminal fraud rate
+    # partitions of the transactions topic the model will be served on: terminal context is per partition
+    # (customers hashed as the service's producers key them), so training must see the same split
+    partitions: int = 1
     # score (diagonal, one-sided): the customer-relative amount as a prediction error of the LSTM (log_amount,
     # hidden from the encoder at the scored step), the absolute level of the terminal-relative amount
     # (terminal_amount_dev scaled by the global prior) and the terminal's known fraud rate (global level).
@@ -82,18 +86,30 @@ def read(path: Path) -> pd.DataFrame:
 
 
 def featurize_with_feedback(spec: TransactionStream, customers: list[str], ts: np.ndarray, amounts: np.ndarray,
-                            terminals: list[str], fraud: np.ndarray, delay_s: float, chunk: int = 50_000
-                            ) -> EventColumns:
+                            terminals: list[str], fraud: np.ndarray, delay_s: float, chunk: int = 50_000,
+                            partitions: np.ndarray | None = None) -> EventColumns:
     """Features with delayed label feedback, by the service's own mechanism: every payment's label is queued
-    (known `delay_s` after the payment, in payment order, as a labels topic would carry it) in the terminal
-    context, which folds each label in just before the first payment at or after the time it became known,
-    never earlier. `ts` must be sorted."""
-    spec.context(0).add_labels(np.arange(len(ts)), terminals, ts + delay_s, fraud)
-    parts = [spec.columns_from_arrays(customers[a : a + chunk], ts[a : a + chunk], amounts[a : a + chunk],
-                                      terminals[a : a + chunk])
-             for a in tqdm(range(0, len(ts), chunk), desc="features + label feedback", unit="chunk",
-                           file=sys.stderr, leave=False, mininterval=0.5)]
-    return common.concat(parts)
+    (known `delay_s` after the payment, in payment order, in its customer's partition, as a labels topic keyed
+    by customer carries it) in the partition's terminal context, which folds each label in just before the
+    first payment at or after the time it became known, never earlier. `ts` must be sorted."""
+    parts_of = np.zeros(len(ts), np.int32) if partitions is None else partitions
+    for p in np.unique(parts_of).tolist():
+        idx = np.flatnonzero(parts_of == p)
+        spec.context(int(p)).add_labels(np.arange(len(idx)), [terminals[i] for i in idx.tolist()],
+                                        ts[idx] + delay_s, fraud[idx])
+    return _featurize(spec, customers, ts, amounts, terminals, partitions, chunk)
+
+
+def _featurize(spec: TransactionStream, customers: list[str], ts: np.ndarray, amounts: np.ndarray,
+               terminals: list[str] | None, partitions: np.ndarray | None, chunk: int = 50_000) -> EventColumns:
+    def cut(a: int) -> EventColumns:
+        b = a + chunk
+        return spec.columns_from_arrays(customers[a:b], ts[a:b], amounts[a:b],
+                                        None if terminals is None else terminals[a:b],
+                                        None if partitions is None else partitions[a:b])
+
+    return common.concat([cut(a) for a in tqdm(range(0, len(ts), chunk), desc="features", unit="chunk",
+                                                file=sys.stderr, leave=False, mininterval=0.5)])
 
 
 def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, device: str = "cpu",
@@ -112,15 +128,18 @@ def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, devi
         raise ConfigError("label feedback is a terminal feature: it needs terminal_context")
     spec = TransactionStream(terminal_context=cfg.terminal_context,
                              fraud_feedback_tau_s=cfg.feedback_tau_days * DAY if feedback else None)
+    if cfg.partitions < 1:
+        raise ConfigError(f"partitions must be >= 1, got {cfg.partitions}")
     customers = df["CUSTOMER_ID"].astype(str).tolist()
     amounts = df["TX_AMOUNT"].to_numpy(np.float64)
     terminals = df["TERMINAL_ID"].astype(str).tolist() if cfg.terminal_context else None
+    partitions = partitions_of(customers, cfg.partitions) if cfg.terminal_context and cfg.partitions > 1 else None
     if feedback:
         assert terminals is not None and cfg.feedback_delay_days is not None
         cols = featurize_with_feedback(spec, customers, ts, amounts, terminals, df["TX_FRAUD"].to_numpy(),
-                                       cfg.feedback_delay_days * DAY)
+                                       cfg.feedback_delay_days * DAY, partitions=partitions)
     else:
-        cols = spec.columns_from_arrays(customers, ts, amounts, terminals)
+        cols = _featurize(spec, customers, ts, amounts, terminals, partitions)
     train_idx = np.flatnonzero(day < first_test)
     test_idx = np.flatnonzero(day >= first_test)
     warm_idx = np.flatnonzero((day < first_test) & (day >= first_test - cfg.warm_days))
@@ -128,6 +147,8 @@ def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, devi
     model = LSTMAEConfig(n_features=spec.n_features, **cfg.model)
     tcfg = TrainConfig(epochs=cfg.epochs, seed=cfg.seed, max_windows=cfg.max_windows)
     ckpt = common.fit(spec, train, model, tcfg, min_history=cfg.min_history, device=device, name="transactions")
+    if cfg.terminal_context:
+        ckpt.card["terminal_context_partitions"] = cfg.partitions
     if save_model is not None:
         ckpt.card["training_data"] = f"{path.name}, days 0-{first_test - 1} (labels only as delayed feedback)"
         save_checkpoint(ckpt, save_model)
@@ -139,6 +160,7 @@ def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, devi
     out = ranking(y, res.scores)
     out["card_precision_at_100" if cfg.k == 100 else f"card_precision_at_{cfg.k}"] = card_precision_at_k(
         day[test_idx], df["CUSTOMER_ID"].to_numpy()[test_idx], res.scores, y, k=cfg.k)
-    out.update(train_days=first_test, test_days=n_days - first_test, test_events=len(test_idx),
+    out.update(partitions=cfg.partitions, train_days=first_test, test_days=n_days - first_test,
+               test_events=len(test_idx),
                test_frauds=int(y.sum()), alert_rate=float(res.alerts.mean()) if len(y) else 0.0)
     return out

@@ -198,7 +198,11 @@ def test_labels_reach_their_partitions_terminal_context_and_survive_a_restart(
 def test_service_refuses_a_labels_topic_with_another_partition_count(
     kafka_bootstrap: str, pg_url: str, topic_prefix: str, feedback_model: Any, tmp_path: Path
 ) -> None:
-    save_checkpoint(feedback_model, tmp_path / "transactions.pt")
+    feedback_model.card["terminal_context_partitions"] = PARTITIONS
+    try:
+        save_checkpoint(feedback_model, tmp_path / "transactions.pt")
+    finally:
+        del feedback_model.card["terminal_context_partitions"]
     for suffix in (".pt", ".card.json"):
         shutil.copy(bundled_checkpoint_path("sensors").with_suffix(suffix), tmp_path / f"sensors{suffix}")
     s = settings_for(topic_prefix, pg_url)

@@ -243,3 +243,31 @@ def test_saved_transactions_model_is_servable_with_label_feedback(tmp_path: Path
     nope = CliRunner().invoke(_app(), ["evaluate", "--format", "skab", "--data", str(tmp_path),
                                        "--save-model", str(model)])
     assert isinstance(nope.exception, ConfigError) and "--save-model" in str(nope.exception)
+
+
+def test_terminal_context_partitions_travel_with_the_model(tmp_path: Path) -> None:
+    from models.lstm_ae import load_checkpoint
+    from pipeline.app import build_scorers, check_partitioning, label_topics
+    from pipeline.config import Settings
+
+    data = _transactions(tmp_path / "tx", np.random.default_rng(2))
+    model = tmp_path / "m" / "transactions.pt"
+    out = CliRunner().invoke(_app(), ["evaluate", "--format", "transactions", "--data", str(data), "--json",
+                                      "--epochs", "1", "--partitions", "2", "--save-model", str(model)])
+    assert out.exit_code == 0, (out.output, out.exception)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["partitions"] == 2
+    ckpt = load_checkpoint(model)
+    assert ckpt.card["terminal_context_partitions"] == 2
+    settings = Settings(device="cpu")
+    scorers = build_scorers(settings, {"transactions": ckpt})
+    labels = label_topics(settings, scorers)
+    check_partitioning(settings, scorers, labels, lambda topic: [0, 1])  # as trained: fine
+    with pytest.raises(ConfigError, match="--partitions 4"):
+        check_partitioning(settings, scorers, labels, lambda topic: [0, 1, 2, 3])
+    with pytest.raises(ConfigError, match="same partition count"):
+        check_partitioning(settings, scorers, labels,
+                           lambda topic: [0, 1, 2] if topic == settings.labels_topic else [0, 1])
+    for bad in (["--partitions", "0"], ["--format", "nasa", "--partitions", "2"]):
+        args = ["evaluate", "--format", "transactions", "--data", str(data), *bad]
+        res = CliRunner().invoke(_app(), args)
+        assert isinstance(res.exception, ConfigError) and "--partitions" in str(res.exception)

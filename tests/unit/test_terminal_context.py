@@ -120,3 +120,17 @@ def test_stream_layout_comes_from_the_model_card() -> None:
         transaction_stream_for(fb.feature_names, {})
     with pytest.raises(ValueError, match="this build knows"):
         transaction_stream_for(["log_amount", "mystery"], {})
+
+
+def test_offline_partitioning_matches_the_producers_partitioner() -> None:
+    from kafka.partitioner.default import DefaultPartitioner
+
+    from pipeline.kafka.partitioning import partitions_of
+
+    keys = [str(i) for i in range(200)] + ["C000001", "ü-key", "C000001"]
+    got = partitions_of(keys, 4)
+    want = [DefaultPartitioner()(k.encode(), [0, 1, 2, 3], [0, 1, 2, 3]) for k in keys]
+    assert got.tolist() == want and set(want) == {0, 1, 2, 3}
+    assert partitions_of(keys, 1).tolist() == [0] * len(keys)
+    with pytest.raises(ValueError):
+        partitions_of(keys, 0)

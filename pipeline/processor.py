@@ -14,10 +14,11 @@ import gc
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 
@@ -107,6 +108,11 @@ class Processor:
         self.label_topics = dict(label_topics or {})
         self._label_spec = LabelStream()
         self._label_read: dict[TopicPartition, int] = {}  # labels partition -> next offset after the last read
+        self._label_watermark: dict[TopicPartition, float] = {}  # labels partition -> latest labelled_at read
+        self._fed_by = {fed: labels for labels, fed in self.label_topics.items()}  # transactions -> labels topic
+        self._held: dict[TopicPartition, deque[tuple[RawRecord, Any]]] = {}  # payments waiting for labels
+        self._paused: set[TopicPartition] = set()
+        self._assigned: set[TopicPartition] = set()
         self.stats = ProcessorStats()
         self.recovery_until: dict[TopicPartition, int] = {}
         self.checkpointer = Checkpointer(db, source, dlq, run_id=options.run_id, group_id=options.group_id,
@@ -154,6 +160,7 @@ class Processor:
                 delay = min(delay * 2, self.opt.db_retry_max_s)
 
     def on_assigned(self, tps: Sequence[TopicPartition]) -> None:
+        self._assigned = set(tps)
         saved = self._load_offsets()
         pos = self.checkpointer.positions
         for tp in tps:
@@ -208,6 +215,10 @@ class Processor:
                 if isinstance(scorer.spec, TransactionStream):
                     scorer.spec.drop_partition(tp[1])  # its queued labels go too: they are re-read
             self._label_read.pop(tp, None)
+            self._label_watermark.pop(tp, None)
+            self._held.pop(tp, None)  # not committed past: the next owner reads them again
+            self._paused.discard(tp)
+            self._assigned.discard(tp)
             self.checkpointer.positions.forget(tp)
             self.recovery_until.pop(tp, None)
             self._next_offset.pop(tp, None)
@@ -269,41 +280,104 @@ class Processor:
                     continue
                 good.append(rec)
                 good_recs.append(r)
-            for r in recs:
-                pos.advance((r.topic, r.partition), r.offset + 1)
             self.stats.events += len(recs)
             metrics.EVENTS.labels(spec.name).inc(len(recs))
-            if not good:
-                continue
-            parts = np.fromiter((r.partition for r in good_recs), np.int32, len(good_recs))
-            cols = spec.columns(good, parts)
-            res = scorer.process(cols, parts)
-            self.stats.scored += len(good)
-            metrics.SCORED.labels(spec.name).inc(len(good))
-            metrics.BATCH_FILL.observe(len(good))
-            self._max_event_ts = max(self._max_event_ts, float(cols.ts.max()))
-            self.checkpointer.observe(topic, spec.name, good_recs, parts, cols.ts, res)  # incident lifecycle
-            for i in np.flatnonzero(res.is_anomaly):
-                r = good_recs[i]
-                top = np.argsort(-res.contributions[i])[: self.opt.top_features]
-                self.checkpointer.pending.append(AlertRow(
-                    alert_key=f"{self.opt.run_id}|{r.topic}|{r.partition}|{r.offset}|{scorer.model_version}",
-                    run_id=self.opt.run_id,
-                    stream=spec.name,
-                    entity_id=res.entity_ids[i],
-                    event_time=datetime.fromtimestamp(float(cols.ts[i]), tz=timezone.utc),
-                    score=float(res.scores[i]),
-                    threshold=float(res.thresholds[i]),
-                    severity=severity(float(res.scores[i]), float(res.thresholds[i])),
-                    model_version=scorer.model_version,
-                    top_features=[{"feature": spec.feature_names[j], "observed": float(res.observed[i, j]),
-                                   "reconstructed": float(res.reconstructed[i, j]),
-                                   "contribution": float(res.contributions[i, j])} for j in top],
-                    source_topic=r.topic, source_partition=r.partition, source_offset=r.offset,
-                ))
-                self.stats.alerts += 1
-                self.stats.alerts_by_stream[spec.name] += 1
+            if topic in self._fed_by:  # payments wait until their partition's labels have caught up with them
+                good_recs, good = self._align(topic, recs, good_recs, good)
+            else:
+                for r in recs:
+                    pos.advance((r.topic, r.partition), r.offset + 1)
+            self._score(topic, scorer, good_recs, good)
+        self._release_aligned()
         self._advance_label_positions()
+
+    def _score(self, topic: str, scorer: StreamScorer, good_recs: list[RawRecord], good: list[Any]) -> None:
+        spec = scorer.spec
+        if not good:
+            return
+        parts = np.fromiter((r.partition for r in good_recs), np.int32, len(good_recs))
+        cols = spec.columns(good, parts)
+        res = scorer.process(cols, parts)
+        self.stats.scored += len(good)
+        metrics.SCORED.labels(spec.name).inc(len(good))
+        metrics.BATCH_FILL.observe(len(good))
+        self._max_event_ts = max(self._max_event_ts, float(cols.ts.max()))
+        self.checkpointer.observe(topic, spec.name, good_recs, parts, cols.ts, res)  # incident lifecycle
+        for i in np.flatnonzero(res.is_anomaly):
+            r = good_recs[i]
+            top = np.argsort(-res.contributions[i])[: self.opt.top_features]
+            self.checkpointer.pending.append(AlertRow(
+                alert_key=f"{self.opt.run_id}|{r.topic}|{r.partition}|{r.offset}|{scorer.model_version}",
+                run_id=self.opt.run_id,
+                stream=spec.name,
+                entity_id=res.entity_ids[i],
+                event_time=datetime.fromtimestamp(float(cols.ts[i]), tz=timezone.utc),
+                score=float(res.scores[i]),
+                threshold=float(res.thresholds[i]),
+                severity=severity(float(res.scores[i]), float(res.thresholds[i])),
+                model_version=scorer.model_version,
+                top_features=[{"feature": spec.feature_names[j], "observed": float(res.observed[i, j]),
+                               "reconstructed": float(res.reconstructed[i, j]),
+                               "contribution": float(res.contributions[i, j])} for j in top],
+                source_topic=r.topic, source_partition=r.partition, source_offset=r.offset,
+            ))
+            self.stats.alerts += 1
+            self.stats.alerts_by_stream[spec.name] += 1
+
+    # -- label feedback: event-time alignment ---------------------------------------------------------
+    def _align(self, topic: str, recs: list[RawRecord], good_recs: list[RawRecord], good: list[Any]
+               ) -> tuple[list[RawRecord], list[Any]]:
+        """Hold payments (in log order) whose labels may not have been read yet; return those ready now."""
+        for r, rec in zip(good_recs, good, strict=True):
+            self._held.setdefault((r.topic, r.partition), deque()).append((r, rec))
+        for r in recs:
+            if (r.topic, r.partition) not in self._held:
+                self._held[(r.topic, r.partition)] = deque()
+        return self._release(topic)
+
+    def _release(self, topic: str) -> tuple[list[RawRecord], list[Any]]:
+        labels = self._fed_by[topic]
+        pos = self.checkpointer.positions
+        out_recs: list[RawRecord] = []
+        out: list[Any] = []
+        for tp, queue in self._held.items():
+            if tp[0] != topic:
+                continue
+            # a payment is ready once every label known by its time has been read: the labels partition is
+            # read to its end, or past a label known later (labels are written in labelled_at order, as a live
+            # feed is; one written out of order is applied late, never early)
+            ltp = (labels, tp[1])
+            if ltp not in self._assigned or self.source.caught_up(ltp):  # (not co-assigned: logged on assignment)
+                ready = len(queue)
+            else:
+                mark = self._label_watermark.get(ltp, float("-inf"))
+                ready = 0
+                while ready < len(queue) and queue[ready][1].timestamp.timestamp() <= mark:
+                    ready += 1
+            for _ in range(ready):
+                r, rec = queue.popleft()
+                out_recs.append(r)
+                out.append(rec)
+            pos.advance(tp, queue[0][0].offset if queue else self._next_offset.get(tp, 0))
+            cap = 2 * self.opt.max_batch_records  # bounded memory: stop fetching a partition that waits
+            if len(queue) > cap and tp not in self._paused:
+                self.source.pause(tp)
+                self._paused.add(tp)
+            elif len(queue) <= cap // 2 and tp in self._paused:
+                self.source.resume(tp)
+                self._paused.discard(tp)
+        return out_recs, out
+
+    def _release_aligned(self) -> None:
+        for topic in self._fed_by:
+            if any(q for (t, _), q in self._held.items() if t == topic):
+                good_recs, good = self._release(topic)
+                self._score(topic, self.scorers[topic], good_recs, good)
+
+    @property
+    def holding(self) -> int:
+        """Payments read but waiting for their labels partition to catch up."""
+        return sum(len(q) for q in self._held.values())
 
     def _read_labels(self, topic: str, recs: list[RawRecord]) -> None:
         """Decode labels (bad ones to the dead-letter topic) and queue them in their partition's context."""
@@ -324,10 +398,13 @@ class Processor:
                     self.stats.dead_letters += 1
                     metrics.DLQ.labels(exc.reason).inc()
                 continue
+            known = lab.labelled_at.timestamp()
+            ltp = (r.topic, r.partition)
+            self._label_watermark[ltp] = max(self._label_watermark.get(ltp, float("-inf")), known)
             q = queued[r.partition]
             q[0].append(r.offset)
             q[1].append(lab.terminal_id)
-            q[2].append(lab.labelled_at.timestamp())
+            q[2].append(known)
             q[3].append(1.0 if lab.is_fraud else 0.0)
         for p, (offsets, terminals, known, fraud) in queued.items():
             spec.context(p).add_labels(offsets, terminals, np.asarray(known), np.asarray(fraud))
@@ -406,6 +483,8 @@ class Processor:
             if records:
                 self.handle(records)
                 last_data = now
+            elif self._held:
+                self._release_aligned()  # labels may have caught up without new payments
             if now - last_commit >= commit_every:
                 snap = self._due_snapshot(now)
                 if not self.checkpoint_with_retry(snap, stop):
@@ -425,7 +504,7 @@ class Processor:
             if not self.ready.is_set():
                 last_data = now  # idle time counts from the first assignment
             elif idle_exit_s is not None and not records and now - last_data >= idle_exit_s \
-                    and self.source.lag() == 0:
+                    and self.source.lag() == 0 and not self.holding:
                 break
         self.final_checkpoint()
         return self.stats

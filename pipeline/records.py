@@ -37,6 +37,16 @@ class Source(Protocol):
 
     def lag(self) -> int | None: ...
 
+    def caught_up(self, tp: TopicPartition) -> bool:
+        """Everything in the partition (as of the last fetch) has been returned by `poll`."""
+        ...
+
+    def pause(self, tp: TopicPartition) -> None:
+        """Stop fetching the partition (its position stays) until `resume`."""
+        ...
+
+    def resume(self, tp: TopicPartition) -> None: ...
+
     def close(self) -> None: ...
 
 

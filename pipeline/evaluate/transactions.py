@@ -46,6 +46,9 @@ class TransactionsConfig:
     # partitions of the transactions topic the model will be served on: terminal context is per partition
     # (customers hashed as the service's producers key them), so training must see the same split
     partitions: int = 1
+    # every label written to every partition of the labels topic (each partition's terminal context then
+    # sees all of a terminal's labels, not only those of its own customers)
+    label_fanout: bool = True  # chosen on the training days (docs/results/evaluation.md); no-op with 1 partition
     # score (diagonal, one-sided): the customer-relative amount as a prediction error of the LSTM (log_amount,
     # hidden from the encoder at the scored step), the absolute level of the terminal-relative amount
     # (terminal_amount_dev scaled by the global prior) and the terminal's known fraud rate (global level).
@@ -87,14 +90,14 @@ def read(path: Path) -> pd.DataFrame:
 
 def featurize_with_feedback(spec: TransactionStream, customers: list[str], ts: np.ndarray, amounts: np.ndarray,
                             terminals: list[str], fraud: np.ndarray, delay_s: float, chunk: int = 50_000,
-                            partitions: np.ndarray | None = None) -> EventColumns:
+                            partitions: np.ndarray | None = None, fanout: bool = False) -> EventColumns:
     """Features with delayed label feedback, by the service's own mechanism: every payment's label is queued
     (known `delay_s` after the payment, in payment order, in its customer's partition, as a labels topic keyed
     by customer carries it) in the partition's terminal context, which folds each label in just before the
     first payment at or after the time it became known, never earlier. `ts` must be sorted."""
     parts_of = np.zeros(len(ts), np.int32) if partitions is None else partitions
     for p in np.unique(parts_of).tolist():
-        idx = np.flatnonzero(parts_of == p)
+        idx = np.arange(len(ts)) if fanout else np.flatnonzero(parts_of == p)
         spec.context(int(p)).add_labels(np.arange(len(idx)), [terminals[i] for i in idx.tolist()],
                                         ts[idx] + delay_s, fraud[idx])
     return _featurize(spec, customers, ts, amounts, terminals, partitions, chunk)
@@ -137,7 +140,8 @@ def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, devi
     if feedback:
         assert terminals is not None and cfg.feedback_delay_days is not None
         cols = featurize_with_feedback(spec, customers, ts, amounts, terminals, df["TX_FRAUD"].to_numpy(),
-                                       cfg.feedback_delay_days * DAY, partitions=partitions)
+                                       cfg.feedback_delay_days * DAY, partitions=partitions,
+                                       fanout=cfg.label_fanout)
     else:
         cols = _featurize(spec, customers, ts, amounts, terminals, partitions)
     train_idx = np.flatnonzero(day < first_test)
@@ -149,6 +153,8 @@ def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, devi
     ckpt = common.fit(spec, train, model, tcfg, min_history=cfg.min_history, device=device, name="transactions")
     if cfg.terminal_context:
         ckpt.card["terminal_context_partitions"] = cfg.partitions
+        if feedback:
+            ckpt.card["label_fanout"] = cfg.label_fanout
     if save_model is not None:
         ckpt.card["training_data"] = f"{path.name}, days 0-{first_test - 1} (labels only as delayed feedback)"
         save_checkpoint(ckpt, save_model)

@@ -80,6 +80,24 @@ def produce_json(producer: KafkaProducer, topic: str, records: Iterable[tuple[st
     return n
 
 
+def produce_labels(producer: KafkaProducer, topic: str, labels: Iterable[Mapping[str, Any]], *, fanout: bool = True,
+                   timestamp_ms: Iterable[int | None] | None = None) -> int:
+    """Label feedback records (schemas/transaction_label), keyed by customer_id. fanout=True writes each label
+    to every partition, so every partition's terminal context sees all of a terminal's labels: what models
+    with `label_fanout` in their card were trained on. Returns records sent."""
+    parts: list[int | None] = sorted(producer.partitions_for(topic)) if fanout else [None]
+    stamps = iter(timestamp_ms) if timestamp_ms is not None else None
+    n = 0
+    for lab in labels:
+        body, key = orjson.dumps(lab), str(lab["customer_id"]).encode()
+        ts = next(stamps) if stamps is not None else None
+        for p in parts:
+            producer.send(topic, key=key, value=body, partition=p, timestamp_ms=ts)
+            n += 1
+    producer.flush()
+    return n
+
+
 class _Listener(ConsumerRebalanceListener):
     def __init__(self, on_assigned: AssignCallback, on_revoked: AssignCallback) -> None:
         self.on_assigned, self.on_revoked = on_assigned, on_revoked
@@ -204,6 +222,16 @@ class KafkaSource:
     def highwater(self, tp: TP) -> int | None:
         hw = self.consumer.highwater(TopicPartition(*tp))
         return None if hw is None else int(hw)
+
+    def caught_up(self, tp: TP) -> bool:
+        hw = self.highwater(tp)
+        return hw is not None and self.position(tp) >= hw
+
+    def pause(self, tp: TP) -> None:
+        self.consumer.pause(TopicPartition(*tp))
+
+    def resume(self, tp: TP) -> None:
+        self.consumer.resume(TopicPartition(*tp))
 
     def lag(self) -> int | None:
         """Records behind the high watermark (None until every assigned partition has been fetched once)."""

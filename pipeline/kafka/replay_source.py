@@ -97,6 +97,17 @@ class ReplaySource:
     def committed(self, tp: TP) -> int | None:
         return None  # a replay never reads or writes the live group's offsets
 
+    def caught_up(self, tp: TP) -> bool:
+        return int(self.consumer.position(TopicPartition(*tp))) >= self.end.get(tp, 0)  # the range's end
+
+    def pause(self, tp: TP) -> None:
+        self.consumer.pause(TopicPartition(*tp))
+
+    def resume(self, tp: TP) -> None:
+        ktp = TopicPartition(*tp)
+        if int(self.consumer.position(ktp)) < self.end.get(tp, 0):  # finished partitions stay paused
+            self.consumer.resume(ktp)
+
     def commit(self, offsets: Mapping[TP, int]) -> None:
         self.positions.update(offsets)
 

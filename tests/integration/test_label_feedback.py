@@ -20,7 +20,14 @@ from pipeline.app import build_scorers, build_service, label_topics
 from pipeline.errors import ConfigError
 from pipeline.features.streams import DAY, TransactionStream
 from pipeline.features.terminal import TerminalContext
-from pipeline.kafka.client import KafkaDeadLetterSink, KafkaSource, ensure_topics, make_producer, produce_json
+from pipeline.kafka.client import (
+    KafkaDeadLetterSink,
+    KafkaSource,
+    ensure_topics,
+    make_producer,
+    produce_json,
+    produce_labels,
+)
 from pipeline.kafka.client import read_topic as read_topic_raw
 from pipeline.processor import Processor, ProcessorOptions
 from pipeline.replay.core import run_replay
@@ -119,18 +126,19 @@ def test_labels_reach_their_partitions_terminal_context_and_survive_a_restart(
                "is_fraud": r["terminal_id"] == compromised, "labelled_at": iso(_ts(r["timestamp"]) + DAY)}
               for r in txs]
     producer = make_producer(kafka_bootstrap)
-    try:
-        produce_json(producer, s.labels_topic, [(lab["customer_id"], lab) for lab in labels]
-                     + [("C000001", b'{"customer_id": "C000001", "is_fraud": "yes"}')])
+    try:  # every label to every partition (label fan-out), then one bad record
+        n_labels = produce_labels(producer, s.labels_topic, labels, fanout=True)
+        produce_json(producer, s.labels_topic, [("C000001", b'{"customer_id": "C000001", "is_fraud": "yes"}')])
     finally:
         producer.close()
+    assert n_labels == PARTITIONS * len(labels)
 
     proc, src, dlq = _processor(s, feedback_model, kafka_bootstrap, pg_store)
     spec = proc.scorers[s.transactions_topic].spec
     assert isinstance(spec, TransactionStream)
     runner = Runner(proc).start()
     try:
-        wait_until(lambda: sum(c.pending_labels for c in spec.contexts.values()) == len(labels), 60,
+        wait_until(lambda: sum(c.pending_labels for c in spec.contexts.values()) == n_labels, 60,
                    "every label queued")
         producer = make_producer(kafka_bootstrap)
         try:
@@ -150,7 +158,7 @@ def test_labels_reach_their_partitions_terminal_context_and_survive_a_restart(
     for p, ctx in expected.items():
         # the labels partition is durable exactly up to its oldest label not applied yet (the second part's)
         assert ctx.first_pending_offset is not None and committed[p] == ctx.first_pending_offset
-    assert 0 < sum(committed.values()) < len(labels)
+    assert 0 < sum(committed.values()) < n_labels
     risky = [c.fb_fraud[c._slot[compromised]] for c in expected.values() if compromised in c._slot]
     assert risky and max(risky) > 0.5  # the compromised terminal's fraud labels were folded in
     dead = read_topic(kafka_bootstrap, s.dlq_topic)
@@ -192,7 +200,7 @@ def test_labels_reach_their_partitions_terminal_context_and_survive_a_restart(
     model = save_checkpoint(feedback_model, tmp_path / "transactions.pt")
     res = run_replay(s, kafka_bootstrap, [s.transactions_topic], model=str(model), run_id="replay-fb", db=pg_store)
     assert res.topics == [s.transactions_topic, s.labels_topic]
-    assert res.events == len(txs) + len(labels) + 1 and res.dead_letters == {"missing_field": 1}
+    assert res.events == len(txs) + n_labels + 1 and res.dead_letters == {"missing_field": 1}
 
 
 def test_service_refuses_a_labels_topic_with_another_partition_count(

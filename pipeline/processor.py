@@ -25,7 +25,7 @@ import numpy as np
 from pipeline import metrics
 from pipeline.checkpointing import Checkpointer
 from pipeline.errors import CheckpointError, DecodeError, SinkError, StateError
-from pipeline.features.streams import LabelStream, TransactionStream
+from pipeline.features.streams import LabelStream, StreamSpec, TransactionStream
 from pipeline.records import DeadLetterSink, RawRecord, Source, TopicPartition
 from pipeline.scoring.scorer import StreamScorer
 from pipeline.sinks.sql import AlertRow, SqlStore, StateRow
@@ -268,18 +268,10 @@ class Processor:
             good_recs = []
             recs = self._drop_reapplied(recs)
             for r in recs:
-                try:
-                    rec = spec.decode(r.value)
-                    if r.key is not None and r.key.decode("utf-8", "replace") != spec.entity_of(rec):
-                        raise DecodeError("key_mismatch", f"key {r.key[:80]!r} != {spec.entity_field}")
-                except DecodeError as exc:
-                    if r.offset >= self.recovery_until.get((r.topic, r.partition), 0):
-                        self.dlq.send(r, exc.reason, exc.detail)
-                        self.stats.dead_letters += 1
-                        metrics.DLQ.labels(exc.reason).inc()
-                    continue
-                good.append(rec)
-                good_recs.append(r)
+                rec = self._decode(spec, r)
+                if rec is not None:
+                    good.append(rec)
+                    good_recs.append(r)
             self.stats.events += len(recs)
             metrics.EVENTS.labels(spec.name).inc(len(recs))
             if topic in self._fed_by:  # payments wait until their partition's labels have caught up with them
@@ -290,6 +282,20 @@ class Processor:
             self._score(topic, scorer, good_recs, good)
         self._release_aligned()
         self._advance_label_positions()
+
+    def _decode(self, spec: StreamSpec, r: RawRecord) -> Any | None:
+        """The validated record, or None after dead-lettering it (not again below the durable position)."""
+        try:
+            rec = spec.decode(r.value)
+            if r.key is not None and r.key.decode("utf-8", "replace") != spec.entity_of(rec):
+                raise DecodeError("key_mismatch", f"key {r.key[:80]!r} != {spec.entity_field}")
+            return rec
+        except DecodeError as exc:
+            if r.offset >= self.recovery_until.get((r.topic, r.partition), 0):
+                self.dlq.send(r, exc.reason, exc.detail)
+                self.stats.dead_letters += 1
+                metrics.DLQ.labels(exc.reason).inc()
+            return None
 
     def _score(self, topic: str, scorer: StreamScorer, good_recs: list[RawRecord], good: list[Any]) -> None:
         spec = scorer.spec
@@ -388,15 +394,8 @@ class Processor:
             lambda: ([], [], [], []))
         for r in recs:
             self._label_read[(r.topic, r.partition)] = r.offset + 1
-            try:
-                lab = self._label_spec.decode(r.value)
-                if r.key is not None and r.key.decode("utf-8", "replace") != lab.customer_id:
-                    raise DecodeError("key_mismatch", f"key {r.key[:80]!r} != customer_id")
-            except DecodeError as exc:
-                if r.offset >= self.recovery_until.get((r.topic, r.partition), 0):
-                    self.dlq.send(r, exc.reason, exc.detail)
-                    self.stats.dead_letters += 1
-                    metrics.DLQ.labels(exc.reason).inc()
+            lab = self._decode(self._label_spec, r)
+            if lab is None:
                 continue
             known = lab.labelled_at.timestamp()
             ltp = (r.topic, r.partition)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,27 @@ def _processor(settings: Any, ckpt: Any, bootstrap: str, db: SqlStore) -> tuple[
     return Processor(source, db, dlq, scorers, opts, label_topics=labels), source, dlq
 
 
+def _run_phase(proc: Processor, src: KafkaSource, dlq: KafkaDeadLetterSink, labels_ready: Callable[[], bool],
+               bootstrap: str, topic: str, payments: list[dict[str, Any]], db: SqlStore, group: str,
+               durable: int) -> None:
+    """Run the processor until its labels are queued, then produce `payments` and wait until the topic is
+    durable up to `durable` records; stop and close."""
+    runner = Runner(proc).start()
+    try:
+        wait_until(labels_ready, 60, "labels queued")
+        producer = make_producer(bootstrap)
+        try:
+            produce_json(producer, topic, [(r["customer_id"], r) for r in payments])
+        finally:
+            producer.close()
+        wait_until(lambda: sum(_committed(db, group, topic).values()) == durable, 60, "payments durable")
+    finally:
+        runner.stop.set()
+        runner.join(30)
+        src.close()
+        dlq.close()
+
+
 def _committed(db: SqlStore, group: str, topic: str) -> dict[int, int]:
     return {p: c for (t, p), (c, _) in db.load_offsets("live", group).items() if t == topic}
 
@@ -136,22 +158,8 @@ def test_labels_reach_their_partitions_terminal_context_and_survive_a_restart(
     proc, src, dlq = _processor(s, feedback_model, kafka_bootstrap, pg_store)
     spec = proc.scorers[s.transactions_topic].spec
     assert isinstance(spec, TransactionStream)
-    runner = Runner(proc).start()
-    try:
-        wait_until(lambda: sum(c.pending_labels for c in spec.contexts.values()) == n_labels, 60,
-                   "every label queued")
-        producer = make_producer(kafka_bootstrap)
-        try:
-            produce_json(producer, s.transactions_topic, [(r["customer_id"], r) for r in first])
-        finally:
-            producer.close()
-        wait_until(lambda: sum(_committed(pg_store, s.group_id, s.transactions_topic).values()) == len(first), 60,
-                   "first payments durable")
-    finally:
-        runner.stop.set()
-        runner.join(30)
-        src.close()
-        dlq.close()
+    _run_phase(proc, src, dlq, lambda: sum(c.pending_labels for c in spec.contexts.values()) == n_labels,
+               kafka_bootstrap, s.transactions_topic, first, pg_store, s.group_id, len(first))
     expected = _expected(kafka_bootstrap, s.transactions_topic, s.labels_topic)
     _assert_same_contexts(spec.contexts, expected)
     committed = _committed(pg_store, s.group_id, s.labels_topic)
@@ -171,23 +179,9 @@ def test_labels_reach_their_partitions_terminal_context_and_survive_a_restart(
     spec2 = proc2.scorers[s.transactions_topic].spec
     assert isinstance(spec2, TransactionStream)
     pending = sum(c.pending_labels for c in expected.values())
-    runner2 = Runner(proc2).start()
-    try:
-        wait_until(lambda: proc2.ready.is_set() and len(spec2.contexts) == len(expected)
-                   and sum(c.pending_labels for c in spec2.contexts.values()) == pending, 60,
-                   "contexts restored and the unapplied labels re-read")
-        producer = make_producer(kafka_bootstrap)
-        try:
-            produce_json(producer, s.transactions_topic, [(r["customer_id"], r) for r in second])
-        finally:
-            producer.close()
-        wait_until(lambda: sum(_committed(db2, s.group_id, s.transactions_topic).values()) == len(txs), 60,
-                   "all payments durable")
-    finally:
-        runner2.stop.set()
-        runner2.join(30)
-        src2.close()
-        dlq2.close()
+    _run_phase(proc2, src2, dlq2, lambda: proc2.ready.is_set() and len(spec2.contexts) == len(expected)
+               and sum(c.pending_labels for c in spec2.contexts.values()) == pending,
+               kafka_bootstrap, s.transactions_topic, second, db2, s.group_id, len(txs))
     # restored context + re-read labels + new payments == one uninterrupted computation over both logs
     expected = _expected(kafka_bootstrap, s.transactions_topic, s.labels_topic)
     _assert_same_contexts(spec2.contexts, expected)

@@ -1,11 +1,13 @@
 """The stream processor core: Source -> decode/validate -> per-entity state -> batched scoring ->
 threshold -> alerts -> checkpoint. Knows Kafka only through pipeline.records.Source.
 
-Label feedback (optional, for transactions models that read `terminal_fraud_risk`): a labels topic keyed
-by customer, co-partitioned with the transactions topic. Labels are queued in their partition's terminal
-context and applied once that partition's payments reach the label's time; the labels partition's position
-only advances past labels that were applied, and it is snapshotted together with the transactions
-partition whose context holds them, so a restart re-reads exactly the labels the restored context lacks.
+Label feedback (optional, for transactions models that read `terminal_fraud_risk`): a labels topic with
+the transactions topic's partition count, assigned together with it (partition p of both to one worker).
+Labels are queued in partition p's terminal context and applied once p's payments reach the label's time.
+Payments wait until p's labels have been read past their time (event-time alignment), so features do not
+depend on which topic a poll returned first. Neither position passes a record not yet applied, and a labels
+partition is snapshotted together with the transactions partition whose context holds its labels, so a
+restart re-reads exactly the labels the restored context lacks.
 """
 
 from __future__ import annotations

@@ -191,14 +191,59 @@ def label_cmd(
     incident: Annotated[bool, typer.Option("--incident", help="ID is an incident: label it and its alerts")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     database_url: DbOpt = None,
+    publish: Annotated[bool, typer.Option(
+        "--publish-label", help="payments: also send the label to the labels topic (terminal fraud risk)")] = False,
+    fanout: Annotated[bool, typer.Option("--fanout/--no-fanout", help="with --publish-label: to every partition "
+                                         "(models with label_fanout) or only the customer's")] = True,
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap; default KAFKA_BOOTSTRAP")] = None,
 ) -> None:
     """Label an alert (or incident) a true or false positive. True positives are kept out of retraining
-    data (SqlStore.confirmed_anomalies / pipeline.alerts.feedback)."""
+    data (SqlStore.confirmed_anomalies / pipeline.alerts.feedback); with --publish-label the verdict on each
+    payment also goes to the labels topic, where models reading label feedback pick it up."""
     if tp is None:
         raise ConfigError("give --tp or --fp")
+    s = Settings()
+    boot = bootstrap or s.kafka_bootstrap
+    if publish and not boot:
+        raise ConfigError("--publish-label: set --bootstrap or KAFKA_BOOTSTRAP")
     label = "tp" if tp else "fp"
     row, n = _update(database_url, item_id, incident, lambda store, target: store.label(label, **target))
+    published = _publish_labels(database_url, item_id, incident, tp, boot, s.labels_topic, fanout) \
+        if publish and boot else None
     if as_json:
-        _print_json({"labeled": _jsonable(row), "rows": n})
+        _print_json({"labeled": _jsonable(row), "rows": n, **({"published": published} if publish else {})})
     else:
-        out.print(f"labelled {'incident' if incident else 'alert'} {item_id} {label} ({n} rows)")
+        out.print(f"labelled {'incident' if incident else 'alert'} {item_id} {label} ({n} rows)"
+                  + (f"; {published['labels']} label(s) sent to {s.labels_topic}" if published else ""))
+
+
+def _publish_labels(database_url: str | None, item_id: int, incident: bool, is_fraud: bool, bootstrap: str,
+                    topic: str, fanout: bool) -> dict[str, Any]:
+    """Read each labelled payment back from its source position and send its label (labelled now)."""
+    from pipeline.alerts.feedback import transaction_labels
+    from pipeline.features.streams import TransactionStream
+    from pipeline.kafka.client import ensure_topics, make_producer, produce_labels, read_at
+
+    store = _store(database_url)
+    try:
+        sources = store.alert_sources(**_target(item_id, incident))
+    finally:
+        store.dispose()
+    pay = [(a["source_topic"], a["source_partition"], a["source_offset"]) for a in sources
+           if a["stream"] == "transactions"]
+    if not pay:
+        raise ConfigError(f"{'incident' if incident else 'alert'} {item_id} has no payment alerts to publish")
+    found = read_at(bootstrap, pay)
+    missing = [p for p in pay if p not in found]
+    if missing:
+        raise ConfigError(f"source records no longer in Kafka (retention?): {missing[:3]}; nothing was published")
+    spec = TransactionStream()
+    payments = [spec.decode(found[p].value) for p in pay]
+    labels = transaction_labels(payments, is_fraud=is_fraud, labelled_at=datetime.now(timezone.utc))
+    ensure_topics(bootstrap, [topic], Settings().topic_partitions)
+    producer = make_producer(bootstrap)
+    try:
+        records = produce_labels(producer, topic, labels, fanout=fanout)
+    finally:
+        producer.close()
+    return {"labels": len(labels), "records": records, "topic": topic}

@@ -22,6 +22,14 @@ def exclude_confirmed(records: Iterable[Mapping[str, Any]], confirmed: set[tuple
     return [r for r in records if (str(r[entity_field]), round(_epoch(r[time_field]), 6)) not in confirmed]
 
 
+def transaction_labels(payments: Iterable[Any], *, is_fraud: bool, labelled_at: datetime) -> list[dict[str, Any]]:
+    """Label-feedback records (schemas/transaction_label) for decoded payments an analyst has judged: an
+    alert labelled tp says its payment was fraud, fp that it was genuine."""
+    at = labelled_at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return [{"transaction_id": p.transaction_id, "customer_id": p.customer_id, "terminal_id": p.terminal_id,
+             "is_fraud": is_fraud, "labelled_at": at} for p in payments]
+
+
 def _epoch(v: Any) -> float:
     if isinstance(v, (int, float)):
         return round(float(v), 6)

@@ -312,6 +312,35 @@ class KafkaPublisher:
         self.producer.close(timeout=10)
 
 
+def read_at(bootstrap: str, positions: Iterable[tuple[str, int, int]], timeout_s: float = 10.0
+            ) -> dict[tuple[str, int, int], RawRecord]:
+    """The records at given (topic, partition, offset) positions, without a consumer group; positions that no
+    longer exist (retention) are missing from the result."""
+    wanted = set(positions)
+    out: dict[tuple[str, int, int], RawRecord] = {}
+    if not wanted:
+        return out
+    src = KafkaSource(bootstrap, None)
+    try:
+        for tp in sorted({(t, p) for t, p, _ in wanted}):
+            src.assign([tp])
+            for off in sorted(o for t, p, o in wanted if (t, p) == tp):
+                if (tp[0], tp[1], off) in out:
+                    continue
+                src.seek(tp, off)
+                deadline = time.monotonic() + timeout_s
+                while (tp[0], tp[1], off) not in out and time.monotonic() < deadline:
+                    recs = src.poll(200, 500)
+                    for r in recs:
+                        if (r.topic, r.partition, r.offset) in wanted:
+                            out[(r.topic, r.partition, r.offset)] = r
+                    if recs and recs[-1].offset >= off and (tp[0], tp[1], off) not in out:
+                        break  # the offset was skipped (compacted or deleted)
+        return out
+    finally:
+        src.close()
+
+
 def read_topic(bootstrap: str, topic: str, idle_polls: int = 3) -> list[RawRecord]:
     """Everything currently in `topic`, from the beginning, without a consumer group (tools, demo, tests)."""
     src = KafkaSource(bootstrap, None)  # no group: nothing is committed

@@ -581,6 +581,21 @@ class SqlStore:
                              .values(**values, **(alert_only or {}))).rowcount
             return 1 + int(n)
 
+    def alert_sources(self, *, alert_id: int | None = None, incident_id: int | None = None) -> list[dict[str, Any]]:
+        """stream and source position (topic, partition, offset) of an alert, or of an incident's alerts."""
+        if (alert_id is None) == (incident_id is None):
+            raise ValueError("give exactly one of alert_id, incident_id")
+        cols = (alerts.c.id, alerts.c.stream, alerts.c.source_topic, alerts.c.source_partition, alerts.c.source_offset)
+        with self.engine.connect() as conn:
+            if alert_id is not None:
+                q = select(*cols).where(alerts.c.id == alert_id)
+            else:
+                key = conn.execute(select(incidents.c.incident_key).where(incidents.c.id == incident_id)).scalar()
+                if key is None:
+                    raise NotFoundError(f"no incident with id {incident_id}")
+                q = select(*cols).where(alerts.c.incident_key == key).order_by(alerts.c.id)
+            return [dict(r._mapping) for r in conn.execute(q)]
+
     def confirmed_anomalies(self, run_id: str | None = None, stream: str | None = None) -> list[dict[str, Any]]:
         """Alerts labelled true positive: the events to keep out of retraining data."""
         cols = (alerts.c.stream, alerts.c.entity_id, alerts.c.event_time, alerts.c.source_topic,

@@ -213,3 +213,44 @@ def test_service_refuses_a_labels_topic_with_another_partition_count(
     ensure_topics(kafka_bootstrap, [s.labels_topic], PARTITIONS // 2)
     with pytest.raises(ConfigError, match="same partition count"):
         build_service(s, kafka_bootstrap, train_if_missing=False)
+
+
+def test_analyst_verdict_is_published_as_label_feedback(
+    kafka_bootstrap: str, pg_store: SqlStore, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from pipeline.alerts.cli import register
+    from pipeline.sinks.sql import AlertRow
+
+    tx_topic, labels_topic = f"{topic_prefix}-tx", f"{topic_prefix}-labels"
+    monkeypatch.setenv("PIPELINE_LABELS_TOPIC", labels_topic)
+    pay = strip_labels(simulate_transactions(2, 3, seed=9)[0])[:2]
+    ensure_topics(kafka_bootstrap, [tx_topic], 1)
+    producer = make_producer(kafka_bootstrap)
+    try:
+        produce_json(producer, tx_topic, [(r["customer_id"], r) for r in pay])
+    finally:
+        producer.close()
+    rows = [AlertRow(f"live|{tx_topic}|0|{i}|m", "live", "transactions", r["customer_id"],
+                     datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")), 9.0, 1.0, "high", "m", [],
+                     tx_topic, 0, i) for i, r in enumerate(pay)]
+    pg_store.write_checkpoint("live", "g", rows, [], [])
+    second = max(a["id"] for a in pg_store.list_alerts(run_id="live"))
+    app = typer.Typer()
+    register(app)
+    res = CliRunner().invoke(app, ["alerts", "label", str(second), "--tp", "--publish-label", "--json",
+                                   "--bootstrap", kafka_bootstrap, "--database-url", pg_store.url])
+    assert res.exit_code == 0, (res.output, res.exception)
+    published = orjson.loads(res.stdout)["published"]
+    assert published == {"labels": 1, "records": PARTITIONS, "topic": labels_topic}  # fanned out to 4
+    got = read_topic(kafka_bootstrap, labels_topic)
+    assert len(got) == PARTITIONS and {k for k, _ in got} == {pay[1]["customer_id"].encode()}
+    lab = got[0][1]
+    assert (lab["transaction_id"], lab["terminal_id"], lab["is_fraud"]) == (pay[1]["transaction_id"],
+                                                                            pay[1]["terminal_id"], True)
+    assert pg_store.get_alert(second)["label"] == "tp"
+    nothing = CliRunner().invoke(app, ["alerts", "label", str(second), "--fp", "--publish-label",
+                                       "--database-url", pg_store.url], env={"KAFKA_BOOTSTRAP": ""})
+    assert nothing.exit_code != 0 and "KAFKA_BOOTSTRAP" in str(nothing.exception)

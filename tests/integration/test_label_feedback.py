@@ -254,3 +254,64 @@ def test_analyst_verdict_is_published_as_label_feedback(
     nothing = CliRunner().invoke(app, ["alerts", "label", str(second), "--fp", "--publish-label",
                                        "--database-url", pg_store.url], env={"KAFKA_BOOTSTRAP": ""})
     assert nothing.exit_code != 0 and "KAFKA_BOOTSTRAP" in str(nothing.exception)
+
+
+def test_terminal_contexts_move_with_their_partitions_on_a_rebalance(
+    kafka_bootstrap: str, pg_store: SqlStore, pg_url: str, topic_prefix: str, feedback_model: Any
+) -> None:
+    s = settings_for(topic_prefix, pg_url)
+    s.labels_topic = f"{topic_prefix}-labels"
+    ensure_topics(kafka_bootstrap, [s.transactions_topic, s.labels_topic, s.dlq_topic], PARTITIONS)
+    txs = sorted(strip_labels(simulate_transactions(40, 20, seed=8)[0]), key=lambda r: r["timestamp"])
+    first, second = txs[: len(txs) // 2], txs[len(txs) // 2 :]
+    bad_terminals = {txs[0]["terminal_id"], txs[1]["terminal_id"]}
+    labels = [{"transaction_id": r["transaction_id"], "customer_id": r["customer_id"], "terminal_id": r["terminal_id"],
+               "is_fraud": r["terminal_id"] in bad_terminals, "labelled_at": iso(_ts(r["timestamp"]) + DAY / 2)}
+              for r in txs]
+    producer = make_producer(kafka_bootstrap)
+    try:
+        produce_labels(producer, s.labels_topic, labels)
+        produce_json(producer, s.transactions_topic, [(r["customer_id"], r) for r in first])
+    finally:
+        producer.close()
+    db1, db2 = SqlStore(pg_url), SqlStore(pg_url)
+    w1, src1, dlq1 = _processor(s, feedback_model, kafka_bootstrap, db1)
+    w2, src2, dlq2 = _processor(s, feedback_model, kafka_bootstrap, db2)
+    r1, r2 = Runner(w1).start(), Runner(w2).start()
+
+    def durable(n: int) -> bool:
+        return sum(_committed(pg_store, s.group_id, s.transactions_topic).values()) == n
+
+    try:
+        wait_until(lambda: len(src1.consumer.assignment()) == len(src2.consumer.assignment()) == PARTITIONS
+                   and durable(len(first)), 60, "two workers, each with 2 + 2 partitions, and the first half durable")
+        spec2 = w2.scorers[s.transactions_topic].spec
+        assert isinstance(spec2, TransactionStream)
+        moved = set(spec2.contexts)
+        assert len(moved) == PARTITIONS // 2  # w2 built contexts for its own partitions
+        r2.stop.set()
+        r2.join(30)
+        src2.close()  # leaves the group: its partitions, contexts included, go to w1
+        wait_until(lambda: len(src1.consumer.assignment()) == 2 * PARTITIONS, 60, "w1 owning every partition")
+        producer = make_producer(kafka_bootstrap)
+        try:
+            produce_json(producer, s.transactions_topic, [(r["customer_id"], r) for r in second])
+        finally:
+            producer.close()
+        wait_until(lambda: durable(len(txs)), 60, "second half durable")
+    finally:
+        for r in (r1, r2):
+            r.stop.set()
+        r1.join(30)
+        r2.join(30)
+        for c in (src1, src2, dlq1, dlq2):
+            c.close()
+    spec1 = w1.scorers[s.transactions_topic].spec
+    assert isinstance(spec1, TransactionStream)
+    expected = _expected(kafka_bootstrap, s.transactions_topic, s.labels_topic)
+    _assert_same_contexts(spec1.contexts, expected)  # the moved ones continued from w2's snapshots
+    committed = _committed(pg_store, s.group_id, s.labels_topic)
+    for p, ctx in expected.items():
+        assert committed[p] == ctx.first_pending_offset
+    db1.dispose()
+    db2.dispose()

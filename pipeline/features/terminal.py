@@ -36,6 +36,7 @@ def _decay(last: np.ndarray, t: np.ndarray, tau_s: float) -> np.ndarray:
 
 class TerminalContext:
     _ARRAYS = ("n", "s", "last", "fb_fraud", "fb_n", "fb_last")
+    IDLE_TAUS = 30.0  # a terminal idle this many time constants is forgotten: its decayed sums are < e^-30
 
     def __init__(self, tau_s: float = 86400.0, prior_log_amount: float = 3.5, *,
                  feedback_tau_s: float | None = None, feedback_prior: float = 1.0) -> None:
@@ -55,6 +56,7 @@ class TerminalContext:
         self._q_known = np.zeros(0)
         self._q_fraud = np.zeros(0)
         self._q_terminal: list[str] = []
+        self._swept_at = float("-inf")  # event time of the last sweep of idle terminals
 
     def __len__(self) -> int:
         return len(self._slot)
@@ -111,7 +113,32 @@ class TerminalContext:
             self.n[s], self.s[s], self.last[s] = n + 1.0, tot + log_amount[idx], t
         if self.feedback_tau_s is not None:
             out[:, 2] = self._risk_with_due_labels(slots, np.asarray(ts, np.float64))
+        if len(ts):
+            self._sweep(float(np.max(ts)))
         return out
+
+    @property
+    def idle_s(self) -> float:
+        return self.IDLE_TAUS * max(self.tau_s, self.feedback_tau_s or 0.0)
+
+    def _sweep(self, now: float) -> None:
+        """Forget terminals idle for `idle_s` (event time), so memory and snapshots follow the terminals that
+        are active, not all ever seen. What is forgotten is below e^-30 of its value, so a returning terminal
+        gets the same features to ~1e-13 as if it had been kept. Runs every idle_s / 4 of event time."""
+        if now - self._swept_at < self.idle_s / 4:
+            return
+        self._swept_at = now
+        k = len(self._slot)
+        if not k:
+            return
+        seen = np.fmax(self.last[:k], self.fb_last[:k])  # NaN only where neither was ever set
+        keep = ~(seen < now - self.idle_s)
+        if keep.all():
+            return
+        ids = [t for t, i in sorted(self._slot.items(), key=lambda kv: kv[1]) if keep[i]]
+        for name in self._ARRAYS:
+            setattr(self, name, getattr(self, name)[:k][keep].copy())
+        self._slot = {t: i for i, t in enumerate(ids)}
 
     def _risk_with_due_labels(self, slots: np.ndarray, ts: np.ndarray) -> np.ndarray:
         """Fraud share per payment, folding in each due label just before the first payment (in batch order)

@@ -134,3 +134,22 @@ def test_offline_partitioning_matches_the_producers_partitioner() -> None:
     assert partitions_of(keys, 1).tolist() == [0] * len(keys)
     with pytest.raises(ValueError):
         partitions_of(keys, 0)
+
+
+def test_idle_terminals_are_forgotten_without_changing_features() -> None:
+    keep, drop = TerminalContext(feedback_tau_s=DAY), TerminalContext(feedback_tau_s=DAY)
+    drop.IDLE_TAUS = 30.0
+    keep.IDLE_TAUS = 1e9  # never sweeps
+    for ctx in (keep, drop):
+        ctx.add_labels([0], ["OLD"], np.array([DAY]), np.array([1.0]))
+        ctx.features(["OLD", "A"], np.array([0.0, 0.0]), np.array([3.0, 4.0]))
+        ctx.features(["A"], np.array([2 * DAY]), np.array([4.0]))
+    late = 40 * DAY  # OLD idle for 38 days > 30 taus; A too, B new
+    f_keep = keep.features(["B", "A", "OLD"], np.array([late, late + 1, late + 2]), np.array([3.0, 5.0, 2.0]))
+    assert len(keep) == 3
+    f_drop = drop.features(["B"], np.array([late]), np.array([3.0]))
+    assert len(drop) == 1 and "OLD" not in drop._slot  # swept: only the active terminal is kept
+    f_drop = np.vstack([f_drop, drop.features(["A", "OLD"], np.array([late + 1, late + 2]), np.array([5.0, 2.0]))])
+    np.testing.assert_allclose(f_drop, f_keep, rtol=0, atol=1e-9)
+    restored = TerminalContext.restore(drop.snapshot())
+    assert sorted(restored._slot) == sorted(drop._slot)

@@ -24,24 +24,23 @@ import pandas as pd
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.evaluate.transactions import read
+from pipeline.evaluate.transactions import first_test_day, in_time_order, read
 from pipeline.features.streams import DAY
 from pipeline.simulate import iso
 from pipeline.sinks.sql import SqlStore
 
 
-def _days(df: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """Rows in time order, their epoch seconds and day index (day 0 = the first day of the file)."""
-    ts = pd.to_datetime(df["TX_DATETIME"]).to_numpy(dtype="datetime64[ns]").astype(np.int64) / 1e9
-    order = np.argsort(ts, kind="stable")
-    df, ts = df.iloc[order].reset_index(drop=True), ts[order]
-    return df, ts, ((ts - np.floor(ts[0] / DAY) * DAY) // DAY).astype(np.int64)
-
-
 def records(path: Path, *, from_day: int, delay_days: float = 7.0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(payments from `from_day` on, labels known within the file's span for payments from `from_day - delay`),
     both in wire format and in event-time order (labels by labelled_at)."""
-    df, ts, day = _days(read(path))
+    payments, labels, _, _ = _records(path, from_day=from_day, delay_days=delay_days)
+    return payments, labels
+
+
+def _records(path: Path, *, from_day: int, delay_days: float
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int], list[int]]:
+    """`records` plus each record's event time in epoch milliseconds (the Kafka timestamps)."""
+    df, ts, day = in_time_order(read(path))
     if from_day < 0 or from_day > int(day.max()):
         raise ConfigError(f"--from-day {from_day}: the file has days 0-{int(day.max())}")
     known = ts + delay_days * DAY
@@ -55,7 +54,8 @@ def records(path: Path, *, from_day: int, delay_days: float = 7.0) -> tuple[list
                  "amount": float(amount[i]), "timestamp": iso(float(ts[i]))} for i in pay_idx.tolist()]
     labels = [{"transaction_id": ids[i], "customer_id": cust[i], "terminal_id": term[i],
                "is_fraud": bool(fraud[i]), "labelled_at": iso(float(known[i]))} for i in lab_idx.tolist()]
-    return payments, labels
+    return payments, labels, np.rint(ts[pay_idx] * 1000).astype(np.int64).tolist(), \
+        np.rint(known[lab_idx] * 1000).astype(np.int64).tolist()
 
 
 def produce(settings: Settings, bootstrap: str, path: Path, *, from_day: int, delay_days: float = 7.0,
@@ -64,29 +64,24 @@ def produce(settings: Settings, bootstrap: str, path: Path, *, from_day: int, de
     fanout=False), keyed by customer, Kafka timestamps = event times."""
     from pipeline.kafka.client import ensure_topics, make_producer, produce_json, produce_labels
 
-    payments, labels = records(path, from_day=from_day, delay_days=delay_days)
+    payments, labels, pay_ms, lab_ms = _records(path, from_day=from_day, delay_days=delay_days)
     ensure_topics(bootstrap, [settings.transactions_topic, settings.labels_topic], settings.topic_partitions)
     producer = make_producer(bootstrap)
     try:
-        n_lab = produce_labels(producer, settings.labels_topic, labels, fanout=fanout,
-                               timestamp_ms=[int(_epoch(r["labelled_at"]) * 1000) for r in labels])
+        n_lab = produce_labels(producer, settings.labels_topic, labels, fanout=fanout, timestamp_ms=lab_ms)
         n_pay = produce_json(producer, settings.transactions_topic, [(r["customer_id"], r) for r in payments],
-                             [int(_epoch(r["timestamp"]) * 1000) for r in payments])
+                             pay_ms)
     finally:
         producer.close()
     return {"payments": n_pay, "labels": len(labels), "label_records": n_lab}
 
 
-def _epoch(iso_time: str) -> float:
-    return pd.Timestamp(iso_time).timestamp()
-
-
 def report(db: SqlStore, run_id: str, path: Path, *, test_fraction: float = 0.2) -> dict[str, Any]:
     """The run's transactions alerts against the CSV's labels, over the test days of `pipeline evaluate`'s
     split (the last `test_fraction` of days). Alerts are matched to payments by (customer, event time)."""
-    df, ts, day = _days(read(path))
+    df, ts, day = in_time_order(read(path))
     n_days = int(day.max()) + 1
-    first_test = n_days - max(1, int(round(n_days * test_fraction)))
+    first_test = first_test_day(n_days, test_fraction)
     key = pd.Series(np.arange(len(df)), index=pd.MultiIndex.from_arrays(
         [df["CUSTOMER_ID"].astype(str).to_numpy(), np.rint(ts).astype(np.int64)]))
     key = key[~key.index.duplicated()]

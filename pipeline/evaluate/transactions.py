@@ -115,15 +115,24 @@ def _featurize(spec: TransactionStream, customers: list[str], ts: np.ndarray, am
                                                 file=sys.stderr, leave=False, mininterval=0.5)])
 
 
-def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, device: str = "cpu",
-             save_model: Path | None = None) -> dict[str, Any]:
-    df = read(path)
+def in_time_order(df: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Rows sorted by TX_DATETIME (stable), their epoch seconds and day index (day 0 = the file's first day)."""
     ts = pd.to_datetime(df["TX_DATETIME"]).to_numpy(dtype="datetime64[ns]").astype(np.int64) / 1e9
     order = np.argsort(ts, kind="stable")
     df, ts = df.iloc[order].reset_index(drop=True), ts[order]
-    day = ((ts - np.floor(ts[0] / DAY) * DAY) // DAY).astype(np.int64)
+    return df, ts, ((ts - np.floor(ts[0] / DAY) * DAY) // DAY).astype(np.int64)
+
+
+def first_test_day(n_days: int, test_fraction: float) -> int:
+    """The protocol's split: the last `test_fraction` of the days (at least one) are the test part."""
+    return n_days - max(1, int(round(n_days * test_fraction)))
+
+
+def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, device: str = "cpu",
+             save_model: Path | None = None) -> dict[str, Any]:
+    df, ts, day = in_time_order(read(path))
     n_days = int(day.max()) + 1
-    first_test = n_days - max(1, int(round(n_days * cfg.test_fraction)))
+    first_test = first_test_day(n_days, cfg.test_fraction)
     if first_test < 1:
         raise ConfigError(f"--data {path}: {n_days} day(s); need at least 2 to split train/test")
     feedback = cfg.feedback_delay_days is not None

@@ -135,7 +135,7 @@ class TerminalContext:
         keep = ~(seen < now - self.idle_s)
         if keep.all():
             return
-        ids = [t for t, i in sorted(self._slot.items(), key=lambda kv: kv[1]) if keep[i]]
+        ids = [t for t, i in self._slot.items() if keep[i]]  # insertion order == slot order
         for name in self._ARRAYS:
             setattr(self, name, getattr(self, name)[:k][keep].copy())
         self._slot = {t: i for i, t in enumerate(ids)}
@@ -183,18 +183,6 @@ class TerminalContext:
         self.fb_fraud[s] = self.fb_fraud[s] * d + fraud
         self.fb_n[s] = self.fb_n[s] * d + 1.0
         self.fb_last[s] = np.where(np.isnan(self.fb_last[s]), t, np.maximum(self.fb_last[s], t))
-
-    def feedback(self, terminal_ids: Sequence[str], known_at: np.ndarray, is_fraud: np.ndarray) -> None:
-        """Fold in labels now (known_at: event time, non-decreasing per terminal), bypassing the queue."""
-        if self.feedback_tau_s is None:
-            raise ValueError("this TerminalContext was built without feedback_tau_s")
-        from pipeline.scoring.scorer import occurrence_rank, rounds
-
-        slots = self._slots(terminal_ids)
-        fraud = np.asarray(is_fraud, np.float64)
-        known = np.asarray(known_at, np.float64)
-        for idx in rounds(occurrence_rank(slots)):
-            self._fold(slots[idx], known[idx], fraud[idx])
 
     # -- snapshots ----------------------------------------------------------------------------------
     def _params(self) -> dict[str, float | None]:

@@ -140,14 +140,14 @@ def test_terminal_fraud_feedback_is_causal_and_decays() -> None:
     f0 = ctx.features(["A", "B"], np.array([0.0, 0.0]), np.array([1.0, 1.0]))
     assert f0[:, 2].tolist() == [0.0, 0.0]  # no label known yet
     # at day 7, the labels of two day-0 payments at A arrive: one fraud, one not
-    ctx.feedback(["A", "A"], np.array([7 * day, 7 * day]), np.array([1, 0]))
+    ctx.add_labels([0, 1], ["A", "A"], np.array([7 * day, 7 * day]), np.array([1, 0]))
     f = ctx.features(["A", "B", "A"], np.array([7 * day, 7 * day, 9 * day]), np.array([1.0, 1.0, 1.0]))
     assert f[0, 2] == pytest.approx(1 / (2 + 1))  # one pseudo-legit label as prior
     assert f[1, 2] == 0.0  # other terminals unaffected
     d = np.exp(-1.0)  # two days later, at tau = 2 days
     assert f[2, 2] == pytest.approx(d / (2 * d + 1))
     with pytest.raises(ValueError):
-        TerminalContext().feedback(["A"], np.array([0.0]), np.array([1]))
+        TerminalContext().add_labels([0], ["A"], np.array([0.0]), np.array([1]))
 
 
 def test_transaction_stream_with_feedback_has_the_risk_feature() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline.app import build_scorers, ensure_models
@@ -87,6 +87,16 @@ class Runner:
         assert not self.thread.is_alive(), "processor did not stop in time"
         if self.error is not None:
             raise self.error
+
+
+def stop_workers(runners: Sequence[Runner], clients: Sequence[Any], timeout: float = 30.0) -> None:
+    """Stop every runner first (none waits on a peer's rebalance), join them, then close their clients."""
+    for r in runners:
+        r.stop.set()
+    for r in runners:
+        r.join(timeout)
+    for c in clients:
+        c.close()
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, what: str, every: float = 0.1) -> None:

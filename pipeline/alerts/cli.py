@@ -208,8 +208,8 @@ def label_cmd(
         raise ConfigError("--publish-label: set --bootstrap or KAFKA_BOOTSTRAP")
     label = "tp" if tp else "fp"
     row, n = _update(database_url, item_id, incident, lambda store, target: store.label(label, **target))
-    published = _publish_labels(database_url, item_id, incident, tp, boot, s.labels_topic, fanout) \
-        if publish and boot else None
+    published = _publish_labels(database_url, item_id, incident, tp, boot, s.labels_topic, s.topic_partitions,
+                                fanout) if publish and boot else None
     if as_json:
         _print_json({"labeled": _jsonable(row), "rows": n, **({"published": published} if publish else {})})
     else:
@@ -218,7 +218,7 @@ def label_cmd(
 
 
 def _publish_labels(database_url: str | None, item_id: int, incident: bool, is_fraud: bool, bootstrap: str,
-                    topic: str, fanout: bool) -> dict[str, Any]:
+                    topic: str, partitions: int, fanout: bool) -> dict[str, Any]:
     """Read each labelled payment back from its source position and send its label (labelled now)."""
     from pipeline.alerts.feedback import transaction_labels
     from pipeline.features.streams import TransactionStream
@@ -240,7 +240,7 @@ def _publish_labels(database_url: str | None, item_id: int, incident: bool, is_f
     spec = TransactionStream()
     payments = [spec.decode(found[p].value) for p in pay]
     labels = transaction_labels(payments, is_fraud=is_fraud, labelled_at=datetime.now(timezone.utc))
-    ensure_topics(bootstrap, [topic], Settings().topic_partitions)
+    ensure_topics(bootstrap, [topic], partitions)
     producer = make_producer(bootstrap)
     try:
         records = produce_labels(producer, topic, labels, fanout=fanout)

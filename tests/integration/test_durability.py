@@ -24,6 +24,7 @@ from tests.stream_helpers import (
     produce_sensors,
     sensor_records,
     settings_for,
+    stop_workers,
     wait_until,
 )
 
@@ -158,12 +159,7 @@ def test_rebalance_moves_entities_with_their_state(
         produce_sensors(kafka_bootstrap, s.sensors_topic, second, create=False)
         wait_until(lambda: _durable(pg_store, "live", s.group_id) == len(recs), 60, "second half durable")
     finally:
-        for r in (r1, r2):
-            r.stop.set()
-        r1.join(30)
-        r2.join(30)
-        for c in (src1, src2, dlq1, dlq2):
-            c.close()
+        stop_workers([r1, r2], [src1, src2, dlq1, dlq2])
     # the moved entities continued on w1 with their state: event counts span both halves
     per_entity = Counter(r["device_id"] for r in recs)
     store = w1.scorers[s.sensors_topic].store

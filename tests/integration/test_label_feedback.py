@@ -36,7 +36,7 @@ from pipeline.simulate import iso, simulate_transactions, strip_labels
 from pipeline.sinks.sql import SqlStore
 from pipeline.training import train_stream_model
 from tests.service_helpers import read_topic
-from tests.stream_helpers import PARTITIONS, Runner, settings_for, wait_until
+from tests.stream_helpers import PARTITIONS, Runner, settings_for, stop_workers, wait_until
 
 FEEDBACK_TAU = 3 * DAY
 
@@ -123,10 +123,7 @@ def _run_phase(proc: Processor, src: KafkaSource, dlq: KafkaDeadLetterSink, labe
             producer.close()
         wait_until(lambda: sum(_committed(db, group, topic).values()) == durable, 60, "payments durable")
     finally:
-        runner.stop.set()
-        runner.join(30)
-        src.close()
-        dlq.close()
+        stop_workers([runner], [src, dlq])
 
 
 def _committed(db: SqlStore, group: str, topic: str) -> dict[int, int]:
@@ -300,12 +297,7 @@ def test_terminal_contexts_move_with_their_partitions_on_a_rebalance(
             producer.close()
         wait_until(lambda: durable(len(txs)), 60, "second half durable")
     finally:
-        for r in (r1, r2):
-            r.stop.set()
-        r1.join(30)
-        r2.join(30)
-        for c in (src1, src2, dlq1, dlq2):
-            c.close()
+        stop_workers([r1, r2], [src1, src2, dlq1, dlq2])
     spec1 = w1.scorers[s.transactions_topic].spec
     assert isinstance(spec1, TransactionStream)
     expected = _expected(kafka_bootstrap, s.transactions_topic, s.labels_topic)

@@ -14,4 +14,5 @@ RUN pip install --no-cache-dir '.[api]' && useradd --system --uid 10001 pipeline
 USER pipeline
 EXPOSE 8000 9100
 ENTRYPOINT ["pipeline"]
-CMD ["run", "--metrics-port", "9100"]
+# inside a container, 127.0.0.1 (the default) is unreachable from the published port
+CMD ["run", "--metrics-port", "9100", "--host", "0.0.0.0"]

@@ -4,6 +4,8 @@ PY     := $(VENV)/bin/python
 # torch first, pinned to the CPU build this machine ships locally; override for CUDA hosts, e.g.
 #   make TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124' venv
 TORCH_SPEC ?= torch==2.13.0
+# kafka-python line to test, e.g. KAFKA_PYTHON_SPEC='kafka-python==2.3.3' (default: the newest the range allows)
+KAFKA_PYTHON_SPEC ?=
 PYTEST_ARGS ?=
 
 .PHONY: venv demo test lint unit integration e2e bench evaluate clean
@@ -14,7 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[api,dev]'
+	$(PY) -m pip install -q -e '.[test]'  # runtime + every extra the tests use (pyproject.toml)
+	$(if $(KAFKA_PYTHON_SPEC),$(PY) -m pip install -q '$(KAFKA_PYTHON_SPEC)')
+	$(PY) -c "import kafka; print('kafka-python', kafka.__version__)"
 	touch $@
 
 demo: venv

@@ -7,21 +7,27 @@ Per-feature contributions d_i * (S^-1 d)_i sum to the score, so alerts can say w
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 CHECKPOINT_FORMAT = 1
+Precision = Literal["fp32", "bf16", "int8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -133,10 +139,44 @@ class Checkpoint:
     error_model: ErrorModel
     threshold: float
     card: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # what scoring runs at; the weights on disk are always fp32 (see with_precision)
+    autocast_dtype: torch.dtype | None = None
 
     @property
     def version(self) -> str:
         return str(self.card.get("version", "unversioned"))
+
+    def with_precision(self, precision: str, device: torch.device | str = "cpu") -> Checkpoint:
+        """A copy that scores at `precision` on `device` (same version, config, error model and threshold).
+
+        CPU: int8 = dynamic quantization of the LSTM and Linear layers (weights int8, activations quantized
+        per call); bf16 = autocast, only where the CPU has native bf16 (else fp32, logged: emulated bf16 is
+        slow, and oneDNN's LSTM refuses it outright on AVX2-only CPUs). CUDA: bf16 = autocast bf16 (fp16 if
+        the GPU lacks bf16); int8 = autocast fp16, since dynamic quantization is CPU-only. The error model,
+        thresholds and scores stay float64, so only the reconstruction carries the lower precision."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        if precision == self.precision:
+            return self
+        if self.precision != "fp32":
+            raise ValueError(f"checkpoint {self.version} is already converted to {self.precision}")
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            dtype = torch.bfloat16 if precision == "bf16" and torch.cuda.is_bf16_supported() else torch.float16
+            if precision == "int8":
+                log.info("precision int8 on CUDA: dynamic quantization is CPU-only; using fp16 autocast")
+            return _replace(self, precision=precision, autocast_dtype=dtype)
+        if precision == "bf16":
+            if not cpu_supports_bf16():
+                log.warning("precision bf16 requested but this CPU has no native bf16 (avx512_bf16 / amx); "
+                            "scoring %s in fp32", self.version)
+                return self
+            return _replace(self, precision="bf16", autocast_dtype=torch.bfloat16)
+        with warnings.catch_warnings():  # torch.ao deprecation notices; the API works in the pinned torch
+            warnings.simplefilter("ignore")
+            model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(self.model).cpu().eval(),
+                                                           {nn.LSTM, nn.Linear}, dtype=torch.qint8)
+        return _replace(self, model=model, precision="int8")
 
     def reconstruct(self, windows: np.ndarray, device: torch.device | str = "cpu", chunk: int | None = None
                     ) -> np.ndarray:
@@ -144,10 +184,12 @@ class Checkpoint:
         chunk = chunk or model_chunk(device)
         out = np.empty_like(windows, dtype=np.float32)
         self.model.eval()
-        with torch.inference_mode():
+        dev = torch.device(device)
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                                    enabled=self.autocast_dtype is not None):
             for start in range(0, len(windows), chunk):
                 x = torch.from_numpy(np.ascontiguousarray(windows[start : start + chunk], dtype=np.float32))
-                out[start : start + chunk] = self.model(x.to(device)).float().cpu().numpy()
+                out[start : start + chunk] = self.model(x.to(dev)).float().cpu().numpy()
         return out
 
     def score(
@@ -165,6 +207,43 @@ class Checkpoint:
         contrib = np.zeros((len(windows), windows.shape[2]), np.float64)
         contrib[:, sel] = part
         return contrib.sum(axis=1), contrib, recon[:, -1, :]
+
+
+def _replace(ckpt: Checkpoint, **changes: Any) -> Checkpoint:
+    fields = {k: getattr(ckpt, k) for k in ("config", "model", "error_model", "threshold", "card", "precision",
+                                            "autocast_dtype")}
+    return Checkpoint(**{**fields, **changes})
+
+
+_BF16_CPU: bool | None = None
+
+
+def cpu_supports_bf16() -> bool:
+    """Native bf16 on this CPU: oneDNN's own check (avx512_bf16 / amx_bf16), confirmed by a tiny autocast LSTM
+    forward (cached). Without native support autocast would emulate bf16 (slower than fp32) or fail."""
+    global _BF16_CPU
+    if _BF16_CPU is None:
+        ok = False
+        try:
+            ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            ok = any(f in _cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
+        if ok:
+            try:
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    nn.LSTM(4, 4, batch_first=True)(torch.zeros(2, 3, 4))
+            except RuntimeError:
+                ok = False
+        _BF16_CPU = ok
+    return _BF16_CPU
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
 
 
 def model_chunk(device: torch.device | str) -> int:
@@ -279,6 +358,9 @@ def train_autoencoder(
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     """Writes `<path>` (state_dict + config + error model) and `<path minus .pt>.card.json`."""
+    if ckpt.precision != "fp32":
+        raise ValueError(f"refusing to save a {ckpt.precision} copy of {ckpt.version}: checkpoints stay fp32 "
+                         "(precision is applied at load)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -297,7 +379,8 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
+def load_checkpoint(path: str | Path, map_location: str = "cpu", precision: str = "fp32") -> Checkpoint:
+    """The fp32 checkpoint at `path`, converted to `precision` for CPU scoring (see Checkpoint.with_precision)."""
     blob = torch.load(Path(path), map_location=map_location, weights_only=False)
     if blob.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {blob.get('format')!r}")
@@ -312,8 +395,9 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
     model.load_state_dict(blob["state_dict"])
     model.eval()
     em = ErrorModel(mean=blob["error_mean"].numpy(), precision=blob["error_precision"].numpy())
-    return Checkpoint(config=config, model=model, error_model=em, threshold=float(blob["threshold"]),
+    ckpt = Checkpoint(config=config, model=model, error_model=em, threshold=float(blob["threshold"]),
                       card=dict(blob["card"]))
+    return ckpt.with_precision(precision, map_location)
 
 
 def bundled_checkpoint_path(stream: str) -> Path:

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.lstm_ae import Checkpoint, bundled_checkpoint_path, load_checkpoint
+from models.lstm_ae import Checkpoint, bundled_checkpoint_path
+from models.lstm_forecast import ForecastCheckpoint, load_model
 from pipeline.alerts.lifecycle import IncidentTracker, LifecyclePolicy
 from pipeline.alerts.outbox import OutboxRelay
 from pipeline.config import Settings
@@ -31,7 +32,7 @@ def checkpoint_path(settings: Settings, stream: str) -> Path:
     return bundled_checkpoint_path(stream)
 
 
-def ensure_models(settings: Settings, train_if_missing: bool = True) -> dict[str, Checkpoint]:
+def ensure_models(settings: Settings, train_if_missing: bool = True) -> dict[str, Checkpoint | ForecastCheckpoint]:
     paths = {s: checkpoint_path(settings, s) for s in STREAMS}
     missing = [s for s, p in paths.items() if not p.exists()]
     if missing:
@@ -43,10 +44,12 @@ def ensure_models(settings: Settings, train_if_missing: bool = True) -> dict[str
         out = paths[missing[0]].parent
         log.info("no checkpoints in %s: training small default models on simulated normal traffic", out)
         train_default_models(out, settings.sensor_channels)
-    return {s: load_checkpoint(p) for s, p in paths.items()}
+    # the checkpoint names its family (autoencoder or stateful forecaster); the scorer follows the card
+    return {s: load_model(p) for s, p in paths.items()}
 
 
-def build_scorers(settings: Settings, checkpoints: dict[str, Checkpoint]) -> dict[str, StreamScorer]:
+def build_scorers(settings: Settings, checkpoints: dict[str, Checkpoint | ForecastCheckpoint]
+                  ) -> dict[str, StreamScorer]:
     """topic -> scorer"""
     t = settings.threshold
     topics = {"transactions": settings.transactions_topic, "sensors": settings.sensors_topic}
@@ -60,7 +63,8 @@ def build_scorers(settings: Settings, checkpoints: dict[str, Checkpoint]) -> dic
         thr = AdaptiveThreshold(ckpt.threshold, warmup=t.warmup, z=t.z, floor_ratio=t.floor_ratio,
                                 smoothing=t.smoothing)
         out[topics[stream]] = StreamScorer(spec, ckpt, threshold=thr, min_history=t.min_history,
-                                           device=settings.device)
+                                           device=settings.device, precision=settings.precision,
+                                           allowed_lateness_s=settings.allowed_lateness_s)
     return out
 
 
@@ -101,6 +105,7 @@ def options_from(settings: Settings) -> ProcessorOptions:
         poll_timeout_ms=settings.poll_timeout_ms, commit_interval_ms=settings.commit_interval_ms,
         snapshot_interval_s=settings.snapshot_interval_s, entity_ttl_s=settings.entity_ttl_s,
         max_live_entities=settings.max_live_entities, db_retry_max_s=settings.db_retry_max_s,
+        offset_reset=settings.offset_reset, dedupe_window=settings.dedupe_window,
     )
 
 
@@ -111,6 +116,14 @@ class Service:
     dlq: KafkaDeadLetterSink
     db: SqlStore
     alerts_publisher: KafkaPublisher | None = None
+
+    def not_ready(self) -> str | None:
+        """Why /readyz answers 503 (None: ready)."""
+        if self.source.stopped:
+            return "partitions stopped: " + "; ".join(v for _, v in sorted(self.source.stopped.items()))
+        if not self.processor.ready.is_set():
+            return "waiting for partitions or the database"
+        return None
 
     def close(self) -> None:
         self.source.close()

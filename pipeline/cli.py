@@ -54,7 +54,9 @@ def run(
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus /metrics on this port")] = None,
     group_id: Annotated[str | None, typer.Option()] = None,
     api_port: Annotated[int | None, typer.Option(help="also serve the alerts API and page on this port")] = None,
-    api_host: Annotated[str, typer.Option()] = "127.0.0.1",
+    host: Annotated[str, typer.Option("--host", "--api-host",
+                                      help="listen address of --metrics-port and --api-port (0.0.0.0: all)")
+                    ] = "127.0.0.1",
 ) -> None:
     """Run the stream processor until SIGTERM/SIGINT (or --idle-exit / --max-events)."""
     from pipeline.app import build_service
@@ -67,7 +69,7 @@ def run(
     if metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port)
+        start_http_server(metrics_port, addr=host)
     stop = _stop_on_signals()
     service = build_service(s, boot)
     api = None
@@ -76,12 +78,13 @@ def run(
         from pipeline.api.server import ApiServer
 
         # in-process, so /metrics shows the processor's live counters
-        api = ApiServer(create_app(service.db, s, run_id=s.run_id), host=api_host, port=api_port).start()
+        api = ApiServer(create_app(service.db, s, run_id=s.run_id, not_ready=service.not_ready), host=host,
+                        port=api_port).start()
         log.info("alerts API and page on %s", api.url)
     try:
         stats = service.processor.run(stop, idle_exit_s=idle_exit, max_events=max_events)
-        log.info("processor stopped: %d events, %d scored, %d alerts, %d dead letters",
-                 stats.events, stats.scored, stats.alerts, stats.dead_letters)
+        log.info("processor stopped: %d events, %d scored, %d alerts, %d dead letters, %d duplicates dropped",
+                 stats.events, stats.scored, stats.alerts, stats.dead_letters, stats.duplicates)
     finally:
         if api is not None:
             api.stop()
@@ -208,12 +211,32 @@ def _register_commands() -> None:
         importlib.import_module(name).register(app)
 
 
+# optional dependencies (pyproject extras) by the module a command fails to import
+EXTRA_OF_MODULE = {"fastapi": "api", "uvicorn": "api", "starlette": "api", "pandas": "evaluate", "sklearn": "evaluate",
+                   "river": "bench", "faust": "faust", "tep_studio": "validation"}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The one-line error for a command whose optional dependency is not installed (None: not an extra's)."""
+    extra = EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
+    if extra is None:
+        return None
+    return (f"this command needs the '{extra}' extra ({exc.name} is not installed): "
+            f"pip install 'streaming-anomaly-pipeline[{extra}]'")
+
+
 def main() -> None:
     _register_commands()
     try:
         app()
     except PipelineError as exc:
         console.print(f"[red]error:[/red] {exc}")
+        raise SystemExit(2) from None
+    except ModuleNotFoundError as exc:
+        why = missing_extra(exc)
+        if why is None:
+            raise
+        console.print(f"[red]error:[/red] {why}")
         raise SystemExit(2) from None
 
 

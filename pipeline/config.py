@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     run_id: str = Field("live", description="namespace of state, offsets and alerts; replays use their own")
     models_dir: Path | None = Field(None, description="where checkpoints live; unset = the bundled models/")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32", description="scoring precision, applied when the fp32 checkpoint is loaded: int8 = dynamic "
+        "quantization (CPU), bf16 = autocast where the CPU has native bf16 (else fp32); CUDA: autocast")
     torch_threads: int = Field(1, description="intra-op threads for CPU scoring; 0 = torch default (all cores)")
     max_batch_records: int = 5000
     poll_timeout_ms: int = 50
@@ -68,6 +71,14 @@ class Settings(BaseSettings):
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1000
     db_retry_max_s: float = 30.0
+    offset_reset: Literal["earliest", "latest", "fail"] = Field(
+        "earliest", description="a stored position outside the broker's log (topic recreated, broker lost its "
+        "log, retention): read from the log start, skip to its end, or stop; always logged as an ERROR")
+    dedupe_window: int = Field(10_000, ge=0, description="payments: transaction ids remembered per partition (in "
+                               "its snapshotted state); a resend inside the window is dropped, not scored; 0 = off")
+    allowed_lateness_s: float = Field(60.0, ge=0.0, description="an event up to this far behind its entity's latest "
+                                      "event time is scored without updating the entity's state; further behind: "
+                                      "dead-lettered as out_of_order")
     log_level: str = "INFO"
     log_json: bool = False
     sensor_channels: list[str] = [

@@ -40,3 +40,7 @@ class CheckpointError(PipelineError):
 
 class NotFoundError(PipelineError):
     """A requested alert or incident does not exist."""
+
+
+class OffsetResetError(PipelineError):
+    """A stored position lies outside the broker's log and PIPELINE_OFFSET_RESET=fail."""

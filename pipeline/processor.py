@@ -18,27 +18,83 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
+import orjson
 
 from pipeline import metrics
 from pipeline.checkpointing import Checkpointer
-from pipeline.errors import CheckpointError, DecodeError, SinkError, StateError
+from pipeline.errors import CheckpointError, DecodeError, OffsetResetError, PipelineError, SinkError, StateError
 from pipeline.features.streams import LabelStream, StreamSpec, TransactionStream
+from pipeline.features.terminal import TerminalContext
 from pipeline.records import DeadLetterSink, RawRecord, Source, TopicPartition
-from pipeline.scoring.scorer import StreamScorer
+from pipeline.scoring.scorer import ScoreBatch, StreamScorer
 from pipeline.sinks.sql import AlertRow, SqlStore, StateRow
 
 log = logging.getLogger(__name__)
 _gc_frozen = False
+OFFSET_RESET_POLICIES = ("earliest", "latest", "fail")
+
+
+class ProcessorStopped(PipelineError):
+    """Asked to stop while waiting for the database mid-batch: exit without a checkpoint (replayed later)."""
 
 
 def context_key(partition: int) -> str:
     """entity_state key of a partition's terminal context ('#' is never the first character of an entity id)."""
     return f"#terminals:{partition}"
+
+
+def dedupe_key(partition: int) -> str:
+    """entity_state key of a partition's recent transaction ids (see RecentIds)."""
+    return f"#dedupe:{partition}"
+
+
+class RecentIds:
+    """The last `cap` transaction ids of one partition, oldest first: at-least-once producers resend a payment
+    (same transaction_id) after a lost ack; a resend inside this window is dropped, not scored twice. Held in
+    the partition state and snapshotted with it, so a replay after a restart drops the same resends."""
+
+    def __init__(self, cap: int, ids: Sequence[str] = ()) -> None:
+        self.cap = cap
+        self.order: deque[str] = deque(ids[-cap:] if cap else ())
+        self.ids = set(self.order)
+
+    def seen(self, tid: str) -> bool:
+        """True if `tid` is in the window; else remember it (forgetting the oldest beyond `cap`)."""
+        if tid in self.ids:
+            return True
+        self.order.append(tid)
+        self.ids.add(tid)
+        if len(self.order) > self.cap:
+            self.ids.discard(self.order.popleft())
+        return False
+
+    def snapshot(self) -> bytes:
+        return orjson.dumps(list(self.order))
+
+    @classmethod
+    def restore(cls, cap: int, blob: bytes | None) -> RecentIds:
+        ids = orjson.loads(blob) if blob else []
+        if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+            raise StateError("dedupe window snapshot is not a list of transaction ids")
+        return cls(cap, ids)
+
+
+class _StageFailed(Exception):
+    """A stage raised for a (sub-)batch whose state changes were undone: the caller splits and retries."""
+
+    def __init__(self, stage: str, exc: Exception) -> None:
+        super().__init__(stage)
+        self.stage, self.exc = stage, exc
+
+
+def failure_detail(stage: str, exc: BaseException) -> str:
+    """Dead-letter detail of a record that made a processing stage raise: the stage and the error."""
+    return f"stage={stage}: {type(exc).__name__}: {str(exc)[:300]}"
 
 
 def freeze_gc() -> None:
@@ -68,11 +124,60 @@ def severity(score: float, threshold: float) -> str:
     return "critical"
 
 
+def validate(spec: StreamSpec, r: RawRecord) -> Any:
+    """The validated record; DecodeError (with the dead-letter reason) for bad bytes or a key that is not
+    the record's entity (state locality depends on entity-keyed partitions: an unkeyed record lands on any
+    partition, so it is refused as missing_key)."""
+    rec = spec.decode(require_key(spec, r))
+    check_key(spec, r, rec)
+    return rec
+
+
+def require_key(spec: StreamSpec, r: RawRecord) -> bytes | None:
+    """The record's value, if the record has a key."""
+    if r.key is None:
+        raise DecodeError("missing_key", f"records must be keyed by {spec.entity_field}")
+    return r.value
+
+
+def check_key(spec: StreamSpec, r: RawRecord, rec: Any) -> None:
+    if r.key is None or r.key.decode("utf-8", "replace") != spec.entity_of(rec):
+        raise DecodeError("key_mismatch", f"key {(r.key or b'')[:80]!r} != {spec.entity_field}")
+
+
+def build_alerts(run_id: str, scorer: StreamScorer, recs: Sequence[RawRecord], ts: np.ndarray, res: ScoreBatch,
+                 top_features: int = 3) -> list[AlertRow]:
+    """Alert rows for a scored batch; the key (run, source position, model version) makes re-inserts of a
+    replayed record collapse in the sink. Shared by the processor and pipeline.integrations.faust."""
+    spec, version = scorer.spec, scorer.model_version
+    out = []
+    for i in np.flatnonzero(res.is_anomaly):
+        r = recs[int(i)]
+        top = np.argsort(-res.contributions[i])[:top_features]
+        out.append(AlertRow(
+            alert_key=f"{run_id}|{r.topic}|{r.partition}|{r.offset}|{version}",
+            run_id=run_id,
+            stream=spec.name,
+            entity_id=res.entity_ids[i],
+            event_time=datetime.fromtimestamp(float(ts[i]), tz=timezone.utc),
+            score=float(res.scores[i]),
+            threshold=float(res.thresholds[i]),
+            severity=severity(float(res.scores[i]), float(res.thresholds[i])),
+            model_version=version,
+            top_features=[{"feature": spec.feature_names[j], "observed": float(res.observed[i, j]),
+                           "reconstructed": float(res.reconstructed[i, j]),
+                           "contribution": float(res.contributions[i, j])} for j in top],
+            source_topic=r.topic, source_partition=r.partition, source_offset=r.offset,
+        ))
+    return out
+
+
 @dataclass
 class ProcessorStats:
     events: int = 0
     scored: int = 0
     dead_letters: int = 0
+    duplicates: int = 0
     alerts: int = 0
     alerts_by_stream: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     checkpoints: int = 0
@@ -91,6 +196,8 @@ class ProcessorOptions:
     entity_ttl_s: float = 3600.0
     max_live_entities: int = 1_000_000
     db_retry_max_s: float = 30.0
+    offset_reset: str = "earliest"  # stored position outside the log: earliest | latest | fail
+    dedupe_window: int = 10_000  # transaction ids remembered per partition (0 = no deduplication)
     top_features: int = 3
     freeze_gc: bool = True  # see freeze_gc()
 
@@ -118,7 +225,8 @@ class Processor:
         self.stats = ProcessorStats()
         self.recovery_until: dict[TopicPartition, int] = {}
         self.checkpointer = Checkpointer(db, source, dlq, run_id=options.run_id, group_id=options.group_id,
-                                         collect_states=self._collect_states, after_durable=after_durable)
+                                         collect_states=self._collect_states, after_durable=after_durable,
+                                         snapshot_unit=self._snapshot_unit, db_retry=self.db_retry)
         for topic, scorer in scorers.items():
             scorer.store.loader = self._loader_for(scorer.spec.name)
             if isinstance(scorer.spec, TransactionStream) and scorer.spec.terminal_context:
@@ -129,18 +237,46 @@ class Processor:
                 raise ValueError(f"labels topic {labels!r} feeds {fed!r}, which is not a transactions stream "
                                  "whose model reads label feedback")
         self._max_event_ts = 0.0
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # partitions assigned and the database reachable (/readyz)
+        self._stop = threading.Event()  # set by run()'s caller: ends database waits
+        self._assign_error: Exception | None = None
+        self._to_latest: set[TopicPartition] = set()  # skip to the log end once it is known (policy latest)
         self._next_offset: dict[TopicPartition, int] = {}  # records below this were applied already
+        self._recent: dict[TopicPartition, RecentIds] = {}  # transactions partition -> its dedupe window
         self._snapshot_due: dict[TopicPartition, float] = {}  # monotonic time each partition's snapshot is due
 
     # -- partitions ---------------------------------------------------------------------------------
+    def db_retry(self, what: str, call: Callable[[], Any]) -> Any:
+        """`call()` (a database read on the processing path), retried with the checkpoints' backoff while
+        the database is unavailable; meanwhile the processor reports not ready. Raises ProcessorStopped
+        when asked to stop while waiting (nothing half-applied is committed: the batch is replayed)."""
+        delay, was_ready = 0.2, self.ready.is_set()
+        try:
+            while True:
+                try:
+                    return call()
+                except SinkError as exc:
+                    self.stats.db_failures += 1
+                    metrics.DB_FAILURES.inc()
+                    self.ready.clear()
+                    log.warning("cannot %s (database unavailable?); retrying in %.1fs: %s", what, delay,
+                                str(exc).splitlines()[0])
+                    if self._stop.wait(delay):
+                        raise ProcessorStopped(f"stopped while waiting to {what}") from exc
+                    delay = min(delay * 2, self.opt.db_retry_max_s)
+        finally:
+            if was_ready:
+                self.ready.set()
+
     def _loader_for(self, stream: str) -> Callable[[Sequence[str]], dict[str, bytes]]:
-        return lambda ids: self.db.load_states(self.opt.run_id, stream, ids)
+        return lambda ids: self.db_retry(f"load {len(ids)} {stream} entity states",
+                                         lambda: self.db.load_states(self.opt.run_id, stream, ids))
 
     def _context_loader_for(self, topic: str, stream: str) -> Callable[[int], bytes | None]:
         def load(partition: int) -> bytes | None:
             key = context_key(partition)
-            blob = self.db.load_states(self.opt.run_id, stream, [key]).get(key)
+            blob = self.db_retry(f"load the terminal context of {topic}[{partition}]",
+                                 lambda: self.db.load_states(self.opt.run_id, stream, [key])).get(key)
             if blob is None and self.checkpointer.positions.snapshot.get((topic, partition)) is not None:
                 raise StateError(f"{topic}[{partition}] has a state snapshot but no terminal context (written by a "
                                  "model without terminal features?); use a new run id for this model")
@@ -151,26 +287,33 @@ class Processor:
     def _load_offsets(self) -> dict[TopicPartition, tuple[int, int | None]]:
         """Positions must come from the database: without them state would restart from the wrong place,
         so a database outage during assignment is waited out (the heartbeat thread keeps us in the group)."""
-        delay = 0.2
-        while True:
-            try:
-                return self.db.load_offsets(self.opt.run_id, self.opt.group_id)
-            except SinkError as exc:
-                self.stats.db_failures += 1
-                log.warning("cannot read partition checkpoints; retrying in %.1fs: %s", delay, exc)
-                time.sleep(delay)
-                delay = min(delay * 2, self.opt.db_retry_max_s)
+        saved: dict[TopicPartition, tuple[int, int | None]] = self.db_retry(
+            "read partition checkpoints", lambda: self.db.load_offsets(self.opt.run_id, self.opt.group_id))
+        return saved
 
     def on_assigned(self, tps: Sequence[TopicPartition]) -> None:
+        try:
+            self._on_assigned(tps)
+        except Exception as exc:
+            self._assign_error = exc  # the Kafka client swallows listener errors: run() raises it after poll
+            raise
+
+    def _on_assigned(self, tps: Sequence[TopicPartition]) -> None:
         self._assigned = set(tps)
         saved = self._load_offsets()
+        epochs: dict[TopicPartition, int] = self.db_retry(
+            "read partition epochs", lambda: self.db.load_epochs(self.opt.run_id, self.opt.group_id))
         pos = self.checkpointer.positions
         for tp in tps:
             committed, snap = saved.get(tp, (None, None))
+            if tp in epochs:
+                pos.epoch[tp] = epochs[tp]
             if committed is None:
                 committed = self.source.committed(tp)
             # no snapshot yet: rebuild state from the start, even if outputs were committed
             start = snap if snap is not None else 0
+            if snap is not None or committed is not None:
+                start = self._check_log_start(tp, start, committed)
             self.source.seek(tp, start)
             self.recovery_until[tp] = committed or 0
             self._next_offset[tp] = start
@@ -186,6 +329,88 @@ class Processor:
         self._check_copartitioned(tps)
         self._snapshot_due = {tp: now + every * (i + 1) / len(ordered) for i, tp in enumerate(ordered)}
         self.ready.set()
+
+    def _snapshot_unit(self, tp: TopicPartition) -> set[TopicPartition]:
+        """A transactions partition and its labels partition are only snapshotted together."""
+        fed = self.label_topics.get(tp[0])
+        if fed is not None:
+            return {tp, (fed, tp[1])}
+        labels = self._fed_by.get(tp[0])
+        return {tp} if labels is None else {tp, (labels, tp[1])}
+
+    # -- offset reset: the broker's log no longer holds the stored position ---------------------------
+    def _offset_reset(self, tp: TopicPartition, stored: int, lo: int | None, hi: int | None, why: str) -> str:
+        """Log the ERROR, count it, and return the policy to apply (raises OffsetResetError for 'fail')."""
+        policy = self.opt.offset_reset
+        metrics.OFFSET_RESETS.labels(tp[0], why).inc()
+        log.error("%s[%d]: stored position %d is %s of the broker's log [%s, %s) (topic recreated, broker lost "
+                  "its log, or retention/truncation); offset reset policy %r (PIPELINE_OFFSET_RESET)",
+                  tp[0], tp[1], stored, why, "?" if lo is None else lo, "?" if hi is None else hi, policy)
+        if policy == "fail":
+            raise OffsetResetError(f"{tp[0]}[{tp[1]}]: stored position {stored} is {why} of the broker's log "
+                                   f"[{lo}, {hi}); PIPELINE_OFFSET_RESET=fail")
+        return policy
+
+    def _log_start(self, tp: TopicPartition) -> int | None:
+        start_of = getattr(self.source, "log_start", None)
+        return None if start_of is None else start_of(tp)
+
+    def _check_log_start(self, tp: TopicPartition, start: int, committed: int | None) -> int:
+        """Where to resume a partition whose replay would start before the log's first record."""
+        lo = self._log_start(tp)
+        if lo is None or start >= lo:
+            return start
+        if self._offset_reset(tp, start, lo, None, "before the start") == "latest":
+            self._to_latest.add(tp)  # the end is known after the first fetch (Tansu's ListOffsets is wrong)
+        return lo  # state replays what the log still has; the positions only move forwards
+
+    def _check_log_ends(self, records: list[RawRecord]) -> list[RawRecord]:
+        """After each fetch: a log whose end is below our position was reset (memory broker restarted,
+        topic recreated). Apply the policy; records fetched at the old position are dropped (re-read)."""
+        hw_of = getattr(self.source, "highwater", None)
+        if hw_of is None:
+            return records
+        pos = self.checkpointer.positions
+        moved: set[TopicPartition] = set()
+        for tp in self._assigned:
+            try:
+                hw = hw_of(tp)
+            except Exception:  # noqa: BLE001 - not assigned in the client (mid-rebalance): next poll
+                continue
+            if hw is None:
+                continue
+            if tp in self._to_latest:
+                self._to_latest.discard(tp)
+                self._jump(tp, max(hw, self._next_offset.get(tp, 0)))
+                moved.add(tp)
+                continue
+            stored = max(self._next_offset.get(tp, 0), pos.committed.get(tp, 0))
+            if hw < stored:
+                lo = self._log_start(tp) or 0
+                policy = self._offset_reset(tp, stored, lo, hw, "past the end")
+                self._rewind(tp, hw if policy == "latest" else lo)
+                moved.add(tp)
+        if not moved:
+            return records
+        return [r for r in records if (r.topic, r.partition) not in moved]
+
+    def _jump(self, tp: TopicPartition, offset: int) -> None:
+        """Skip forward to `offset` (policy latest): positions move forwards only."""
+        self.source.seek(tp, offset)
+        self._next_offset[tp] = offset
+        self._held.pop(tp, None)
+        self.checkpointer.positions.advance(tp, offset)
+
+    def _rewind(self, tp: TopicPartition, offset: int) -> None:
+        """The log restarted below our position: read it from `offset` as new records (positions written
+        lower, with a state snapshot; dead letters and incidents of the new records are not suppressed)."""
+        self.source.seek(tp, offset)
+        self._next_offset[tp] = offset
+        self.recovery_until[tp] = offset
+        self._held.pop(tp, None)
+        if tp in self._label_read:
+            self._label_read[tp] = offset
+        self.checkpointer.positions.rewind(tp, offset)
 
     def _check_copartitioned(self, tps: Sequence[TopicPartition]) -> None:
         """Labels reach a payment's context only if this worker owns both partition p's: the range assignor
@@ -225,6 +450,7 @@ class Processor:
             self.recovery_until.pop(tp, None)
             self._next_offset.pop(tp, None)
             self._snapshot_due.pop(tp, None)
+            self._recent.pop(tp, None)  # the next owner restores it with the partition's snapshot
         log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in tps))
 
     def _collect_states(self, tps: set[TopicPartition]) -> tuple[list[StateRow], Callable[[], None]]:
@@ -245,6 +471,8 @@ class Processor:
             if isinstance(spec, TransactionStream):
                 rows.extend(StateRow(spec.name, context_key(p), t, p, spec.contexts[p].snapshot())
                             for t, p in tps if t == topic and p in spec.contexts)
+            rows.extend(StateRow(spec.name, dedupe_key(p), t, p, self._recent[(t, p)].snapshot())
+                        for t, p in tps if t == topic and (t, p) in self._recent)
 
         def mark_clean() -> None:
             for scorer, slots in to_clean:
@@ -269,9 +497,12 @@ class Processor:
             good = []
             good_recs = []
             recs = self._drop_reapplied(recs)
+            dedupe = self.opt.dedupe_window > 0 and isinstance(spec, TransactionStream)
             for r in recs:
                 rec = self._decode(spec, r)
                 if rec is not None:
+                    if dedupe and self._duplicate(spec, r, rec):
+                        continue
                     good.append(rec)
                     good_recs.append(r)
             self.stats.events += len(recs)
@@ -286,51 +517,139 @@ class Processor:
         self._advance_label_positions()
 
     def _decode(self, spec: StreamSpec, r: RawRecord) -> Any | None:
-        """The validated record, or None after dead-lettering it (not again below the durable position)."""
+        """The validated record, or None after dead-lettering it (not again below the durable position).
+        Any error, not only a DecodeError, dead-letters this record alone (processing_error, with the stage)."""
+        stage = "decode"
         try:
-            rec = spec.decode(r.value)
-            if r.key is not None and r.key.decode("utf-8", "replace") != spec.entity_of(rec):
-                raise DecodeError("key_mismatch", f"key {r.key[:80]!r} != {spec.entity_field}")
+            rec = spec.decode(require_key(spec, r))
+            stage = "key"
+            check_key(spec, r, rec)
             return rec
         except DecodeError as exc:
-            if r.offset >= self.recovery_until.get((r.topic, r.partition), 0):
-                self.dlq.send(r, exc.reason, exc.detail)
-                self.stats.dead_letters += 1
-                metrics.DLQ.labels(exc.reason).inc()
-            return None
+            self._dead_letter(r, exc.reason, exc.detail)
+        except PipelineError:
+            raise  # raised on purpose for the operator (state, database, stop): not one record's fault
+        except Exception as exc:  # noqa: BLE001 - one record must never stop the service
+            self._processing_error(r, stage, exc)
+        return None
+
+    def _dead_letter(self, r: RawRecord, reason: str, detail: str) -> None:
+        if r.offset >= self.recovery_until.get((r.topic, r.partition), 0):
+            self.dlq.send(r, reason, detail)
+            self.stats.dead_letters += 1
+            metrics.DLQ.labels(reason).inc()
+
+    def _processing_error(self, r: RawRecord, stage: str, exc: Exception) -> None:
+        log.error("%s[%d]@%d made stage %s raise; dead-lettered as processing_error: %s: %s", r.topic, r.partition,
+                  r.offset, stage, type(exc).__name__, exc, exc_info=exc)
+        self._dead_letter(r, "processing_error", failure_detail(stage, exc))
+
+    def _duplicate(self, spec: StreamSpec, r: RawRecord, rec: Any) -> bool:
+        """A payment whose transaction_id is in its partition's dedupe window: dropped (counted, not scored)."""
+        tp = (r.topic, r.partition)
+        recent = self._recent.get(tp)
+        if recent is None:
+            recent = self._recent[tp] = self._load_recent(spec.name, tp)
+        if not recent.seen(rec.transaction_id):
+            return False
+        if r.offset >= self.recovery_until.get(tp, 0):  # counted once, not again when a restart replays it
+            self.stats.duplicates += 1
+            metrics.DUPLICATES.labels(spec.name).inc()
+        return True
+
+    def _load_recent(self, stream: str, tp: TopicPartition) -> RecentIds:
+        """The window as of the partition's state snapshot (state resumes there); empty without one."""
+        if self.checkpointer.positions.snapshot.get(tp) is None:
+            return RecentIds(self.opt.dedupe_window)
+        key = dedupe_key(tp[1])
+        blob = self.db_retry(f"load the dedupe window of {tp[0]}[{tp[1]}]",
+                             lambda: self.db.load_states(self.opt.run_id, stream, [key])).get(key)
+        return RecentIds.restore(self.opt.dedupe_window, blob)
 
     def _score(self, topic: str, scorer: StreamScorer, good_recs: list[RawRecord], good: list[Any]) -> None:
-        spec = scorer.spec
+        """Score a batch. If featurizing or scoring raises, the batch's state changes are undone and its halves
+        are retried, down to single records: a record that makes a stage raise is dead-lettered alone
+        (processing_error, naming the stage) and every other record is scored exactly once. The happy path
+        pays only the undo savepoint."""
         if not good:
             return
+        try:
+            self._score_batch(topic, scorer, good_recs, good)
+        except _StageFailed as failed:
+            if len(good) == 1:
+                self._processing_error(good_recs[0], failed.stage, failed.exc)
+                return
+            mid = len(good) // 2
+            self._score(topic, scorer, good_recs[:mid], good[:mid])
+            self._score(topic, scorer, good_recs[mid:], good[mid:])
+
+    def _score_batch(self, topic: str, scorer: StreamScorer, good_recs: list[RawRecord], good: list[Any]) -> None:
+        spec = scorer.spec
         parts = np.fromiter((r.partition for r in good_recs), np.int32, len(good_recs))
-        cols = spec.columns(good, parts)
-        res = scorer.process(cols, parts)
-        self.stats.scored += len(good)
-        metrics.SCORED.labels(spec.name).inc(len(good))
-        metrics.BATCH_FILL.observe(len(good))
-        self._max_event_ts = max(self._max_event_ts, float(cols.ts.max()))
-        self.checkpointer.observe(topic, spec.name, good_recs, parts, cols.ts, res)  # incident lifecycle
-        for i in np.flatnonzero(res.is_anomaly):
-            r = good_recs[i]
-            top = np.argsort(-res.contributions[i])[: self.opt.top_features]
-            self.checkpointer.pending.append(AlertRow(
-                alert_key=f"{self.opt.run_id}|{r.topic}|{r.partition}|{r.offset}|{scorer.model_version}",
-                run_id=self.opt.run_id,
-                stream=spec.name,
-                entity_id=res.entity_ids[i],
-                event_time=datetime.fromtimestamp(float(cols.ts[i]), tz=timezone.utc),
-                score=float(res.scores[i]),
-                threshold=float(res.thresholds[i]),
-                severity=severity(float(res.scores[i]), float(res.thresholds[i])),
-                model_version=scorer.model_version,
-                top_features=[{"feature": spec.feature_names[j], "observed": float(res.observed[i, j]),
-                               "reconstructed": float(res.reconstructed[i, j]),
-                               "contribution": float(res.contributions[i, j])} for j in top],
-                source_topic=r.topic, source_partition=r.partition, source_offset=r.offset,
-            ))
-            self.stats.alerts += 1
-            self.stats.alerts_by_stream[spec.name] += 1
+        undo_contexts = self._context_savepoint(spec, parts)
+        stage = "featurize"
+        try:
+            cols = spec.columns(good, parts)
+            stage = "score"
+            res = scorer.process(cols, parts, atomic=True)  # restores the entities' state if it raises
+        except PipelineError:
+            raise  # raised on purpose for the operator (state, database, stop): not one record's fault
+        except Exception as exc:  # noqa: BLE001 - isolated by _score
+            undo_contexts()
+            raise _StageFailed(stage, exc) from exc
+        # the batch is applied to state now: later stages isolate failures per record and never re-score
+        ts = cols.ts
+        if res.rejected is not None and res.rejected.any():  # behind their entity by more than allowed
+            late_by = scorer.allowed_lateness_s
+            for i in np.flatnonzero(res.rejected).tolist():
+                self._dead_letter(good_recs[i], "out_of_order",
+                                  f"event time {datetime.fromtimestamp(float(ts[i]), tz=timezone.utc).isoformat()} "
+                                  f"is more than allowed_lateness_s={late_by} behind its entity's latest event")
+            keep = np.flatnonzero(~res.rejected)
+            good_recs, parts, ts, res = [good_recs[i] for i in keep.tolist()], parts[keep], ts[keep], res.take(keep)
+            if not good_recs:
+                return
+        if res.late is not None:
+            metrics.LATE_EVENTS.labels(spec.name).inc(int(res.late.sum()))
+        self.stats.scored += len(good_recs)
+        metrics.SCORED.labels(spec.name).inc(len(good_recs))
+        metrics.BATCH_FILL.observe(len(good_recs))
+        self._max_event_ts = max(self._max_event_ts, float(ts.max()))
+        try:
+            failed = self.checkpointer.observe(topic, spec.name, good_recs, parts, ts, res)  # incident lifecycle
+        except PipelineError:
+            raise
+        except Exception as batch_exc:  # noqa: BLE001 - outside the per-event loop: the whole batch's lifecycle
+            failed = [(i, batch_exc) for i in range(len(good_recs))]
+        for i, err in failed:
+            self._processing_error(good_recs[i], "observe", err)
+        try:
+            alerts = build_alerts(self.opt.run_id, scorer, good_recs, ts, res, self.opt.top_features)
+        except Exception:  # noqa: BLE001 - a pure function: rebuild alert by alert to find the culprit
+            alerts = []
+            for i in np.flatnonzero(res.is_anomaly).tolist():
+                only = np.zeros(len(good_recs), bool)
+                only[i] = True
+                try:
+                    alerts += build_alerts(self.opt.run_id, scorer, good_recs, ts, replace(res, is_anomaly=only),
+                                           self.opt.top_features)
+                except Exception as exc:  # noqa: BLE001 - one record must never stop the service
+                    self._processing_error(good_recs[i], "alert", exc)
+        self.checkpointer.pending.extend(alerts)
+        self.stats.alerts += len(alerts)
+        self.stats.alerts_by_stream[spec.name] += len(alerts)
+
+    def _context_savepoint(self, spec: StreamSpec, parts: np.ndarray) -> Callable[[], None]:
+        """Undo for the terminal contexts a batch's featurization updates (transactions with terminal features)."""
+        if not (isinstance(spec, TransactionStream) and spec.terminal_context):
+            return lambda: None
+        saved = {p: spec.context(p).snapshot() for p in np.unique(parts).tolist()}
+
+        def restore() -> None:
+            for p, blob in saved.items():
+                spec.contexts[p] = TerminalContext.restore(blob)
+
+        return restore
 
     # -- label feedback: event-time alignment ---------------------------------------------------------
     def _align(self, topic: str, recs: list[RawRecord], good_recs: list[RawRecord], good: list[Any]
@@ -430,6 +749,8 @@ class Processor:
         for i, r in enumerate(recs):
             tp = (r.topic, r.partition)
             expected = nxt.get(tp, 0)
+            if r.offset < expected and self._log_was_reset(tp, expected, r.offset):
+                expected = nxt[tp]
             if r.offset < expected:
                 if keep is None:
                     keep = recs[:i]
@@ -443,15 +764,36 @@ class Processor:
                     len(recs) - len(keep))
         return keep
 
+    def _log_was_reset(self, tp: TopicPartition, expected: int, offset: int) -> bool:
+        """Records below our position arrived: if the log's end is below it too, the log was reset and the
+        client reset its position by itself (out of range): apply the policy instead of skipping them."""
+        hw_of = getattr(self.source, "highwater", None)
+        hw = None if hw_of is None else hw_of(tp)
+        if hw is None or hw >= max(expected, self.checkpointer.positions.committed.get(tp, 0)):
+            return False
+        if self._offset_reset(tp, expected, offset, hw, "past the end") == "latest":
+            self._jump(tp, hw)  # rewinds nothing; the records in hand are skipped
+            self.checkpointer.positions.rewind(tp, hw)
+            return True
+        self._next_offset[tp] = offset
+        self.recovery_until[tp] = offset
+        self._held.pop(tp, None)
+        self.checkpointer.positions.rewind(tp, offset)
+        return True
+
     # -- loop ---------------------------------------------------------------------------------------
     def checkpoint_with_retry(self, snapshot: bool | set[TopicPartition], stop: threading.Event | None = None) -> bool:
-        delay = 0.2
+        """Retries with backoff while the database is down; the processor reports not ready meanwhile."""
+        delay, was_ready = 0.2, self.ready.is_set()
         while True:
             try:
                 self.checkpointer.checkpoint(snapshot)
                 self.stats.checkpoints += 1
+                if was_ready:
+                    self.ready.set()
                 return True
             except CheckpointError as exc:
+                self.ready.clear()
                 self.stats.db_failures += 1
                 log.warning("checkpoint failed, offsets NOT committed; retrying in %.1fs: %s", delay, exc)
                 if stop is not None and stop.wait(delay):
@@ -474,12 +816,25 @@ class Processor:
     ) -> ProcessorStats:
         if self.opt.freeze_gc:
             freeze_gc()
+        self._stop = stop
         self.source.subscribe([*self.scorers, *self.label_topics], self.on_assigned, self.on_revoked)
+        try:
+            self._loop(stop, idle_exit_s=idle_exit_s, max_events=max_events)
+        except ProcessorStopped as exc:  # mid-batch: nothing of it is committed, a restart replays it
+            log.warning("%s; exiting without a final checkpoint", exc)
+            return self.stats
+        self.final_checkpoint()
+        return self.stats
+
+    def _loop(self, stop: threading.Event, *, idle_exit_s: float | None, max_events: int | None) -> None:
         last_commit = last_housekeeping = time.monotonic()
         last_data = time.monotonic()
         commit_every = self.opt.commit_interval_ms / 1000.0
         while not stop.is_set():
             records = self.source.poll(self.opt.poll_timeout_ms, self.opt.max_batch_records)
+            if self._assign_error is not None:
+                raise self._assign_error
+            records = self._check_log_ends(records)
             now = time.monotonic()
             if records:
                 self.handle(records)
@@ -507,13 +862,13 @@ class Processor:
             elif idle_exit_s is not None and not records and now - last_data >= idle_exit_s \
                     and self.source.lag() == 0 and not self.holding:
                 break
-        self.final_checkpoint()
-        return self.stats
 
     def _due_snapshot(self, now: float) -> set[TopicPartition]:
         """At most one partition per checkpoint: the most overdue one that has consumed records."""
-        consumed = self.checkpointer.positions.consumed
-        due = [(t, tp) for tp, t in self._snapshot_due.items() if t <= now and tp in consumed]
+        pos = self.checkpointer.positions
+        consumed = pos.consumed
+        due = [(t, tp) for tp, t in self._snapshot_due.items()
+               if t <= now and tp in consumed and not any(pos.replaying(u) for u in self._snapshot_unit(tp))]
         if not due:
             return set()
         tp = min(due)[1]

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from models.lstm_ae import Checkpoint, LSTMAEConfig, TrainConfig, save_checkpoint, train_autoencoder
+from models.lstm_forecast import ForecastCheckpoint, ForecastConfig, ForecastTrainConfig, train_forecaster
 from pipeline.features.streams import EventColumns, StreamSpec, TransactionStream
 from pipeline.scoring.scorer import StreamScorer, occurrence_rank, rounds
 
@@ -104,3 +105,38 @@ def train_default_models(out_dir: Path, channels: list[str], *, seed: int = 0, e
                                   progress=report, extra_card={"training_data": "pipeline.simulate (normal only)"})
         paths[spec.name] = save_checkpoint(ckpt, out_dir / f"{spec.name}.pt")
     return paths
+
+
+def training_sequences(spec: StreamSpec, cols: EventColumns, prior: tuple[np.ndarray, np.ndarray],
+                       chunk: int = 20000) -> list[np.ndarray]:
+    """Each entity's scaled readings in event order, scaled as serving scales them (StreamScorer.prepare)."""
+    scorer = StreamScorer(spec, None, prior=prior, window=1)
+    scaled = np.empty((len(cols.entity_ids), spec.n_features), np.float32)
+    for s in range(0, len(cols.entity_ids), chunk):
+        part = EventColumns(cols.entity_ids[s : s + chunk], cols.ts[s : s + chunk], cols.base[s : s + chunk])
+        scaled[s : s + chunk] = scorer.prepare(part).windows[:, -1, :]
+    ids = np.asarray(cols.entity_ids, dtype=object)
+    return [scaled[ids == e] for e in dict.fromkeys(cols.entity_ids)]
+
+
+def train_stream_forecaster(
+    spec: StreamSpec,
+    cols: EventColumns,
+    *,
+    model: ForecastConfig | None = None,
+    train: ForecastTrainConfig = ForecastTrainConfig(),
+    min_history: int = 8,
+    name: str | None = None,
+    device: str = "cpu",
+    progress: Callable[[int, float, float], None] | None = None,
+    extra_card: dict[str, Any] | None = None,
+) -> ForecastCheckpoint:
+    """The stateful forecasting family (models.lstm_forecast), trained on the serving path's scaling."""
+    model = model or ForecastConfig(n_features=spec.n_features)
+    prior = feature_prior(spec, cols)
+    card: dict[str, Any] = {"stream": spec.name, "min_history": min_history,
+                            "feature_prior": {"mean": prior[0].tolist(), "std": prior[1].tolist()}}
+    card.update(extra_card or {})
+    return train_forecaster(training_sequences(spec, cols, prior), model, train,
+                            name=name or f"{spec.name}-lstm-forecast", feature_names=spec.feature_names,
+                            device=device, progress=progress, extra_card=card)

@@ -20,7 +20,15 @@ Strictness, rule by rule (pydantic strict mode, extra="forbid"):
 * timestamps: kept as a string by msgspec, accepted only in the plain RFC 3339 shape
   `YYYY-MM-DDTHH:MM:SS[.ffffff](Z|+HH:MM|-HH:MM)` with in-range fields and then parsed with
   `datetime.fromisoformat` (which checks the calendar); every other spelling pydantic may accept
-  (lower-case `t`/`z`, a space, `+HHMM`, more than 6 fractional digits, ...) goes the slow path.
+  (lower-case `t`/`z`, a space, `+HHMM`, more than 6 fractional digits, ...) goes the slow path. Times
+  outside schemas.types' EVENT_TIME_MIN..MAX go the slow path too (which names timestamp_out_of_range);
+  years 1901..2198 are inside whatever the offset, so only the others need the exact comparison.
+* duplicate keys: msgspec (like orjson and pydantic) keeps the last value silently. The fast path vouches
+  only for values without a backslash whose count of `:` bytes equals the number of keys decoded plus the
+  colons inside the decoded strings. Why that is exact: without a backslash every string token is
+  verbatim, a `:` outside strings separates exactly one key occurrence from its value, and the decoded
+  strings are a subset of the tokens, so colons(raw) >= occurrences + colons(decoded), with equality only
+  when no key occurs twice. Anything else goes the slow path, which detects duplicates exactly.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from typing import Annotated
 
 import msgspec
 from msgspec import Meta
+
+from schemas.types import EVENT_TIME_MAX, EVENT_TIME_MIN
 
 _MAX = sys.float_info.max
 FiniteFloat = Annotated[float, Meta(ge=-_MAX, le=_MAX)]
@@ -51,9 +61,18 @@ def parse_timestamp(text: str) -> datetime | None:
     if TIMESTAMP.match(text) is None:
         return None
     try:
-        return datetime.fromisoformat(text)
+        dt = datetime.fromisoformat(text)
     except ValueError:  # e.g. February 30th
         return None
+    if not "1900" < text[:4] < "2199" and not EVENT_TIME_MIN <= dt.timestamp() < EVENT_TIME_MAX:
+        return None
+    return dt
+
+
+def _keys_once(value: bytes, keys: int, strings: str) -> bool:
+    """No key occurs twice (see the module doc); False also when it cannot tell. `strings`: the decoded
+    string values, concatenated (one count instead of one per string)."""
+    return b"\\" not in value and value.count(b":") == keys + strings.count(":")
 
 
 class _Matched:
@@ -131,7 +150,7 @@ def sensor_reading(value: bytes) -> SensorReadingFast | None:
     if not (_entities.one(w.device_id) and _channels.all(w.values)):
         return None
     ts = parse_timestamp(w.timestamp)
-    if ts is None:
+    if ts is None or not _keys_once(value, 3 + len(w.values), w.device_id + w.timestamp):  # names: no ':'
         return None
     return SensorReadingFast(w.device_id, ts, w.values)
 
@@ -145,5 +164,13 @@ def transaction(value: bytes) -> TransactionFast | None:
         return None
     ts = parse_timestamp(w.timestamp)
     if ts is None:
+        return None
+    if w.currency is None:
+        if b'"currency"' in value:  # "currency": null, or a string "currency": cannot tell, ask pydantic
+            return None
+        keys = 5
+    else:
+        keys = 6  # the currency pattern has no ':'
+    if not _keys_once(value, keys, w.transaction_id + w.customer_id + w.terminal_id + w.timestamp):
         return None
     return TransactionFast(w.transaction_id, w.customer_id, w.terminal_id, w.amount, ts, w.currency)

@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic_core import PydanticCustomError
 
 EntityId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 ChannelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_. -]{1,64}$")]
+
+# Event times must lie in [1900-01-01, 2200-01-01) UTC. A wider time cannot be handled downstream: an offset
+# can push a valid local 9999-12-31 (or 0001-01-01) out of datetime's range in UTC, and pandas' nanosecond
+# timestamps end in 2262. Such times are always producer bugs, so they are dead-lettered at validation
+# (reason timestamp_out_of_range) instead of crashing a later stage.
+EVENT_TIME_MIN = datetime(1900, 1, 1, tzinfo=timezone.utc).timestamp()
+EVENT_TIME_MAX = datetime(2200, 1, 1, tzinfo=timezone.utc).timestamp()
+
+
+def _in_range(dt: datetime) -> datetime:
+    ts = dt.timestamp()  # aware: exact epoch seconds, no overflow even when the UTC year leaves 1..9999
+    if not EVENT_TIME_MIN <= ts < EVENT_TIME_MAX:
+        raise PydanticCustomError("timestamp_out_of_range",
+                                  "event time {value} is outside 1900-01-01T00:00:00Z .. 2200-01-01T00:00:00Z",
+                                  {"value": dt.isoformat()})
+    return dt
+
+
+EventTime = Annotated[AwareDatetime, AfterValidator(_in_range)]
 
 
 class _Strict(BaseModel):
@@ -22,7 +42,7 @@ class Transaction(_Strict):
     terminal_id: EntityId
     amount: Annotated[float, Field(ge=0, le=1_000_000_000, allow_inf_nan=False)]
     currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")] | None = None
-    timestamp: AwareDatetime
+    timestamp: EventTime
 
 
 class TransactionLabel(_Strict):
@@ -32,12 +52,12 @@ class TransactionLabel(_Strict):
     customer_id: EntityId
     terminal_id: EntityId
     is_fraud: bool
-    labelled_at: AwareDatetime
+    labelled_at: EventTime
 
 
 class SensorReading(_Strict):
     device_id: EntityId
-    timestamp: AwareDatetime
+    timestamp: EventTime
     values: Annotated[dict[ChannelName, FiniteFloat], Field(min_length=1, max_length=64)]
 
 

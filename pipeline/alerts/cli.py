@@ -39,12 +39,18 @@ def parse_since(value: str | None, now: datetime | None = None) -> datetime | No
         return None
     m = _REL.match(value.strip())
     if m:
-        return (now or datetime.now(timezone.utc)) - timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
+        try:
+            return (now or datetime.now(timezone.utc)) - timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
+        except OverflowError:
+            raise ConfigError(f"--since {value!r}: that age reaches before the year 1") from None
     try:
         dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
         raise ConfigError(f"--since {value!r}: give an ISO time (2024-05-01T12:00Z) or an age (15m, 2h, 7d)") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    try:  # in UTC, so a time the database compares is within years 1..9999 (e.g. not 9999-12-31T23:59-23:59)
+        return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    except OverflowError:
+        raise ConfigError(f"--since {value!r}: in UTC that time is outside the years 1..9999") from None
 
 
 def _store(database_url: str | None) -> Any:

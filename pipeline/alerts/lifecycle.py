@@ -134,11 +134,12 @@ class ScoredEvent:
     ts: float  # event time, epoch seconds
     score: float
     threshold: float
+    tag: str = ""  # the partition's log-epoch suffix ("" until its log was ever reset)
 
 
 def incident_key(run_id: str, ev: ScoredEvent) -> str:
     """Replay-stable: the source position of the opening event."""
-    return f"{run_id}|{ev.stream}|{ev.entity_id}|{ev.topic}|{ev.partition}|{ev.offset}"
+    return f"{run_id}|{ev.stream}|{ev.entity_id}|{ev.topic}|{ev.partition}|{ev.offset}{ev.tag}"
 
 
 def on_anomaly(inc: Incident | None, ev: ScoredEvent, policy: LifecyclePolicy,
@@ -233,15 +234,18 @@ class IncidentTracker:
         thresholds: np.ndarray,
         is_anomaly: np.ndarray,
         committed: Mapping[TopicPartition, int],
-    ) -> None:
-        """One scored micro-batch (events in source order per partition)."""
+        tags: Callable[[TopicPartition], str] | None = None,
+    ) -> list[tuple[int, Exception]]:
+        """One scored micro-batch (events in source order per partition). Returns the events (batch index,
+        error) whose lifecycle update raised: the others are applied, the processor dead-letters those."""
         for p in np.unique(partitions).tolist():
             if (topic, p) not in self.loaded:
                 self._load(topic, int(p))
         tracked = self._open_ids.get(stream)
         anomalies = np.flatnonzero(is_anomaly)
         if not tracked and len(anomalies) == 0:
-            return
+            return []
+        failed: list[tuple[int, Exception]] = []
         watch = set(tracked or ())
         watch.update(entity_ids[i] for i in anomalies.tolist())
         idx = np.flatnonzero(np.fromiter((e in watch for e in entity_ids), bool, len(entity_ids)))
@@ -251,8 +255,12 @@ class IncidentTracker:
             if rec.offset < committed.get(tp, 0):
                 continue  # a replayed event: its lifecycle effects are already durable
             ev = ScoredEvent(stream, entity_ids[i], topic, rec.partition, rec.offset, float(ts[i]),
-                             float(scores[i]), float(thresholds[i]))
-            self.apply(ev, bool(is_anomaly[i]))
+                             float(scores[i]), float(thresholds[i]), tags(tp) if tags is not None else "")
+            try:
+                self.apply(ev, bool(is_anomaly[i]))
+            except Exception as exc:  # noqa: BLE001 - one event must never stop the service
+                failed.append((i, exc))
+        return failed
 
     def apply(self, ev: ScoredEvent, anomalous: bool) -> None:
         key = (ev.stream, ev.entity_id)

@@ -10,10 +10,11 @@ sent again by the next drain (the relay starts with a drain on restart). Consume
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from pipeline import metrics
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, SinkError
 from pipeline.records import AlertPublisher
 from pipeline.sinks.sql import SqlStore
 
@@ -21,9 +22,13 @@ log = logging.getLogger(__name__)
 
 
 class OutboxRelay:
-    def __init__(self, db: SqlStore, publisher: AlertPublisher, run_id: str, batch: int = 500) -> None:
+    def __init__(self, db: SqlStore, publisher: AlertPublisher, run_id: str, batch: int = 500,
+                 retry_max_s: float = 30.0) -> None:
         self.db, self.publisher, self.run_id, self.batch = db, publisher, run_id, batch
         self.backlog = True  # unpublished rows may exist (restart, or the last drain failed)
+        self.retry_max_s = retry_max_s
+        self._delay = 0.0  # backoff after a failed drain: a down broker must not stall every checkpoint
+        self._retry_at = 0.0
 
     def drain(self) -> int:
         """Publish every unpublished row of this run, oldest first. Raises SinkError (rows stay unpublished)."""
@@ -45,14 +50,30 @@ class OutboxRelay:
         return total
 
     def try_drain(self) -> int:
-        """drain(), logging instead of raising: the topic catches up on a later checkpoint."""
-        try:
-            return self.drain()
-        except PipelineError as exc:
-            log.warning("alerts topic publish failed, will retry (outbox rows stay unpublished): %s", exc)
+        """drain(), logging instead of raising: the topic catches up on a later checkpoint (after a failure,
+        not before an exponential backoff has passed)."""
+        now = time.monotonic()
+        if now < self._retry_at:
             return 0
+        try:
+            n = self.drain()
+        except PipelineError as exc:
+            self._delay = min(max(0.5, self._delay * 2), self.retry_max_s)
+            self._retry_at = time.monotonic() + self._delay
+            log.warning("alerts topic publish failed, retrying in %.1fs (outbox rows stay unpublished): %s",
+                        self._delay, exc)
+            return 0
+        self._delay, self._retry_at = 0.0, 0.0
+        return n
 
     def _send(self, rows: list[dict[str, Any]]) -> None:
-        for r in rows:
-            self.publisher.publish(r["entity_id"], r["payload"].encode())
-        self.publisher.flush()
+        """Any publish error becomes SinkError: it runs after the database commit, so it must never escape
+        try_drain (the rows stay unpublished and the next checkpoint's drain sends them again)."""
+        try:
+            for r in rows:
+                self.publisher.publish(r["entity_id"], r["payload"].encode())
+            self.publisher.flush()
+        except PipelineError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the client's own errors (pipeline.kafka wraps most of them)
+            raise SinkError(f"alerts topic publish failed: {type(exc).__name__}: {exc}") from exc

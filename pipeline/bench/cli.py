@@ -34,6 +34,11 @@ def bench(
                                                             "when no data is there)")] = 20,
     torch_threads: Annotated[int, typer.Option(help="torch intra-op threads (0 = torch default)")] = 1,
     peers: Annotated[bool, typer.Option(help="run the River and naive-loop peers")] = True,
+    precisions: Annotated[str | None, typer.Option(
+        help="also compare scoring precisions side by side, e.g. fp32,bf16,int8 (scorer windows/s and e2e "
+             "drain events/s per precision, interleaved)")] = None,
+    precision_repeats: Annotated[int, typer.Option(help="interleaved rounds of the precision table (best kept)")
+                                 ] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")] = False,
     output: Annotated[Path | None, typer.Option(help="also write the JSON result here")] = None,
 ) -> None:
@@ -43,8 +48,18 @@ def bench(
 
     from pipeline.bench import core
     from pipeline.cli import _settings
+    from pipeline.errors import ConfigError
     from pipeline.kafka.broker import resolve_bootstrap
 
+    wanted = [p.strip() for p in (precisions or "").split(",") if p.strip()]
+    bad = [p for p in wanted if p not in ("fp32", "bf16", "int8")]
+    if bad:
+        raise ConfigError(f"--precisions: unknown {', '.join(bad)} (expected fp32, bf16, int8)")
+    import importlib.util
+
+    if peers and importlib.util.find_spec("river") is None:  # checked first: the peers run after the e2e part
+        raise ConfigError("the River peer needs the 'bench' extra: pip install 'streaming-anomaly-pipeline[bench]' "
+                          "(or pass --no-peers)")
     s = _settings()
     s.device = "cpu"
     if torch_threads > 0:
@@ -81,6 +96,12 @@ def bench(
         say(f"scorer cpu: {cpu['windows_per_s']:,.0f} windows/s (batch {cpu['batch']})")
         result["scorer_cpu"] = cpu
         result["scorer_windows_per_s"] = round(cpu["windows_per_s"], 1)
+        from pipeline.bench.families import bench_families  # both model families on the same events
+
+        fam = bench_families(s, entities=entities, batch=batch)
+        say(f"scorer families: autoencoder {fam['lstm_ae']['events_per_s']:,.0f} events/s, stateful forecaster "
+            f"{fam['lstm_forecast']['events_per_s']:,.0f} events/s ({fam['forecast_vs_ae']}x)")
+        result["scorer_families"] = fam
         if torch.cuda.is_available():
             gpu = core.bench_scorer(s, load, device="cuda", batch=32768)  # two full 16k-window chunks
             say(f"scorer cuda: {gpu['windows_per_s']:,.0f} windows/s (batch {gpu['batch']}, batch fill "
@@ -98,6 +119,18 @@ def bench(
             result["peer_river_events_per_s"] = round(river["events_per_s"], 1)
             result["scorer_vs_naive"] = round(cpu["windows_per_s"] / naive["events_per_s"], 1)
             result["e2e_vs_river"] = round(drain.events_per_s / river["events_per_s"], 2)
+        if wanted:
+            rows = core.bench_precisions(s, boot, db_url, wanted, events=events, entities=entities, batch=batch,
+                                         repeats=precision_repeats, progress=say,
+                                         commit_interval_ms=commit_interval_ms,
+                                         snapshot_interval_s=snapshot_interval_s,
+                                         fetch_max_wait_ms=fetch_max_wait_ms)
+            for r in rows:
+                say(f"precision {r['precision']:>4} (runs as {r['runs_as']}): {r['windows_per_s']:,.0f} windows/s "
+                    f"({r['windows_vs_fp32']}x), model only {r['model_only_windows_per_s']:,.0f} "
+                    f"({r['model_only_vs_fp32']}x), model best-of-interleaved {r['model_best_windows_per_s']:,.0f} "
+                    f"({r['model_best_vs_fp32']}x), e2e {r['e2e_events_per_s']:,.0f} events/s ({r['e2e_vs_fp32']}x)")
+            result["precisions"] = rows
         mem = core.bench_memory(s, entities)
         say(f"memory: {mem['bytes_per_entity']:,.0f} bytes per live entity "
             f"({mem['array_bytes_per_slot']:,.0f} B of state arrays per slot)")

@@ -108,6 +108,7 @@ def bench_scorer(settings: Settings, load: SensorLoad, *, device: str = "cpu", b
         m += len(scorer.process(b).scores)
     full = m / (time.perf_counter() - t1)
     return {"device": str(scorer.device), "batch": batch, "windows": n,
+            "precision": scorer.checkpoint.precision,  # type: ignore[union-attr]  # effective (after fallback)
             "windows_per_s": full, "prepare_plus_model_windows_per_s": n / elapsed,
             "model_only_windows_per_s": n / model_s if model_s else None,
             "model_share_of_time": model_s / elapsed,
@@ -349,6 +350,7 @@ def run_e2e(settings: Settings, bootstrap: str, db_url: str, *, events: int, ent
     alerts = proc.stats.alerts
     db.dispose()
     extra: dict[str, Any] = {"database": db_url.split("://")[0], "batch_records": batch,
+                             "precision": scorer.checkpoint.precision if scorer.checkpoint else None,
                              "commit_interval_ms": commit_interval_ms, "snapshot_interval_s": snapshot_interval_s,
                              "fetch_max_wait_ms": fetch_max_wait_ms,
                              "group_join_s": round(begin - t_start, 2)}
@@ -359,6 +361,55 @@ def run_e2e(settings: Settings, bootstrap: str, db_url: str, *, events: int, ent
                      latency_ms=src.latency_pcts(), alerts=alerts, checkpoints=proc.stats.checkpoints,
                      live_entities=len(scorer.store), rss_mb=rss_bytes() / 2**20,
                      mode="drain" if rate is None else ("soak" if duration_s else "paced"), rate=rate, extra=extra)
+
+
+def bench_precisions(settings: Settings, bootstrap: str, db_url: str, precisions: list[str], *, events: int,
+                     entities: int, batch: int, repeats: int = 2, progress: Callable[[str], None] | None = None,
+                     **e2e: Any) -> list[dict[str, Any]]:
+    """One row per requested precision: scorer windows/s (StreamScorer.process) and e2e drain events/s.
+    Precisions are interleaved `repeats` times and the best of each is kept: on a shared machine the
+    background load moves every run, and interleaving spreads it over all precisions alike."""
+    load = SensorLoad(entities, seed=1)
+    runs: dict[str, list[tuple[dict[str, Any], E2EResult]]] = {p: [] for p in precisions}
+    for rnd in range(repeats):
+        for p in precisions:
+            s = settings.model_copy(update={"precision": p})
+            sc = bench_scorer(s, load, batch=batch)
+            dr = run_e2e(s, bootstrap, db_url, events=events, entities=entities, rate=None, batch=batch, **e2e)
+            runs[p].append((sc, dr))
+            if progress:
+                progress(f"precision {p} (runs as {sc['precision']}), round {rnd + 1}: scorer "
+                         f"{sc['windows_per_s']:,.0f} windows/s (model only {sc['model_only_windows_per_s']:,.0f}), "
+                         f"e2e {dr.events_per_s:,.0f} events/s")
+    # the model alone, the precisions alternating call by call on the same windows, best of many: the figure
+    # least moved by background load (the rows above are each a few seconds long, at different moments)
+    scorers = {p: sensor_scorer(settings.model_copy(update={"precision": p})) for p in precisions}
+    windows = next(iter(scorers.values())).prepare(columns(load, 0, batch)).windows
+    best = {p: float("inf") for p in precisions}
+    for _ in range(20 * repeats):
+        for p, scorer in scorers.items():
+            t0 = time.perf_counter()
+            scorer.checkpoint.score(windows, scorer.device)  # type: ignore[union-attr]
+            best[p] = min(best[p], time.perf_counter() - t0)
+    rows: list[dict[str, Any]] = []
+    for p, got in runs.items():
+        rows.append({
+            "precision": p, "runs_as": got[0][0]["precision"],
+            "windows_per_s": max(g[0]["windows_per_s"] for g in got),
+            "model_only_windows_per_s": max(g[0]["model_only_windows_per_s"] or 0.0 for g in got),
+            "e2e_events_per_s": max(g[1].events_per_s for g in got),
+            "model_best_windows_per_s": batch / best[p],
+            "e2e_alerts": [g[1].alerts for g in got],
+            "all_windows_per_s": [round(g[0]["windows_per_s"], 1) for g in got],
+            "all_e2e_events_per_s": [round(g[1].events_per_s, 1) for g in got],
+        })
+    base = next((r for r in rows if r["precision"] == "fp32"), rows[0])
+    for r in rows:
+        r["windows_vs_fp32"] = round(r["windows_per_s"] / base["windows_per_s"], 2)
+        r["model_only_vs_fp32"] = round(r["model_only_windows_per_s"] / max(base["model_only_windows_per_s"], 1e-9), 2)
+        r["e2e_vs_fp32"] = round(r["e2e_events_per_s"] / base["e2e_events_per_s"], 2)
+        r["model_best_vs_fp32"] = round(r["model_best_windows_per_s"] / base["model_best_windows_per_s"], 2)
+    return rows
 
 
 def soak_summary(samples: list[tuple[float, float, int]]) -> dict[str, Any]:

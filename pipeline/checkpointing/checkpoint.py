@@ -13,6 +13,12 @@ If step 1 fails nothing is committed and the caller retries with backoff; the in
 alerts are kept, so nothing acknowledged is ever lost. Restart resumes each partition from its last
 state snapshot and replays to the committed position: state comes back exactly, and re-emitted
 alerts collapse onto their unique keys.
+
+Positions never move backwards: while a partition replays (its consumed position is below the durable
+one), a checkpoint writes the durable position again, never the replay position, takes no state snapshot
+of it (its state is behind the position the snapshot would claim), and drops the replay's re-emitted
+alerts (already durable). Only an explicit `PartitionPositions.rewind` (the broker's log was reset, see
+the processor's offset-reset policy) writes a lower position, together with a state snapshot.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,13 +53,40 @@ class PartitionPositions:
     snapshot: dict[TopicPartition, int] = field(default_factory=dict)
     on_forget: list[Callable[[TopicPartition], None]] = field(default_factory=list)
 
+    rewound: set[TopicPartition] = field(default_factory=set)  # lower positions the next checkpoint must write
+    epoch: dict[TopicPartition, int] = field(default_factory=dict)  # log resets so far (0 when absent)
+
     def advance(self, tp: TopicPartition, next_offset: int) -> None:
         if next_offset > self.consumed.get(tp, -1):
             self.consumed[tp] = next_offset
 
+    def replaying(self, tp: TopicPartition) -> bool:
+        """Re-applying records whose outputs are already durable (after a restart or a rebalance)."""
+        return self.consumed.get(tp, -1) < self.committed.get(tp, -1)
+
+    def durable_after(self, tp: TopicPartition, consumed: int) -> int:
+        """The position a checkpoint may write: never below what is already durable, unless rewound."""
+        if tp in self.rewound:
+            return consumed
+        return max(consumed, self.committed.get(tp, consumed))
+
+    def rewind(self, tp: TopicPartition, next_offset: int) -> None:
+        """The log no longer holds our position (topic recreated, broker lost its log): start over at
+        `next_offset`; the next checkpoint writes it (lower) with a state snapshot."""
+        self.consumed[tp] = self.committed[tp] = next_offset
+        self.snapshot.pop(tp, None)
+        self.rewound.add(tp)
+        self.epoch[tp] = self.epoch.get(tp, 0) + 1
+
+    def tag(self, tp: TopicPartition) -> str:
+        """Suffix of alert and incident keys: records of a reset log reuse offsets, their keys must not."""
+        e = self.epoch.get(tp, 0)
+        return f"~{e}" if e else ""
+
     def forget(self, tp: TopicPartition) -> None:
-        for d in (self.consumed, self.committed, self.snapshot):
+        for d in (self.consumed, self.committed, self.snapshot, self.epoch):
             d.pop(tp, None)
+        self.rewound.discard(tp)
         for cb in self.on_forget:
             cb(tp)
 
@@ -69,7 +102,12 @@ class Checkpointer:
         group_id: str,
         collect_states: Callable[[set[TopicPartition]], tuple[list[StateRow], Callable[[], None]]],
         after_durable: Callable[[list[AlertRow]], None] | None = None,
+        snapshot_unit: Callable[[TopicPartition], set[TopicPartition]] | None = None,
+        db_retry: Callable[[str, Callable[[], Any]], Any] | None = None,
     ) -> None:
+        """snapshot_unit(tp): the partitions whose positions are only valid snapshotted together (a transactions
+        partition and the labels partition whose labels its terminal context holds); default {tp}.
+        db_retry(what, call): wraps the incident tracker's database reads (retry with backoff); default: call()."""
         self.db, self.source, self.dlq = db, source, dlq
         self.run_id, self.group_id = run_id, group_id
         self.collect_states = collect_states
@@ -78,18 +116,27 @@ class Checkpointer:
         self.positions = PartitionPositions()
         self.tracker: IncidentTracker | None = None
         self.relay: OutboxRelay | None = None
+        self.snapshot_unit: Callable[[TopicPartition], set[TopicPartition]] = snapshot_unit or (lambda tp: {tp})
+        self.db_retry: Callable[[str, Callable[[], Any]], Any] = db_retry or (lambda _what, call: call())
 
     def enable_incidents(self, tracker: IncidentTracker, relay: OutboxRelay | None = None) -> None:
         """Derive incidents from the scored events (written with each checkpoint); publish via `relay`."""
         self.tracker, self.relay = tracker, relay
         self.positions.on_forget.append(tracker.forget)
+        load = tracker.loader
+        if load is not None:
+            tracker.loader = lambda topic, partition: self.db_retry(
+                f"load open incidents of {topic}[{partition}]", lambda: load(topic, partition))
 
     def observe(self, topic: str, stream: str, records: list[RawRecord], partitions: np.ndarray,
-                event_ts: np.ndarray, batch: ScoreBatch) -> None:
-        """Feed one scored micro-batch to the incident tracker (no-op without one)."""
-        if self.tracker is not None:
-            self.tracker.observe(topic, stream, records, partitions, event_ts, batch.entity_ids, batch.scores,
-                                 batch.thresholds, batch.is_anomaly, self.positions.committed)
+                event_ts: np.ndarray, batch: ScoreBatch) -> list[tuple[int, Exception]]:
+        """Feed one scored micro-batch to the incident tracker (no-op without one); returns the events whose
+        lifecycle update raised (see IncidentTracker.observe)."""
+        if self.tracker is None:
+            return []
+        return self.tracker.observe(topic, stream, records, partitions, event_ts, batch.entity_ids, batch.scores,
+                                    batch.thresholds, batch.is_anomaly, self.positions.committed,
+                                    tags=self.positions.tag)
 
     def checkpoint(self, snapshot: bool | set[TopicPartition], only: set[TopicPartition] | None = None) -> int:
         """Flush sinks, then commit offsets. Returns alerts newly inserted. Raises CheckpointError.
@@ -98,11 +145,27 @@ class Checkpointer:
         (the processor staggers partitions so no single checkpoint writes every entity).
         """
         started = time.perf_counter()
-        consumed = {tp: o for tp, o in self.positions.consumed.items() if only is None or tp in only}
-        changed = {tp: o for tp, o in consumed.items() if self.positions.committed.get(tp) != o}
+        pos = self.positions
+        applied = {tp: o for tp, o in pos.consumed.items() if only is None or tp in only}
+        consumed = {tp: pos.durable_after(tp, o) for tp, o in applied.items()}  # never backwards
+        changed = {tp: o for tp, o in consumed.items() if pos.committed.get(tp) != o or tp in pos.rewound}
         wanted = set(consumed) if snapshot is True else (snapshot or set())
-        snap_tps = wanted & set(consumed)
+        for tp in pos.rewound & set(consumed):  # a rewound position is only valid with a snapshot at it
+            wanted |= self.snapshot_unit(tp) & set(consumed)
+        # a partition still replaying has state behind its durable position: no snapshot of it (nor of the
+        # partitions whose positions are only valid with its snapshot) until it has caught up
+        behind = {tp for tp in applied if pos.replaying(tp) and tp not in pos.rewound}
+        snap_tps = {tp for tp in wanted & set(consumed) if not (self.snapshot_unit(tp) & behind)}
         snapshot = bool(snap_tps)
+        if self.pending:  # replayed alerts are durable already: they are not written (nor counted) again
+            self.pending = [a for a in self.pending
+                            if a.source_offset >= pos.committed.get((a.source_topic, a.source_partition), 0)
+                            or (a.source_topic, a.source_partition) in pos.rewound]
+            if pos.epoch:
+                for a in self.pending:
+                    tag = pos.tag((a.source_topic, a.source_partition))
+                    if tag and not a.alert_key.endswith(tag):
+                        a.alert_key += tag
         states, mark_clean = self.collect_states(snap_tps) if snapshot else ([], lambda: None)
         lifecycle = self.tracker.prepare(self.pending) if self.tracker is not None else None
         if not changed and not self.pending and not states and not snapshot and not lifecycle:
@@ -110,7 +173,8 @@ class Checkpointer:
                 self.relay.try_drain()
             return 0
         offsets = [
-            OffsetRow(t, p, o, o if (t, p) in snap_tps else None)
+            OffsetRow(t, p, o, applied[(t, p)] if (t, p) in snap_tps else None,
+                      pos.epoch.get((t, p)) if (t, p) in pos.rewound else None)
             for (t, p), o in consumed.items()
             if (t, p) in changed or (t, p) in snap_tps
         ]
@@ -133,9 +197,10 @@ class Checkpointer:
         if self.after_durable is not None and alerts:
             self.after_durable(alerts)
         self.source.commit(consumed)
-        self.positions.committed.update(consumed)
+        pos.committed.update(consumed)
+        pos.rewound -= set(consumed)
         if snapshot:
-            self.positions.snapshot.update({tp: consumed[tp] for tp in snap_tps})
+            pos.snapshot.update({tp: applied[tp] for tp in snap_tps})
         if self.relay is not None and ((lifecycle is not None and lifecycle.outbox) or self.relay.backlog):
             self.relay.try_drain()
         metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - started)

@@ -28,8 +28,8 @@ class Format(str, Enum):
 
 
 def run_evaluation(fmt: str, data: Path, *, epochs: int | None = None, seed: int | None = None,
-                   device: str = "cpu", save_model: Path | None = None, partitions: int | None = None
-                   ) -> dict[str, Any]:
+                   device: str = "cpu", save_model: Path | None = None, partitions: int | None = None,
+                   precision: str = "fp32") -> dict[str, Any]:
     """Dispatch to the format's protocol; overrides apply on top of the validated defaults.
     save_model (transactions): also write the trained checkpoint, servable as PIPELINE_MODELS_DIR/transactions.pt."""
     from dataclasses import replace
@@ -50,21 +50,22 @@ def run_evaluation(fmt: str, data: Path, *, epochs: int | None = None, seed: int
     if fmt == "skab":
         from pipeline.evaluate import skab
 
-        res = skab.evaluate(data, replace(skab.SkabConfig(), **overrides), device=device)
+        res = skab.evaluate(data, replace(skab.SkabConfig(), **overrides), device=device, precision=precision)
     elif fmt == "nasa":
         from pipeline.evaluate import nasa
 
-        res = nasa.evaluate(data, replace(nasa.NasaConfig(), **overrides), device=device)
+        res = nasa.evaluate(data, replace(nasa.NasaConfig(), **overrides), device=device, precision=precision)
     elif fmt == "transactions":
         from pipeline.evaluate import transactions
 
         if partitions is not None:
             overrides["partitions"] = partitions
         res = transactions.evaluate(data, replace(transactions.TransactionsConfig(), **overrides), device=device,
-                                    save_model=save_model)
+                                    save_model=save_model, precision=precision)
     else:
         raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(KEYS)}")
     res["format"] = fmt
+    res["scoring_precision"] = precision  # ("precision" is a NASA metric)
     res["data"] = str(data)
     res["seconds"] = round(time.monotonic() - started, 1)
     return res
@@ -85,10 +86,18 @@ def register(app: typer.Typer) -> None:
         partitions: Annotated[int | None, typer.Option(
             help="transactions: partition count of the topic the model will serve (terminal context is per "
                  "partition); default 1")] = None,
+        precision: Annotated[str | None, typer.Option(
+            help="scoring precision fp32 | bf16 | int8 (training stays fp32); default PIPELINE_PRECISION")] = None,
     ) -> None:
         """Train on a benchmark's training part, stream its test part through the scorer, print metrics."""
+        if precision is None:
+            from pipeline.cli import _settings
+
+            precision = _settings().precision
+        if precision not in ("fp32", "bf16", "int8"):
+            raise ConfigError(f"--precision {precision!r}: expected fp32, bf16 or int8")
         res = run_evaluation(fmt.value, data, epochs=epochs, seed=seed, device=device, save_model=save_model,
-                             partitions=partitions)
+                             partitions=partitions, precision=precision)
         if as_json:
             typer.echo(json.dumps(res, sort_keys=True))
             return

@@ -7,19 +7,23 @@ the same per-entity state, scaling and adaptive thresholds as the Kafka processo
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from models.lstm_ae import Checkpoint, LSTMAEConfig, TrainConfig
+from models.lstm_forecast import ForecastCheckpoint, ForecastConfig, ForecastTrainConfig
 from pipeline.errors import ConfigError
 from pipeline.features.streams import EventColumns, StreamSpec
 from pipeline.scoring.scorer import StreamScorer
-from pipeline.scoring.threshold import AdaptiveThreshold
-from pipeline.training import train_stream_model
+from pipeline.scoring.threshold import AdaptiveThreshold, DynamicThreshold
+from pipeline.training import train_stream_forecaster, train_stream_model
+
+FAMILIES = ("lstm_ae", "lstm_forecast")
+THRESHOLDS = ("adaptive", "dynamic")
 
 
 def require_numbers(df: pd.DataFrame, columns: list[str], source: object) -> None:
@@ -79,9 +83,48 @@ def fit(spec: StreamSpec, cols: EventColumns, model: LSTMAEConfig, train: TrainC
         bar.close()
 
 
-def make_scorer(spec: StreamSpec, ckpt: Checkpoint, threshold: AdaptiveThreshold, *, min_history: int,
-                device: str = "cpu") -> StreamScorer:
-    return StreamScorer(spec, ckpt, threshold=threshold, min_history=min_history, device=device)
+def fit_forecaster(spec: StreamSpec, cols: EventColumns, model: LSTMAEConfig, params: dict[str, Any], *,
+                   epochs: int, seed: int, min_history: int, device: str = "cpu", name: str) -> ForecastCheckpoint:
+    """The stateful forecasting family on the same features; `params` mixes ForecastConfig and
+    ForecastTrainConfig fields; the scored features are the autoencoder config's (the format's choice)."""
+    mnames, tnames = {f.name for f in fields(ForecastConfig)}, {f.name for f in fields(ForecastTrainConfig)}
+    unknown = set(params) - mnames - tnames
+    if unknown:
+        raise ConfigError(f"forecast: unknown parameters {sorted(unknown)}")
+    mparams = {k: v for k, v in params.items() if k in mnames}
+    mparams.setdefault("score_features", model.score_features)
+    if mparams["score_features"] is not None:
+        mparams["score_features"] = tuple(mparams["score_features"])
+    fc = ForecastConfig(**{"n_features": model.n_features, **mparams})
+    tc = ForecastTrainConfig(**{"epochs": epochs, "seed": seed, **{k: v for k, v in params.items() if k in tnames}})
+    bar = tqdm(total=tc.epochs, desc=f"train {name}", file=sys.stderr, leave=False)
+
+    def progress(epoch: int, tl: float, vl: float) -> None:
+        bar.set_postfix(train=f"{tl:.4f}", val=f"{vl:.4f}")
+        bar.update(1)
+
+    try:
+        return train_stream_forecaster(spec, cols, model=fc, train=tc, min_history=min_history, name=name,
+                                       device=device, progress=progress)
+    finally:
+        bar.close()
+
+
+def make_threshold(global_threshold: float, cfg: Any) -> AdaptiveThreshold | DynamicThreshold:
+    """The format config's threshold method: the adaptive z-threshold or telemanom's dynamic one."""
+    method = getattr(cfg, "threshold_method", "adaptive")
+    if method == "dynamic":
+        return DynamicThreshold(global_threshold, **dict(getattr(cfg, "dynamic", {})))
+    if method != "adaptive":
+        raise ConfigError(f"threshold_method {method!r}: expected one of {', '.join(THRESHOLDS)}")
+    return AdaptiveThreshold(global_threshold, warmup=cfg.warmup, z=cfg.z, floor_ratio=cfg.floor_ratio,
+                             smoothing=cfg.smoothing)
+
+
+def make_scorer(spec: StreamSpec, ckpt: Checkpoint | ForecastCheckpoint,
+                threshold: AdaptiveThreshold | DynamicThreshold, *, min_history: int,
+                device: str = "cpu", precision: str = "fp32") -> StreamScorer:
+    return StreamScorer(spec, ckpt, threshold=threshold, min_history=min_history, device=device, precision=precision)
 
 
 def stream(scorer: StreamScorer, cols: EventColumns, *, learn: bool = True, learn_scores: bool | None = None,
@@ -137,7 +180,7 @@ class SeriesProtocolConfig(Protocol):
 
 def train_then_score(spec: StreamSpec, train: EventColumns, test: EventColumns, model: LSTMAEConfig,
                      cfg: SeriesProtocolConfig, *, name: str, device: str = "cpu",
-                     model_per_entity: bool = False) -> Scored:
+                     model_per_entity: bool = False, precision: str = "fp32") -> Scored:
     """Fit on the training part, stream it to warm every entity's scaling and thresholds (learning), then
     stream the test part with the scaling frozen unless `learn_in_test` (SKAB's scaler is fitted on its
     training rows) and the score statistics frozen unless `learn_scores_in_test` (label-free adaptation).
@@ -145,7 +188,7 @@ def train_then_score(spec: StreamSpec, train: EventColumns, test: EventColumns, 
     `model_per_entity`: one model per entity, trained on that entity's training events only (telemanom
     trains one per telemetry channel), each served by its own StreamScorer; otherwise one shared model."""
     if not model_per_entity:
-        return _train_then_score(spec, train, test, model, cfg, name=name, device=device)
+        return _train_then_score(spec, train, test, model, cfg, name=name, device=device, precision=precision)
     train_ids = np.asarray(train.entity_ids, dtype=object)
     test_ids = np.asarray(test.entity_ids, dtype=object)
     untrained = sorted(set(test.entity_ids) - set(train.entity_ids))
@@ -158,18 +201,25 @@ def train_then_score(spec: StreamSpec, train: EventColumns, test: EventColumns, 
                        leave=False):
         tr, te = np.flatnonzero(train_ids == entity), np.flatnonzero(test_ids == entity)
         res = _train_then_score(spec, take(train, tr), take(test, te), model, cfg, name=f"{name} {entity}",
-                                device=device)
+                                device=device, precision=precision)
         out.scores[te], out.thresholds[te], out.alerts[te] = res.scores, res.thresholds, res.alerts
     return out
 
 
 def _train_then_score(spec: StreamSpec, train: EventColumns, test: EventColumns, model: LSTMAEConfig,
-                      cfg: SeriesProtocolConfig, *, name: str, device: str) -> Scored:
-    ckpt = fit(spec, train, model, TrainConfig(epochs=cfg.epochs, seed=cfg.seed), min_history=cfg.min_history,
-               device=device, name=name)
-    thr = AdaptiveThreshold(ckpt.threshold, warmup=cfg.warmup, z=cfg.z, floor_ratio=cfg.floor_ratio,
-                            smoothing=cfg.smoothing)
-    scorer = make_scorer(spec, ckpt, thr, min_history=cfg.min_history, device=device)
+                      cfg: SeriesProtocolConfig, *, name: str, device: str, precision: str = "fp32") -> Scored:
+    family = getattr(cfg, "family", "lstm_ae")
+    ckpt: Checkpoint | ForecastCheckpoint
+    if family == "lstm_forecast":
+        ckpt = fit_forecaster(spec, train, model, dict(getattr(cfg, "forecast", {})), epochs=cfg.epochs,
+                              seed=cfg.seed, min_history=cfg.min_history, device=device, name=name)
+    elif family == "lstm_ae":
+        ckpt = fit(spec, train, model, TrainConfig(epochs=cfg.epochs, seed=cfg.seed), min_history=cfg.min_history,
+                   device=device, name=name)
+    else:
+        raise ConfigError(f"family {family!r}: expected one of {', '.join(FAMILIES)}")
+    thr = make_threshold(ckpt.threshold, cfg)
+    scorer = make_scorer(spec, ckpt, thr, min_history=cfg.min_history, device=device, precision=precision)
     stream(scorer, train, learn=True, batch_size=cfg.batch_size, desc=f"{name} train part")
     return stream(scorer, test, learn=cfg.learn_in_test, learn_scores=cfg.learn_in_test or cfg.learn_scores_in_test,
                   batch_size=cfg.batch_size, desc=f"{name} test part")

@@ -129,7 +129,7 @@ def first_test_day(n_days: int, test_fraction: float) -> int:
 
 
 def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, device: str = "cpu",
-             save_model: Path | None = None) -> dict[str, Any]:
+             save_model: Path | None = None, precision: str = "fp32") -> dict[str, Any]:
     df, ts, day = in_time_order(read(path))
     n_days = int(day.max()) + 1
     first_test = first_test_day(n_days, cfg.test_fraction)
@@ -168,7 +168,7 @@ def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, devi
         ckpt.card["training_data"] = f"{path.name}, days 0-{first_test - 1} (labels only as delayed feedback)"
         save_checkpoint(ckpt, save_model)
     scorer = common.make_scorer(spec, ckpt, AdaptiveThreshold(ckpt.threshold), min_history=cfg.min_history,
-                                device=device)
+                                device=device, precision=precision)
     common.stream(scorer, common.take(cols, warm_idx), batch_size=cfg.batch_size, desc="transactions warm-up")
     res = common.stream(scorer, common.take(cols, test_idx), batch_size=cfg.batch_size, desc="transactions test")
     y = df["TX_FRAUD"].to_numpy()[test_idx]

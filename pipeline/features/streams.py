@@ -7,6 +7,7 @@ finished by `finish()` once the entity's previous timestamp is known, inside the
 
 from __future__ import annotations
 
+import json
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -47,9 +48,39 @@ def _reason(err: ValidationError, entity_field: str) -> tuple[str, str]:
         return "non_finite_number", detail
     if kind == "missing":
         return "missing_field", detail
+    if kind == "timestamp_out_of_range":
+        return "timestamp_out_of_range", detail
     if kind == "string_pattern_mismatch" and first["loc"] and first["loc"][0] in (entity_field, "terminal_id"):
         return "bad_entity_id", detail
     return "schema_violation", detail
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
+    return out
+
+
+def duplicate_key(value: bytes) -> str | None:
+    """The first key that occurs twice in one JSON object of `value` (None: no duplicate, or not JSON, which
+    pydantic then names). orjson, msgspec and pydantic all keep the last value silently, so a payment with
+    `"amount": 25.0, ..., "amount": 999999.0` would be scored with either, depending on the parser."""
+    try:
+        json.loads(value, object_pairs_hook=_unique_pairs)
+    except _DuplicateKey as dup:
+        return str(dup.args[0])
+    except (ValueError, RecursionError):
+        return None
+    return None
 
 
 class StreamSpec:
@@ -83,6 +114,9 @@ class StreamSpec:
                     return rec
                 except DecodeError:
                     pass  # the pydantic path below raises the same reason
+        dup = duplicate_key(value)  # the slow path only: the fast path never vouches for a duplicate key
+        if dup is not None:
+            raise DecodeError("duplicate_key", f"key {dup[:80]!r} occurs twice in one object")
         try:
             record = self._adapter.validate_json(value)
         except ValidationError as err:

@@ -19,13 +19,12 @@ import time
 from collections.abc import Sequence
 
 from crc32c import crc32c
-from kafka import KafkaClient
 from kafka.errors import KafkaError, for_code
 from kafka.partitioner.default import murmur2
-from kafka.protocol.produce import ProduceRequest
 from kafka.structs import TopicPartition
 
 from pipeline.errors import BrokerError
+from pipeline.kafka.compat import KafkaClient, produce_errors, produce_request
 
 
 def _varint(value: int) -> bytes:
@@ -69,7 +68,7 @@ class BatchProducer:
         self.client = KafkaClient(bootstrap_servers=bootstrap, client_id=client_id)
         deadline = time.monotonic() + timeout_ms / 1000
         parts: set[int] | None = None
-        self.client.add_topic(topic)
+        (getattr(self.client, "add_topic", None) or self.client.cluster.add_topic)(topic)  # 2.3 | 3.0
         while not parts:
             if time.monotonic() > deadline:
                 raise BrokerError(f"no metadata for topic {topic!r} at {bootstrap}")
@@ -82,7 +81,6 @@ class BatchProducer:
                 if time.monotonic() > deadline:
                     raise BrokerError(f"cannot connect to broker {node} at {bootstrap}")
                 self.client.poll(timeout_ms=100)
-        self.version = self.client.api_version(ProduceRequest, max_version=8)
         self._partition_of: dict[bytes, int] = {}
 
     def partition(self, key: bytes) -> int:
@@ -102,9 +100,7 @@ class BatchProducer:
             by_node.setdefault(self.leaders[p], []).append((p, encode_batch(recs, now)))
         futures = []
         for node, batches in by_node.items():
-            kw = {"transactional_id": None} if self.version >= 3 else {}
-            req = ProduceRequest[self.version](required_acks=self.acks, timeout=self.timeout_ms,
-                                               topics=[(self.topic, batches)], **kw)
+            req = produce_request(self.client, self.acks, self.timeout_ms, self.topic, batches)
             futures.append(self.client.send(node, req))
         for f in futures:
             self.client.poll(future=f, timeout_ms=self.timeout_ms)
@@ -112,11 +108,8 @@ class BatchProducer:
                 raise BrokerError(f"produce request to {self.topic} timed out")
             if f.failed():
                 raise BrokerError(f"produce request to {self.topic} failed: {f.exception}")
-            for _topic, partitions in f.value.topics:
-                for p in partitions:
-                    if p[1]:
-                        err = for_code(p[1])
-                        raise BrokerError(f"produce to {self.topic}[{p[0]}] failed: {err.__name__}")
+            for p, code in produce_errors(f.value):
+                raise BrokerError(f"produce to {self.topic}[{p}] failed: {for_code(code).__name__}")
 
     def close(self) -> None:
         with contextlib.suppress(KafkaError):  # best effort

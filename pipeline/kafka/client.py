@@ -11,15 +11,48 @@ from typing import Any
 import orjson
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError, UnsupportedCodecError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from pipeline import metrics
 from pipeline.errors import BrokerError, SinkError
 from pipeline.kafka import fast_fetch
+from pipeline.kafka.compat import NoBrokersAvailable, node_id, rebalance_listener
 from pipeline.records import AssignCallback, RawRecord
 from pipeline.records import TopicPartition as TP
 
 log = logging.getLogger(__name__)
+
+
+class _RateLimit(logging.Filter):
+    """kafka-python logs every failed reconnect attempt (45 ERROR lines in 33 s of broker downtime); let
+    each message template through once per `every_s`. KafkaSource logs the outage itself, with backoff."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        now, key = time.monotonic(), f"{record.name}:{record.msg}"
+        if now - self._last.get(key, -self.every_s) < self.every_s:
+            return False
+        self._last[key] = now
+        if record.exc_info and record.exc_info[1] is not None:  # a connection reset is one line, not a traceback
+            exc, text = record.exc_info[1], str(record.exc_info[1]).replace("%", "%%")
+            record.msg, record.exc_info, record.exc_text = f"{record.msg} ({type(exc).__name__}: {text})", None, None
+        return True
+
+
+_quiet = _RateLimit()
+for _name in ("kafka.conn", "kafka.client", "kafka.cluster", "kafka.coordinator", "kafka.coordinator.consumer",
+              "kafka.consumer.fetcher", "kafka.consumer.group", "kafka.producer.sender", "kafka.producer.kafka",
+              # kafka-python 3.0's network layer
+              "kafka.net.manager", "kafka.net.connection", "kafka.net.transport", "kafka.net.selector",
+              "kafka.net.compat"):
+    logging.getLogger(_name).addFilter(_quiet)
 
 
 def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = 4, timeout_s: float = 30.0,
@@ -61,6 +94,9 @@ def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
         "batch_size": 256 * 1024,
         "retries": 10,
         "max_in_flight_requests_per_connection": 1,  # keeps per-partition order across retries
+        # as kafka-python 2.3's default (3.0 turned it on): consumers dedupe on message ids, and an idempotent
+        # producer stops on UnknownProducerId when a broker loses its producer state (restart, truncation)
+        "enable_idempotence": False,
         "request_timeout_ms": 15000,
     }
     opts.update(overrides)
@@ -145,19 +181,28 @@ class KafkaSource:
         self.commit_timeout_ms = commit_timeout_ms
         self._checked_at = time.monotonic()
         self._down_since: float | None = None
+        self.stopped: dict[TP, str] = {}  # partitions stopped on a batch this install cannot decode (not ready)
+        self._listener: Any = None
+        self._warn_at = 0.0  # next "still down" warning (backoff)
 
     def _watch_connection(self, now: float) -> None:
         """Log broker loss and recovery once each (kafka-python reconnects by itself, with backoff)."""
         try:
             client = self.consumer._client
-            nodes = [b.nodeId for b in client.cluster.brokers()]
+            nodes = [node_id(b) for b in client.cluster.brokers()]
             up = any(client.connected(n) for n in nodes) if nodes else True
         except Exception:  # noqa: BLE001 - diagnostics must never break the poll loop
             return
         if not up and self._down_since is None:
             self._down_since = now
+            self._warn_at = now + 2.0
             log.warning("lost connection to Kafka at %s; reconnecting with backoff. Processing pauses, offsets "
                         "are not committed, nothing is skipped", self.bootstrap)
+        elif not up and self._down_since is not None and now >= self._warn_at:
+            down = now - self._down_since
+            self._warn_at = now + min(max(2.0, down), 30.0)
+            log.warning("Kafka at %s still unreachable after %.0fs; reconnecting (next notice in %.0fs)",
+                        self.bootstrap, down, self._warn_at - now)
         elif up and self._down_since is not None:
             log.warning("reconnected to Kafka at %s after %.1fs; resuming from the last durable positions",
                         self.bootstrap, now - self._down_since)
@@ -168,7 +213,8 @@ class KafkaSource:
         return self._down_since is not None
 
     def subscribe(self, topics: Sequence[str], on_assigned: AssignCallback, on_revoked: AssignCallback) -> None:
-        self.consumer.subscribe(list(topics), listener=_Listener(on_assigned, on_revoked))
+        self._listener = rebalance_listener(_Listener(on_assigned, on_revoked))
+        self.consumer.subscribe(list(topics), listener=self._listener)
 
     def assign(self, tps: Sequence[TP]) -> None:
         self.consumer.assign([TopicPartition(t, p) for t, p in tps])
@@ -178,7 +224,11 @@ class KafkaSource:
         return sorted(parts or [])
 
     def poll(self, timeout_ms: int, max_records: int) -> list[RawRecord]:
-        batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        try:
+            batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except UnsupportedCodecError as exc:
+            self._stop_undecodable(exc)
+            return []
         now = time.monotonic()
         if now - self._checked_at >= 1.0:
             self._checked_at = now
@@ -191,6 +241,26 @@ class KafkaSource:
         for recs in batches.values():
             out.extend(RawRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp) for r in recs)
         return out
+
+    def _stop_undecodable(self, exc: UnsupportedCodecError) -> None:
+        """Pause the partition whose batch cannot be decompressed, logging it once: retrying cannot help until
+        the codec library is installed, and the position stays there, so a restart with it loses nothing."""
+        if isinstance(exc, fast_fetch.UndecodableBatchError):
+            tps = [(exc.topic, exc.partition)]
+            where = f"topic {exc.topic} partition {exc.partition} offset {exc.offset}"
+        else:  # kafka-python's own parser does not say which partition: stop them all
+            tps = sorted((tp.topic, tp.partition) for tp in self.consumer.assignment())
+            where = f"one of partitions {tps}"
+        why = f"{where}: {exc}"
+        for tp in tps:
+            self.consumer.pause(TopicPartition(*tp))
+            if self.stopped.get(tp) != why:
+                self.stopped[tp] = why
+                log.error("stopped consuming %s: the batch is compressed with a codec this install cannot decode "
+                          "(%s). Install the codec libraries (lz4, zstandard, python-snappy; runtime dependencies) "
+                          "and restart: the partition resumes at that offset. Other partitions go on; not ready "
+                          "until then", where, exc)
+        metrics.STOPPED_PARTITIONS.set(len(self.stopped))
 
     def seek(self, tp: TP, offset: int) -> None:
         self.consumer.seek(TopicPartition(*tp), offset)
@@ -220,8 +290,19 @@ class KafkaSource:
             log.warning("kafka offset commit failed (outputs are durable; will retry next checkpoint): %s", exc)
 
     def highwater(self, tp: TP) -> int | None:
+        """The log end as of the last fetch (None before one). Used instead of end_offsets(), which Tansu
+        answers wrongly (it reported 1 for a partition holding 10 records; the fetch high watermark is right)."""
         hw = self.consumer.highwater(TopicPartition(*tp))
         return None if hw is None else int(hw)
+
+    def log_start(self, tp: TP, timeout_ms: int = 5000) -> int | None:
+        """The partition's first offset (ListOffsets earliest; correct on Tansu), or None if unknown now."""
+        part = TopicPartition(*tp)
+        try:
+            return int(self.consumer._fetcher.beginning_offsets([part], timeout_ms)[part])
+        except (KafkaError, KeyError, TypeError) as exc:
+            log.warning("cannot read the log start of %s[%d]: %s", tp[0], tp[1], exc)
+            return None
 
     def caught_up(self, tp: TP) -> bool:
         hw = self.highwater(tp)
@@ -244,6 +325,10 @@ class KafkaSource:
         return total
 
     def close(self) -> None:
+        # kafka-python 3 calls on_partitions_revoked from close(); 2.3 does not, and the owner has taken its
+        # final checkpoint already: keep the 2.3 behaviour (state stays for the caller to inspect)
+        with contextlib.suppress(AttributeError):
+            self._listener.closing = True
         try:
             self.consumer.close(autocommit=False)
         except KafkaError as exc:  # pragma: no cover - best effort on shutdown
@@ -251,13 +336,20 @@ class KafkaSource:
 
 
 class KafkaDeadLetterSink:
-    """Dead-letter records: original bytes, plus headers with the reason and the source position."""
+    """Dead-letter records: original bytes, plus headers with the reason and the source position.
+
+    Records are handed to the producer at the checkpoint (`flush`), right before the database transaction
+    that makes their source positions durable: a crash can then duplicate only the dead letters of that one
+    checkpoint (same key, the source position), not those of a whole commit interval. A send or delivery
+    error fails the flush, so the checkpoint is retried (with backoff) and no position passes a dead letter
+    that is not in the topic."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.topic = topic
-        self.producer = make_producer(bootstrap)
+        self.producer = make_producer(bootstrap, max_block_ms=10000)  # one send attempt waits at most 10 s
         self.sent = 0
         self._unflushed = 0
+        self._queued: list[dict[str, Any]] = []  # send kwargs not yet handed to the producer
 
     def send(self, record: RawRecord, reason: str, detail: str) -> None:
         envelope = {
@@ -268,24 +360,34 @@ class KafkaDeadLetterSink:
             "value": (record.value or b"")[:70000].decode("utf-8", "replace"),
             "value_bytes": len(record.value or b""),
         }
-        self.producer.send(
-            self.topic,
-            key=f"{record.topic}:{record.partition}:{record.offset}".encode(),
-            value=orjson.dumps(envelope),
-            headers=[("dlq.reason", reason.encode()), ("dlq.source.topic", record.topic.encode()),
-                     ("dlq.source.partition", str(record.partition).encode()),
-                     ("dlq.source.offset", str(record.offset).encode())],
-        )
+        self._queued.append({
+            "key": f"{record.topic}:{record.partition}:{record.offset}".encode(),
+            "value": orjson.dumps(envelope),
+            "headers": [("dlq.reason", reason.encode()), ("dlq.source.topic", record.topic.encode()),
+                        ("dlq.source.partition", str(record.partition).encode()),
+                        ("dlq.source.offset", str(record.offset).encode())],
+        })
         self.sent += 1
         self._unflushed += 1
 
     def flush(self) -> None:
         if not self._unflushed:  # every checkpoint flushes; waking the sender thread for nothing cost ~3% of the
             return               # processor thread (GIL hand-offs) at 10 checkpoints/s
+        sent: list[tuple[Any, dict[str, Any]]] = []
         try:
+            while self._queued:
+                sent.append((self.producer.send(self.topic, **self._queued[0]), self._queued[0]))
+                self._queued.pop(0)
             self.producer.flush(timeout=30)
         except KafkaError as exc:
-            raise SinkError(f"dead-letter flush failed: {exc}") from exc
+            self._queued[:0] = [kw for _, kw in sent]  # whatever was handed over goes again (same key)
+            raise SinkError(f"dead-letter send failed: {exc}") from exc
+        # flush() returns even when a record failed for good (retries exhausted): queue those again and fail
+        # the checkpoint (it is retried) rather than commit past a dead letter that is not in the topic
+        failed = [(f, kw) for f, kw in sent if f.failed()]
+        if failed:
+            self._queued[:0] = [kw for _, kw in failed]
+            raise SinkError(f"{len(failed)} dead letters were not delivered: {failed[0][0].exception}")
         self._unflushed = 0
 
     def close(self) -> None:
@@ -297,16 +399,25 @@ class KafkaPublisher:
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.topic = topic
-        self.producer = make_producer(bootstrap)
+        self.producer = make_producer(bootstrap, max_block_ms=10000)
+        self._futures: list[Any] = []
 
     def publish(self, key: str, value: bytes) -> None:
-        self.producer.send(self.topic, key=key.encode(), value=value)
+        try:
+            self._futures.append(self.producer.send(self.topic, key=key.encode(), value=value))
+        except KafkaError as exc:
+            raise SinkError(f"publish failed: {exc}") from exc
 
     def flush(self) -> None:
-        try:
-            self.producer.flush(timeout=30)
+        """Raises SinkError unless every message published since the last flush was delivered."""
+        futures, self._futures = self._futures, []
+        try:  # bounded: the relay runs on the processor thread, which waits meanwhile
+            self.producer.flush(timeout=10)
         except KafkaError as exc:
             raise SinkError(f"publish flush failed: {exc}") from exc
+        failed = [f for f in futures if f.failed()]
+        if failed:
+            raise SinkError(f"{len(failed)} messages not delivered: {failed[0].exception}")
 
     def close(self) -> None:
         self.producer.close(timeout=10)

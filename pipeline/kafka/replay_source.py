@@ -18,10 +18,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from kafka import KafkaConsumer
-from kafka.errors import KafkaError, NoBrokersAvailable
+from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
 from pipeline.errors import BrokerError
+from pipeline.kafka.compat import NoBrokersAvailable
 from pipeline.records import AssignCallback, RawRecord
 from pipeline.records import TopicPartition as TP
 

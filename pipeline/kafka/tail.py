@@ -6,10 +6,11 @@ import time
 from collections.abc import Iterator
 
 from kafka import KafkaConsumer
-from kafka.errors import KafkaError, NoBrokersAvailable
+from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
 from pipeline.errors import BrokerError
+from pipeline.kafka.compat import NoBrokersAvailable
 
 
 def follow(bootstrap: str, topic: str, *, from_beginning: bool = False, idle_timeout_s: float | None = None,

@@ -12,7 +12,7 @@ accumulate evidence over several events while a single noisy reading fades. 1 = 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,3 +42,110 @@ class AdaptiveThreshold:
         """Feed normal scores into the entities' statistics (anomalies are kept out)."""
         if normal.any():
             store.update_score_stats(slots[normal], scores[normal])
+
+
+def telemanom_epsilon(e: np.ndarray, z_min: float = 2.5, z_max: float = 12.0, z_step: float = 0.5,
+                      buffer: int = 20, max_sequences: int = 5, max_fraction: float = 0.5) -> tuple[float, float]:
+    """telemanom's nonparametric threshold over smoothed errors `e` (Hundman et al. 2018, eq. 2-3).
+
+    Candidates eps = mean + z * std; the chosen one maximises (drop in mean + drop in std of the errors
+    below eps, both relative) / (sequences^2 + anomalous points), where points above eps are widened by
+    `buffer` steps each side and grouped into sequences; candidates flagging more than `max_sequences`
+    sequences or `max_fraction` of the points are refused (telemanom's limits). -> (eps, largest error
+    below eps), the latter being what pruning compares anomalous sequences against."""
+    e = np.asarray(e, np.float64)
+    n = len(e)
+    mean, sd = float(e.mean()), float(e.std())
+    if n == 0 or sd <= 0.0:
+        return mean, mean
+    zs = np.arange(z_min, z_max, z_step)
+    eps = mean + zs * sd  # (Z,)
+    above = e[None, :] >= eps[:, None]  # (Z, N)
+    if buffer > 0:  # widen each anomalous point by `buffer` steps each side (a running max over 2b+1 steps)
+        cs = np.concatenate([np.zeros((len(zs), buffer + 1)), np.cumsum(above, axis=1),
+                             np.repeat(np.cumsum(above, axis=1)[:, -1:], buffer, axis=1)], axis=1)
+        idx = np.arange(n)
+        above = (cs[:, idx + 2 * buffer + 1] - cs[:, idx]) > 0
+    n_anom = above.sum(axis=1)
+    n_seq = above[:, 0].astype(np.int64) + (above[:, 1:] & ~above[:, :-1]).sum(axis=1)
+    srt = np.sort(e)
+    k = np.searchsorted(srt, eps, side="left")  # points below each candidate
+    s1 = np.r_[0.0, np.cumsum(srt)]
+    s2 = np.r_[0.0, np.cumsum(srt * srt)]
+    kk = np.maximum(k, 1)
+    m_below = s1[k] / kk
+    sd_below = np.sqrt(np.maximum(s2[k] / kk - m_below**2, 0.0))
+    objective = ((mean - m_below) / max(abs(mean), 1e-12) + (sd - sd_below) / sd) / np.maximum(n_seq**2 + n_anom, 1)
+    valid = (n_anom > 0) & (n_seq <= max_sequences) & (n_anom < max_fraction * n) & (k > 0)
+    if not valid.any():
+        best = mean + z_max * sd
+    else:
+        cand = np.where(valid, objective, -np.inf)
+        best = float(eps[np.flatnonzero(cand == cand.max())[-1]])  # ties: the larger z, as telemanom's >=
+    below = srt[: np.searchsorted(srt, best, side="left")]
+    return best, float(below[-1]) if len(below) else mean
+
+
+@dataclass
+class DynamicThreshold:
+    """telemanom's nonparametric dynamic threshold, streaming: per entity, an EWMA of the error (the square
+    root of the score, an error magnitude like telemanom's) and a trailing ring of the last `window`
+    smoothed errors, from which `telemanom_epsilon` picks the threshold every `every` events. Pruning of
+    weak anomalous sequences, streaming form: an event alerts only if its smoothed error also exceeds the
+    largest normal (below-eps) error of the window by the factor 1 / (1 - prune), the link of telemanom's
+    pruning chain that decides the weakest sequences. Until an entity has `min_errors` errors the model's
+    global threshold applies.
+
+    Unsupervised by design (as telemanom), the ring follows every event, anomalous or not, and is not part
+    of the snapshotted entity state: an evaluation-time method (`pipeline evaluate`), not yet served."""
+
+    global_threshold: float
+    window: int = 2000
+    min_errors: int = 100
+    alpha: float = 2.0 / 31.0  # telemanom smooths with an EWMA of span 30
+    buffer: int = 20
+    prune: float = 0.13
+    every: int = 10
+    z_min: float = 2.5
+    z_max: float = 12.0
+    _rings: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _n: dict[int, int] = field(default_factory=dict, repr=False)
+    _ema: dict[int, float] = field(default_factory=dict, repr=False)
+    _thr: dict[int, tuple[float, int]] = field(default_factory=dict, repr=False)  # (threshold, n at fit)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha <= 1.0 or not 0.0 <= self.prune < 1.0 or self.window < 10:
+            raise ValueError(f"DynamicThreshold: alpha in (0, 1], prune in [0, 1), window >= 10; got {self}")
+
+    def smooth(self, store: EntityStateStore, slots: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        out = np.empty(len(slots), np.float64)
+        for i, (s, sc) in enumerate(zip(slots.tolist(), np.sqrt(np.maximum(scores, 0.0)).tolist(), strict=True)):
+            prev = self._ema.get(s)
+            ema = sc if prev is None else self.alpha * sc + (1.0 - self.alpha) * prev
+            self._ema[s] = ema
+            ring = self._rings.get(s)
+            if ring is None:
+                ring = self._rings[s] = np.empty(self.window)
+            n = self._n.get(s, 0)
+            ring[n % self.window] = ema
+            self._n[s] = n + 1
+            out[i] = ema * ema
+        return out
+
+    def thresholds(self, store: EntityStateStore, slots: np.ndarray) -> np.ndarray:
+        out = np.full(len(slots), self.global_threshold, np.float64)
+        for i, s in enumerate(slots.tolist()):
+            n = self._n.get(s, 0)
+            if n < self.min_errors:
+                continue
+            fitted = self._thr.get(s)
+            if fitted is None or n - fitted[1] >= self.every:
+                e = self._rings[s][: min(n, self.window)]
+                eps, normal_max = telemanom_epsilon(e, self.z_min, self.z_max, buffer=self.buffer)
+                fitted = (max(eps, normal_max / (1.0 - self.prune)), n)
+                self._thr[s] = fitted
+            out[i] = fitted[0] ** 2
+        return out
+
+    def observe(self, store: EntityStateStore, slots: np.ndarray, scores: np.ndarray, normal: np.ndarray) -> None:
+        """The ring already follows every event (see the class docstring)."""

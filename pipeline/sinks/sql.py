@@ -92,6 +92,9 @@ partition_checkpoints = Table(
     Column("committed_offset", BigInteger, nullable=False),  # next offset whose outputs are NOT durable yet
     Column("snapshot_offset", BigInteger, nullable=True),  # next offset NOT reflected in entity_state
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # migration 0003: how often the broker's log was found reset below the stored position (offset reset);
+    # part of the alert and incident keys of later records, so a restarted log's offsets do not collide
+    Column("log_epoch", Integer, nullable=False, server_default="0"),
 )
 
 incidents = Table(
@@ -215,6 +218,7 @@ class OffsetRow:
     partition: int
     committed_offset: int
     snapshot_offset: int | None = None
+    log_epoch: int | None = None  # None: leave as stored
 
 
 @dataclass
@@ -351,12 +355,14 @@ class SqlStore:
                                             "updated_at": ins.excluded.updated_at}
                     if o.snapshot_offset is not None:
                         set_["snapshot_offset"] = ins.excluded.snapshot_offset
+                    if o.log_epoch is not None:
+                        set_["log_epoch"] = ins.excluded.log_epoch
                     conn.execute(
                         ins.on_conflict_do_update(index_elements=["run_id", "group_id", "topic", "partition"],
                                                   set_=set_),
                         {"run_id": run_id, "group_id": group_id, "topic": o.topic, "partition": o.partition,
                          "committed_offset": o.committed_offset, "snapshot_offset": o.snapshot_offset,
-                         "updated_at": now},
+                         "log_epoch": o.log_epoch or 0, "updated_at": now},
                     )
                 if lifecycle:
                     self._write_lifecycle(conn, run_id, lifecycle, now)
@@ -437,6 +443,19 @@ class SqlStore:
                 return {(r.topic, r.partition): (r.committed_offset, r.snapshot_offset) for r in rows}
         except SQLAlchemyError as exc:
             raise SinkError(f"could not load partition checkpoints: {exc!s}") from exc
+
+    def load_epochs(self, run_id: str, group_id: str) -> dict[tuple[str, int], int]:
+        """{(topic, partition): log epoch} of the partitions whose log was reset at least once."""
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    select(partition_checkpoints.c.topic, partition_checkpoints.c.partition,
+                           partition_checkpoints.c.log_epoch).where(
+                        partition_checkpoints.c.run_id == run_id, partition_checkpoints.c.group_id == group_id,
+                        partition_checkpoints.c.log_epoch > 0))
+                return {(r.topic, r.partition): int(r.log_epoch) for r in rows}
+        except SQLAlchemyError as exc:
+            raise SinkError(f"could not load partition epochs: {exc!s}") from exc
 
     def list_alerts(
         self,
@@ -615,9 +634,12 @@ class SqlStore:
         if run_id is not None:
             q1 = q1.where(incidents.c.run_id == run_id)
             q2 = q2.where(alert_outbox.c.run_id == run_id)
-        with self.engine.connect() as conn:
-            return {"open_incidents": int(conn.execute(q1).scalar_one()),
-                    "outbox_unpublished": int(conn.execute(q2).scalar_one())}
+        try:
+            with self.engine.connect() as conn:
+                return {"open_incidents": int(conn.execute(q1).scalar_one()),
+                        "outbox_unpublished": int(conn.execute(q2).scalar_one())}
+        except SQLAlchemyError as exc:
+            raise SinkError(f"could not read lifecycle stats: {exc!s}") from exc
 
     # -- outbox -------------------------------------------------------------------------------------------
     def drain_outbox(self, run_id: str, send: Any, limit: int = 1000) -> int:

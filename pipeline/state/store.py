@@ -23,6 +23,9 @@ LAYOUT_VERSION = 2
 class StateLayout:
     window: int
     n_features: int
+    # floats of a stateful model's h (and of c) per entity (models.lstm_forecast); 0 = none. When > 0 the
+    # record also holds h, c and the entity's last prediction of its next (scaled) reading
+    recurrent: int = 0
 
     def dtype_of(self, version: int) -> np.dtype:
         w, f = self.window, self.n_features
@@ -42,6 +45,9 @@ class StateLayout:
         ]
         if version >= 2:
             fields.append(("score_ema", "<f8"))
+        if self.recurrent:
+            fields += [("rnn_h", "<f4", (self.recurrent,)), ("rnn_c", "<f4", (self.recurrent,)),
+                       ("rnn_pred", "<f4", (f,))]
         return np.dtype(fields)
 
     @property
@@ -97,6 +103,10 @@ class EntityStateStore:
         self.score_mean = np.zeros(cap, np.float64)
         self.score_m2 = np.zeros(cap, np.float64)
         self.score_ema = np.full(cap, np.nan)  # EWMA of log1p(score); NaN until the entity's first score
+        r = layout.recurrent  # stateful models: (h, c) and the last prediction (NaN until the first step)
+        self.rnn_h = np.zeros((cap, r), np.float32)
+        self.rnn_c = np.zeros((cap, r), np.float32)
+        self.rnn_pred = np.full((cap, f if r else 0), np.nan, np.float32)
         self.last_seen = np.zeros(cap, np.float64)
         self.dirty = np.zeros(cap, bool)
         self.partition = np.full(cap, -1, np.int32)
@@ -118,12 +128,13 @@ class EntityStateStore:
             return
         new = max(needed, cap * 2)
         for name in ("win", "pos", "count", "last_ts", "feat_n", "feat_mean", "feat_m2", "score_n",
-                     "score_mean", "score_m2", "score_ema", "last_seen", "dirty", "partition"):
+                     "score_mean", "score_m2", "score_ema", "last_seen", "dirty", "partition", "rnn_h", "rnn_c",
+                     "rnn_pred"):
             old = getattr(self, name)
             arr = np.zeros((new, *old.shape[1:]), old.dtype)
             if name == "partition":
                 arr[:] = -1
-            elif name == "score_ema":
+            elif name in ("score_ema", "rnn_pred"):
                 arr[:] = np.nan
             arr[:cap] = old
             setattr(self, name, arr)
@@ -152,6 +163,9 @@ class EntityStateStore:
         self.score_mean[slot] = 0
         self.score_m2[slot] = 0
         self.score_ema[slot] = np.nan
+        self.rnn_h[slot] = 0
+        self.rnn_c[slot] = 0
+        self.rnn_pred[slot] = np.nan
         self.dirty[slot] = False
         self.partition[slot] = -1
 
@@ -271,6 +285,8 @@ class EntityStateStore:
         rec["score_mean"] = self.score_mean[slots]
         rec["score_m2"] = self.score_m2[slots]
         rec["score_ema"] = self.score_ema[slots]
+        if self.layout.recurrent:
+            rec["rnn_h"], rec["rnn_c"], rec["rnn_pred"] = self.rnn_h[slots], self.rnn_c[slots], self.rnn_pred[slots]
         buf = rec.tobytes()
         size = self.layout.blob_size
         return [buf[i * size : (i + 1) * size] for i in range(len(slots))]
@@ -300,6 +316,8 @@ class EntityStateStore:
         self.score_mean[slot] = rec["score_mean"]
         self.score_m2[slot] = rec["score_m2"]
         self.score_ema[slot] = rec["score_ema"] if version >= 2 else np.nan
+        if self.layout.recurrent:
+            self.rnn_h[slot], self.rnn_c[slot], self.rnn_pred[slot] = rec["rnn_h"], rec["rnn_c"], rec["rnn_pred"]
 
     def dirty_slots(self, partition: int | None = None) -> np.ndarray:
         live = self.live_slots()
@@ -346,5 +364,5 @@ class EntityStateStore:
         """Array bytes per slot (excludes the id map; bench measures the whole process)."""
         arrays = (self.win, self.pos, self.count, self.last_ts, self.feat_n, self.feat_mean, self.feat_m2,
                   self.score_n, self.score_mean, self.score_m2, self.score_ema, self.last_seen, self.dirty,
-                  self.partition)
+                  self.partition, self.rnn_h, self.rnn_c, self.rnn_pred)
         return sum(a.nbytes for a in arrays) / max(1, self.capacity)

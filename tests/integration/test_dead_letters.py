@@ -19,6 +19,10 @@ BAD = {
     "oversize": (b"C5", GOOD[:-1].replace(b'"C1"', b'"C5"') + b',"x":"' + b"y" * 70000 + b'"}'),
     "key_mismatch": (b"C6", GOOD.replace(b'"C1"', b'"C7"')),
     "empty_value": (b"C8", None),
+    "duplicate_key": (b"C10", GOOD.replace(b'"C1"', b'"C10"').replace(b"10.5,", b'25.0,"amount":999999.0,')),
+    "timestamp_out_of_range": (b"C11", GOOD.replace(b'"C1"', b'"C11"')
+                               .replace(b"2018-04-01T00:00:31Z", b"9999-12-31T23:59:59-23:59")),
+    "missing_key": (None, GOOD.replace(b'"C1"', b'"C12"')),
 }
 
 
@@ -39,17 +43,20 @@ def test_each_bad_record_is_dead_lettered_with_its_reason(
     produce(kafka_bootstrap, env["PIPELINE_SENSORS_TOPIC"], ((r["device_id"], r) for r in strip_labels(sensors)))
     bad_sensor = {"device_id": "pump-9", "timestamp": "2020-03-09T10:00:00Z", "values": {"Current": 1.0}}
     produce(kafka_bootstrap, env["PIPELINE_SENSORS_TOPIC"], [("pump-9", bad_sensor)])
+    last = strip_labels(sensors)[-1]  # hours behind its device's latest reading: beyond the allowed lateness
+    stale = {**last, "timestamp": last["timestamp"][:11] + "00:00:00Z"}
+    produce(kafka_bootstrap, env["PIPELINE_SENSORS_TOPIC"], [(last["device_id"], stale)])
 
     run_processor(env, log_path=tmp_path / "proc.log")
 
     dlq = [v for _, v in read_topic(kafka_bootstrap, env["PIPELINE_DLQ_TOPIC"])]
     by_reason = {d["reason"]: d for d in dlq}
-    assert set(by_reason) == set(BAD) | {"missing_channels"}
-    assert len(dlq) == len(BAD) + 1
+    assert set(by_reason) == set(BAD) | {"missing_channels", "out_of_order"}
+    assert len(dlq) == len(BAD) + 2
     for reason, (key, _) in BAD.items():
         d = by_reason[reason]
         assert d["source"]["topic"] == env["PIPELINE_TRANSACTIONS_TOPIC"]
-        assert d["key"] == key.decode()
+        assert d["key"] == (key.decode() if key is not None else None)
         assert d["detail"] or reason in ("oversize", "empty_value") or d["detail"] == ""
     assert by_reason["oversize"]["value_bytes"] > 70000
     assert by_reason["missing_channels"]["detail"].count(",") >= 5

@@ -9,13 +9,19 @@ from pipeline.kafka.client import KafkaDeadLetterSink
 from pipeline.records import RawRecord
 
 
+class _Delivered:
+    def failed(self) -> bool:
+        return False
+
+
 class _Producer:
     def __init__(self) -> None:
         self.sent: list[Any] = []
         self.flushes = 0
 
-    def send(self, topic: str, **kw: Any) -> None:
+    def send(self, topic: str, **kw: Any) -> Any:
         self.sent.append((topic, kw))
+        return _Delivered()
 
     def flush(self, timeout: float | None = None) -> None:
         self.flushes += 1
@@ -24,6 +30,7 @@ class _Producer:
 def test_flush_only_after_sends() -> None:
     sink = object.__new__(KafkaDeadLetterSink)
     sink.topic, sink.producer, sink.sent, sink._unflushed = "dlq", _Producer(), 0, 0  # type: ignore[assignment]
+    sink._queued = []
     sink.flush()
     assert sink.producer.flushes == 0  # type: ignore[attr-defined]
     sink.send(RawRecord("t", 0, 5, b"k", b"{oops", 0), "malformed_json", "bad")

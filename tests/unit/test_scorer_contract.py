@@ -148,3 +148,116 @@ def test_no_smoothing_keeps_raw_scores(sensor_model: tuple[SensorStream, Checkpo
     recs, _ = simulate_sensors(2, 30, seed=21)
     res = StreamScorer(spec, ckpt, min_history=4).process(_cols(spec, recs))
     np.testing.assert_array_equal(res.scores, res.raw_scores)
+
+
+def _with_late(cols: EventColumns, late_s: float, stale_s: float) -> tuple[EventColumns, np.ndarray, np.ndarray]:
+    """The stream plus, after some events, a copy of that event `late_s` (late) or `stale_s` (out of order) behind
+    it, with other values. Returns the columns, where the original events went, and each event's kind
+    (0 = original, 1 = late, 2 = out of order)."""
+    ids, ts, rows, kind, orig = [], [], [], [], []
+    seen: set[str] = set()
+    for i, e in enumerate(cols.entity_ids):
+        orig.append(len(ids))
+        ids.append(e)
+        ts.append(cols.ts[i])
+        rows.append(cols.base[i])
+        kind.append(0)
+        if e in seen and i % 5 in (1, 3):
+            k = 1 if i % 5 == 1 else 2
+            ids.append(e)
+            ts.append(cols.ts[i] - (late_s if k == 1 else stale_s))
+            rows.append(cols.base[i] * 1.5 + 0.3)
+            kind.append(k)
+        seen.add(e)
+    return EventColumns(ids, np.asarray(ts), np.asarray(rows)), np.asarray(orig), np.asarray(kind)
+
+
+def _lateness_scorer(spec: SensorStream, ckpt: Checkpoint) -> StreamScorer:
+    return StreamScorer(spec, ckpt, min_history=4, allowed_lateness_s=30.0,
+                        threshold=AdaptiveThreshold(ckpt.threshold, warmup=5, smoothing=0.3))
+
+
+def _mask(m: np.ndarray | None, n: int) -> np.ndarray:
+    return np.zeros(n, bool) if m is None else m
+
+
+def test_lateness_batched_equals_one_at_a_time(sensor_model: tuple[SensorStream, Checkpoint]) -> None:
+    spec, ckpt = sensor_model
+    recs, _ = simulate_sensors(4, 50, seed=23, spike_devices=1, anomaly_len=12)
+    cols, _, kind = _with_late(_cols(spec, recs), late_s=0.5, stale_s=10_000.0)
+    whole = _lateness_scorer(spec, ckpt)
+    batched = whole.process(cols)
+    single = _lateness_scorer(spec, ckpt)
+    one = [single.process(_slice(cols, i, i + 1)) for i in range(len(cols.ts))]
+    n = len(cols.ts)
+    assert _mask(batched.late, n).tolist() == (kind == 1).tolist()
+    assert _mask(batched.rejected, n).tolist() == (kind == 2).tolist()
+    assert np.concatenate([_mask(o.late, 1) for o in one]).tolist() == (kind == 1).tolist()
+    assert np.concatenate([_mask(o.rejected, 1) for o in one]).tolist() == (kind == 2).tolist()
+    kept = kind != 2
+    np.testing.assert_allclose(batched.scores[kept], np.concatenate([o.scores for o in one])[kept], rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(batched.thresholds[kept], np.concatenate([o.thresholds for o in one])[kept],
+                               rtol=1e-5)
+    assert batched.is_anomaly.tolist() == np.concatenate([o.is_anomaly for o in one]).tolist()
+    assert not batched.is_anomaly[kind == 2].any()
+    ids = sorted(set(cols.entity_ids))
+    sa, sb = whole.store.resolve(ids), single.store.resolve(ids)
+    for name in ("count", "last_ts", "feat_n", "score_n"):  # exact: late events left them alone in both
+        assert getattr(whole.store, name)[sa].tolist() == getattr(single.store, name)[sb].tolist(), name
+    np.testing.assert_array_equal(whole.store.windows(sa), single.store.windows(sb))
+    for name in ("feat_mean", "score_mean", "score_ema"):  # model outputs: batched vs single float noise
+        np.testing.assert_allclose(getattr(whole.store, name)[sa], getattr(single.store, name)[sb], rtol=1e-5)
+
+
+def test_late_and_out_of_order_events_leave_entity_state_untouched(
+        sensor_model: tuple[SensorStream, Checkpoint]) -> None:
+    """An entity's state after a stream with late and out-of-order events equals its state after the stream
+    without them, and the in-order events score the same: only the late ones were added (scored)."""
+    spec, ckpt = sensor_model
+    recs, _ = simulate_sensors(4, 50, seed=24, spike_devices=1, anomaly_len=12)
+    plain = _cols(spec, recs)
+    mixed, orig, kind = _with_late(plain, late_s=0.5, stale_s=10_000.0)
+    assert (kind == 1).sum() >= 10 and (kind == 2).sum() >= 10
+    a, b = _lateness_scorer(spec, ckpt), _lateness_scorer(spec, ckpt)
+    ra, rb = a.process(plain), b.process(mixed)
+    np.testing.assert_allclose(rb.scores[orig], ra.scores, rtol=1e-6, atol=1e-9)
+    assert rb.is_anomaly[orig].tolist() == ra.is_anomaly.tolist()
+    assert np.isfinite(rb.scores[kind == 1]).all()
+    ids = sorted(set(plain.entity_ids))
+    assert a.store.snapshot(a.store.resolve(ids)) == b.store.snapshot(b.store.resolve(ids))
+    # without a policy (offline evaluation) every event is the entity's next step, as before
+    c = StreamScorer(spec, ckpt, min_history=4)
+    rc = c.process(mixed)
+    assert rc.late is None and rc.rejected is None
+    assert c.store.snapshot(c.store.resolve(ids)) != a.store.snapshot(a.store.resolve(ids))
+
+
+def test_atomic_process_undoes_a_failed_batch(sensor_model: tuple[SensorStream, Checkpoint],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """atomic=True: a batch that raises after its events were applied leaves the entities' state as before, so
+    retrying (the service retries halves to isolate a poison record) never applies an event twice."""
+    spec, ckpt = sensor_model
+    recs, _ = simulate_sensors(4, 40, seed=25, spike_devices=1, anomaly_len=10)
+    cols = _cols(spec, recs)
+    first, second = _slice(cols, 0, 90), _slice(cols, 90, len(cols.ts))
+    clean, flaky = _lateness_scorer(spec, ckpt), _lateness_scorer(spec, ckpt)
+    clean.process(first)
+    flaky.process(first, atomic=True)
+    ids = sorted(set(cols.entity_ids) | {"new-device"})
+    second = EventColumns([*second.entity_ids, "new-device"], np.r_[second.ts, second.ts[-1]],
+                          np.r_[second.base, second.base[-1:]])
+    before = flaky.store.snapshot(flaky.store.resolve(ids))
+
+    def boom(*_: object, **__: object) -> None:
+        raise RuntimeError("model failed after the batch was applied")
+
+    monkeypatch.setattr(flaky.checkpoint, "score", boom)
+    with pytest.raises(RuntimeError):
+        flaky.process(second, atomic=True)
+    assert flaky.store.snapshot(flaky.store.resolve(ids)) == before
+    monkeypatch.undo()
+    want = clean.process(second)
+    got = flaky.process(second, atomic=True)
+    np.testing.assert_array_equal(got.scores, want.scores)
+    assert flaky.store.snapshot(flaky.store.resolve(ids)) == clean.store.snapshot(clean.store.resolve(ids))

@@ -129,7 +129,20 @@ def test_offline_partitioning_matches_the_producers_partitioner() -> None:
 
     keys = [str(i) for i in range(200)] + ["C000001", "ü-key", "C000001"]
     got = partitions_of(keys, 4)
-    want = [DefaultPartitioner()(k.encode(), [0, 1, 2, 3], [0, 1, 2, 3]) for k in keys]
+    part = DefaultPartitioner()
+    if hasattr(part, "partition"):  # kafka-python 3.0: partition(topic, key, serialized key, value, ..., cluster)
+        class Cluster:
+            def topics(self) -> set[str]:
+                return {"t"}
+
+            def partitions_for_topic(self, topic: str) -> set[int]:
+                return {0, 1, 2, 3}
+
+            available_partitions_for_topic = partitions_for_topic
+
+        want = [part.partition("t", k, k.encode(), None, None, Cluster()) for k in keys]
+    else:  # 2.3: part(serialized key, all partitions, available partitions)
+        want = [part(k.encode(), [0, 1, 2, 3], [0, 1, 2, 3]) for k in keys]
     assert got.tolist() == want and set(want) == {0, 1, 2, 3}
     assert partitions_of(keys, 1).tolist() == [0] * len(keys)
     with pytest.raises(ValueError):

@@ -1,0 +1,180 @@
+"""Choose family / model / threshold by MEAN RANK across validation sources (never a test part).
+
+Each source is a folder in a benchmark layout with its protocol: `skab:PATH[:TRAIN_ROWS]` (point-wise F1,
+FAR; TEP runs from pipeline.evaluate.tep and the pipeline.evaluate.validation SKAB sets) or
+`nasa:PATH` (segment F1; pipeline.evaluate.validation's NASA set from training tails). For each source and
+each model candidate (family + parameters) the model is trained once, exactly as `pipeline evaluate`
+trains it, and the events are streamed once per threshold candidate, exactly as `pipeline evaluate`
+streams them; so a row equals the `pipeline evaluate` result of that configuration on that folder.
+
+Rule: per source, candidates are ranked by F1, with point-wise candidates over `--max-far` ranked below
+all that meet it; the mean rank over sources decides (ties: higher mean F1). One JSON line per (source,
+candidate), then one line per candidate with its ranks, sorted best first.
+
+    python -m pipeline.evaluate.select --source skab:/tmp/tep --source skab:/tmp/skab-val2:250 \\
+        --source nasa:/tmp/nasa-val --model '{"family": "lstm_ae"}' --model '{"family": "lstm_forecast"}' \\
+        --threshold '{"z": 3}' --threshold '{"threshold_method": "dynamic"}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.stats
+
+from models.lstm_ae import TrainConfig
+from pipeline.errors import ConfigError
+from pipeline.evaluate import common
+from pipeline.evaluate.sweep import parse_overrides
+
+
+def _merged(default: Any, over: dict[str, Any]) -> dict[str, Any]:
+    """Overrides on top of a config; dict-valued fields (model, forecast, dynamic) are merged, not replaced."""
+    return {k: {**getattr(default, k), **v} if isinstance(v, dict) and isinstance(getattr(default, k, None), dict)
+            else v for k, v in over.items()}
+
+
+def _skab_runs(path: Path, rows: int | None, model_over: dict[str, Any], thresholds: list[dict[str, Any]],
+               per_format: dict[str, Any]) -> list[dict[str, Any]]:
+    from pipeline.evaluate import skab
+    from pipeline.features.streams import SensorStream
+
+    over: dict[str, Any] = {**per_format, **model_over, **({"train_rows": rows} if rows else {})}
+    base = replace(skab.SkabConfig(), **_merged(skab.SkabConfig(), over))
+    channels, train, test, y = skab.load(path, base.train_rows)
+    spec = SensorStream(channels)
+    model, _ = skab.model_config(base, train, len(channels))
+    ckpt = _fit(spec, train, model, base)
+    out = []
+    for t in thresholds:
+        cfg = replace(base, **_merged(base, t))
+        res = _stream(spec, ckpt, train, test, cfg)
+        out.append(dict(skab.pointwise(y, res.alerts)))
+    return out
+
+
+def _nasa_runs(path: Path, model_over: dict[str, Any], thresholds: list[dict[str, Any]],
+               per_format: dict[str, Any]) -> list[dict[str, Any]]:
+    from pipeline.evaluate import nasa
+    from pipeline.evaluate.metrics import segment_f1, segments
+    from pipeline.features.streams import SensorStream
+
+    base = replace(nasa.NasaConfig(), **_merged(nasa.NasaConfig(), {**per_format, **model_over}))
+    chans, train, test, labeled, _ = nasa.load(path)
+    spec = SensorStream(nasa.CHANNELS)
+    from models.lstm_ae import LSTMAEConfig
+
+    model = LSTMAEConfig(n_features=len(nasa.CHANNELS), **base.model)
+    ckpt = _fit(spec, train, model, base)
+    ids = np.asarray(test.entity_ids, dtype=object)
+    out = []
+    for t in thresholds:
+        cfg = replace(base, **_merged(base, t))
+        res = _stream(spec, ckpt, train, test, cfg)
+        pairs = [(labeled[c], nasa.merge(segments(res.alerts[ids == c]), cfg.merge_gap)) for c in chans]
+        out.append(dict(segment_f1(pairs)))
+    return out
+
+
+def _fit(spec: Any, train: Any, model: Any, cfg: Any) -> Any:
+    if cfg.family == "lstm_forecast":
+        return common.fit_forecaster(spec, train, model, dict(cfg.forecast), epochs=cfg.epochs, seed=cfg.seed,
+                                     min_history=cfg.min_history, name="select")
+    return common.fit(spec, train, model, TrainConfig(epochs=cfg.epochs, seed=cfg.seed), min_history=cfg.min_history,
+                      name="select")
+
+
+def _stream(spec: Any, ckpt: Any, train: Any, test: Any, cfg: Any) -> common.Scored:
+    scorer = common.make_scorer(spec, ckpt, common.make_threshold(ckpt.threshold, cfg), min_history=cfg.min_history)
+    common.stream(scorer, train, learn=True, batch_size=cfg.batch_size)
+    return common.stream(scorer, test, learn=cfg.learn_in_test,
+                         learn_scores=cfg.learn_in_test or cfg.learn_scores_in_test, batch_size=cfg.batch_size)
+
+
+def rank(table: dict[str, dict[str, dict[str, Any]]], max_far: float) -> list[dict[str, Any]]:
+    """table[source][candidate] = metrics -> candidates with per-source ranks (1 = best), best first."""
+    cands = list(next(iter(table.values())).keys())
+    ranks: dict[str, list[float]] = {c: [] for c in cands}
+    f1s: dict[str, list[float]] = {c: [] for c in cands}
+    for rows in table.values():
+        keys = []
+        for c in cands:
+            m = rows[c]
+            ok = m.get("far") is None or m["far"] <= max_far
+            keys.append((1.0 if ok else 0.0) * 10.0 + float(m["f1"]))
+            f1s[c].append(float(m["f1"]))
+        r = scipy.stats.rankdata([-k for k in keys], method="average")
+        for c, v in zip(cands, r, strict=True):
+            ranks[c].append(float(v))
+    out = [{"candidate": c, "mean_rank": float(np.mean(ranks[c])), "ranks": ranks[c],
+            "mean_f1": float(np.mean(f1s[c]))} for c in cands]
+    return sorted(out, key=lambda d: (d["mean_rank"], -d["mean_f1"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate.select", description=__doc__.splitlines()[0])
+    ap.add_argument("--source", action="append", default=[], help="skab:PATH[:ROWS] or nasa:PATH")
+    ap.add_argument("--rank-logs", nargs="+", type=Path, default=[],
+                    help="only rank: the per-(source, candidate) JSON lines of earlier runs, pooled")
+    ap.add_argument("--model", action="append", default=[], help="JSON config overrides (family, model, forecast)")
+    ap.add_argument("--threshold", action="append", default=[], help="JSON threshold overrides (z, smoothing, ...)")
+    ap.add_argument("--nasa-set", action="append", default=[], metavar="KEY=JSON",
+                    help="overrides applied to every nasa source (e.g. z defaults differ per format)")
+    ap.add_argument("--skab-set", action="append", default=[], metavar="KEY=JSON")
+    ap.add_argument("--max-far", type=float, default=0.15)
+    args = ap.parse_args(argv)
+    if args.rank_logs:
+        pooled: dict[str, dict[str, dict[str, Any]]] = {}
+        for log in args.rank_logs:
+            for line in log.read_text().splitlines():
+                row = json.loads(line) if line.startswith("{") else {}
+                if "source" in row:
+                    pooled.setdefault(row["source"], {})[row["candidate"]] = row
+        common_cands = set.intersection(*(set(v) for v in pooled.values())) if pooled else set()
+        for row in rank({src: {c: rows[c] for c in sorted(common_cands)} for src, rows in pooled.items()},
+                        args.max_far):
+            print(json.dumps(row), flush=True)
+        return 0
+    if not args.source:
+        print("error: --source (or --rank-logs) is required", file=sys.stderr)
+        return 2
+    try:
+        from pipeline.evaluate import nasa, skab
+
+        models = [json.loads(m) for m in args.model] or [{}]
+        thresholds = [json.loads(t) for t in args.threshold] or [{}]
+        per = {"skab": parse_overrides(args.skab_set, skab.SkabConfig),
+               "nasa": parse_overrides(args.nasa_set, nasa.NasaConfig)}
+        table: dict[str, dict[str, dict[str, Any]]] = {}
+        for src in args.source:
+            fmt, _, rest = src.partition(":")
+            path, _, rows = rest.partition(":")
+            if fmt not in ("skab", "nasa") or not path:
+                raise ConfigError(f"--source {src!r}: expected skab:PATH[:ROWS] or nasa:PATH")
+            table[src] = {}
+            for m in models:
+                if fmt == "skab":
+                    res = _skab_runs(Path(path), int(rows) if rows else None, m, thresholds, per["skab"])
+                else:
+                    res = _nasa_runs(Path(path), m, thresholds, per["nasa"])
+                for t, r in zip(thresholds, res, strict=True):
+                    cand = json.dumps({**m, **t}, sort_keys=True)
+                    table[src][cand] = r
+                    keep = {k: r[k] for k in ("f1", "far", "precision", "recall", "tp", "fp", "fn") if k in r}
+                    print(json.dumps({"source": src, "candidate": cand, **keep}), flush=True)
+        for row in rank(table, args.max_far):
+            print(json.dumps(row), flush=True)
+    except (ConfigError, json.JSONDecodeError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

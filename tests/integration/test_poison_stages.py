@@ -1,0 +1,143 @@
+"""No exception raised while processing one record stops the service: a record that makes any stage raise
+(decode, key check, featurize, scoring, alert building, incident lifecycle) is dead-lettered alone as
+processing_error naming the stage, and every other record is scored exactly as in a run without it.
+
+Real broker, real SQL database, the real Processor; the failures are injected for marked devices only."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import orjson
+
+import pipeline.processor as processor_module
+from pipeline.alerts.lifecycle import IncidentTracker, ScoredEvent
+from pipeline.kafka.client import read_topic
+from pipeline.processor import Processor
+from pipeline.scoring.threshold import AdaptiveThreshold
+from pipeline.sinks.sql import SqlStore
+from pipeline.state.store import EntityStateStore
+from tests.stream_helpers import make_processor, produce_sensors, sensor_records, settings_for
+
+STAGES = ("decode", "key", "featurize", "score", "alert", "observe")
+FORCED = {"poison-alert", "poison-observe"}  # made anomalous, so they reach alert building and the lifecycle
+
+
+@dataclass(frozen=True)
+class _Threshold(AdaptiveThreshold):
+    """Raises inside StreamScorer.process (after the batch was applied to state) for poison-score; threshold 0
+    (every warm event anomalous) for the FORCED devices."""
+
+    def thresholds(self, store: EntityStateStore, slots: np.ndarray) -> np.ndarray:
+        ids = store.entity_ids(slots)
+        if "poison-score" in ids:
+            raise RuntimeError("injected: scoring failed")
+        thr = super().thresholds(store, slots)
+        return np.where(np.fromiter((e in FORCED for e in ids), bool, len(ids)), 0.0, thr)
+
+
+def _inject(proc: Processor) -> None:
+    scorer = next(iter(proc.scorers.values()))
+    spec = scorer.spec
+    decode, entity_of, columns = spec.decode, spec.entity_of, spec.columns
+
+    def bad_decode(value: bytes | None) -> Any:
+        if value is not None and b"poison-decode" in value:
+            raise ValueError("injected: decoder bug")
+        return decode(value)
+
+    def bad_entity_of(rec: Any) -> str:
+        if rec.device_id == "poison-key":
+            raise KeyError("injected: key check bug")
+        return entity_of(rec)
+
+    def bad_columns(records: Any, partitions: Any = None) -> Any:
+        if any(r.device_id == "poison-featurize" for r in records):
+            raise OverflowError("injected: featurizer bug")
+        return columns(records, partitions)
+
+    spec.decode, spec.entity_of, spec.columns = bad_decode, bad_entity_of, bad_columns  # type: ignore[method-assign]
+    tracker = proc.checkpointer.tracker
+    assert tracker is not None
+    apply = tracker.apply
+
+    def bad_apply(ev: ScoredEvent, anomalous: bool) -> None:
+        if ev.entity_id == "poison-observe":
+            raise ValueError("injected: lifecycle bug")
+        apply(ev, anomalous)
+
+    tracker.apply = bad_apply  # type: ignore[method-assign]
+
+
+def _bad_build_alerts(build: Any) -> Any:
+    def bad_build(run_id: str, scorer: Any, recs: Any, ts: Any, res: Any, top: int = 3) -> Any:
+        if any(recs[i].key == b"poison-alert" for i in np.flatnonzero(res.is_anomaly)):
+            raise ValueError("injected: alert building bug")
+        return build(run_id, scorer, recs, ts, res, top)
+
+    return bad_build
+
+
+def _run(settings: Any, bootstrap: str, db: SqlStore, run_id: str, inject: bool) -> Processor:
+    proc, source, dlq = make_processor(settings, bootstrap, db, run_id=run_id, max_batch_records=400)
+    proc.checkpointer.enable_incidents(IncidentTracker(run_id, loader=lambda t, p: db.open_incidents(run_id, t, p)))
+    scorer = next(iter(proc.scorers.values()))
+    old = scorer.threshold
+    assert old is not None
+    scorer.threshold = _Threshold(**{f.name: getattr(old, f.name) for f in fields(old) if f.init})
+    if inject:
+        _inject(proc)
+    try:
+        proc.run(threading.Event(), idle_exit_s=3.0)  # returns: nothing stopped the service
+    finally:
+        source.close()
+        dlq.close()
+    return proc
+
+
+def _alerts(db: SqlStore, run_id: str) -> set[tuple[str, str, float]]:
+    return {(a["entity_id"], str(a["event_time"]), float(f"{a['score']:.5g}")) for a in db.list_alerts(run_id=run_id)}
+
+
+def test_a_record_failing_at_any_stage_is_dead_lettered_alone(
+    kafka_bootstrap: str, sqlite_store: SqlStore, topic_prefix: str, monkeypatch: Any
+) -> None:
+    recs = sensor_records(12, 40)
+    template = [r for r in recs if r["device_id"] == recs[0]["device_id"]][:12]
+    poison = [{**r, "device_id": f"poison-{stage}"} for stage in STAGES for r in template]
+    mixed: list[dict[str, Any]] = list(recs)  # each marked device's readings spread among valid ones
+    for k in reversed(range(len(STAGES))):
+        for j in reversed(range(12)):
+            mixed.insert(k * len(recs) // len(STAGES) + j * 5, poison[k * 12 + j])
+
+    clean_s = settings_for(f"{topic_prefix}-clean", sqlite_store.url)
+    produce_sensors(kafka_bootstrap, clean_s.sensors_topic, recs)
+    clean = _run(clean_s, kafka_bootstrap, sqlite_store, "clean", inject=False)
+
+    s = settings_for(topic_prefix, sqlite_store.url)
+    produce_sensors(kafka_bootstrap, s.sensors_topic, mixed)
+    monkeypatch.setattr(processor_module, "build_alerts", _bad_build_alerts(processor_module.build_alerts))
+    proc = _run(s, kafka_bootstrap, sqlite_store, "poisoned", inject=True)
+
+    dead = [orjson.loads(r.value) for r in read_topic(kafka_bootstrap, s.dlq_topic) if r.value]
+    by_stage: dict[str, set[str]] = {}
+    for d in dead:
+        assert d["reason"] == "processing_error", d
+        stage = d["detail"].split(":", 1)[0].removeprefix("stage=")
+        by_stage.setdefault(stage, set()).add(d["key"])
+    assert by_stage == {stage: {f"poison-{stage}"} for stage in STAGES}
+    # records failing before or inside scoring are dead-lettered, all of them, and never scored
+    for stage in ("decode", "key", "featurize", "score"):
+        assert sum(d["key"] == f"poison-{stage}" for d in dead) == 12, stage
+    # every other record is scored exactly once, with exactly the clean run's results: the failed batches'
+    # state changes were undone before their halves were retried
+    assert proc.stats.scored == clean.stats.scored + 2 * 12
+    got = {a for a in _alerts(sqlite_store, "poisoned") if not a[0].startswith("poison-")}
+    want = {a for a in _alerts(sqlite_store, "clean") if a[0] not in FORCED}
+    assert got == want and want
+    # a lifecycle failure does not lose the alert; an alert-building failure loses only that record's alert
+    assert any(a[0] == "poison-observe" for a in _alerts(sqlite_store, "poisoned"))
+    assert not any(a[0] == "poison-alert" for a in _alerts(sqlite_store, "poisoned"))

@@ -1,0 +1,32 @@
+"""The per-partition dedupe window (pipeline.processor.RecentIds): bounded, exact within the window, and
+restored from its snapshot to the same decisions."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import StateError
+from pipeline.processor import RecentIds, dedupe_key
+
+
+def test_window_remembers_the_last_cap_ids_only() -> None:
+    w = RecentIds(3)
+    assert [w.seen(t) for t in ["a", "b", "a", "c", "d"]] == [False, False, True, False, False]
+    assert list(w.order) == ["b", "c", "d"] and w.ids == {"b", "c", "d"}
+    assert not w.seen("a")  # fell out of the window: a resend this late is scored again (bounded memory)
+    assert w.seen("d")
+
+
+def test_snapshot_restores_the_same_decisions() -> None:
+    w = RecentIds(100)
+    ids = [f"T{i}" for i in range(150)] + ['with "quotes"\n and newline', "ü"]
+    for t in ids:
+        w.seen(t)
+    back = RecentIds.restore(100, w.snapshot())
+    assert list(back.order) == list(w.order)
+    assert [back.seen(t) for t in ids] == [w.seen(t) for t in ids]
+    assert list(RecentIds.restore(10, w.snapshot()).order) == list(w.order)[-10:]  # a smaller window later
+    assert len(RecentIds.restore(5, None).order) == 0
+    with pytest.raises(StateError):
+        RecentIds.restore(5, b'{"not": "a list"}')
+    assert dedupe_key(3) == "#dedupe:3"

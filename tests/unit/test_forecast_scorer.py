@@ -1,0 +1,157 @@
+"""Contracts of the stateful forecasting family (models.lstm_forecast) served by StreamScorer: batched ==
+one-at-a-time, snapshot/restore of (h, c) gives the same scores, save/load round-trips (weights_only),
+seeded determinism, no NaN on absurd input, and injected faults outscore normal readings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.lstm_forecast import (
+    FAMILY,
+    ForecastCheckpoint,
+    ForecastConfig,
+    ForecastTrainConfig,
+    load_forecaster,
+    load_model,
+    save_forecaster,
+)
+from pipeline.errors import StateError
+from pipeline.features.streams import EventColumns, SensorStream
+from pipeline.scoring import StreamScorer
+from pipeline.simulate import SENSOR_CHANNELS, simulate_sensors, strip_labels
+from pipeline.training import train_stream_forecaster, train_stream_model
+
+SMALL = ForecastTrainConfig(epochs=2, seed=3, tbptt=16, segment=64, batch_size=8)
+
+
+def _cols(spec: SensorStream, records: list[dict]) -> EventColumns:
+    return spec.columns([spec.parse(r) for r in strip_labels(records)])
+
+
+def _slice(cols: EventColumns, a: int, b: int) -> EventColumns:
+    return EventColumns(cols.entity_ids[a:b], cols.ts[a:b], cols.base[a:b])
+
+
+@pytest.fixture(scope="module")
+def model() -> tuple[SensorStream, ForecastCheckpoint]:
+    spec = SensorStream(SENSOR_CHANNELS)
+    recs, _ = simulate_sensors(6, 150, seed=2)
+    cfg = ForecastConfig(n_features=8, hidden_size=16, num_layers=2)
+    return spec, train_stream_forecaster(spec, _cols(spec, recs), model=cfg, train=SMALL, min_history=4)
+
+
+def test_card_names_the_family(model: tuple[SensorStream, ForecastCheckpoint]) -> None:
+    _, ckpt = model
+    assert ckpt.card["family"] == FAMILY and ckpt.threshold > 0 and ckpt.state_size == 32
+
+
+def test_batched_scoring_equals_one_at_a_time(model: tuple[SensorStream, ForecastCheckpoint]) -> None:
+    spec, ckpt = model
+    recs, _ = simulate_sensors(5, 60, seed=9, spike_devices=1, anomaly_len=10)
+    cols = _cols(spec, recs)
+    batched = StreamScorer(spec, ckpt, min_history=4).process(cols)
+    single = StreamScorer(spec, ckpt, min_history=4)
+    one = [single.process(_slice(cols, i, i + 1)) for i in range(len(cols.ts))]
+    np.testing.assert_allclose(batched.scores, np.concatenate([o.scores for o in one]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(batched.thresholds, np.concatenate([o.thresholds for o in one]), rtol=1e-5)
+    assert batched.is_anomaly.tolist() == np.concatenate([o.is_anomaly for o in one]).tolist()
+    chunked = StreamScorer(spec, ckpt, min_history=4)
+    bounds = [0, 7, 8, 50, 51, len(cols.ts)]
+    parts = [chunked.process(_slice(cols, a, b)) for a, b in zip(bounds, bounds[1:], strict=False)]
+    np.testing.assert_allclose(batched.scores, np.concatenate([p.scores for p in parts]), rtol=1e-4, atol=1e-5)
+
+
+def test_snapshot_restore_round_trip_gives_same_scores(model: tuple[SensorStream, ForecastCheckpoint]) -> None:
+    """A worker killed after a snapshot resumes from the blobs: same (h, c), same scores afterwards."""
+    spec, ckpt = model
+    recs, _ = simulate_sensors(4, 80, seed=13, spike_devices=1, anomaly_len=8)
+    cols = _cols(spec, recs)
+    cut = len(cols.ts) // 2
+    first, rest = _slice(cols, 0, cut), _slice(cols, cut, len(cols.ts))
+    live = StreamScorer(spec, ckpt, min_history=4)
+    live.process(first)
+    slots = live.store.live_slots()
+    blobs = dict(zip(live.store.entity_ids(slots), live.store.snapshot(slots), strict=True))
+    assert all(len(b) == live.store.layout.blob_size for b in blobs.values())
+    expected = live.process(rest)
+    resumed = StreamScorer(spec, ckpt, min_history=4, loader=lambda ids: {i: blobs[i] for i in ids if i in blobs})
+    got = resumed.process(rest)
+    np.testing.assert_array_equal(expected.scores, got.scores)
+    np.testing.assert_array_equal(expected.is_anomaly, got.is_anomaly)
+    # a fresh scorer (state lost) scores differently: the state really carries information
+    fresh = StreamScorer(spec, ckpt, min_history=4).process(rest)
+    assert not np.allclose(fresh.scores, expected.scores)
+
+
+def test_autoencoder_state_does_not_load_into_a_stateful_layout(model: tuple[SensorStream, ForecastCheckpoint]
+                                                                ) -> None:
+    spec, ckpt = model
+    recs, _ = simulate_sensors(1, 10, seed=1)
+    cols = _cols(spec, recs)
+    ae = StreamScorer(spec, None, prior=(np.zeros(8), np.ones(8)), window=1)
+    ae.prepare(cols)
+    blobs = dict(zip(ae.store.entity_ids(ae.store.live_slots()), ae.store.snapshot(ae.store.live_slots()),
+                     strict=True))
+    with pytest.raises(StateError):
+        StreamScorer(spec, ckpt, loader=lambda ids: {i: blobs[i] for i in ids if i in blobs}).process(cols)
+
+
+def test_save_load_round_trip_weights_only(model: tuple[SensorStream, ForecastCheckpoint], tmp_path: Path) -> None:
+    spec, ckpt = model
+    path = save_forecaster(ckpt, tmp_path / "sensors.pt")
+    assert torch.load(path, weights_only=True)["family"] == FAMILY
+    assert path.with_suffix(".card.json").exists()
+    loaded = load_forecaster(path)
+    assert isinstance(load_model(path), ForecastCheckpoint)
+    assert loaded.version == ckpt.version and loaded.threshold == ckpt.threshold
+    recs, _ = simulate_sensors(3, 40, seed=5)
+    cols = _cols(spec, recs)
+    np.testing.assert_array_equal(StreamScorer(spec, ckpt).process(cols).scores,
+                                  StreamScorer(spec, loaded).process(cols).scores)
+
+
+def test_load_model_still_loads_autoencoders(tmp_path: Path) -> None:
+    from models.lstm_ae import Checkpoint, LSTMAEConfig, TrainConfig, save_checkpoint
+
+    spec = SensorStream(SENSOR_CHANNELS)
+    recs, _ = simulate_sensors(2, 40, seed=2)
+    ae = train_stream_model(spec, _cols(spec, recs), model=LSTMAEConfig(n_features=8, window=4, hidden_size=4,
+                                                                         latent_size=2),
+                            train=TrainConfig(epochs=1), min_history=2)
+    assert isinstance(load_model(save_checkpoint(ae, tmp_path / "ae.pt")), Checkpoint)
+
+
+def test_training_is_deterministic_for_a_seed() -> None:
+    spec = SensorStream(SENSOR_CHANNELS)
+    recs, _ = simulate_sensors(3, 80, seed=2)
+    cols = _cols(spec, recs)
+    cfg = ForecastConfig(n_features=8, hidden_size=8)
+    a = train_stream_forecaster(spec, cols, model=cfg, train=SMALL, min_history=2)
+    b = train_stream_forecaster(spec, cols, model=cfg, train=SMALL, min_history=2)
+    assert a.version == b.version and a.threshold == b.threshold
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        assert ka == kb and np.array_equal(va.numpy(), vb.numpy())
+
+
+def test_no_nan_on_extreme_inputs(model: tuple[SensorStream, ForecastCheckpoint]) -> None:
+    spec, ckpt = model
+    scorer = StreamScorer(spec, ckpt, min_history=1)
+    base = np.array([[0.0] * 8, [1e300] * 8, [-1e300] * 8, [0.0] * 8, [1e-300] * 8], dtype=np.float64)
+    cols = EventColumns(["d1", "d1", "d1", "d2", "d3"], np.array([1.0, 2.0, 3.0, 1.0, 1.0]), base)
+    res = scorer.process(cols)
+    assert np.isfinite(res.scores).all() and np.isfinite(res.thresholds).all()
+    assert np.isfinite(res.reconstructed).all()
+    assert res.is_anomaly[1:3].all()  # absurd values are anomalies, not NaN
+    assert np.isfinite(scorer.store.rnn_h).all() and np.isfinite(scorer.store.rnn_c).all()
+
+
+def test_injected_spikes_outscore_normal_readings(model: tuple[SensorStream, ForecastCheckpoint]) -> None:
+    spec, ckpt = model
+    recs, _ = simulate_sensors(4, 120, seed=31, spike_devices=2, anomaly_len=6)
+    res = StreamScorer(spec, ckpt, min_history=4).process(_cols(spec, recs))
+    labels = np.array([r["label"] for r in recs], bool)
+    assert np.median(res.scores[labels]) > np.quantile(res.scores[~labels], 0.9)

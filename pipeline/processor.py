@@ -145,6 +145,13 @@ def check_key(spec: StreamSpec, r: RawRecord, rec: Any) -> None:
         raise DecodeError("key_mismatch", f"key {(r.key or b'')[:80]!r} != {spec.entity_field}")
 
 
+def out_of_order_detail(ts: float, scorer: StreamScorer) -> str:
+    """Dead-letter detail of an event further behind its entity than the scorer's allowed lateness."""
+    when = datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+    return (f"event time {when} is more than allowed_lateness_s={scorer.allowed_lateness_s} behind its "
+            "entity's latest event")
+
+
 def build_alerts(run_id: str, scorer: StreamScorer, recs: Sequence[RawRecord], ts: np.ndarray, res: ScoreBatch,
                  top_features: int = 3) -> list[AlertRow]:
     """Alert rows for a scored batch; the key (run, source position, model version) makes re-inserts of a
@@ -600,11 +607,8 @@ class Processor:
         # the batch is applied to state now: later stages isolate failures per record and never re-score
         ts = cols.ts
         if res.rejected is not None and res.rejected.any():  # behind their entity by more than allowed
-            late_by = scorer.allowed_lateness_s
             for i in np.flatnonzero(res.rejected).tolist():
-                self._dead_letter(good_recs[i], "out_of_order",
-                                  f"event time {datetime.fromtimestamp(float(ts[i]), tz=timezone.utc).isoformat()} "
-                                  f"is more than allowed_lateness_s={late_by} behind its entity's latest event")
+                self._dead_letter(good_recs[i], "out_of_order", out_of_order_detail(float(ts[i]), scorer))
             keep = np.flatnonzero(~res.rejected)
             good_recs, parts, ts, res = [good_recs[i] for i in keep.tolist()], parts[keep], ts[keep], res.take(keep)
             if not good_recs:

@@ -43,7 +43,7 @@ import numpy as np
 from pipeline import metrics
 from pipeline.errors import ConfigError, DecodeError
 from pipeline.features.streams import TransactionStream
-from pipeline.processor import build_alerts, validate
+from pipeline.processor import build_alerts, out_of_order_detail, validate
 from pipeline.records import DeadLetterSink, RawRecord, TopicPartition
 from pipeline.scoring.scorer import StreamScorer
 from pipeline.sinks.sql import AlertRow, SqlStore
@@ -110,9 +110,7 @@ class FaustScoring:
                     good.append(validate(scorer.spec, r))
                     good_recs.append(r)
                 except DecodeError as exc:
-                    self.dlq.send(r, exc.reason, exc.detail)
-                    self.stats.dead_letters += 1
-                    metrics.DLQ.labels(exc.reason).inc()
+                    self._dead_letter(r, exc.reason, exc.detail)
             events += len(recs)
             metrics.EVENTS.labels(scorer.spec.name).inc(len(recs))
             if not good:
@@ -120,9 +118,17 @@ class FaustScoring:
             parts = np.fromiter((r.partition for r in good_recs), np.int32, len(good_recs))
             cols = scorer.spec.columns(good, parts)
             res = scorer.process(cols, parts)
-            self.stats.scored += len(good)
-            metrics.SCORED.labels(scorer.spec.name).inc(len(good))
-            alerts.extend(build_alerts(self.run_id, scorer, good_recs, cols.ts, res, self.top_features))
+            ts = cols.ts
+            if res.rejected is not None and res.rejected.any():  # out of order: dead-lettered, as `pipeline run`
+                for i in np.flatnonzero(res.rejected).tolist():
+                    self._dead_letter(good_recs[i], "out_of_order", out_of_order_detail(float(ts[i]), scorer))
+                keep = np.flatnonzero(~res.rejected)
+                good_recs, ts, res = [good_recs[i] for i in keep.tolist()], ts[keep], res.take(keep)
+            if res.late is not None:
+                metrics.LATE_EVENTS.labels(scorer.spec.name).inc(int(res.late.sum()))
+            self.stats.scored += len(good_recs)
+            metrics.SCORED.labels(scorer.spec.name).inc(len(good_recs))
+            alerts.extend(build_alerts(self.run_id, scorer, good_recs, ts, res, self.top_features))
         self.dlq.flush()  # dead letters durable before the batch is acked
         if alerts:
             self.stats.alerts_inserted += self.db.write_checkpoint(self.run_id, self.group_id, alerts, [], [])
@@ -132,6 +138,11 @@ class FaustScoring:
         self.stats.last_batch_done_at = time.time()
         self.stats.events += events  # last: a reader that sees the events counted sees the batch's outputs
         return alerts
+
+    def _dead_letter(self, r: RawRecord, reason: str, detail: str) -> None:
+        self.dlq.send(r, reason, detail)
+        self.stats.dead_letters += 1
+        metrics.DLQ.labels(reason).inc()
 
     def keep_partitions(self, assigned: Iterable[TopicPartition]) -> None:
         """Forget the state of partitions this worker no longer owns (in-memory state is not handed over)."""

@@ -99,3 +99,18 @@ def test_label_feedback_models_are_refused(tmp_path: Path) -> None:
     scorer.spec = TransactionStream(terminal_context=True, fraud_feedback_tau_s=86400.0)
     with pytest.raises(ConfigError, match="label feedback"):
         FaustScoring({"tx": scorer}, db, dlq)
+
+
+def test_out_of_order_events_are_dead_lettered_not_scored(tmp_path: Path) -> None:
+    """As in `pipeline run`: an event further behind its entity than the allowed lateness is dead-lettered
+    as out_of_order, never counted as scored."""
+    topic = Settings().sensors_topic
+    recs = [r for r in _records(topic) if r.key == _records(topic)[0].key][:100]  # 1 s apart: 99 s of history
+    scoring, _, dlq = _scoring(tmp_path, "late")
+    scoring.handle(recs)
+    old = orjson.loads(recs[0].value)  # the entity's first reading, 99 s behind its latest (allowed: 60 s)
+    stale = RawRecord(topic, recs[0].partition, recs[-1].offset + 1, recs[0].key, orjson.dumps(old), 0)
+    scored_before = scoring.stats.scored
+    scoring.handle([stale])
+    assert [reason for _, reason in dlq.sent] == ["out_of_order"]
+    assert scoring.stats.scored == scored_before and scoring.stats.dead_letters == 1

@@ -151,14 +151,17 @@ def build_service(settings: Settings, bootstrap: str, *, train_if_missing: bool 
     source = KafkaSource(bootstrap, settings.group_id, session_timeout_ms=settings.session_timeout_ms,
                          heartbeat_interval_ms=settings.heartbeat_interval_ms,
                          fetch_max_wait_ms=settings.fetch_max_wait_ms)
-    try:
+    dlq: KafkaDeadLetterSink | None = None
+    try:  # the clients hold sockets and threads: a failure past this point must not leave them open
         check_partitioning(settings, scorers, labels, source.partitions_for)
-    except ConfigError:
+        dlq = KafkaDeadLetterSink(bootstrap, settings.dlq_topic)
+        processor = Processor(source, db, dlq, scorers, options_from(settings), label_topics=labels)
+        publisher = enable_incidents(processor, settings, db, bootstrap) if settings.alerts.incidents else None
+    except BaseException:
+        if dlq is not None:
+            dlq.close()
         source.close()
         raise
-    dlq = KafkaDeadLetterSink(bootstrap, settings.dlq_topic)
-    processor = Processor(source, db, dlq, scorers, options_from(settings), label_topics=labels)
-    publisher = enable_incidents(processor, settings, db, bootstrap) if settings.alerts.incidents else None
     return Service(processor, source, dlq, db, publisher)
 
 

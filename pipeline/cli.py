@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -63,34 +64,30 @@ def run(
     from pipeline.kafka.broker import resolve_bootstrap
 
     s = _settings(database_url=database_url, group_id=group_id)
-    boot, broker = resolve_bootstrap(bootstrap or s.kafka_bootstrap)
-    if broker is not None:
-        console.print(f"[yellow]no KAFKA_BOOTSTRAP: started embedded Tansu broker at {boot}[/yellow]")
-    if metrics_port:
-        from prometheus_client import start_http_server
+    with ExitStack() as cleanup:  # unwinds in reverse: API, service, then the embedded broker, also on errors
+        boot, broker = resolve_bootstrap(bootstrap or s.kafka_bootstrap)
+        if broker is not None:
+            cleanup.callback(broker.stop)
+            console.print(f"[yellow]no KAFKA_BOOTSTRAP: started embedded Tansu broker at {boot}[/yellow]")
+        if metrics_port:
+            from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, addr=host)
-    stop = _stop_on_signals()
-    service = build_service(s, boot)
-    api = None
-    if api_port:
-        from pipeline.api.app import create_app
-        from pipeline.api.server import ApiServer
+            start_http_server(metrics_port, addr=host)
+        stop = _stop_on_signals()
+        service = build_service(s, boot)
+        cleanup.callback(service.close)
+        if api_port:
+            from pipeline.api.app import create_app
+            from pipeline.api.server import ApiServer
 
-        # in-process, so /metrics shows the processor's live counters
-        api = ApiServer(create_app(service.db, s, run_id=s.run_id, not_ready=service.not_ready), host=host,
-                        port=api_port).start()
-        log.info("alerts API and page on %s", api.url)
-    try:
+            # in-process, so /metrics shows the processor's live counters
+            api = ApiServer(create_app(service.db, s, run_id=s.run_id, not_ready=service.not_ready), host=host,
+                            port=api_port).start()
+            cleanup.callback(api.stop)
+            log.info("alerts API and page on %s", api.url)
         stats = service.processor.run(stop, idle_exit_s=idle_exit, max_events=max_events)
         log.info("processor stopped: %d events, %d scored, %d alerts, %d dead letters, %d duplicates dropped",
                  stats.events, stats.scored, stats.alerts, stats.dead_letters, stats.duplicates)
-    finally:
-        if api is not None:
-            api.stop()
-        service.close()
-        if broker is not None:
-            broker.stop()
 
 
 @app.command()

@@ -304,13 +304,15 @@ class SqlStore:
         return self.engine.dialect.name
 
     def create_schema(self) -> None:
-        """Bring the schema to head (Alembic migrations when available, else create_all)."""
+        """Bring the schema to head with the Alembic migrations. Never `create_all`: a database made that way
+        is stamped at 0001 by the next start and its later migrations then fail."""
+        from pipeline.sinks.migrations import upgrade_to_head
+
         try:
-            from pipeline.sinks.migrations import upgrade_to_head
-        except ImportError:
-            metadata.create_all(self.engine)
-        else:
             upgrade_to_head(self.engine)
+        except OperationalError as exc:  # unreachable or refusing: one line for the operator, not a traceback
+            url = self.engine.url.render_as_string(hide_password=True)
+            raise SinkError(f"cannot reach the database {url}: {str(exc.orig or exc).strip().splitlines()[0]}") from exc
 
     def drop_schema(self) -> None:
         metadata.drop_all(self.engine)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.torch_version import TorchVersion
 
 CHECKPOINT_FORMAT = 1
 Precision = Literal["fp32", "bf16", "int8"]
@@ -349,7 +350,7 @@ def train_autoencoder(
             "val_score_p99": float(np.quantile(val_scores, 0.99)),
             "train_seconds": round(time.time() - started, 2),
         },
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # a plain str: loadable with weights_only=True
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra_card or {}),
     }
@@ -379,10 +380,22 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     return path
 
 
+def load_blob(path: str | Path, map_location: str = "cpu") -> Any:
+    """A checkpoint file's contents, with weights_only=True: tensors and plain data, so loading runs no pickled
+    code. Files written before the card's torch_version became a plain str hold a TorchVersion (a str
+    subclass), which is allowed."""
+    with torch.serialization.safe_globals([TorchVersion]):
+        return torch.load(Path(path), map_location=map_location, weights_only=True)
+
+
 def load_checkpoint(path: str | Path, map_location: str = "cpu", precision: str = "fp32") -> Checkpoint:
     """The fp32 checkpoint at `path`, converted to `precision` for CPU scoring (see Checkpoint.with_precision)."""
-    blob = torch.load(Path(path), map_location=map_location, weights_only=False)
-    if blob.get("format") != CHECKPOINT_FORMAT:
+    return checkpoint_from_blob(load_blob(path, map_location), path, map_location, precision)
+
+
+def checkpoint_from_blob(blob: Any, path: str | Path, map_location: str = "cpu", precision: str = "fp32"
+                         ) -> Checkpoint:
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {blob.get('format')!r}")
     cfg = dict(blob["config"])
     if cfg.get("score_features") is not None:

@@ -276,7 +276,7 @@ def train_forecaster(
                     "val_score_p50": float(np.quantile(val_scores, 0.5)),
                     "val_score_p99": float(np.quantile(val_scores, 0.99)),
                     "train_seconds": round(time.time() - started, 2)},
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # a plain str: loadable with weights_only=True
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra_card or {}),
     }
@@ -324,12 +324,9 @@ def load_forecaster(path: str | Path, map_location: str = "cpu", precision: str 
 
 def load_model(path: str | Path, map_location: str = "cpu", precision: str = "fp32") -> Any:
     """Either family's checkpoint, by the family its file names (autoencoder files name none)."""
-    from models.lstm_ae import load_checkpoint
+    from models.lstm_ae import checkpoint_from_blob, load_blob
 
-    try:
-        blob = torch.load(Path(path), map_location=map_location, weights_only=True)
-    except Exception:  # autoencoder checkpoints may hold objects weights_only refuses
-        blob = None
+    blob = load_blob(path, map_location)
     if isinstance(blob, dict) and blob.get("family") == FAMILY:
         return from_blob(blob, path).with_precision(precision, map_location)
-    return load_checkpoint(path, map_location, precision=precision)
+    return checkpoint_from_blob(blob, path, map_location, precision)

@@ -23,7 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from models.lstm_ae import Checkpoint, bundled_checkpoint_path, load_checkpoint
+from models.lstm_ae import Checkpoint, bundled_checkpoint_path
+from models.lstm_forecast import ForecastCheckpoint, load_model
 from pipeline.app import build_scorers, ensure_models, options_from
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
@@ -57,13 +58,13 @@ def default_run_id() -> str:
     return f"replay-{now:%Y%m%dT%H%M%S}-{now.microsecond // 1000:03d}Z"
 
 
-def resolve_model(spec: str, settings: Settings) -> Checkpoint:
-    """A checkpoint by file path, or by card version (or card name) among the models directories."""
+def resolve_model(spec: str, settings: Settings) -> Checkpoint | ForecastCheckpoint:
+    """A checkpoint (either family) by file path, or by card version (or card name) among the models directories."""
     path = Path(spec)
     if path.suffix == ".pt" or path.exists():
         if not path.exists():
             raise ConfigError(f"no model checkpoint at {path}")
-        return load_checkpoint(path)
+        return load_model(path)
     dirs = [d for d in (settings.models_dir, bundled_checkpoint_path("sensors").parent) if d is not None]
     seen: list[str] = []
     for d in dirs:
@@ -72,7 +73,7 @@ def resolve_model(spec: str, settings: Settings) -> Checkpoint:
             seen.append(str(card.get("version")))
             if spec in (card.get("version"), card.get("name")):
                 pt = card_path.with_name(card_path.name.removesuffix(".card.json") + ".pt")
-                return load_checkpoint(pt)
+                return load_model(pt)
     raise ConfigError(f"no model version {spec!r} in {', '.join(map(str, dirs))} (have: {', '.join(seen)})")
 
 

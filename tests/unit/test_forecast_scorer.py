@@ -19,8 +19,10 @@ from models.lstm_forecast import (
     load_model,
     save_forecaster,
 )
+from pipeline.config import Settings
 from pipeline.errors import StateError
 from pipeline.features.streams import EventColumns, SensorStream
+from pipeline.replay.core import resolve_model
 from pipeline.scoring import StreamScorer
 from pipeline.simulate import SENSOR_CHANNELS, simulate_sensors, strip_labels
 from pipeline.training import train_stream_forecaster, train_stream_model
@@ -107,6 +109,7 @@ def test_save_load_round_trip_weights_only(model: tuple[SensorStream, ForecastCh
     assert path.with_suffix(".card.json").exists()
     loaded = load_forecaster(path)
     assert isinstance(load_model(path), ForecastCheckpoint)
+    assert isinstance(resolve_model(str(path), Settings()), ForecastCheckpoint)  # `pipeline replay --model FILE`
     assert loaded.version == ckpt.version and loaded.threshold == ckpt.threshold
     recs, _ = simulate_sensors(3, 40, seed=5)
     cols = _cols(spec, recs)

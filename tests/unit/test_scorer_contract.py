@@ -7,8 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from models.lstm_ae import Checkpoint, LSTMAEConfig, TrainConfig, load_checkpoint, save_checkpoint
+from models.lstm_ae import (
+    Checkpoint,
+    LSTMAEConfig,
+    TrainConfig,
+    bundled_checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pipeline.features.streams import EventColumns, SensorStream, TransactionStream
 from pipeline.scoring import StreamScorer
 from pipeline.scoring.threshold import AdaptiveThreshold
@@ -84,6 +92,14 @@ def test_save_load_round_trip_gives_same_scores(sensor_model: tuple[SensorStream
     a = StreamScorer(spec, ckpt).process(cols).scores
     b = StreamScorer(spec, loaded).process(cols).scores
     np.testing.assert_array_equal(a, b)
+    assert torch.load(path, weights_only=True)["format"] == 1  # tensors and plain data: no pickled code runs
+
+
+@pytest.mark.parametrize("stream", ["sensors", "transactions"])
+def test_bundled_checkpoints_load_without_unpickling_code(stream: str) -> None:
+    """The shipped files predate the plain-str torch_version; they load with weights_only=True all the same."""
+    ckpt = load_checkpoint(bundled_checkpoint_path(stream))
+    assert ckpt.card["torch_version"] and ckpt.threshold > 0
 
 
 def test_training_is_deterministic_for_a_seed() -> None:

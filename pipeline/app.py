@@ -119,8 +119,9 @@ class Service:
 
     def not_ready(self) -> str | None:
         """Why /readyz answers 503 (None: ready)."""
-        if self.source.stopped:
-            return "partitions stopped: " + "; ".join(v for _, v in sorted(self.source.stopped.items()))
+        stopped = dict(self.source.stopped)  # the poll thread replaces it meanwhile
+        if stopped:
+            return "partitions stopped: " + "; ".join(v for _, v in sorted(stopped.items()))
         if not self.processor.ready.is_set():
             return "waiting for partitions or the database"
         return None

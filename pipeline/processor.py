@@ -29,7 +29,6 @@ from pipeline import metrics
 from pipeline.checkpointing import Checkpointer
 from pipeline.errors import CheckpointError, DecodeError, OffsetResetError, PipelineError, SinkError, StateError
 from pipeline.features.streams import LabelStream, StreamSpec, TransactionStream
-from pipeline.features.terminal import TerminalContext
 from pipeline.records import DeadLetterSink, RawRecord, Source, TopicPartition
 from pipeline.scoring.scorer import ScoreBatch, StreamScorer
 from pipeline.sinks.sql import AlertRow, SqlStore, StateRow
@@ -82,6 +81,10 @@ class RecentIds:
         if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
             raise StateError("dedupe window snapshot is not a list of transaction ids")
         return cls(cap, ids)
+
+
+def _nothing() -> None:
+    pass
 
 
 class _StageFailed(Exception):
@@ -153,16 +156,19 @@ def out_of_order_detail(ts: float, scorer: StreamScorer) -> str:
 
 
 def build_alerts(run_id: str, scorer: StreamScorer, recs: Sequence[RawRecord], ts: np.ndarray, res: ScoreBatch,
-                 top_features: int = 3) -> list[AlertRow]:
+                 top_features: int = 3, tag: Callable[[TopicPartition], str] | None = None) -> list[AlertRow]:
     """Alert rows for a scored batch; the key (run, source position, model version) makes re-inserts of a
-    replayed record collapse in the sink. Shared by the processor and pipeline.integrations.faust."""
+    replayed record collapse in the sink. Shared by the processor and pipeline.integrations.faust.
+    tag(tp): the partition's log-epoch suffix when the alert is built (PartitionPositions.tag): a record of a
+    reset log reuses an old record's offset, its key must not collide with the old record's alert."""
     spec, version = scorer.spec, scorer.model_version
     out = []
     for i in np.flatnonzero(res.is_anomaly):
         r = recs[int(i)]
         top = np.argsort(-res.contributions[i])[:top_features]
+        suffix = tag((r.topic, r.partition)) if tag is not None else ""
         out.append(AlertRow(
-            alert_key=f"{run_id}|{r.topic}|{r.partition}|{r.offset}|{version}",
+            alert_key=f"{run_id}|{r.topic}|{r.partition}|{r.offset}|{version}{suffix}",
             run_id=run_id,
             stream=spec.name,
             entity_id=res.entity_ids[i],
@@ -363,11 +369,20 @@ class Processor:
         return None if start_of is None else start_of(tp)
 
     def _check_log_start(self, tp: TopicPartition, start: int, committed: int | None) -> int:
-        """Where to resume a partition whose replay would start before the log's first record."""
+        """Where to resume a partition whose replay would start before the log's first record. The policy is
+        for a durable position the log no longer holds (records never processed are gone); when only the
+        state snapshot is older than the log's start (ordinary retention), state is rebuilt from what the log
+        still has and every unprocessed record is still read."""
         lo = self._log_start(tp)
         if lo is None or start >= lo:
             return start
-        if self._offset_reset(tp, start, lo, None, "before the start") == "latest":
+        durable = committed if committed is not None else start
+        if durable >= lo:
+            log.warning("%s[%d]: state snapshot position %d is before the broker's log start %d (retention); "
+                        "rebuilding state from %d (partial history), outputs durable up to %d", tp[0], tp[1],
+                        start, lo, lo, durable)
+            return lo
+        if self._offset_reset(tp, durable, lo, None, "before the start") == "latest":
             self._to_latest.add(tp)  # the end is known after the first fetch (Tansu's ListOffsets is wrong)
         return lo  # state replays what the log still has; the positions only move forwards
 
@@ -504,7 +519,9 @@ class Processor:
             good = []
             good_recs = []
             recs = self._drop_reapplied(recs)
-            dedupe = self.opt.dedupe_window > 0 and isinstance(spec, TransactionStream)
+            # payments held for their labels are deduplicated when released (_release): the dedupe window
+            # holds no id above the partition's position, so a replay from a snapshot never drops them
+            dedupe = self._dedupes(spec) and topic not in self._fed_by
             for r in recs:
                 rec = self._decode(spec, r)
                 if rec is not None:
@@ -551,6 +568,16 @@ class Processor:
                   r.offset, stage, type(exc).__name__, exc, exc_info=exc)
         self._dead_letter(r, "processing_error", failure_detail(stage, exc))
 
+    def _dedupes(self, spec: StreamSpec) -> bool:
+        return self.opt.dedupe_window > 0 and isinstance(spec, TransactionStream)
+
+    def _incident_error(self, r: RawRecord, exc: Exception) -> None:
+        """The record was scored (its alert, if any, stands) but its incident lifecycle update raised."""
+        log.error("%s[%d]@%d: incident lifecycle update raised; dead-lettered as incident_error (the alert "
+                  "stands, its incident was not updated): %s: %s", r.topic, r.partition, r.offset,
+                  type(exc).__name__, exc, exc_info=exc)
+        self._dead_letter(r, "incident_error", failure_detail("observe", exc))
+
     def _duplicate(self, spec: StreamSpec, r: RawRecord, rec: Any) -> bool:
         """A payment whose transaction_id is in its partition's dedupe window: dropped (counted, not scored)."""
         tp = (r.topic, r.partition)
@@ -594,17 +621,46 @@ class Processor:
         spec = scorer.spec
         parts = np.fromiter((r.partition for r in good_recs), np.int32, len(good_recs))
         undo_contexts = self._context_savepoint(spec, parts)
+        undo_state: Callable[[], None] = _nothing
+        out_of_order: list[tuple[RawRecord, float]] = []
         stage = "featurize"
         try:
             cols = spec.columns(good, parts)
             stage = "score"
-            res = scorer.process(cols, parts, atomic=True)  # restores the entities' state if it raises
+            undo_state = scorer.savepoint(cols.entity_ids, parts)
+            res = scorer.process(cols, parts)
+            if res.late is not None and isinstance(spec, TransactionStream) and spec.terminal_context:
+                # featurizing folded late and out-of-order payments into their terminal context, which must stay
+                # as if they had not come (as their customers' states do): undo the batch and re-run it without
+                # the rejected ones, the late ones featurized from the context without being folded in. Rare:
+                # only batches holding such payments pay a second pass.
+                undo_state()
+                undo_contexts()
+                assert res.rejected is not None
+                out_of_order = [(good_recs[i], float(cols.ts[i])) for i in np.flatnonzero(res.rejected).tolist()]
+                keep = np.flatnonzero(~res.rejected)
+                frozen = res.late[keep]
+                good, good_recs, parts = [good[i] for i in keep.tolist()], [good_recs[i] for i in keep.tolist()], \
+                    parts[keep]
+                undo_state = _nothing
+                if good:
+                    stage = "featurize"
+                    cols = spec.columns(good, parts, frozen)
+                    stage = "score"
+                    undo_state = scorer.savepoint(cols.entity_ids, parts)
+                    res = scorer.process(cols, parts)
         except PipelineError:
+            undo_state()  # as process(atomic=True) did
             raise  # raised on purpose for the operator (state, database, stop): not one record's fault
         except Exception as exc:  # noqa: BLE001 - isolated by _score
+            undo_state()
             undo_contexts()
             raise _StageFailed(stage, exc) from exc
         # the batch is applied to state now: later stages isolate failures per record and never re-score
+        for r, t in out_of_order:
+            self._dead_letter(r, "out_of_order", out_of_order_detail(t, scorer))
+        if not good_recs:
+            return
         ts = cols.ts
         if res.rejected is not None and res.rejected.any():  # behind their entity by more than allowed
             for i in np.flatnonzero(res.rejected).tolist():
@@ -626,9 +682,10 @@ class Processor:
         except Exception as batch_exc:  # noqa: BLE001 - outside the per-event loop: the whole batch's lifecycle
             failed = [(i, batch_exc) for i in range(len(good_recs))]
         for i, err in failed:
-            self._processing_error(good_recs[i], "observe", err)
+            self._incident_error(good_recs[i], err)
+        tag = self.checkpointer.positions.tag  # the log epoch as the alert is built, as its incident's key
         try:
-            alerts = build_alerts(self.opt.run_id, scorer, good_recs, ts, res, self.opt.top_features)
+            alerts = build_alerts(self.opt.run_id, scorer, good_recs, ts, res, self.opt.top_features, tag)
         except Exception:  # noqa: BLE001 - a pure function: rebuild alert by alert to find the culprit
             alerts = []
             for i in np.flatnonzero(res.is_anomaly).tolist():
@@ -636,7 +693,7 @@ class Processor:
                 only[i] = True
                 try:
                     alerts += build_alerts(self.opt.run_id, scorer, good_recs, ts, replace(res, is_anomaly=only),
-                                           self.opt.top_features)
+                                           self.opt.top_features, tag)
                 except Exception as exc:  # noqa: BLE001 - one record must never stop the service
                     self._processing_error(good_recs[i], "alert", exc)
         self.checkpointer.pending.extend(alerts)
@@ -647,11 +704,11 @@ class Processor:
         """Undo for the terminal contexts a batch's featurization updates (transactions with terminal features)."""
         if not (isinstance(spec, TransactionStream) and spec.terminal_context):
             return lambda: None
-        saved = {p: spec.context(p).snapshot() for p in np.unique(parts).tolist()}
+        undo = [spec.context(p).savepoint() for p in np.unique(parts).tolist()]
 
         def restore() -> None:
-            for p, blob in saved.items():
-                spec.contexts[p] = TerminalContext.restore(blob)
+            for u in undo:
+                u()
 
         return restore
 
@@ -669,6 +726,8 @@ class Processor:
     def _release(self, topic: str) -> tuple[list[RawRecord], list[Any]]:
         labels = self._fed_by[topic]
         pos = self.checkpointer.positions
+        spec = self.scorers[topic].spec
+        dedupe = self._dedupes(spec)
         out_recs: list[RawRecord] = []
         out: list[Any] = []
         for tp, queue in self._held.items():
@@ -687,6 +746,8 @@ class Processor:
                     ready += 1
             for _ in range(ready):
                 r, rec = queue.popleft()
+                if dedupe and self._duplicate(spec, r, rec):
+                    continue
                 out_recs.append(r)
                 out.append(rec)
             pos.advance(tp, queue[0][0].offset if queue else self._next_offset.get(tp, 0))
@@ -747,14 +808,13 @@ class Processor:
 
     def _drop_reapplied(self, recs: list[RawRecord]) -> list[RawRecord]:
         """Never apply a record to state twice: a broker that lost its log (e.g. restarted with memory
-        storage) makes the consumer reset to an earlier offset; those records are skipped, loudly."""
+        storage) makes the consumer reset to an earlier offset; those records are skipped, loudly (the
+        offset-reset policy is applied before, by _check_log_ends, when the log's end shows a reset)."""
         nxt = self._next_offset
         keep = None
         for i, r in enumerate(recs):
             tp = (r.topic, r.partition)
             expected = nxt.get(tp, 0)
-            if r.offset < expected and self._log_was_reset(tp, expected, r.offset):
-                expected = nxt[tp]
             if r.offset < expected:
                 if keep is None:
                     keep = recs[:i]
@@ -767,23 +827,6 @@ class Processor:
         log.warning("skipped %d records below the already-processed position (broker log reset or truncated?)",
                     len(recs) - len(keep))
         return keep
-
-    def _log_was_reset(self, tp: TopicPartition, expected: int, offset: int) -> bool:
-        """Records below our position arrived: if the log's end is below it too, the log was reset and the
-        client reset its position by itself (out of range): apply the policy instead of skipping them."""
-        hw_of = getattr(self.source, "highwater", None)
-        hw = None if hw_of is None else hw_of(tp)
-        if hw is None or hw >= max(expected, self.checkpointer.positions.committed.get(tp, 0)):
-            return False
-        if self._offset_reset(tp, expected, offset, hw, "past the end") == "latest":
-            self._jump(tp, hw)  # rewinds nothing; the records in hand are skipped
-            self.checkpointer.positions.rewind(tp, hw)
-            return True
-        self._next_offset[tp] = offset
-        self.recovery_until[tp] = offset
-        self._held.pop(tp, None)
-        self.checkpointer.positions.rewind(tp, offset)
-        return True
 
     # -- loop ---------------------------------------------------------------------------------------
     def checkpoint_with_retry(self, snapshot: bool | set[TopicPartition], stop: threading.Event | None = None) -> bool:

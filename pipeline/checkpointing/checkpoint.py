@@ -161,11 +161,6 @@ class Checkpointer:
             self.pending = [a for a in self.pending
                             if a.source_offset >= pos.committed.get((a.source_topic, a.source_partition), 0)
                             or (a.source_topic, a.source_partition) in pos.rewound]
-            if pos.epoch:
-                for a in self.pending:
-                    tag = pos.tag((a.source_topic, a.source_partition))
-                    if tag and not a.alert_key.endswith(tag):
-                        a.alert_key += tag
         states, mark_clean = self.collect_states(snap_tps) if snapshot else ([], lambda: None)
         lifecycle = self.tracker.prepare(self.pending) if self.tracker is not None else None
         if not changed and not self.pending and not states and not snapshot and not lifecycle:

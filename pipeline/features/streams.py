@@ -134,8 +134,10 @@ class StreamSpec:
     def entity_of(self, record: Any) -> str:
         return str(getattr(record, self.entity_field))
 
-    def columns(self, records: Sequence[Any], partitions: np.ndarray | None = None) -> EventColumns:
-        """partitions: each record's source partition (partition-local state, e.g. terminal context)."""
+    def columns(self, records: Sequence[Any], partitions: np.ndarray | None = None,
+                frozen: np.ndarray | None = None) -> EventColumns:
+        """partitions: each record's source partition (partition-local state, e.g. terminal context);
+        frozen: records featurised without updating partition-local state (late events)."""
         raise NotImplementedError
 
     def finish(self, base: np.ndarray, ts: np.ndarray, prev_ts: np.ndarray) -> np.ndarray:
@@ -195,16 +197,17 @@ class TransactionStream(StreamSpec):
     def drop_partition(self, partition: int) -> None:
         self.contexts.pop(partition, None)
 
-    def columns(self, records: Sequence[Any], partitions: np.ndarray | None = None) -> EventColumns:
+    def columns(self, records: Sequence[Any], partitions: np.ndarray | None = None,
+                frozen: np.ndarray | None = None) -> EventColumns:
         n = len(records)
         ts = np.fromiter((r.timestamp.timestamp() for r in records), np.float64, n)
         amount = np.fromiter((r.amount for r in records), np.float64, n)
         terminals = [r.terminal_id for r in records] if self.terminal_context else None
-        return self.columns_from_arrays([r.customer_id for r in records], ts, amount, terminals, partitions)
+        return self.columns_from_arrays([r.customer_id for r in records], ts, amount, terminals, partitions, frozen)
 
     def columns_from_arrays(self, entity_ids: list[str], ts: np.ndarray, amount: np.ndarray,
-                            terminal_ids: Sequence[str] | None = None, partitions: np.ndarray | None = None
-                            ) -> EventColumns:
+                            terminal_ids: Sequence[str] | None = None, partitions: np.ndarray | None = None,
+                            frozen: np.ndarray | None = None) -> EventColumns:
         """Batch features; with terminal context, each partition's events must come in its log order (they
         update its context); partitions=None means all from partition 0."""
         base = np.empty((len(ts), self.n_features), np.float64)
@@ -218,12 +221,12 @@ class TransactionStream(StreamSpec):
             if terminal_ids is None:
                 raise ValueError("terminal context needs terminal_ids")
             if partitions is None:
-                base[:, 6:] = self.context(0).features(terminal_ids, ts, base[:, 0])
+                base[:, 6:] = self.context(0).features(terminal_ids, ts, base[:, 0], frozen)
             else:
                 for p in np.unique(partitions).tolist():
                     idx = np.flatnonzero(partitions == p)
                     base[idx, 6:] = self.context(int(p)).features([terminal_ids[i] for i in idx.tolist()], ts[idx],
-                                                                  base[idx, 0])
+                                                                  base[idx, 0], None if frozen is None else frozen[idx])
         return EventColumns(entity_ids, ts, base)
 
     def finish(self, base: np.ndarray, ts: np.ndarray, prev_ts: np.ndarray) -> np.ndarray:
@@ -252,7 +255,8 @@ class SensorStream(StreamSpec):
         if missing:
             raise DecodeError("missing_channels", ", ".join(sorted(missing)))
 
-    def columns(self, records: Sequence[Any], partitions: np.ndarray | None = None) -> EventColumns:
+    def columns(self, records: Sequence[Any], partitions: np.ndarray | None = None,
+                frozen: np.ndarray | None = None) -> EventColumns:
         n = len(records)
         ts = np.fromiter((r.timestamp.timestamp() for r in records), np.float64, n)
         pick = self._pick

@@ -19,7 +19,7 @@ label-free feature of the payment itself can show.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import orjson
@@ -96,9 +96,12 @@ class TerminalContext:
         self._q_fraud = np.r_[self._q_fraud, np.asarray(is_fraud, np.float64)]
         self._q_terminal.extend(terminal_ids)
 
-    def features(self, terminal_ids: Sequence[str], ts: np.ndarray, log_amount: np.ndarray) -> np.ndarray:
+    def features(self, terminal_ids: Sequence[str], ts: np.ndarray, log_amount: np.ndarray,
+                 frozen: np.ndarray | None = None) -> np.ndarray:
         """(N, n_features): log1p(decayed count of the terminal's earlier payments), log-amount minus its
-        decayed mean, and (with feedback) the decayed fraud share of its labelled payments known so far."""
+        decayed mean, and (with feedback) the decayed fraud share of its labelled payments known so far.
+        frozen (N,) bool: payments featurised from the context without being folded into it (late events,
+        which leave their customer's state untouched too)."""
         from pipeline.scoring.scorer import occurrence_rank, rounds  # numpy helpers; no IO
 
         slots = self._slots(terminal_ids)
@@ -110,7 +113,12 @@ class TerminalContext:
             mean = (tot + self.prior) / (n + 1.0)  # one pseudo-payment at the prior keeps new terminals sane
             out[idx, 0] = np.log1p(n)
             out[idx, 1] = log_amount[idx] - mean
-            self.n[s], self.s[s], self.last[s] = n + 1.0, tot + log_amount[idx], t
+            if frozen is None:
+                self.n[s], self.s[s], self.last[s] = n + 1.0, tot + log_amount[idx], t
+            else:
+                k = ~frozen[idx]
+                sk = s[k]
+                self.n[sk], self.s[sk], self.last[sk] = n[k] + 1.0, tot[k] + log_amount[idx][k], t[k]
         if self.feedback_tau_s is not None:
             out[:, 2] = self._risk_with_due_labels(slots, np.asarray(ts, np.float64))
         if len(ts):
@@ -183,6 +191,22 @@ class TerminalContext:
         self.fb_fraud[s] = self.fb_fraud[s] * d + fraud
         self.fb_n[s] = self.fb_n[s] * d + 1.0
         self.fb_last[s] = np.where(np.isnan(self.fb_last[s]), t, np.maximum(self.fb_last[s], t))
+
+    def savepoint(self) -> Callable[[], None]:
+        """Undo for a batch about to be featurised: the per-terminal state, the terminals known and the label
+        queue as they are now (the processor undoes a batch to retry or re-run it)."""
+        arrays = [(name, getattr(self, name).copy()) for name in self._ARRAYS]
+        slot, swept = dict(self._slot), self._swept_at
+        queue = (self._q_offset, self._q_known, self._q_fraud, list(self._q_terminal))  # arrays: replaced, not mutated
+
+        def restore() -> None:
+            for name, values in arrays:
+                setattr(self, name, values.copy())
+            self._slot, self._swept_at = dict(slot), swept
+            self._q_offset, self._q_known, self._q_fraud = queue[:3]
+            self._q_terminal = list(queue[3])
+
+        return restore
 
     # -- snapshots ----------------------------------------------------------------------------------
     def _params(self) -> dict[str, float | None]:

@@ -72,9 +72,10 @@ class FaustScoring:
                  run_id: str = "faust", group_id: str = "faust", top_features: int = 3) -> None:
         for topic, scorer in scorers.items():
             spec = scorer.spec
-            if isinstance(spec, TransactionStream) and spec.label_feedback:
-                raise ConfigError(f"{topic}: model {scorer.model_version} reads label feedback, which needs the "
-                                  "processor's event-time alignment of the labels topic; serve it with "
+            if isinstance(spec, TransactionStream) and spec.terminal_context:
+                raise ConfigError(f"{topic}: model {scorer.model_version} reads per-terminal context (and label "
+                                  "feedback, if any), which needs the processor's per-partition snapshots, its "
+                                  "late-payment handling and the labels topic's event-time alignment; serve it with "
                                   "`pipeline run`")
         self.scorers, self.db, self.dlq = dict(scorers), db, dlq
         self.run_id, self.group_id, self.top_features = run_id, group_id, top_features

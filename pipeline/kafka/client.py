@@ -17,7 +17,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from pipeline import metrics
 from pipeline.errors import BrokerError, SinkError
 from pipeline.kafka import fast_fetch
-from pipeline.kafka.compat import NoBrokersAvailable, node_id, rebalance_listener
+from pipeline.kafka.compat import NoBrokersAvailable, beginning_offsets, node_id, rebalance_listener
 from pipeline.records import AssignCallback, RawRecord
 from pipeline.records import TopicPartition as TP
 
@@ -181,7 +181,11 @@ class KafkaSource:
         self.commit_timeout_ms = commit_timeout_ms
         self._checked_at = time.monotonic()
         self._down_since: float | None = None
-        self.stopped: dict[TP, str] = {}  # partitions stopped on a batch this install cannot decode (not ready)
+        # partitions stopped on a batch this install cannot decode (not ready). Replaced, never changed in
+        # place: the API thread reads it while the poll thread writes it
+        self.stopped: dict[TP, str] = {}
+        self._log_starts: dict[TP, int | None] = {}  # during an assignment callback: looked up in one request
+        self._unlooked: list[TP] = []  # ... once the first partition's is asked for
         self._listener: Any = None
         self._warn_at = 0.0  # next "still down" warning (backoff)
 
@@ -213,7 +217,20 @@ class KafkaSource:
         return self._down_since is not None
 
     def subscribe(self, topics: Sequence[str], on_assigned: AssignCallback, on_revoked: AssignCallback) -> None:
-        self._listener = rebalance_listener(_Listener(on_assigned, on_revoked))
+        def assigned(tps: Sequence[TP]) -> None:
+            self._log_starts, self._unlooked = {}, sorted(tps)
+            try:
+                on_assigned(tps)
+            finally:  # answers are for the assignment only: a later call (a log reset) asks again
+                self._log_starts, self._unlooked = {}, []
+
+        def revoked(tps: Sequence[TP]) -> None:
+            try:
+                on_revoked(tps)
+            finally:  # a stopped partition that moved to another member no longer makes this one unready
+                self._unstop(tps)
+
+        self._listener = rebalance_listener(_Listener(assigned, revoked))
         self.consumer.subscribe(list(topics), listener=self._listener)
 
     def assign(self, tps: Sequence[TP]) -> None:
@@ -255,12 +272,18 @@ class KafkaSource:
         for tp in tps:
             self.consumer.pause(TopicPartition(*tp))
             if self.stopped.get(tp) != why:
-                self.stopped[tp] = why
+                self.stopped = {**self.stopped, tp: why}
                 log.error("stopped consuming %s: the batch is compressed with a codec this install cannot decode "
                           "(%s). Install the codec libraries (lz4, zstandard, python-snappy; runtime dependencies) "
                           "and restart: the partition resumes at that offset. Other partitions go on; not ready "
                           "until then", where, exc)
         metrics.STOPPED_PARTITIONS.set(len(self.stopped))
+
+    def _unstop(self, tps: Sequence[TP]) -> None:
+        gone = set(tps)
+        if gone & self.stopped.keys():
+            self.stopped = {tp: why for tp, why in self.stopped.items() if tp not in gone}
+            metrics.STOPPED_PARTITIONS.set(len(self.stopped))
 
     def seek(self, tp: TP, offset: int) -> None:
         self.consumer.seek(TopicPartition(*tp), offset)
@@ -296,13 +319,24 @@ class KafkaSource:
         return None if hw is None else int(hw)
 
     def log_start(self, tp: TP, timeout_ms: int = 5000) -> int | None:
-        """The partition's first offset (ListOffsets earliest; correct on Tansu), or None if unknown now."""
-        part = TopicPartition(*tp)
+        """The partition's first offset (ListOffsets earliest; correct on Tansu), or None if unknown now.
+        Within the assignment callback, the first call looks up every assigned partition in one request."""
+        if tp in self._unlooked:
+            self._log_starts.update(self._beginning_offsets(self._unlooked, timeout_ms))
+            self._unlooked = []
+        if tp in self._log_starts:
+            return self._log_starts.pop(tp)
+        return self._beginning_offsets([tp], timeout_ms)[tp]
+
+    def _beginning_offsets(self, tps: Sequence[TP], timeout_ms: int) -> dict[TP, int | None]:
         try:
-            return int(self.consumer._fetcher.beginning_offsets([part], timeout_ms)[part])
-        except (KafkaError, KeyError, TypeError) as exc:
-            log.warning("cannot read the log start of %s[%d]: %s", tp[0], tp[1], exc)
-            return None
+            found = beginning_offsets(self.consumer, [TopicPartition(*tp) for tp in tps], timeout_ms)
+            return {tp: None if found.get(TopicPartition(*tp)) is None else int(found[TopicPartition(*tp)])
+                    for tp in tps}
+        except Exception as exc:  # noqa: BLE001 - unknown is a valid answer: the resume position goes unchecked
+            log.warning("cannot read the log start of %s (resume positions are not checked against it): %s",
+                        ", ".join(f"{t}[{p}]" for t, p in tps), exc)
+            return dict.fromkeys(tps)
 
     def caught_up(self, tp: TP) -> bool:
         hw = self.highwater(tp)

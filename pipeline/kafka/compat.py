@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Sequence
 from typing import Any
+
+from kafka import KafkaConsumer
 
 try:  # 2.3: raised by a client that cannot reach any bootstrap server
     from kafka.errors import NoBrokersAvailable
@@ -82,6 +85,17 @@ if AsyncConsumerRebalanceListener is not None:
     _InWorker = _InWorkerListener
 
 
+# 3.0's KafkaConsumer.beginning_offsets takes a timeout; 2.3's waits up to request_timeout_ms (305 s by default)
+_OFFSETS_TIMEOUT = "timeout_ms" in inspect.signature(KafkaConsumer.beginning_offsets).parameters
+
+
+def beginning_offsets(consumer: Any, partitions: Sequence[Any], timeout_ms: int) -> dict[Any, int]:
+    """First offsets of `partitions` through the public API, bounded by `timeout_ms` where the line allows it."""
+    if _OFFSETS_TIMEOUT:
+        return dict(consumer.beginning_offsets(list(partitions), timeout_ms=timeout_ms))
+    return dict(consumer.beginning_offsets(list(partitions)))
+
+
 def node_id(broker: Any) -> int:
     """A cluster-metadata broker's id: `nodeId` (2.3 BrokerMetadata) or `node_id` (3.0 MetadataResponseBroker)."""
     return int(broker.node_id if hasattr(broker, "node_id") else broker.nodeId)
@@ -106,4 +120,5 @@ def produce_errors(response: Any) -> list[tuple[int, int]]:
     return [(p[0], p[1]) for _topic, parts in response.topics for p in parts if p[1]]
 
 
-__all__ = ["KafkaClient", "NoBrokersAvailable", "node_id", "produce_errors", "produce_request", "rebalance_listener"]
+__all__ = ["KafkaClient", "NoBrokersAvailable", "beginning_offsets", "node_id", "produce_errors", "produce_request",
+           "rebalance_listener"]

@@ -223,6 +223,11 @@ class StreamScorer:
 
         return restore
 
+    def savepoint(self, entity_ids: list[str], partitions: np.ndarray | None = None) -> Callable[[], None]:
+        """Undo for a batch of these entities about to be processed (see `process(atomic=True)`); the caller
+        may also undo a batch that succeeded, to re-run part of it."""
+        return self._savepoint(self.store.resolve(entity_ids, partitions))
+
     def process(self, cols: EventColumns, partitions: np.ndarray | None = None, *, learn: bool = True,
                 learn_scores: bool | None = None, atomic: bool = False) -> ScoreBatch:
         """Score a micro-batch; learn=False freezes feature scaling and score statistics (see `prepare`).
@@ -235,7 +240,7 @@ class StreamScorer:
         the caller can retry parts of the batch without applying an event twice (the service isolates a
         failing record that way). Costs one gather of the touched slots (about 1 ms per 5,000 events)."""
         if atomic:
-            undo = self._savepoint(self.store.resolve(cols.entity_ids, partitions))
+            undo = self.savepoint(cols.entity_ids, partitions)
             try:
                 return self.process(cols, partitions, learn=learn, learn_scores=learn_scores)
             except BaseException:

@@ -1,6 +1,7 @@
 """No exception raised while processing one record stops the service: a record that makes any stage raise
-(decode, key check, featurize, scoring, alert building, incident lifecycle) is dead-lettered alone as
-processing_error naming the stage, and every other record is scored exactly as in a run without it.
+(decode, key check, featurize, scoring, alert building) is dead-lettered alone as processing_error naming
+the stage (incident lifecycle: as incident_error, its alert stands), and every other record is scored
+exactly as in a run without it.
 
 Real broker, real SQL database, the real Processor; the failures are injected for marked devices only."""
 
@@ -73,10 +74,10 @@ def _inject(proc: Processor) -> None:
 
 
 def _bad_build_alerts(build: Any) -> Any:
-    def bad_build(run_id: str, scorer: Any, recs: Any, ts: Any, res: Any, top: int = 3) -> Any:
+    def bad_build(run_id: str, scorer: Any, recs: Any, ts: Any, res: Any, top: int = 3, tag: Any = None) -> Any:
         if any(recs[i].key == b"poison-alert" for i in np.flatnonzero(res.is_anomaly)):
             raise ValueError("injected: alert building bug")
-        return build(run_id, scorer, recs, ts, res, top)
+        return build(run_id, scorer, recs, ts, res, top, tag)
 
     return bad_build
 
@@ -125,8 +126,9 @@ def test_a_record_failing_at_any_stage_is_dead_lettered_alone(
     dead = [orjson.loads(r.value) for r in read_topic(kafka_bootstrap, s.dlq_topic) if r.value]
     by_stage: dict[str, set[str]] = {}
     for d in dead:
-        assert d["reason"] == "processing_error", d
         stage = d["detail"].split(":", 1)[0].removeprefix("stage=")
+        # an incident-lifecycle failure comes after scoring: the record's alert stands, its incident was not updated
+        assert d["reason"] == ("incident_error" if stage == "observe" else "processing_error"), d
         by_stage.setdefault(stage, set()).add(d["key"])
     assert by_stage == {stage: {f"poison-{stage}"} for stage in STAGES}
     # records failing before or inside scoring are dead-lettered, all of them, and never scored
@@ -138,6 +140,10 @@ def test_a_record_failing_at_any_stage_is_dead_lettered_alone(
     got = {a for a in _alerts(sqlite_store, "poisoned") if not a[0].startswith("poison-")}
     want = {a for a in _alerts(sqlite_store, "clean") if a[0] not in FORCED}
     assert got == want and want
+    observe_failed = {d["source"]["offset"] for d in dead if d["key"] == "poison-observe"}
+    alerted = {a["source_offset"] for a in sqlite_store.list_alerts(run_id="poisoned")
+               if a["entity_id"] == "poison-observe"}
+    assert alerted and alerted <= observe_failed  # alerted, and dead-lettered as incident_error
     # a lifecycle failure does not lose the alert; an alert-building failure loses only that record's alert
     assert any(a[0] == "poison-observe" for a in _alerts(sqlite_store, "poisoned"))
     assert not any(a[0] == "poison-alert" for a in _alerts(sqlite_store, "poisoned"))

@@ -91,13 +91,16 @@ def test_a_partition_that_leaves_drops_its_state(tmp_path: Path) -> None:
     assert scoring.stats.skipped_redelivered == 0
 
 
-def test_label_feedback_models_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("feedback", [86400.0, None])
+def test_terminal_context_models_are_refused(tmp_path: Path, feedback: float | None) -> None:
+    """Per-terminal context (with or without label feedback) needs the processor's partition snapshots and
+    its late-payment handling, which the in-memory faust path does not have."""
     from pipeline.features.streams import TransactionStream
 
     scoring, db, dlq = _scoring(tmp_path, "fb")
     scorer = next(iter(scoring.scorers.values()))
-    scorer.spec = TransactionStream(terminal_context=True, fraud_feedback_tau_s=86400.0)
-    with pytest.raises(ConfigError, match="label feedback"):
+    scorer.spec = TransactionStream(terminal_context=True, fraud_feedback_tau_s=feedback)
+    with pytest.raises(ConfigError, match="per-terminal context"):
         FaustScoring({"tx": scorer}, db, dlq)
 
 

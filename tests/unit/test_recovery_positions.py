@@ -31,8 +31,8 @@ class NoDeadLetters:
         pass
 
 
-def _alert(offset: int) -> AlertRow:
-    return AlertRow(alert_key=f"r|tx|0|{offset}|m", run_id="r", stream="transactions", entity_id="C1",
+def _alert(offset: int, tag: str = "") -> AlertRow:
+    return AlertRow(alert_key=f"r|tx|0|{offset}|m{tag}", run_id="r", stream="transactions", entity_id="C1",
                     event_time=datetime(2024, 1, 1, tzinfo=timezone.utc), score=9.0, threshold=1.0,
                     severity="high", model_version="m", top_features=[], source_topic="tx", source_partition=0,
                     source_offset=offset)
@@ -83,9 +83,9 @@ def test_rewind_writes_the_lower_position_with_a_snapshot(sqlite_store: SqlStore
     assert sqlite_store.load_offsets("r", "g")[TP] == (0, 0)
     assert snapped[-1] == {TP} and source.commits[-1][TP] == 0
     assert sqlite_store.load_epochs("r", "g") == {TP: 1}
-    ck.pending = [_alert(5)]  # a new record at a low offset is not mistaken for a replay
+    ck.pending = [_alert(5, pos.tag(TP))]  # a new record at a low offset is not mistaken for a replay
     pos.advance(TP, 10)
     ck.checkpoint(snapshot=set())
     assert sqlite_store.load_offsets("r", "g")[TP][0] == 10
-    # an old alert at the same position keeps its key; the new log's alert gets the epoch suffix
+    # the new log's alert carries the epoch suffix (given by build_alerts, see test_review_fixes.py)
     assert [a["alert_key"] for a in sqlite_store.list_alerts(run_id="r")] == ["r|tx|0|5|m~1"]

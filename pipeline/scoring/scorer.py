@@ -89,11 +89,6 @@ class ScoreBatch:
                        rejected=None if self.rejected is None else self.rejected[idx])
 
 
-# the store's per-slot arrays a batch may change (the stateful family's exist only with it); `win` apart
-_SLOT_ARRAYS = ("pos", "count", "last_ts", "feat_n", "feat_mean", "feat_m2", "score_n", "score_mean", "score_m2",
-                "score_ema", "rnn_h", "rnn_c", "rnn_pred", "last_seen", "dirty", "partition")
-
-
 class StreamScorer:
     def __init__(
         self,
@@ -204,29 +199,11 @@ class StreamScorer:
         windows[idx] = np.clip((win - m[:, None, :]) / sd[:, None, :], -SCALED_CLIP, SCALED_CLIP)
         raw[idx], mean[idx], std[idx], count[idx] = feats, m, sd, store.count[s] + 1
 
-    def _savepoint(self, slots: np.ndarray) -> Callable[[], None]:
-        """Undo for a batch about to be applied to `slots` (resolved): the slots' per-entity values and the
-        window rows the batch's pushes can overwrite (an entity's k-th event in the batch writes ring row
-        pos + k; an entity with no event yet refills its whole window, so new entities' windows are saved whole)."""
-        store = self.store
-        ring = (store.pos[slots] + occurrence_rank(slots)) % store.layout.window
-        rows = store.win[slots, ring]
-        fresh = slots[store.count[slots] == 0]
-        fresh_win = store.win[fresh]
-        saved = [(name, getattr(store, name)[slots]) for name in _SLOT_ARRAYS if hasattr(store, name)]
-
-        def restore() -> None:
-            store.win[slots, ring] = rows
-            store.win[fresh] = fresh_win
-            for name, values in saved:
-                getattr(store, name)[slots] = values
-
-        return restore
-
     def savepoint(self, entity_ids: list[str], partitions: np.ndarray | None = None) -> Callable[[], None]:
         """Undo for a batch of these entities about to be processed (see `process(atomic=True)`); the caller
         may also undo a batch that succeeded, to re-run part of it."""
-        return self._savepoint(self.store.resolve(entity_ids, partitions))
+        slots = self.store.resolve(entity_ids, partitions)
+        return self.store.savepoint(slots, occurrence_rank(slots))
 
     def process(self, cols: EventColumns, partitions: np.ndarray | None = None, *, learn: bool = True,
                 learn_scores: bool | None = None, atomic: bool = False) -> ScoreBatch:

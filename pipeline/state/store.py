@@ -62,6 +62,12 @@ class StateLayout:
 Loader = Callable[[Sequence[str]], dict[str, bytes]]
 
 
+# every per-slot array of EntityStateStore besides the window ring `win`: one list for growth, byte
+# accounting and the scorer's undo savepoint (an array missing here would be silently left out of all three)
+SLOT_ARRAYS = ("pos", "count", "last_ts", "feat_n", "feat_mean", "feat_m2", "score_n", "score_mean", "score_m2",
+               "score_ema", "rnn_h", "rnn_c", "rnn_pred", "last_seen", "dirty", "partition")
+
+
 class EntityStateStore:
     """Slots for live entities; `resolve` maps ids to slots, creating (or loading) the missing ones."""
 
@@ -127,9 +133,7 @@ class EntityStateStore:
         if needed <= cap:
             return
         new = max(needed, cap * 2)
-        for name in ("win", "pos", "count", "last_ts", "feat_n", "feat_mean", "feat_m2", "score_n",
-                     "score_mean", "score_m2", "score_ema", "last_seen", "dirty", "partition", "rnn_h", "rnn_c",
-                     "rnn_pred"):
+        for name in ("win", *SLOT_ARRAYS):
             old = getattr(self, name)
             arr = np.zeros((new, *old.shape[1:]), old.dtype)
             if name == "partition":
@@ -138,6 +142,25 @@ class EntityStateStore:
                 arr[:] = np.nan
             arr[:cap] = old
             setattr(self, name, arr)
+
+    def savepoint(self, slots: np.ndarray, rank: np.ndarray) -> Callable[[], None]:
+        """Undo for a batch about to be applied to `slots` (resolved; rank = each event's occurrence rank among
+        the batch's events of its slot): the slots' per-slot values and the window rows the batch's pushes can
+        overwrite (an entity's k-th event writes ring row pos + k; an entity with no event yet refills its
+        whole window, so new entities' windows are saved whole)."""
+        ring = (self.pos[slots] + rank) % self.layout.window
+        rows = self.win[slots, ring]
+        fresh = slots[self.count[slots] == 0]
+        fresh_win = self.win[fresh]
+        saved = [(name, getattr(self, name)[slots]) for name in SLOT_ARRAYS]
+
+        def restore() -> None:
+            self.win[slots, ring] = rows
+            self.win[fresh] = fresh_win
+            for name, values in saved:
+                getattr(self, name)[slots] = values
+
+        return restore
 
     def _new_slot(self, entity_id: str) -> int:
         if self._free:
@@ -362,7 +385,4 @@ class EntityStateStore:
 
     def nbytes_per_entity(self) -> float:
         """Array bytes per slot (excludes the id map; bench measures the whole process)."""
-        arrays = (self.win, self.pos, self.count, self.last_ts, self.feat_n, self.feat_mean, self.feat_m2,
-                  self.score_n, self.score_mean, self.score_m2, self.score_ema, self.last_seen, self.dirty,
-                  self.partition, self.rnn_h, self.rnn_c, self.rnn_pred)
-        return sum(a.nbytes for a in arrays) / max(1, self.capacity)
+        return sum(getattr(self, name).nbytes for name in ("win", *SLOT_ARRAYS)) / max(1, self.capacity)

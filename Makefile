@@ -26,6 +26,7 @@ demo: venv
 
 lint: venv
 	$(VENV)/bin/ruff check pipeline models schemas tests
+	$(VENV)/bin/ruff format --check pipeline models schemas tests docs
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

@@ -169,25 +169,33 @@ class Checkpoint:
             return _replace(self, precision=precision, autocast_dtype=dtype)
         if precision == "bf16":
             if not cpu_supports_bf16():
-                log.warning("precision bf16 requested but this CPU has no native bf16 (avx512_bf16 / amx); "
-                            "scoring %s in fp32", self.version)
+                log.warning(
+                    "precision bf16 requested but this CPU has no native bf16 (avx512_bf16 / amx); scoring %s in fp32",
+                    self.version,
+                )
                 return self
             return _replace(self, precision="bf16", autocast_dtype=torch.bfloat16)
         with warnings.catch_warnings():  # torch.ao deprecation notices; the API works in the pinned torch
             warnings.simplefilter("ignore")
-            model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(self.model).cpu().eval(),
-                                                           {nn.LSTM, nn.Linear}, dtype=torch.qint8)
+            model = torch.ao.quantization.quantize_dynamic(
+                copy.deepcopy(self.model).cpu().eval(), {nn.LSTM, nn.Linear}, dtype=torch.qint8
+            )
         return _replace(self, model=model, precision="int8")
 
-    def reconstruct(self, windows: np.ndarray, device: torch.device | str = "cpu", chunk: int | None = None
-                    ) -> np.ndarray:
+    def reconstruct(
+        self, windows: np.ndarray, device: torch.device | str = "cpu", chunk: int | None = None
+    ) -> np.ndarray:
         """windows: (N, W, F) float32 scaled -> reconstruction (N, W, F) float32."""
         chunk = chunk or model_chunk(device)
         out = np.empty_like(windows, dtype=np.float32)
         self.model.eval()
         dev = torch.device(device)
-        with torch.inference_mode(), torch.autocast(dev.type, dtype=self.autocast_dtype or torch.bfloat16,
-                                                    enabled=self.autocast_dtype is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                dev.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None
+            ),
+        ):
             for start in range(0, len(windows), chunk):
                 x = torch.from_numpy(np.ascontiguousarray(windows[start : start + chunk], dtype=np.float32))
                 out[start : start + chunk] = self.model(x.to(dev)).float().cpu().numpy()
@@ -211,8 +219,10 @@ class Checkpoint:
 
 
 def _replace(ckpt: Checkpoint, **changes: Any) -> Checkpoint:
-    fields = {k: getattr(ckpt, k) for k in ("config", "model", "error_model", "threshold", "card", "precision",
-                                            "autocast_dtype")}
+    fields = {
+        k: getattr(ckpt, k)
+        for k in ("config", "model", "error_model", "threshold", "card", "precision", "autocast_dtype")
+    }
     return Checkpoint(**{**fields, **changes})
 
 
@@ -313,13 +323,17 @@ def train_autoencoder(
         train_loss = total / len(x_fit)
         model.eval()
         with torch.inference_mode():
-            val_loss = float(
-                sum(
-                    nn.functional.mse_loss(model(x_val[s : s + 4096].to(device)), x_val[s : s + 4096].to(device),
-                                           reduction="sum")
-                    for s in range(0, len(x_val), 4096)
+            val_loss = (
+                float(
+                    sum(
+                        nn.functional.mse_loss(
+                            model(x_val[s : s + 4096].to(device)), x_val[s : s + 4096].to(device), reduction="sum"
+                        )
+                        for s in range(0, len(x_val), 4096)
+                    )
                 )
-            ) / x_val.numel()
+                / x_val.numel()
+            )
         if progress is not None:
             progress(epoch, train_loss, val_loss)
 
@@ -360,8 +374,10 @@ def train_autoencoder(
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     """Writes `<path>` (state_dict + config + error model) and `<path minus .pt>.card.json`."""
     if ckpt.precision != "fp32":
-        raise ValueError(f"refusing to save a {ckpt.precision} copy of {ckpt.version}: checkpoints stay fp32 "
-                         "(precision is applied at load)")
+        raise ValueError(
+            f"refusing to save a {ckpt.precision} copy of {ckpt.version}: checkpoints stay fp32 "
+            "(precision is applied at load)"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -393,8 +409,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", precision: str 
     return checkpoint_from_blob(load_blob(path, map_location), path, map_location, precision)
 
 
-def checkpoint_from_blob(blob: Any, path: str | Path, map_location: str = "cpu", precision: str = "fp32"
-                         ) -> Checkpoint:
+def checkpoint_from_blob(blob: Any, path: str | Path, map_location: str = "cpu", precision: str = "fp32") -> Checkpoint:
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {blob.get('format')!r}")
     cfg = dict(blob["config"])
@@ -408,8 +423,9 @@ def checkpoint_from_blob(blob: Any, path: str | Path, map_location: str = "cpu",
     model.load_state_dict(blob["state_dict"])
     model.eval()
     em = ErrorModel(mean=blob["error_mean"].numpy(), precision=blob["error_precision"].numpy())
-    ckpt = Checkpoint(config=config, model=model, error_model=em, threshold=float(blob["threshold"]),
-                      card=dict(blob["card"]))
+    ckpt = Checkpoint(
+        config=config, model=model, error_model=em, threshold=float(blob["threshold"]), card=dict(blob["card"])
+    )
     return ckpt.with_precision(precision, map_location)
 
 

@@ -82,8 +82,9 @@ class LSTMForecaster(nn.Module):
         self.lstm = nn.LSTM(c.n_features, c.hidden_size, num_layers=c.num_layers, batch_first=True)
         self.head = nn.Linear(c.hidden_size, c.n_features)
 
-    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         # x: (B, T, F) scaled readings; state: h, c each (layers, B, H)
         # -> predictions (B, T, F) where out[:, t] predicts x[:, t + 1], and the final (h, c)
         out, (h, c) = self.lstm(x, state)  # out: (B, T, H)
@@ -120,12 +121,14 @@ class ForecastCheckpoint:
             raise ValueError(f"precision must be fp32, bf16 or int8; got {precision!r}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(self.model).cpu().eval(),
-                                                           {nn.LSTM, nn.Linear}, dtype=torch.qint8)
+            model = torch.ao.quantization.quantize_dynamic(
+                copy.deepcopy(self.model).cpu().eval(), {nn.LSTM, nn.Linear}, dtype=torch.qint8
+            )
         return ForecastCheckpoint(self.config, model, self.error_model, self.threshold, self.card, "int8")
 
-    def step(self, x: np.ndarray, h: np.ndarray, c: np.ndarray, device: torch.device | str = "cpu"
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def step(
+        self, x: np.ndarray, h: np.ndarray, c: np.ndarray, device: torch.device | str = "cpu"
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One LSTM step for N entities. x: (N, F) scaled; h, c: (N, layers * H) float32
         -> prediction of each entity's next reading (N, F), new h, new c (N, layers * H)."""
         n, layers, hidden = len(x), self.config.num_layers, self.config.hidden_size
@@ -138,9 +141,11 @@ class ForecastCheckpoint:
             h0 = h0.reshape(n, layers, hidden).transpose(0, 1).contiguous()
             c0 = c0.reshape(n, layers, hidden).transpose(0, 1).contiguous()
             pred, (h1, c1) = self.model(xt, (h0, c0))
-            return (pred[:, 0].float().cpu().numpy(),
-                    h1.transpose(0, 1).reshape(n, layers * hidden).float().cpu().numpy(),
-                    c1.transpose(0, 1).reshape(n, layers * hidden).float().cpu().numpy())
+            return (
+                pred[:, 0].float().cpu().numpy(),
+                h1.transpose(0, 1).reshape(n, layers * hidden).float().cpu().numpy(),
+                c1.transpose(0, 1).reshape(n, layers * hidden).float().cpu().numpy(),
+            )
 
     def score_errors(self, err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Prediction errors over the scored features (N, S) -> scores (N,), contributions (N, F)."""
@@ -171,8 +176,14 @@ def _segments(seqs: Sequence[np.ndarray], length: int, offset: int) -> tuple[np.
     return x, mask
 
 
-def _errors(model: LSTMForecaster, seqs: Sequence[np.ndarray], start: Sequence[int], burn_in: int,
-            scored: list[int], device: torch.device | str) -> np.ndarray:
+def _errors(
+    model: LSTMForecaster,
+    seqs: Sequence[np.ndarray],
+    start: Sequence[int],
+    burn_in: int,
+    scored: list[int],
+    device: torch.device | str,
+) -> np.ndarray:
     """Prediction errors (scored features) of steps >= max(start_i, burn_in), state carried from step 0."""
     out = []
     model.eval()
@@ -230,7 +241,7 @@ def train_forecaster(
             for t in range(0, train.segment - 1, train.tbptt):
                 inp = xb[:, t : t + train.tbptt]  # (B, k, F)
                 tgt = xb[:, t + 1 : t + train.tbptt + 1]  # (B, k', F), k' = k or k - 1 at the end
-                valid = (mb[:, t : t + train.tbptt][:, : tgt.shape[1]] & mb[:, t + 1 : t + tgt.shape[1] + 1])
+                valid = mb[:, t : t + train.tbptt][:, : tgt.shape[1]] & mb[:, t + 1 : t + tgt.shape[1] + 1]
                 pred, state = model(inp, state)
                 state = (state[0].detach(), state[1].detach())  # truncated BPTT: carry the value, not the graph
                 n_valid = int(valid.sum())
@@ -272,10 +283,13 @@ def train_forecaster(
         "training_data_sha256": digest,
         "n_sequences": len(seqs),
         "n_steps": int(sum(len(s) for s in seqs)),
-        "metrics": {"train_mse": train_loss, "val_mse": val_loss,
-                    "val_score_p50": float(np.quantile(val_scores, 0.5)),
-                    "val_score_p99": float(np.quantile(val_scores, 0.99)),
-                    "train_seconds": round(time.time() - started, 2)},
+        "metrics": {
+            "train_mse": train_loss,
+            "val_mse": val_loss,
+            "val_score_p50": float(np.quantile(val_scores, 0.5)),
+            "val_score_p99": float(np.quantile(val_scores, 0.99)),
+            "train_seconds": round(time.time() - started, 2),
+        },
         "torch_version": str(torch.__version__),  # a plain str: loadable with weights_only=True
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra_card or {}),
@@ -293,11 +307,19 @@ def save_forecaster(ckpt: ForecastCheckpoint, path: str | Path) -> Path:
     cfg = asdict(ckpt.config)
     cfg["score_features"] = None if cfg["score_features"] is None else list(cfg["score_features"])
     cfg["global_features"] = list(cfg["global_features"])
-    torch.save({"format": CHECKPOINT_FORMAT, "family": FAMILY, "config": cfg,
-                "state_dict": ckpt.model.state_dict(),
-                "error_mean": torch.from_numpy(ckpt.error_model.mean),
-                "error_precision": torch.from_numpy(ckpt.error_model.precision),
-                "threshold": float(ckpt.threshold), "card": json.loads(json.dumps(ckpt.card))}, path)
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "family": FAMILY,
+            "config": cfg,
+            "state_dict": ckpt.model.state_dict(),
+            "error_mean": torch.from_numpy(ckpt.error_model.mean),
+            "error_precision": torch.from_numpy(ckpt.error_model.precision),
+            "threshold": float(ckpt.threshold),
+            "card": json.loads(json.dumps(ckpt.card)),
+        },
+        path,
+    )
     path.with_suffix(".card.json").write_text(json.dumps(ckpt.card, indent=2, sort_keys=True) + "\n")
     return path
 

@@ -37,8 +37,10 @@ def ensure_models(settings: Settings, train_if_missing: bool = True) -> dict[str
     missing = [s for s, p in paths.items() if not p.exists()]
     if missing:
         if not train_if_missing:
-            raise ConfigError(f"no model checkpoint for {', '.join(missing)} (looked in {paths[missing[0]].parent}); "
-                              "run `pipeline train` first")
+            raise ConfigError(
+                f"no model checkpoint for {', '.join(missing)} (looked in {paths[missing[0]].parent}); "
+                "run `pipeline train` first"
+            )
         from pipeline.training import train_default_models
 
         out = paths[missing[0]].parent
@@ -48,23 +50,35 @@ def ensure_models(settings: Settings, train_if_missing: bool = True) -> dict[str
     return {s: load_model(p) for s, p in paths.items()}
 
 
-def build_scorers(settings: Settings, checkpoints: dict[str, Checkpoint | ForecastCheckpoint]
-                  ) -> dict[str, StreamScorer]:
+def build_scorers(
+    settings: Settings, checkpoints: dict[str, Checkpoint | ForecastCheckpoint]
+) -> dict[str, StreamScorer]:
     """topic -> scorer"""
     t = settings.threshold
     topics = {"transactions": settings.transactions_topic, "sensors": settings.sensors_topic}
     out = {}
     for stream, ckpt in checkpoints.items():
         try:
-            spec = make_stream(stream, channels=ckpt.card.get("feature_names", settings.sensor_channels),
-                               max_message_bytes=settings.max_message_bytes, card=ckpt.card)
+            spec = make_stream(
+                stream,
+                channels=ckpt.card.get("feature_names", settings.sensor_channels),
+                max_message_bytes=settings.max_message_bytes,
+                card=ckpt.card,
+            )
         except ValueError as exc:
             raise ConfigError(f"{stream} model {ckpt.version}: {exc}") from None
-        thr = AdaptiveThreshold(ckpt.threshold, warmup=t.warmup, z=t.z, floor_ratio=t.floor_ratio,
-                                smoothing=t.smoothing)
-        out[topics[stream]] = StreamScorer(spec, ckpt, threshold=thr, min_history=t.min_history,
-                                           device=settings.device, precision=settings.precision,
-                                           allowed_lateness_s=settings.allowed_lateness_s)
+        thr = AdaptiveThreshold(
+            ckpt.threshold, warmup=t.warmup, z=t.z, floor_ratio=t.floor_ratio, smoothing=t.smoothing
+        )
+        out[topics[stream]] = StreamScorer(
+            spec,
+            ckpt,
+            threshold=thr,
+            min_history=t.min_history,
+            device=settings.device,
+            precision=settings.precision,
+            allowed_lateness_s=settings.allowed_lateness_s,
+        )
     return out
 
 
@@ -76,8 +90,12 @@ def label_topics(settings: Settings, scorers: dict[str, StreamScorer]) -> dict[s
     return {}
 
 
-def check_partitioning(settings: Settings, scorers: dict[str, StreamScorer], labels: dict[str, str],
-                       partitions_for: Callable[[str], list[int]]) -> None:
+def check_partitioning(
+    settings: Settings,
+    scorers: dict[str, StreamScorer],
+    labels: dict[str, str],
+    partitions_for: Callable[[str], list[int]],
+) -> None:
     """Terminal context is per partition, so a model trained on one split of the customers must be served
     on the same split (else its terminal features shift: train/serve skew); labels must be co-partitioned."""
     scorer = scorers.get(settings.transactions_topic)
@@ -87,25 +105,35 @@ def check_partitioning(settings: Settings, scorers: dict[str, StreamScorer], lab
     card = scorer.checkpoint.card if scorer.checkpoint is not None else {}
     trained = int(card.get("terminal_context_partitions", 1))
     if have != trained:
-        raise ConfigError(f"transactions model {scorer.model_version} computed terminal context over {trained} "
-                          f"partition(s); topic {settings.transactions_topic!r} has {have}. Serve it on a topic with "
-                          f"{trained}, or retrain: pipeline evaluate --format transactions --partitions {have} "
-                          "--save-model ...")
+        raise ConfigError(
+            f"transactions model {scorer.model_version} computed terminal context over {trained} "
+            f"partition(s); topic {settings.transactions_topic!r} has {have}. Serve it on a topic with "
+            f"{trained}, or retrain: pipeline evaluate --format transactions --partitions {have} "
+            "--save-model ..."
+        )
     for topic, fed in labels.items():
         n = len(partitions_for(topic))
         if n != have:
-            raise ConfigError(f"labels topic {topic!r} has {n} partitions and {fed!r} {have}: "
-                              "label feedback needs both keyed by customer with the same partition count")
+            raise ConfigError(
+                f"labels topic {topic!r} has {n} partitions and {fed!r} {have}: "
+                "label feedback needs both keyed by customer with the same partition count"
+            )
         log.info("label feedback: %s -> terminal fraud risk of %s", topic, fed)
 
 
 def options_from(settings: Settings) -> ProcessorOptions:
     return ProcessorOptions(
-        run_id=settings.run_id, group_id=settings.group_id, max_batch_records=settings.max_batch_records,
-        poll_timeout_ms=settings.poll_timeout_ms, commit_interval_ms=settings.commit_interval_ms,
-        snapshot_interval_s=settings.snapshot_interval_s, entity_ttl_s=settings.entity_ttl_s,
-        max_live_entities=settings.max_live_entities, db_retry_max_s=settings.db_retry_max_s,
-        offset_reset=settings.offset_reset, dedupe_window=settings.dedupe_window,
+        run_id=settings.run_id,
+        group_id=settings.group_id,
+        max_batch_records=settings.max_batch_records,
+        poll_timeout_ms=settings.poll_timeout_ms,
+        commit_interval_ms=settings.commit_interval_ms,
+        snapshot_interval_s=settings.snapshot_interval_s,
+        entity_ttl_s=settings.entity_ttl_s,
+        max_live_entities=settings.max_live_entities,
+        db_retry_max_s=settings.db_retry_max_s,
+        offset_reset=settings.offset_reset,
+        dedupe_window=settings.dedupe_window,
     )
 
 
@@ -149,9 +177,13 @@ def build_service(settings: Settings, bootstrap: str, *, train_if_missing: bool 
     scorers = build_scorers(settings, checkpoints)
     labels = label_topics(settings, scorers)
     ensure_topics(bootstrap, all_topics(settings) + list(labels), settings.topic_partitions)
-    source = KafkaSource(bootstrap, settings.group_id, session_timeout_ms=settings.session_timeout_ms,
-                         heartbeat_interval_ms=settings.heartbeat_interval_ms,
-                         fetch_max_wait_ms=settings.fetch_max_wait_ms)
+    source = KafkaSource(
+        bootstrap,
+        settings.group_id,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+    )
     dlq: KafkaDeadLetterSink | None = None
     try:  # the clients hold sockets and threads: a failure past this point must not leave them open
         check_partitioning(settings, scorers, labels, source.partitions_for)
@@ -168,15 +200,17 @@ def build_service(settings: Settings, bootstrap: str, *, train_if_missing: bool 
 
 def lifecycle_policy(settings: Settings) -> LifecyclePolicy:
     a = settings.alerts
-    return LifecyclePolicy(resolve_after=a.resolve_after, suppress_s=a.suppress_s, max_gap_s=a.max_gap_s,
-                           sample_ring=a.sample_ring)
+    return LifecyclePolicy(
+        resolve_after=a.resolve_after, suppress_s=a.suppress_s, max_gap_s=a.max_gap_s, sample_ring=a.sample_ring
+    )
 
 
 def enable_incidents(processor: Processor, settings: Settings, db: SqlStore, bootstrap: str) -> KafkaPublisher:
     """Incident lifecycle in the checkpoint transaction + outbox relay to the alerts topic."""
     run_id = processor.opt.run_id
-    tracker = IncidentTracker(run_id, lifecycle_policy(settings),
-                              loader=lambda topic, partition: db.open_incidents(run_id, topic, partition))
+    tracker = IncidentTracker(
+        run_id, lifecycle_policy(settings), loader=lambda topic, partition: db.open_incidents(run_id, topic, partition)
+    )
     publisher = KafkaPublisher(bootstrap, settings.alerts_topic)
     processor.checkpointer.enable_incidents(tracker, OutboxRelay(db, publisher, run_id))
     return publisher

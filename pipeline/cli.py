@@ -18,8 +18,12 @@ from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.logs import configure
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Streaming anomaly detection: Kafka in, per-entity LSTM autoencoder scoring, alerts out.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Streaming anomaly detection: Kafka in, per-entity LSTM autoencoder scoring, alerts out.",
+)
 console = Console(stderr=True)
 out = Console()
 log = logging.getLogger("pipeline.cli")
@@ -55,9 +59,9 @@ def run(
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus /metrics on this port")] = None,
     group_id: Annotated[str | None, typer.Option()] = None,
     api_port: Annotated[int | None, typer.Option(help="also serve the alerts API and page on this port")] = None,
-    host: Annotated[str, typer.Option("--host", "--api-host",
-                                      help="listen address of --metrics-port and --api-port (0.0.0.0: all)")
-                    ] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option("--host", "--api-host", help="listen address of --metrics-port and --api-port (0.0.0.0: all)")
+    ] = "127.0.0.1",
 ) -> None:
     """Run the stream processor until SIGTERM/SIGINT (or --idle-exit / --max-events)."""
     from pipeline.app import build_service
@@ -81,13 +85,20 @@ def run(
             from pipeline.api.server import ApiServer
 
             # in-process, so /metrics shows the processor's live counters
-            api = ApiServer(create_app(service.db, s, run_id=s.run_id, not_ready=service.not_ready), host=host,
-                            port=api_port).start()
+            api = ApiServer(
+                create_app(service.db, s, run_id=s.run_id, not_ready=service.not_ready), host=host, port=api_port
+            ).start()
             cleanup.callback(api.stop)
             log.info("alerts API and page on %s", api.url)
         stats = service.processor.run(stop, idle_exit_s=idle_exit, max_events=max_events)
-        log.info("processor stopped: %d events, %d scored, %d alerts, %d dead letters, %d duplicates dropped",
-                 stats.events, stats.scored, stats.alerts, stats.dead_letters, stats.duplicates)
+        log.info(
+            "processor stopped: %d events, %d scored, %d alerts, %d dead letters, %d duplicates dropped",
+            stats.events,
+            stats.scored,
+            stats.alerts,
+            stats.dead_letters,
+            stats.duplicates,
+        )
 
 
 @app.command()
@@ -178,25 +189,33 @@ def demo(
     for col in ("stream", "scored", "alerts", "alerted entities", "injected", "caught"):
         table.add_column(col, no_wrap=True)
     for row in summary["streams"]:
-        table.add_row(*(str(row[k]) for k in ("stream", "scored", "alerts", "alerted_entities", "injected",
-                                                "caught")))
+        table.add_row(*(str(row[k]) for k in ("stream", "scored", "alerts", "alerted_entities", "injected", "caught")))
     out.print(table)
     top = Table(title="top alerts (score / threshold)")
     for col in ("entity", "event time", "score/thr", "severity", "top feature (obs vs recon)"):
         top.add_column(col, no_wrap=True)
     for a in summary["top_alerts"]:
         f = a["top_features"][0]
-        top.add_row(a["entity_id"], str(a["event_time"])[:16], f"{a['score']:.0f}/{a['threshold']:.0f}",
-                    a["severity"], f"{f['feature'][:16]} {f['observed']:.3g} vs {f['reconstructed']:.3g}")
+        top.add_row(
+            a["entity_id"],
+            str(a["event_time"])[:16],
+            f"{a['score']:.0f}/{a['threshold']:.0f}",
+            a["severity"],
+            f"{f['feature'][:16]} {f['observed']:.3g} vs {f['reconstructed']:.3g}",
+        )
     out.print(top)
-    out.print(f"dead letters: {summary['dead_letters']} ({', '.join(summary['dlq_reasons'])}); "
-              f"database: {database_url}; {summary['seconds']:.1f}s")
+    out.print(
+        f"dead letters: {summary['dead_letters']} ({', '.join(summary['dlq_reasons'])}); "
+        f"database: {database_url}; {summary['seconds']:.1f}s"
+    )
 
 
 # Command groups living in their own packages; each module exposes register(app).
 COMMAND_MODULES: list[str] = [
-    "pipeline.alerts.cli", "pipeline.api.cli",
-    "pipeline.replay.cli", "pipeline.bench.cli",
+    "pipeline.alerts.cli",
+    "pipeline.api.cli",
+    "pipeline.replay.cli",
+    "pipeline.bench.cli",
     "pipeline.evaluate.cli",
 ]
 
@@ -209,8 +228,16 @@ def _register_commands() -> None:
 
 
 # optional dependencies (pyproject extras) by the module a command fails to import
-EXTRA_OF_MODULE = {"fastapi": "api", "uvicorn": "api", "starlette": "api", "pandas": "evaluate", "sklearn": "evaluate",
-                   "river": "bench", "faust": "faust", "tep_studio": "validation"}
+EXTRA_OF_MODULE = {
+    "fastapi": "api",
+    "uvicorn": "api",
+    "starlette": "api",
+    "pandas": "evaluate",
+    "sklearn": "evaluate",
+    "river": "bench",
+    "faust": "faust",
+    "tep_studio": "validation",
+}
 
 
 def missing_extra(exc: ModuleNotFoundError) -> str | None:
@@ -218,8 +245,10 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
     extra = EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
     if extra is None:
         return None
-    return (f"this command needs the '{extra}' extra ({exc.name} is not installed): "
-            f"pip install 'streaming-anomaly-pipeline[{extra}]'")
+    return (
+        f"this command needs the '{extra}' extra ({exc.name} is not installed): "
+        f"pip install 'streaming-anomaly-pipeline[{extra}]'"
+    )
 
 
 def main() -> None:

@@ -18,8 +18,9 @@ class ThresholdSettings(BaseSettings):
     z: float = Field(4.0, description="entity threshold = exp(mean + z*std) of its normal log-scores")
     floor_ratio: float = Field(1.0, description="entity threshold never below floor_ratio * global threshold")
     min_history: int = Field(8, description="events an entity needs before any alert (window fill)")
-    smoothing: float = Field(1.0, gt=0.0, le=1.0,
-                             description="EWMA alpha of each entity's log-scores before thresholding; 1 = none")
+    smoothing: float = Field(
+        1.0, gt=0.0, le=1.0, description="EWMA alpha of each entity's log-scores before thresholding; 1 = none"
+    )
 
 
 class AlertSettings(BaseSettings):
@@ -38,27 +39,34 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PIPELINE_", env_file=".env", extra="ignore")
 
     kafka_bootstrap: str | None = Field(
-        None, validation_alias=AliasChoices("KAFKA_BOOTSTRAP", "PIPELINE_KAFKA_BOOTSTRAP"),
+        None,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP", "PIPELINE_KAFKA_BOOTSTRAP"),
         description="host:port of a Kafka broker; unset = start the embedded Tansu broker",
     )
     database_url: str = Field(
-        "sqlite:///var/pipeline.db", validation_alias=AliasChoices("DATABASE_URL", "PIPELINE_DATABASE_URL"),
+        "sqlite:///var/pipeline.db",
+        validation_alias=AliasChoices("DATABASE_URL", "PIPELINE_DATABASE_URL"),
         description="SQLAlchemy URL of the alert database",
     )
     transactions_topic: str = "transactions"
     sensors_topic: str = "sensor-readings"
     dlq_topic: str = "dead-letter"
     alerts_topic: str = "alerts"
-    labels_topic: str = Field("transaction-labels", description="label feedback (schemas/transaction_label), "
-                              "read when the transactions model uses terminal_fraud_risk")
+    labels_topic: str = Field(
+        "transaction-labels",
+        description="label feedback (schemas/transaction_label), "
+        "read when the transactions model uses terminal_fraud_risk",
+    )
     topic_partitions: int = 4
     group_id: str = "anomaly-pipeline"
     run_id: str = Field("live", description="namespace of state, offsets and alerts; replays use their own")
     models_dir: Path | None = Field(None, description="where checkpoints live; unset = the bundled models/")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "int8"] = Field(
-        "fp32", description="scoring precision, applied when the fp32 checkpoint is loaded: int8 = dynamic "
-        "quantization (CPU), bf16 = autocast where the CPU has native bf16 (else fp32); CUDA: autocast")
+        "fp32",
+        description="scoring precision, applied when the fp32 checkpoint is loaded: int8 = dynamic "
+        "quantization (CPU), bf16 = autocast where the CPU has native bf16 (else fp32); CUDA: autocast",
+    )
     torch_threads: int = Field(1, description="intra-op threads for CPU scoring; 0 = torch default (all cores)")
     max_batch_records: int = 5000
     poll_timeout_ms: int = 50
@@ -72,18 +80,34 @@ class Settings(BaseSettings):
     heartbeat_interval_ms: int = 1000
     db_retry_max_s: float = 30.0
     offset_reset: Literal["earliest", "latest", "fail"] = Field(
-        "earliest", description="a stored position outside the broker's log (topic recreated, broker lost its "
-        "log, retention): read from the log start, skip to its end, or stop; always logged as an ERROR")
-    dedupe_window: int = Field(10_000, ge=0, description="payments: transaction ids remembered per partition (in "
-                               "its snapshotted state); a resend inside the window is dropped, not scored; 0 = off")
-    allowed_lateness_s: float = Field(60.0, ge=0.0, description="an event up to this far behind its entity's latest "
-                                      "event time is scored without updating the entity's state; further behind: "
-                                      "dead-lettered as out_of_order")
+        "earliest",
+        description="a stored position outside the broker's log (topic recreated, broker lost its "
+        "log, retention): read from the log start, skip to its end, or stop; always logged as an ERROR",
+    )
+    dedupe_window: int = Field(
+        10_000,
+        ge=0,
+        description="payments: transaction ids remembered per partition (in "
+        "its snapshotted state); a resend inside the window is dropped, not scored; 0 = off",
+    )
+    allowed_lateness_s: float = Field(
+        60.0,
+        ge=0.0,
+        description="an event up to this far behind its entity's latest "
+        "event time is scored without updating the entity's state; further behind: "
+        "dead-lettered as out_of_order",
+    )
     log_level: str = "INFO"
     log_json: bool = False
     sensor_channels: list[str] = [
-        "Accelerometer1RMS", "Accelerometer2RMS", "Current", "Pressure",
-        "Temperature", "Thermocouple", "Voltage", "Volume Flow RateRMS",
+        "Accelerometer1RMS",
+        "Accelerometer2RMS",
+        "Current",
+        "Pressure",
+        "Temperature",
+        "Thermocouple",
+        "Voltage",
+        "Volume Flow RateRMS",
     ]
     threshold: ThresholdSettings = Field(default_factory=ThresholdSettings)
     alerts: AlertSettings = Field(default_factory=lambda: AlertSettings())

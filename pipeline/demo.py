@@ -16,8 +16,13 @@ from pipeline.kafka.broker import resolve_bootstrap
 from pipeline.kafka.client import ensure_topics, make_producer, produce_json, read_topic
 from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels
 
-_TX = {"transaction_id": "x1", "customer_id": "C-bad", "terminal_id": "T1", "amount": 5.0,
-       "timestamp": "2018-05-01T00:00:00Z"}
+_TX = {
+    "transaction_id": "x1",
+    "customer_id": "C-bad",
+    "terminal_id": "T1",
+    "amount": 5.0,
+    "timestamp": "2018-05-01T00:00:00Z",
+}
 BAD_RECORDS: list[tuple[str, bytes]] = [
     ("C-bad", b"{not json"),
     ("C-bad", orjson.dumps({k: v for k, v in _TX.items() if k != "amount"})),
@@ -50,8 +55,9 @@ def run_demo(settings: Settings, *, customers: int, devices: int, console: Conso
         produce_json(producer, settings.sensors_topic, ((r["device_id"], r) for r in strip_labels(sn)))
         produce_json(producer, settings.transactions_topic, BAD_RECORDS)
         producer.close()
-        console.print(f"produced {len(tx)} transactions, {len(sn)} sensor readings, "
-                      f"{len(BAD_RECORDS)} malformed records")
+        console.print(
+            f"produced {len(tx)} transactions, {len(sn)} sensor readings, {len(BAD_RECORDS)} malformed records"
+        )
         service = build_service(settings, boot)
         try:
             stats = service.processor.run(threading.Event(), idle_exit_s=3.0)
@@ -62,14 +68,31 @@ def run_demo(settings: Settings, *, customers: int, devices: int, console: Conso
         streams = []
         for name, inj, n in (("transactions", tx_inj, len(tx)), ("sensors", sn_inj, len(sn))):
             ents = {a["entity_id"] for a in alerts if a["stream"] == name}
-            streams.append({"stream": name, "scored": n, "alerts": sum(a["stream"] == name for a in alerts),
-                            "alerted_entities": len(ents), "injected": len(inj.entities),
-                            "caught": len(ents & set(inj.entities))})
-        top = [a for name in ("transactions", "sensors")
-               for a in sorted((a for a in alerts if a["stream"] == name),
-                               key=lambda a: a["score"] / a["threshold"], reverse=True)[:4]]
-        return {"streams": streams, "top_alerts": top, "dead_letters": len(dlq), "events": stats.events,
-                "dlq_reasons": sorted({d["reason"] for d in dlq}), "seconds": time.monotonic() - started}
+            streams.append(
+                {
+                    "stream": name,
+                    "scored": n,
+                    "alerts": sum(a["stream"] == name for a in alerts),
+                    "alerted_entities": len(ents),
+                    "injected": len(inj.entities),
+                    "caught": len(ents & set(inj.entities)),
+                }
+            )
+        top = [
+            a
+            for name in ("transactions", "sensors")
+            for a in sorted(
+                (a for a in alerts if a["stream"] == name), key=lambda a: a["score"] / a["threshold"], reverse=True
+            )[:4]
+        ]
+        return {
+            "streams": streams,
+            "top_alerts": top,
+            "dead_letters": len(dlq),
+            "events": stats.events,
+            "dlq_reasons": sorted({d["reason"] for d in dlq}),
+            "seconds": time.monotonic() - started,
+        }
     finally:
         if broker is not None:
             broker.stop()

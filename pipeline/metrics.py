@@ -5,15 +5,22 @@ from prometheus_client import Counter, Gauge, Histogram
 EVENTS = Counter("pipeline_events_total", "Events consumed", ["stream"])
 SCORED = Counter("pipeline_events_scored_total", "Events scored", ["stream"])
 DLQ = Counter("pipeline_dead_letters_total", "Records sent to the dead-letter topic", ["reason"])
-DUPLICATES = Counter("pipeline_duplicates_total", "Payments dropped as resends: transaction_id already in the "
-                     "partition's dedupe window (PIPELINE_DEDUPE_WINDOW)", ["stream"])
-LATE_EVENTS = Counter("pipeline_late_events_total", "Events behind their entity by at most "
-                      "PIPELINE_ALLOWED_LATENESS_S: scored without updating the entity's state", ["stream"])
+DUPLICATES = Counter(
+    "pipeline_duplicates_total",
+    "Payments dropped as resends: transaction_id already in the partition's dedupe window (PIPELINE_DEDUPE_WINDOW)",
+    ["stream"],
+)
+LATE_EVENTS = Counter(
+    "pipeline_late_events_total",
+    "Events behind their entity by at most PIPELINE_ALLOWED_LATENESS_S: scored without updating the entity's state",
+    ["stream"],
+)
 ALERTS = Counter("pipeline_alerts_total", "Alerts made durable", ["stream"])
 LIVE_ENTITIES = Gauge("pipeline_live_entities", "Entities with state in memory", ["stream"])
 LAG = Gauge("pipeline_consumer_lag", "Records behind the high watermark, all assigned partitions")
-BATCH_FILL = Histogram("pipeline_batch_size", "Events per scored micro-batch",
-                       buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000, 10000))
+BATCH_FILL = Histogram(
+    "pipeline_batch_size", "Events per scored micro-batch", buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000, 10000)
+)
 CHECKPOINT_SECONDS = Histogram("pipeline_checkpoint_seconds", "Time to flush sinks and commit")
 DB_FAILURES = Counter("pipeline_db_failures_total", "Checkpoint attempts that failed on the database")
 INCIDENT_EVENTS = Counter("pipeline_incident_events_total", "Incident notifications made durable", ["event"])
@@ -21,7 +28,12 @@ OUTBOX_PUBLISHED = Counter("pipeline_alerts_topic_published_total", "Outbox mess
 OUTBOX_FAILURES = Counter("pipeline_alerts_topic_failures_total", "Failed attempts to drain the alerts outbox")
 OPEN_INCIDENTS = Gauge("pipeline_open_incidents", "Open incidents in the alert database")
 OUTBOX_BACKLOG = Gauge("pipeline_alerts_outbox_unpublished", "Alerts-topic messages not yet published")
-OFFSET_RESETS = Counter("pipeline_offset_resets_total", "Stored positions found outside the broker's log "
-                        "(then PIPELINE_OFFSET_RESET applies)", ["topic", "reason"])
-STOPPED_PARTITIONS = Gauge("pipeline_partitions_stopped", "Partitions stopped on a batch whose compression codec "
-                           "this install cannot decode (see the ERROR log line)")
+OFFSET_RESETS = Counter(
+    "pipeline_offset_resets_total",
+    "Stored positions found outside the broker's log (then PIPELINE_OFFSET_RESET applies)",
+    ["topic", "reason"],
+)
+STOPPED_PARTITIONS = Gauge(
+    "pipeline_partitions_stopped",
+    "Partitions stopped on a batch whose compression codec this install cannot decode (see the ERROR log line)",
+)

@@ -27,11 +27,12 @@ import orjson
 
 from pipeline import metrics
 from pipeline.checkpointing import Checkpointer
+from pipeline.checkpointing.rows import AlertRow, StateRow
 from pipeline.errors import CheckpointError, DecodeError, OffsetResetError, PipelineError, SinkError, StateError
 from pipeline.features.streams import LabelStream, StreamSpec, TransactionStream
 from pipeline.records import DeadLetterSink, RawRecord, Source, TopicPartition
 from pipeline.scoring.scorer import ScoreBatch, StreamScorer
-from pipeline.sinks.sql import AlertRow, SqlStore, StateRow
+from pipeline.sinks.sql import SqlStore
 
 log = logging.getLogger(__name__)
 _gc_frozen = False
@@ -151,12 +152,21 @@ def check_key(spec: StreamSpec, r: RawRecord, rec: Any) -> None:
 def out_of_order_detail(ts: float, scorer: StreamScorer) -> str:
     """Dead-letter detail of an event further behind its entity than the scorer's allowed lateness."""
     when = datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
-    return (f"event time {when} is more than allowed_lateness_s={scorer.allowed_lateness_s} behind its "
-            "entity's latest event")
+    return (
+        f"event time {when} is more than allowed_lateness_s={scorer.allowed_lateness_s} behind its "
+        "entity's latest event"
+    )
 
 
-def build_alerts(run_id: str, scorer: StreamScorer, recs: Sequence[RawRecord], ts: np.ndarray, res: ScoreBatch,
-                 top_features: int = 3, tag: Callable[[TopicPartition], str] | None = None) -> list[AlertRow]:
+def build_alerts(
+    run_id: str,
+    scorer: StreamScorer,
+    recs: Sequence[RawRecord],
+    ts: np.ndarray,
+    res: ScoreBatch,
+    top_features: int = 3,
+    tag: Callable[[TopicPartition], str] | None = None,
+) -> list[AlertRow]:
     """Alert rows for a scored batch; the key (run, source position, model version) makes re-inserts of a
     replayed record collapse in the sink. Shared by the processor and pipeline.integrations.faust.
     tag(tp): the partition's log-epoch suffix when the alert is built (PartitionPositions.tag): a record of a
@@ -167,21 +177,31 @@ def build_alerts(run_id: str, scorer: StreamScorer, recs: Sequence[RawRecord], t
         r = recs[int(i)]
         top = np.argsort(-res.contributions[i])[:top_features]
         suffix = tag((r.topic, r.partition)) if tag is not None else ""
-        out.append(AlertRow(
-            alert_key=f"{run_id}|{r.topic}|{r.partition}|{r.offset}|{version}{suffix}",
-            run_id=run_id,
-            stream=spec.name,
-            entity_id=res.entity_ids[i],
-            event_time=datetime.fromtimestamp(float(ts[i]), tz=timezone.utc),
-            score=float(res.scores[i]),
-            threshold=float(res.thresholds[i]),
-            severity=severity(float(res.scores[i]), float(res.thresholds[i])),
-            model_version=version,
-            top_features=[{"feature": spec.feature_names[j], "observed": float(res.observed[i, j]),
-                           "reconstructed": float(res.reconstructed[i, j]),
-                           "contribution": float(res.contributions[i, j])} for j in top],
-            source_topic=r.topic, source_partition=r.partition, source_offset=r.offset,
-        ))
+        out.append(
+            AlertRow(
+                alert_key=f"{run_id}|{r.topic}|{r.partition}|{r.offset}|{version}{suffix}",
+                run_id=run_id,
+                stream=spec.name,
+                entity_id=res.entity_ids[i],
+                event_time=datetime.fromtimestamp(float(ts[i]), tz=timezone.utc),
+                score=float(res.scores[i]),
+                threshold=float(res.thresholds[i]),
+                severity=severity(float(res.scores[i]), float(res.thresholds[i])),
+                model_version=version,
+                top_features=[
+                    {
+                        "feature": spec.feature_names[j],
+                        "observed": float(res.observed[i, j]),
+                        "reconstructed": float(res.reconstructed[i, j]),
+                        "contribution": float(res.contributions[i, j]),
+                    }
+                    for j in top
+                ],
+                source_topic=r.topic,
+                source_partition=r.partition,
+                source_offset=r.offset,
+            )
+        )
     return out
 
 
@@ -237,9 +257,17 @@ class Processor:
         self._assigned: set[TopicPartition] = set()
         self.stats = ProcessorStats()
         self.recovery_until: dict[TopicPartition, int] = {}
-        self.checkpointer = Checkpointer(db, source, dlq, run_id=options.run_id, group_id=options.group_id,
-                                         collect_states=self._collect_states, after_durable=after_durable,
-                                         snapshot_unit=self._snapshot_unit, db_retry=self.db_retry)
+        self.checkpointer = Checkpointer(
+            db,
+            source,
+            dlq,
+            run_id=options.run_id,
+            group_id=options.group_id,
+            collect_states=self._collect_states,
+            after_durable=after_durable,
+            snapshot_unit=self._snapshot_unit,
+            db_retry=self.db_retry,
+        )
         for topic, scorer in scorers.items():
             scorer.store.loader = self._loader_for(scorer.spec.name)
             if isinstance(scorer.spec, TransactionStream) and scorer.spec.terminal_context:
@@ -247,8 +275,10 @@ class Processor:
         for labels, fed in self.label_topics.items():
             spec = scorers[fed].spec if fed in scorers else None
             if not (isinstance(spec, TransactionStream) and spec.label_feedback):
-                raise ValueError(f"labels topic {labels!r} feeds {fed!r}, which is not a transactions stream "
-                                 "whose model reads label feedback")
+                raise ValueError(
+                    f"labels topic {labels!r} feeds {fed!r}, which is not a transactions stream "
+                    "whose model reads label feedback"
+                )
         self._max_event_ts = 0.0
         self.ready = threading.Event()  # partitions assigned and the database reachable (/readyz)
         self._stop = threading.Event()  # set by run()'s caller: ends database waits
@@ -272,8 +302,12 @@ class Processor:
                     self.stats.db_failures += 1
                     metrics.DB_FAILURES.inc()
                     self.ready.clear()
-                    log.warning("cannot %s (database unavailable?); retrying in %.1fs: %s", what, delay,
-                                str(exc).splitlines()[0])
+                    log.warning(
+                        "cannot %s (database unavailable?); retrying in %.1fs: %s",
+                        what,
+                        delay,
+                        str(exc).splitlines()[0],
+                    )
                     if self._stop.wait(delay):
                         raise ProcessorStopped(f"stopped while waiting to {what}") from exc
                     delay = min(delay * 2, self.opt.db_retry_max_s)
@@ -282,17 +316,22 @@ class Processor:
                 self.ready.set()
 
     def _loader_for(self, stream: str) -> Callable[[Sequence[str]], dict[str, bytes]]:
-        return lambda ids: self.db_retry(f"load {len(ids)} {stream} entity states",
-                                         lambda: self.db.load_states(self.opt.run_id, stream, ids))
+        return lambda ids: self.db_retry(
+            f"load {len(ids)} {stream} entity states", lambda: self.db.load_states(self.opt.run_id, stream, ids)
+        )
 
     def _context_loader_for(self, topic: str, stream: str) -> Callable[[int], bytes | None]:
         def load(partition: int) -> bytes | None:
             key = context_key(partition)
-            blob = self.db_retry(f"load the terminal context of {topic}[{partition}]",
-                                 lambda: self.db.load_states(self.opt.run_id, stream, [key])).get(key)
+            blob = self.db_retry(
+                f"load the terminal context of {topic}[{partition}]",
+                lambda: self.db.load_states(self.opt.run_id, stream, [key]),
+            ).get(key)
             if blob is None and self.checkpointer.positions.snapshot.get((topic, partition)) is not None:
-                raise StateError(f"{topic}[{partition}] has a state snapshot but no terminal context (written by a "
-                                 "model without terminal features?); use a new run id for this model")
+                raise StateError(
+                    f"{topic}[{partition}] has a state snapshot but no terminal context (written by a "
+                    "model without terminal features?); use a new run id for this model"
+                )
             return blob
 
         return load
@@ -301,7 +340,8 @@ class Processor:
         """Positions must come from the database: without them state would restart from the wrong place,
         so a database outage during assignment is waited out (the heartbeat thread keeps us in the group)."""
         saved: dict[TopicPartition, tuple[int, int | None]] = self.db_retry(
-            "read partition checkpoints", lambda: self.db.load_offsets(self.opt.run_id, self.opt.group_id))
+            "read partition checkpoints", lambda: self.db.load_offsets(self.opt.run_id, self.opt.group_id)
+        )
         return saved
 
     def on_assigned(self, tps: Sequence[TopicPartition]) -> None:
@@ -315,7 +355,8 @@ class Processor:
         self._assigned = set(tps)
         saved = self._load_offsets()
         epochs: dict[TopicPartition, int] = self.db_retry(
-            "read partition epochs", lambda: self.db.load_epochs(self.opt.run_id, self.opt.group_id))
+            "read partition epochs", lambda: self.db.load_epochs(self.opt.run_id, self.opt.group_id)
+        )
         pos = self.checkpointer.positions
         for tp in tps:
             committed, snap = saved.get(tp, (None, None))
@@ -356,12 +397,22 @@ class Processor:
         """Log the ERROR, count it, and return the policy to apply (raises OffsetResetError for 'fail')."""
         policy = self.opt.offset_reset
         metrics.OFFSET_RESETS.labels(tp[0], why).inc()
-        log.error("%s[%d]: stored position %d is %s of the broker's log [%s, %s) (topic recreated, broker lost "
-                  "its log, or retention/truncation); offset reset policy %r (PIPELINE_OFFSET_RESET)",
-                  tp[0], tp[1], stored, why, "?" if lo is None else lo, "?" if hi is None else hi, policy)
+        log.error(
+            "%s[%d]: stored position %d is %s of the broker's log [%s, %s) (topic recreated, broker lost "
+            "its log, or retention/truncation); offset reset policy %r (PIPELINE_OFFSET_RESET)",
+            tp[0],
+            tp[1],
+            stored,
+            why,
+            "?" if lo is None else lo,
+            "?" if hi is None else hi,
+            policy,
+        )
         if policy == "fail":
-            raise OffsetResetError(f"{tp[0]}[{tp[1]}]: stored position {stored} is {why} of the broker's log "
-                                   f"[{lo}, {hi}); PIPELINE_OFFSET_RESET=fail")
+            raise OffsetResetError(
+                f"{tp[0]}[{tp[1]}]: stored position {stored} is {why} of the broker's log "
+                f"[{lo}, {hi}); PIPELINE_OFFSET_RESET=fail"
+            )
         return policy
 
     def _log_start(self, tp: TopicPartition) -> int | None:
@@ -378,9 +429,16 @@ class Processor:
             return start
         durable = committed if committed is not None else start
         if durable >= lo:
-            log.warning("%s[%d]: state snapshot position %d is before the broker's log start %d (retention); "
-                        "rebuilding state from %d (partial history), outputs durable up to %d", tp[0], tp[1],
-                        start, lo, lo, durable)
+            log.warning(
+                "%s[%d]: state snapshot position %d is before the broker's log start %d (retention); "
+                "rebuilding state from %d (partial history), outputs durable up to %d",
+                tp[0],
+                tp[1],
+                start,
+                lo,
+                lo,
+                durable,
+            )
             return lo
         if self._offset_reset(tp, durable, lo, None, "before the start") == "latest":
             self._to_latest.add(tp)  # the end is known after the first fetch (Tansu's ListOffsets is wrong)
@@ -441,9 +499,14 @@ class Processor:
         for labels, fed in self.label_topics.items():
             lone = sorted({p for t, p in have if t == labels} ^ {p for t, p in have if t == fed})
             if lone:
-                log.error("partitions %s of %s / %s are not assigned together: labels of those partitions cannot "
-                          "reach their payments (are the topics' partition counts equal, is the range assignor "
-                          "in use?)", lone, fed, labels)
+                log.error(
+                    "partitions %s of %s / %s are not assigned together: labels of those partitions cannot "
+                    "reach their payments (are the topics' partition counts equal, is the range assignor "
+                    "in use?)",
+                    lone,
+                    fed,
+                    labels,
+                )
 
     def on_revoked(self, tps: Sequence[TopicPartition]) -> None:
         if not tps:
@@ -455,8 +518,9 @@ class Processor:
             # Alerts of partitions we keep stay pending for our next checkpoint.
             log.warning("checkpoint on revoke failed (%s); partitions will be replayed by their next owner", exc)
             revoked = set(tps)
-            self.checkpointer.pending = [a for a in self.checkpointer.pending
-                                         if (a.source_topic, a.source_partition) not in revoked]
+            self.checkpointer.pending = [
+                a for a in self.checkpointer.pending if (a.source_topic, a.source_partition) not in revoked
+            ]
         for tp in tps:
             scorer = self.scorers.get(tp[0])
             if scorer is not None:
@@ -491,10 +555,16 @@ class Processor:
                 to_clean.append((scorer, slots))
             spec = scorer.spec
             if isinstance(spec, TransactionStream):
-                rows.extend(StateRow(spec.name, context_key(p), t, p, spec.contexts[p].snapshot())
-                            for t, p in tps if t == topic and p in spec.contexts)
-            rows.extend(StateRow(spec.name, dedupe_key(p), t, p, self._recent[(t, p)].snapshot())
-                        for t, p in tps if t == topic and (t, p) in self._recent)
+                rows.extend(
+                    StateRow(spec.name, context_key(p), t, p, spec.contexts[p].snapshot())
+                    for t, p in tps
+                    if t == topic and p in spec.contexts
+                )
+            rows.extend(
+                StateRow(spec.name, dedupe_key(p), t, p, self._recent[(t, p)].snapshot())
+                for t, p in tps
+                if t == topic and (t, p) in self._recent
+            )
 
         def mark_clean() -> None:
             for scorer, slots in to_clean:
@@ -564,8 +634,16 @@ class Processor:
             metrics.DLQ.labels(reason).inc()
 
     def _processing_error(self, r: RawRecord, stage: str, exc: Exception) -> None:
-        log.error("%s[%d]@%d made stage %s raise; dead-lettered as processing_error: %s: %s", r.topic, r.partition,
-                  r.offset, stage, type(exc).__name__, exc, exc_info=exc)
+        log.error(
+            "%s[%d]@%d made stage %s raise; dead-lettered as processing_error: %s: %s",
+            r.topic,
+            r.partition,
+            r.offset,
+            stage,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
         self._dead_letter(r, "processing_error", failure_detail(stage, exc))
 
     def _dedupes(self, spec: StreamSpec) -> bool:
@@ -573,9 +651,16 @@ class Processor:
 
     def _incident_error(self, r: RawRecord, exc: Exception) -> None:
         """The record was scored (its alert, if any, stands) but its incident lifecycle update raised."""
-        log.error("%s[%d]@%d: incident lifecycle update raised; dead-lettered as incident_error (the alert "
-                  "stands, its incident was not updated): %s: %s", r.topic, r.partition, r.offset,
-                  type(exc).__name__, exc, exc_info=exc)
+        log.error(
+            "%s[%d]@%d: incident lifecycle update raised; dead-lettered as incident_error (the alert "
+            "stands, its incident was not updated): %s: %s",
+            r.topic,
+            r.partition,
+            r.offset,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
         self._dead_letter(r, "incident_error", failure_detail("observe", exc))
 
     def _duplicate(self, spec: StreamSpec, r: RawRecord, rec: Any) -> bool:
@@ -596,8 +681,9 @@ class Processor:
         if self.checkpointer.positions.snapshot.get(tp) is None:
             return RecentIds(self.opt.dedupe_window)
         key = dedupe_key(tp[1])
-        blob = self.db_retry(f"load the dedupe window of {tp[0]}[{tp[1]}]",
-                             lambda: self.db.load_states(self.opt.run_id, stream, [key])).get(key)
+        blob = self.db_retry(
+            f"load the dedupe window of {tp[0]}[{tp[1]}]", lambda: self.db.load_states(self.opt.run_id, stream, [key])
+        ).get(key)
         return RecentIds.restore(self.opt.dedupe_window, blob)
 
     def _score(self, topic: str, scorer: StreamScorer, good_recs: list[RawRecord], good: list[Any]) -> None:
@@ -640,8 +726,11 @@ class Processor:
                 out_of_order = [(good_recs[i], float(cols.ts[i])) for i in np.flatnonzero(res.rejected).tolist()]
                 keep = np.flatnonzero(~res.rejected)
                 frozen = res.late[keep]
-                good, good_recs, parts = [good[i] for i in keep.tolist()], [good_recs[i] for i in keep.tolist()], \
-                    parts[keep]
+                good, good_recs, parts = (
+                    [good[i] for i in keep.tolist()],
+                    [good_recs[i] for i in keep.tolist()],
+                    parts[keep],
+                )
                 undo_state = _nothing
                 if good:
                     stage = "featurize"
@@ -692,8 +781,15 @@ class Processor:
                 only = np.zeros(len(good_recs), bool)
                 only[i] = True
                 try:
-                    alerts += build_alerts(self.opt.run_id, scorer, good_recs, ts, replace(res, is_anomaly=only),
-                                           self.opt.top_features, tag)
+                    alerts += build_alerts(
+                        self.opt.run_id,
+                        scorer,
+                        good_recs,
+                        ts,
+                        replace(res, is_anomaly=only),
+                        self.opt.top_features,
+                        tag,
+                    )
                 except Exception as exc:  # noqa: BLE001 - one record must never stop the service
                     self._processing_error(good_recs[i], "alert", exc)
         self.checkpointer.pending.extend(alerts)
@@ -713,8 +809,9 @@ class Processor:
         return restore
 
     # -- label feedback: event-time alignment ---------------------------------------------------------
-    def _align(self, topic: str, recs: list[RawRecord], good_recs: list[RawRecord], good: list[Any]
-               ) -> tuple[list[RawRecord], list[Any]]:
+    def _align(
+        self, topic: str, recs: list[RawRecord], good_recs: list[RawRecord], good: list[Any]
+    ) -> tuple[list[RawRecord], list[Any]]:
         """Hold payments (in log order) whose labels may not have been read yet; return those ready now."""
         for r, rec in zip(good_recs, good, strict=True):
             self._held.setdefault((r.topic, r.partition), deque()).append((r, rec))
@@ -776,8 +873,7 @@ class Processor:
         spec = self.scorers[self.label_topics[topic]].spec
         assert isinstance(spec, TransactionStream)
         recs = self._drop_reapplied(recs)
-        queued: dict[int, tuple[list[int], list[str], list[float], list[float]]] = defaultdict(
-            lambda: ([], [], [], []))
+        queued: dict[int, tuple[list[int], list[str], list[float], list[float]]] = defaultdict(lambda: ([], [], [], []))
         for r in recs:
             self._label_read[(r.topic, r.partition)] = r.offset + 1
             lab = self._decode(self._label_spec, r)
@@ -824,8 +920,10 @@ class Processor:
                 keep.append(r)
         if keep is None:
             return recs
-        log.warning("skipped %d records below the already-processed position (broker log reset or truncated?)",
-                    len(recs) - len(keep))
+        log.warning(
+            "skipped %d records below the already-processed position (broker log reset or truncated?)",
+            len(recs) - len(keep),
+        )
         return keep
 
     # -- loop ---------------------------------------------------------------------------------------
@@ -906,16 +1004,24 @@ class Processor:
                 break
             if not self.ready.is_set():
                 last_data = now  # idle time counts from the first assignment
-            elif idle_exit_s is not None and not records and now - last_data >= idle_exit_s \
-                    and self.source.lag() == 0 and not self.holding:
+            elif (
+                idle_exit_s is not None
+                and not records
+                and now - last_data >= idle_exit_s
+                and self.source.lag() == 0
+                and not self.holding
+            ):
                 break
 
     def _due_snapshot(self, now: float) -> set[TopicPartition]:
         """At most one partition per checkpoint: the most overdue one that has consumed records."""
         pos = self.checkpointer.positions
         consumed = pos.consumed
-        due = [(t, tp) for tp, t in self._snapshot_due.items()
-               if t <= now and tp in consumed and not any(pos.replaying(u) for u in self._snapshot_unit(tp))]
+        due = [
+            (t, tp)
+            for tp, t in self._snapshot_due.items()
+            if t <= now and tp in consumed and not any(pos.replaying(u) for u in self._snapshot_unit(tp))
+        ]
         if not due:
             return set()
         tp = min(due)[1]

@@ -13,8 +13,14 @@ from datetime import datetime, timezone
 import numpy as np
 
 SENSOR_CHANNELS = [
-    "Accelerometer1RMS", "Accelerometer2RMS", "Current", "Pressure",
-    "Temperature", "Thermocouple", "Voltage", "Volume Flow RateRMS",
+    "Accelerometer1RMS",
+    "Accelerometer2RMS",
+    "Current",
+    "Pressure",
+    "Temperature",
+    "Thermocouple",
+    "Voltage",
+    "Volume Flow RateRMS",
 ]
 _CH_BASE = np.array([0.21, 0.27, 1.9, 0.25, 70.0, 25.0, 230.0, 32.0])
 _CH_AMP = np.array([0.01, 0.012, 0.15, 0.05, 1.0, 0.4, 3.0, 1.0])
@@ -61,14 +67,19 @@ def simulate_transactions(
             amounts[first:] *= burst_factor
             injected.entities[cid] = first
         for i in range(events_per_customer):
-            out.append((float(ts[i]), {
-                "transaction_id": f"T{c:06d}-{i:05d}",
-                "customer_id": cid,
-                "terminal_id": f"TERM{int(terminals[c, i % 5]):05d}",
-                "amount": round(float(amounts[i]), 2),
-                "timestamp": iso(float(ts[i])),
-                "label": int(c < burst_customers and i >= events_per_customer - burst_len),
-            }))
+            out.append(
+                (
+                    float(ts[i]),
+                    {
+                        "transaction_id": f"T{c:06d}-{i:05d}",
+                        "customer_id": cid,
+                        "terminal_id": f"TERM{int(terminals[c, i % 5]):05d}",
+                        "amount": round(float(amounts[i]), 2),
+                        "timestamp": iso(float(ts[i])),
+                        "label": int(c < burst_customers and i >= events_per_customer - burst_len),
+                    },
+                )
+            )
     out.sort(key=lambda t: t[0])
     return [r for _, r in out], injected
 
@@ -110,12 +121,17 @@ def simulate_sensors(
             injected.entities[did] = first
         for i in range(readings_per_device):
             ts = start + i * period_s + d * 1e-3
-            out.append((ts, {
-                "device_id": did,
-                "timestamp": iso(ts),
-                "values": {ch: float(round(x[i, k], 6)) for k, ch in enumerate(SENSOR_CHANNELS)},
-                "label": int(label[i]),
-            }))
+            out.append(
+                (
+                    ts,
+                    {
+                        "device_id": did,
+                        "timestamp": iso(ts),
+                        "values": {ch: float(round(x[i, k], 6)) for k, ch in enumerate(SENSOR_CHANNELS)},
+                        "label": int(label[i]),
+                    },
+                )
+            )
     out.sort(key=lambda t: t[0])
     return [r for _, r in out], injected
 

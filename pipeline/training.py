@@ -36,8 +36,13 @@ def feature_prior(spec: StreamSpec, cols: EventColumns) -> tuple[np.ndarray, np.
 
 
 def training_windows(
-    spec: StreamSpec, cols: EventColumns, window: int, prior: tuple[np.ndarray, np.ndarray], min_history: int,
-    chunk: int = 20000, global_features: tuple[int, ...] = (),
+    spec: StreamSpec,
+    cols: EventColumns,
+    window: int,
+    prior: tuple[np.ndarray, np.ndarray],
+    min_history: int,
+    chunk: int = 20000,
+    global_features: tuple[int, ...] = (),
 ) -> np.ndarray:
     scorer = StreamScorer(spec, None, prior=prior, window=window, global_features=global_features)
     out = []
@@ -74,12 +79,26 @@ def train_stream_model(
         if spec.fraud_feedback_tau_s is not None:
             card["fraud_feedback_tau_s"] = spec.fraud_feedback_tau_s
     card.update(extra_card or {})
-    return train_autoencoder(windows, model, train, name=name or f"{spec.name}-lstm-ae",
-                             feature_names=spec.feature_names, device=device, progress=progress, extra_card=card)
+    return train_autoencoder(
+        windows,
+        model,
+        train,
+        name=name or f"{spec.name}-lstm-ae",
+        feature_names=spec.feature_names,
+        device=device,
+        progress=progress,
+        extra_card=card,
+    )
 
 
-def train_default_models(out_dir: Path, channels: list[str], *, seed: int = 0, epochs: int = 8,
-                         progress: Callable[[str, int, float, float], None] | None = None) -> dict[str, Path]:
+def train_default_models(
+    out_dir: Path,
+    channels: list[str],
+    *,
+    seed: int = 0,
+    epochs: int = 8,
+    progress: Callable[[str, int, float, float], None] | None = None,
+) -> dict[str, Path]:
     """Small models trained on simulated *normal* traffic: what `pipeline demo` and the tests start from."""
     from pipeline.features.streams import SensorStream
     from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels
@@ -96,19 +115,26 @@ def train_default_models(out_dir: Path, channels: list[str], *, seed: int = 0, e
     tx_cfg = LSTMAEConfig(n_features=tx_spec.n_features, window=16, hidden_size=32, latent_size=8, score_features=(0,))
     sn_cfg = LSTMAEConfig(n_features=sn_spec.n_features, window=32, hidden_size=32, latent_size=8)
     for spec, cols, cfg, margin in ((tx_spec, tx_cols, tx_cfg, 2.5), (sn_spec, sn_cols, sn_cfg, 2.0)):
+
         def report(epoch: int, tl: float, vl: float, _name: str = spec.name) -> None:
             if progress:
                 progress(_name, epoch, tl, vl)
 
-        ckpt = train_stream_model(spec, cols, model=cfg,
-                                  train=TrainConfig(epochs=epochs, seed=seed, threshold_margin=margin),
-                                  progress=report, extra_card={"training_data": "pipeline.simulate (normal only)"})
+        ckpt = train_stream_model(
+            spec,
+            cols,
+            model=cfg,
+            train=TrainConfig(epochs=epochs, seed=seed, threshold_margin=margin),
+            progress=report,
+            extra_card={"training_data": "pipeline.simulate (normal only)"},
+        )
         paths[spec.name] = save_checkpoint(ckpt, out_dir / f"{spec.name}.pt")
     return paths
 
 
-def training_sequences(spec: StreamSpec, cols: EventColumns, prior: tuple[np.ndarray, np.ndarray],
-                       chunk: int = 20000) -> list[np.ndarray]:
+def training_sequences(
+    spec: StreamSpec, cols: EventColumns, prior: tuple[np.ndarray, np.ndarray], chunk: int = 20000
+) -> list[np.ndarray]:
     """Each entity's scaled readings in event order, scaled as serving scales them (StreamScorer.prepare)."""
     scorer = StreamScorer(spec, None, prior=prior, window=1)
     scaled = np.empty((len(cols.entity_ids), spec.n_features), np.float32)
@@ -134,9 +160,19 @@ def train_stream_forecaster(
     """The stateful forecasting family (models.lstm_forecast), trained on the serving path's scaling."""
     model = model or ForecastConfig(n_features=spec.n_features)
     prior = feature_prior(spec, cols)
-    card: dict[str, Any] = {"stream": spec.name, "min_history": min_history,
-                            "feature_prior": {"mean": prior[0].tolist(), "std": prior[1].tolist()}}
+    card: dict[str, Any] = {
+        "stream": spec.name,
+        "min_history": min_history,
+        "feature_prior": {"mean": prior[0].tolist(), "std": prior[1].tolist()},
+    }
     card.update(extra_card or {})
-    return train_forecaster(training_sequences(spec, cols, prior), model, train,
-                            name=name or f"{spec.name}-lstm-forecast", feature_names=spec.feature_names,
-                            device=device, progress=progress, extra_card=card)
+    return train_forecaster(
+        training_sequences(spec, cols, prior),
+        model,
+        train,
+        name=name or f"{spec.name}-lstm-forecast",
+        feature_names=spec.feature_names,
+        device=device,
+        progress=progress,
+        extra_card=card,
+    )

@@ -23,9 +23,11 @@ EVENT_TIME_MAX = datetime(2200, 1, 1, tzinfo=timezone.utc).timestamp()
 def _in_range(dt: datetime) -> datetime:
     ts = dt.timestamp()  # aware: exact epoch seconds, no overflow even when the UTC year leaves 1..9999
     if not EVENT_TIME_MIN <= ts < EVENT_TIME_MAX:
-        raise PydanticCustomError("timestamp_out_of_range",
-                                  "event time {value} is outside 1900-01-01T00:00:00Z .. 2200-01-01T00:00:00Z",
-                                  {"value": dt.isoformat()})
+        raise PydanticCustomError(
+            "timestamp_out_of_range",
+            "event time {value} is outside 1900-01-01T00:00:00Z .. 2200-01-01T00:00:00Z",
+            {"value": dt.isoformat()},
+        )
     return dt
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from pipeline.alerts.lifecycle import IncidentTracker, LifecyclePolicy, ScoredEvent, severity_of
-from pipeline.sinks.sql import AlertRow, OffsetRow, SqlStore
+from pipeline.checkpointing.rows import AlertRow, OffsetRow
+from pipeline.sinks.sql import SqlStore
 
 T0 = 1_714_560_000.0  # 2024-05-01T10:40:00Z
 FEATURES = ("log_amount", "secs_since_last", "hour_sin")
@@ -14,17 +15,28 @@ FEATURES = ("log_amount", "secs_since_last", "hour_sin")
 
 def alert_for(ev: ScoredEvent, run_id: str = "live") -> AlertRow:
     return AlertRow(
-        alert_key=f"{run_id}|{ev.topic}|{ev.partition}|{ev.offset}|m@1", run_id=run_id, stream=ev.stream,
-        entity_id=ev.entity_id, event_time=datetime.fromtimestamp(ev.ts, tz=timezone.utc), score=ev.score,
-        threshold=ev.threshold, severity=severity_of(ev.score, ev.threshold), model_version="m@1",
-        top_features=[{"feature": f, "observed": 5.0 - i + ev.score / 10, "reconstructed": 1.0 + i * 0.5,
-                       "contribution": 3.0 - i} for i, f in enumerate(FEATURES)],
-        source_topic=ev.topic, source_partition=ev.partition, source_offset=ev.offset,
+        alert_key=f"{run_id}|{ev.topic}|{ev.partition}|{ev.offset}|m@1",
+        run_id=run_id,
+        stream=ev.stream,
+        entity_id=ev.entity_id,
+        event_time=datetime.fromtimestamp(ev.ts, tz=timezone.utc),
+        score=ev.score,
+        threshold=ev.threshold,
+        severity=severity_of(ev.score, ev.threshold),
+        model_version="m@1",
+        top_features=[
+            {"feature": f, "observed": 5.0 - i + ev.score / 10, "reconstructed": 1.0 + i * 0.5, "contribution": 3.0 - i}
+            for i, f in enumerate(FEATURES)
+        ],
+        source_topic=ev.topic,
+        source_partition=ev.partition,
+        source_offset=ev.offset,
     )
 
 
-def feed(store: SqlStore, tracker: IncidentTracker, events: list[tuple[ScoredEvent, bool]],
-         run_id: str = "live") -> list[AlertRow]:
+def feed(
+    store: SqlStore, tracker: IncidentTracker, events: list[tuple[ScoredEvent, bool]], run_id: str = "live"
+) -> list[AlertRow]:
     """Apply events to the tracker and write one checkpoint; returns the alerts written."""
     alerts = []
     for ev, anomalous in events:
@@ -32,8 +44,9 @@ def feed(store: SqlStore, tracker: IncidentTracker, events: list[tuple[ScoredEve
         if anomalous:
             alerts.append(alert_for(ev, run_id))
     last = max(ev.offset for ev, _ in events) + 1
-    store.write_checkpoint(run_id, "g", alerts, [], [OffsetRow(events[0][0].topic, 0, last)],
-                           lifecycle=tracker.prepare(alerts))
+    store.write_checkpoint(
+        run_id, "g", alerts, [], [OffsetRow(events[0][0].topic, 0, last)], lifecycle=tracker.prepare(alerts)
+    )
     tracker.written()
     return alerts
 

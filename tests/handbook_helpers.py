@@ -14,8 +14,15 @@ def handbook_csv(path: Path, days: int = 10, seed: int = 0) -> Path:
     rows = []
     for c in range(12):
         for t in np.sort(rng.uniform(0, days * 86400, 20)):
-            rows.append((start + pd.Timedelta(seconds=int(t)), c, int(rng.integers(0, 6)),
-                         round(float(rng.gamma(2, 20)), 2), int(rng.random() < 0.1)))
+            rows.append(
+                (
+                    start + pd.Timedelta(seconds=int(t)),
+                    c,
+                    int(rng.integers(0, 6)),
+                    round(float(rng.gamma(2, 20)), 2),
+                    int(rng.random() < 0.1),
+                )
+            )
     df = pd.DataFrame(rows, columns=["TX_DATETIME", "CUSTOMER_ID", "TERMINAL_ID", "TX_AMOUNT", "TX_FRAUD"])
     df.insert(0, "TRANSACTION_ID", range(len(df)))
     df.to_csv(path, index=False)

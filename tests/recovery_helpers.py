@@ -97,9 +97,13 @@ def db_target(url: str) -> tuple[str, int]:
 def incidents_of(db: SqlStore, run_id: str) -> set[tuple[Any, ...]]:
     """Incidents without ids, run-specific keys or wall-clock columns."""
     with db.engine.connect() as conn:
-        rows = conn.execute(text(
-            "SELECT entity_id, source_partition, status, severity, opened_at, last_alert_at, resolved_at, "
-            "alert_count, seq FROM incidents WHERE run_id = :r"), {"r": run_id}).all()
+        rows = conn.execute(
+            text(
+                "SELECT entity_id, source_partition, status, severity, opened_at, last_alert_at, resolved_at, "
+                "alert_count, seq FROM incidents WHERE run_id = :r"
+            ),
+            {"r": run_id},
+        ).all()
     return {tuple(r) for r in rows}
 
 
@@ -117,14 +121,17 @@ def outbox_of(db: SqlStore, run_id: str) -> list[tuple[str, str, str | None]]:
 def samples_of(db: SqlStore, run_id: str) -> list[tuple[Any, ...]]:
     """(stream, entity, event time, is_anomaly, score) per score sample, sorted (a multiset: extras show)."""
     with db.engine.connect() as conn:
-        rows = conn.execute(text("SELECT stream, entity_id, event_time, is_anomaly, score FROM score_samples "
-                                 "WHERE run_id = :r"), {"r": run_id}).all()
+        rows = conn.execute(
+            text("SELECT stream, entity_id, event_time, is_anomaly, score FROM score_samples WHERE run_id = :r"),
+            {"r": run_id},
+        ).all()
     return sorted(tuple(r) for r in rows)
 
 
 def same_samples(a: list[tuple[Any, ...]], b: list[tuple[Any, ...]], rel: float = 1e-4) -> bool:
-    return len(a) == len(b) and all(x[:4] == y[:4] and abs(x[4] - y[4]) <= rel * max(1.0, abs(y[4]))
-                                    for x, y in zip(a, b, strict=True))
+    return len(a) == len(b) and all(
+        x[:4] == y[:4] and abs(x[4] - y[4]) <= rel * max(1.0, abs(y[4])) for x, y in zip(a, b, strict=True)
+    )
 
 
 def dead_letters_of(bootstrap: str, topic: str) -> list[tuple[str, int, int, str]]:
@@ -157,8 +164,10 @@ class OffsetWatch:
         while not self._stop.wait(self.every):
             try:
                 with self.db.engine.connect() as conn:
-                    rows = conn.execute(text("SELECT topic, partition, committed_offset FROM partition_checkpoints "
-                                             "WHERE run_id = :r"), {"r": self.run_id}).all()
+                    rows = conn.execute(
+                        text("SELECT topic, partition, committed_offset FROM partition_checkpoints WHERE run_id = :r"),
+                        {"r": self.run_id},
+                    ).all()
             except Exception:  # noqa: BLE001 - a database cut reads as "no sample"
                 continue
             self.samples += 1

@@ -29,10 +29,12 @@ def settings_for(prefix: str, db_url: str) -> Settings:
     return s
 
 
-def sensor_records(devices: int, readings: int, *, seed: int = 3, start: float = 1_583_748_873.0
-                   ) -> list[dict[str, Any]]:
-    recs, _ = simulate_sensors(devices, readings, seed=seed, start=start, spike_devices=2, drift_devices=1,
-                               anomaly_len=15)
+def sensor_records(
+    devices: int, readings: int, *, seed: int = 3, start: float = 1_583_748_873.0
+) -> list[dict[str, Any]]:
+    recs, _ = simulate_sensors(
+        devices, readings, seed=seed, start=start, spike_devices=2, drift_devices=1, anomaly_len=15
+    )
     return strip_labels(recs)
 
 
@@ -53,8 +55,9 @@ def produce_sensors(bootstrap: str, topic: str, recs: list[dict[str, Any]], *, c
         producer.close()
 
 
-def make_processor(settings: Settings, bootstrap: str, db: SqlStore, *, run_id: str = "live",
-                   **opts: Any) -> tuple[Processor, KafkaSource, KafkaDeadLetterSink]:
+def make_processor(
+    settings: Settings, bootstrap: str, db: SqlStore, *, run_id: str = "live", **opts: Any
+) -> tuple[Processor, KafkaSource, KafkaDeadLetterSink]:
     ensure_topics(bootstrap, [settings.sensors_topic, settings.dlq_topic], PARTITIONS)
     scorers = build_scorers(settings, {"sensors": ensure_models(settings)["sensors"]})
     source = KafkaSource(bootstrap, settings.group_id, session_timeout_ms=6000, heartbeat_interval_ms=1000)
@@ -110,8 +113,10 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str, every: float
 
 def alert_set(db: SqlStore, run_id: str, digits: int = 4) -> set[tuple[str, int, int, float]]:
     """(entity, partition, offset, score rounded to `digits` significant digits)"""
-    return {(a["entity_id"], a["source_partition"], a["source_offset"], float(f"{a['score']:.{digits}g}"))
-            for a in db.list_alerts(run_id=run_id)}
+    return {
+        (a["entity_id"], a["source_partition"], a["source_offset"], float(f"{a['score']:.{digits}g}"))
+        for a in db.list_alerts(run_id=run_id)
+    }
 
 
 def position_set(db: SqlStore, run_id: str) -> set[tuple[str, int, int]]:

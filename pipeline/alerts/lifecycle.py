@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from pipeline.checkpointing.rows import AlertRow, IncidentRow, LifecycleWrite, OutboxRow, SampleRow, iso_utc
 from pipeline.records import RawRecord, TopicPartition
-from pipeline.sinks.sql import AlertRow, IncidentRow, LifecycleWrite, OutboxRow, SampleRow
 
 SEVERITIES = ("low", "medium", "high", "critical")
 _RANK = {s: i for i, s in enumerate(SEVERITIES)}
@@ -99,28 +99,55 @@ class Incident:
 
     def to_row(self) -> IncidentRow:
         return IncidentRow(
-            incident_key=self.key, run_id=self.run_id, stream=self.stream, entity_id=self.entity_id,
-            source_topic=self.topic, source_partition=self.partition, status=self.status, severity=self.severity,
-            opened_at=_dt(self.opened_at), last_alert_at=_dt(self.last_alert_at), last_seen_at=_dt(self.last_seen_at),
-            resolved_at=None if self.resolved_at is None else _dt(self.resolved_at), alert_count=self.alert_count,
-            normal_run=self.normal_run, peak_score=self.peak_score, peak_threshold=self.peak_threshold,
-            last_score=self.last_score, last_threshold=self.last_threshold, seq=self.seq,
+            incident_key=self.key,
+            run_id=self.run_id,
+            stream=self.stream,
+            entity_id=self.entity_id,
+            source_topic=self.topic,
+            source_partition=self.partition,
+            status=self.status,
+            severity=self.severity,
+            opened_at=_dt(self.opened_at),
+            last_alert_at=_dt(self.last_alert_at),
+            last_seen_at=_dt(self.last_seen_at),
+            resolved_at=None if self.resolved_at is None else _dt(self.resolved_at),
+            alert_count=self.alert_count,
+            normal_run=self.normal_run,
+            peak_score=self.peak_score,
+            peak_threshold=self.peak_threshold,
+            last_score=self.last_score,
+            last_threshold=self.last_threshold,
+            seq=self.seq,
             notified_at=None if self.notified_at is None else _dt(self.notified_at),
-            notified_severity=self.notified_severity, last_alert=self.last_alert,
+            notified_severity=self.notified_severity,
+            last_alert=self.last_alert,
         )
 
     @classmethod
     def from_row(cls, r: Mapping[str, Any]) -> Incident:
         return cls(
-            key=r["incident_key"], run_id=r["run_id"], stream=r["stream"], entity_id=r["entity_id"],
-            topic=r["source_topic"], partition=r["source_partition"], status=r["status"], severity=r["severity"],
-            opened_at=_ts(r["opened_at"]), last_alert_at=_ts(r["last_alert_at"]),
+            key=r["incident_key"],
+            run_id=r["run_id"],
+            stream=r["stream"],
+            entity_id=r["entity_id"],
+            topic=r["source_topic"],
+            partition=r["source_partition"],
+            status=r["status"],
+            severity=r["severity"],
+            opened_at=_ts(r["opened_at"]),
+            last_alert_at=_ts(r["last_alert_at"]),
             last_seen_at=_ts(r["last_seen_at"]),
-            resolved_at=None if r["resolved_at"] is None else _ts(r["resolved_at"]), alert_count=r["alert_count"],
-            normal_run=r["normal_run"], peak_score=r["peak_score"], peak_threshold=r["peak_threshold"],
-            last_score=r["last_score"], last_threshold=r["last_threshold"], seq=r["seq"],
+            resolved_at=None if r["resolved_at"] is None else _ts(r["resolved_at"]),
+            alert_count=r["alert_count"],
+            normal_run=r["normal_run"],
+            peak_score=r["peak_score"],
+            peak_threshold=r["peak_threshold"],
+            last_score=r["last_score"],
+            last_threshold=r["last_threshold"],
+            seq=r["seq"],
             notified_at=None if r["notified_at"] is None else _ts(r["notified_at"]),
-            notified_severity=r["notified_severity"], last_alert=r["last_alert"],
+            notified_severity=r["notified_severity"],
+            last_alert=r["last_alert"],
         )
 
 
@@ -142,8 +169,9 @@ def incident_key(run_id: str, ev: ScoredEvent) -> str:
     return f"{run_id}|{ev.stream}|{ev.entity_id}|{ev.topic}|{ev.partition}|{ev.offset}{ev.tag}"
 
 
-def on_anomaly(inc: Incident | None, ev: ScoredEvent, policy: LifecyclePolicy,
-               run_id: str) -> tuple[Incident, list[tuple[str, Incident]]]:
+def on_anomaly(
+    inc: Incident | None, ev: ScoredEvent, policy: LifecyclePolicy, run_id: str
+) -> tuple[Incident, list[tuple[str, Incident]]]:
     """Apply one anomalous event. Returns the (new or updated) open incident and the notifications
     [(event, incident snapshot)] it causes, oldest first."""
     sev = severity_of(ev.score, ev.threshold, policy.severity_bands)
@@ -152,11 +180,29 @@ def on_anomaly(inc: Incident | None, ev: ScoredEvent, policy: LifecyclePolicy,
         _resolve(inc, inc.last_seen_at)
         notes.append(("resolved", copy.copy(inc)))
     if inc is None or inc.status != "open":
-        inc = Incident(key=incident_key(run_id, ev), run_id=run_id, stream=ev.stream, entity_id=ev.entity_id,
-                       topic=ev.topic, partition=ev.partition, status="open", severity=sev, opened_at=ev.ts,
-                       last_alert_at=ev.ts, last_seen_at=ev.ts, resolved_at=None, alert_count=1, normal_run=0,
-                       peak_score=ev.score, peak_threshold=ev.threshold, last_score=ev.score,
-                       last_threshold=ev.threshold, seq=1, notified_at=ev.ts, notified_severity=sev)
+        inc = Incident(
+            key=incident_key(run_id, ev),
+            run_id=run_id,
+            stream=ev.stream,
+            entity_id=ev.entity_id,
+            topic=ev.topic,
+            partition=ev.partition,
+            status="open",
+            severity=sev,
+            opened_at=ev.ts,
+            last_alert_at=ev.ts,
+            last_seen_at=ev.ts,
+            resolved_at=None,
+            alert_count=1,
+            normal_run=0,
+            peak_score=ev.score,
+            peak_threshold=ev.threshold,
+            last_score=ev.score,
+            last_threshold=ev.threshold,
+            seq=1,
+            notified_at=ev.ts,
+            notified_severity=sev,
+        )
         inc.last_trigger, inc.last_trigger_offset = (ev.topic, ev.partition), ev.offset
         notes.append(("opened", copy.copy(inc)))
         return inc, notes
@@ -211,8 +257,12 @@ class _Buffer:
 class IncidentTracker:
     """Per-entity incident state and the lifecycle outputs not yet written. Pure: IO through `loader`."""
 
-    def __init__(self, run_id: str, policy: LifecyclePolicy | None = None,
-                 loader: Callable[[str, int], list[dict[str, Any]]] | None = None) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        policy: LifecyclePolicy | None = None,
+        loader: Callable[[str, int], list[dict[str, Any]]] | None = None,
+    ) -> None:
         self.run_id = run_id
         self.policy = policy or LifecyclePolicy()
         self.loader = loader
@@ -254,8 +304,17 @@ class IncidentTracker:
             tp = (topic, rec.partition)
             if rec.offset < committed.get(tp, 0):
                 continue  # a replayed event: its lifecycle effects are already durable
-            ev = ScoredEvent(stream, entity_ids[i], topic, rec.partition, rec.offset, float(ts[i]),
-                             float(scores[i]), float(thresholds[i]), tags(tp) if tags is not None else "")
+            ev = ScoredEvent(
+                stream,
+                entity_ids[i],
+                topic,
+                rec.partition,
+                rec.offset,
+                float(ts[i]),
+                float(scores[i]),
+                float(thresholds[i]),
+                tags(tp) if tags is not None else "",
+            )
             try:
                 self.apply(ev, bool(is_anomaly[i]))
             except Exception as exc:  # noqa: BLE001 - one event must never stop the service
@@ -268,8 +327,12 @@ class IncidentTracker:
         if not anomalous and inc is None:
             return
         buf = self.buf
-        buf.samples.append(((ev.topic, ev.partition), SampleRow(ev.stream, ev.entity_id, _dt(ev.ts), ev.score,
-                                                                ev.threshold, anomalous)))
+        buf.samples.append(
+            (
+                (ev.topic, ev.partition),
+                SampleRow(ev.stream, ev.entity_id, _dt(ev.ts), ev.score, ev.threshold, anomalous),
+            )
+        )
         if anomalous:
             inc, notes = on_anomaly(inc, ev, self.policy, self.run_id)
             for event, snap in notes:
@@ -327,11 +390,21 @@ class IncidentTracker:
                 w = wire.get((*inc.last_trigger, inc.last_trigger_offset))
                 if w is not None:
                     inc.last_alert = w
-        outbox = [OutboxRow(message_id=f"{n.incident.key}#{n.incident.seq}", run_id=self.run_id,
-                            entity_id=n.incident.entity_id, payload=message(n.event, n.incident).decode())
-                  for n in b.notices]
-        return LifecycleWrite(incidents=[i.to_row() for i in b.dirty.values()], outbox=outbox,
-                              samples=[s for _, s in b.samples], sample_ring=self.policy.sample_ring)
+        outbox = [
+            OutboxRow(
+                message_id=f"{n.incident.key}#{n.incident.seq}",
+                run_id=self.run_id,
+                entity_id=n.incident.entity_id,
+                payload=message(n.event, n.incident).decode(),
+            )
+            for n in b.notices
+        ]
+        return LifecycleWrite(
+            incidents=[i.to_row() for i in b.dirty.values()],
+            outbox=outbox,
+            samples=[s for _, s in b.samples],
+            sample_ring=self.policy.sample_ring,
+        )
 
     def written(self) -> dict[str, int]:
         """The prepared outputs are durable: clear the buffer. Returns notifications by event."""
@@ -344,12 +417,23 @@ class IncidentTracker:
 
 def message(event: str, inc: Incident) -> bytes:
     """The alerts-topic message: the incident's newest alert (schemas/alert.schema.json) plus `incident`."""
-    body: dict[str, Any] = dict(inc.last_alert) if inc.last_alert else {
-        "alert_key": inc.key, "run_id": inc.run_id, "stream": inc.stream, "entity_id": inc.entity_id,
-        "event_time": _iso(inc.last_alert_at), "score": inc.last_score, "threshold": inc.last_threshold,
-        "severity": severity_of(inc.last_score, inc.last_threshold), "model_version": "unknown",
-        "top_features": [], "source": {"topic": inc.topic, "partition": inc.partition, "offset": 0},
-    }
+    body: dict[str, Any] = (
+        dict(inc.last_alert)
+        if inc.last_alert
+        else {
+            "alert_key": inc.key,
+            "run_id": inc.run_id,
+            "stream": inc.stream,
+            "entity_id": inc.entity_id,
+            "event_time": _iso(inc.last_alert_at),
+            "score": inc.last_score,
+            "threshold": inc.last_threshold,
+            "severity": severity_of(inc.last_score, inc.last_threshold),
+            "model_version": "unknown",
+            "top_features": [],
+            "source": {"topic": inc.topic, "partition": inc.partition, "offset": 0},
+        }
+    )
     body["incident"] = {
         "key": inc.key,
         "message_id": f"{inc.key}#{inc.seq}",
@@ -378,4 +462,4 @@ def _ts(dt: datetime) -> float:
 
 
 def _iso(ts: float) -> str:
-    return _dt(ts).isoformat().replace("+00:00", "Z")
+    return iso_utc(_dt(ts))

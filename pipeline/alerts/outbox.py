@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 
 class OutboxRelay:
-    def __init__(self, db: SqlStore, publisher: AlertPublisher, run_id: str, batch: int = 500,
-                 retry_max_s: float = 30.0) -> None:
+    def __init__(
+        self, db: SqlStore, publisher: AlertPublisher, run_id: str, batch: int = 500, retry_max_s: float = 30.0
+    ) -> None:
         self.db, self.publisher, self.run_id, self.batch = db, publisher, run_id, batch
         self.backlog = True  # unpublished rows may exist (restart, or the last drain failed)
         self.retry_max_s = retry_max_s
@@ -60,8 +61,9 @@ class OutboxRelay:
         except PipelineError as exc:
             self._delay = min(max(0.5, self._delay * 2), self.retry_max_s)
             self._retry_at = time.monotonic() + self._delay
-            log.warning("alerts topic publish failed, retrying in %.1fs (outbox rows stay unpublished): %s",
-                        self._delay, exc)
+            log.warning(
+                "alerts topic publish failed, retrying in %.1fs (outbox rows stay unpublished): %s", self._delay, exc
+            )
             return 0
         self._delay, self._retry_at = 0.0, 0.0
         return n

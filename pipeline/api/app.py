@@ -53,8 +53,13 @@ def _opt_text(name: str, value: str | None) -> str | None:
     return None if value is None else _text(name, value)
 
 
-def create_app(store: SqlStore, settings: Settings | None = None, *, run_id: str | None = None,
-               not_ready: Callable[[], str | None] | None = None) -> FastAPI:
+def create_app(
+    store: SqlStore,
+    settings: Settings | None = None,
+    *,
+    run_id: str | None = None,
+    not_ready: Callable[[], str | None] | None = None,
+) -> FastAPI:
     """`run_id` None shows every run in the database; otherwise every endpoint shows only that run.
     `not_ready`: in `pipeline run --api-port`, the processor's reason not to be ready (None: ready)."""
     settings = settings or Settings()
@@ -94,9 +99,15 @@ def create_app(store: SqlStore, settings: Settings | None = None, *, run_id: str
         limit: int = Query(100, ge=1, le=5000),
     ) -> list[dict[str, Any]]:
         try:
-            rows = store.query_alerts(run_id=run_id, entity_id=_opt_text("entity", entity),
-                                      stream=_opt_text("stream", stream), since=_since(since),
-                                      status=status, incident_id=incident_id, limit=limit)
+            rows = store.query_alerts(
+                run_id=run_id,
+                entity_id=_opt_text("entity", entity),
+                stream=_opt_text("stream", stream),
+                since=_since(since),
+                status=status,
+                incident_id=incident_id,
+                limit=limit,
+            )
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
         return [row_to_json(r) for r in rows]
@@ -120,8 +131,14 @@ def create_app(store: SqlStore, settings: Settings | None = None, *, run_id: str
         limit: int = Query(100, ge=1, le=5000),
     ) -> list[dict[str, Any]]:
         try:
-            rows = store.list_incidents(run_id=run_id, status=status, entity_id=_opt_text("entity", entity),
-                                        stream=_opt_text("stream", stream), since=_since(since), limit=limit)
+            rows = store.list_incidents(
+                run_id=run_id,
+                status=status,
+                entity_id=_opt_text("entity", entity),
+                stream=_opt_text("stream", stream),
+                since=_since(since),
+                limit=limit,
+            )
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
         return [_incident_json(r) for r in rows]
@@ -135,18 +152,35 @@ def create_app(store: SqlStore, settings: Settings | None = None, *, run_id: str
         if run_id is not None and inc["run_id"] != run_id:
             raise HTTPException(404, f"no incident with id {incident_id} in run {run_id!r}")
         alerts = store.query_alerts(run_id=run_id, incident_id=incident_id, limit=500)
-        peak = max(alerts, key=lambda a: a["score"] / a["threshold"] if a["threshold"] > 0 else float("inf"),
-                   default=None)
-        return {"incident": _incident_json(inc), "alerts": [row_to_json(a) for a in alerts],
-                "peak_alert": None if peak is None else row_to_json(peak)}
+        peak = max(
+            alerts, key=lambda a: a["score"] / a["threshold"] if a["threshold"] > 0 else float("inf"), default=None
+        )
+        return {
+            "incident": _incident_json(inc),
+            "alerts": [row_to_json(a) for a in alerts],
+            "peak_alert": None if peak is None else row_to_json(peak),
+        }
 
     @app.get("/api/entities/{entity_id}/scores")
-    def entity_scores(entity_id: str, stream: str | None = None, limit: int = Query(500, ge=1, le=5000),
-                      ) -> dict[str, Any]:
+    def entity_scores(
+        entity_id: str,
+        stream: str | None = None,
+        limit: int = Query(500, ge=1, le=5000),
+    ) -> dict[str, Any]:
         rows = store.recent_scores(run_id, _opt_text("stream", stream), _text("entity id", entity_id), limit)
-        return {"entity_id": entity_id, "stream": stream,
-                "samples": [{"event_time": row_to_json(r)["event_time"], "score": r["score"],
-                             "threshold": r["threshold"], "is_anomaly": bool(r["is_anomaly"])} for r in rows]}
+        return {
+            "entity_id": entity_id,
+            "stream": stream,
+            "samples": [
+                {
+                    "event_time": row_to_json(r)["event_time"],
+                    "score": r["score"],
+                    "threshold": r["threshold"],
+                    "is_anomaly": bool(r["is_anomaly"]),
+                }
+                for r in rows
+            ],
+        }
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> HTMLResponse:

@@ -14,8 +14,9 @@ from pipeline.errors import PipelineError
 
 class ApiServer:
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                    access_log=False, lifespan="off"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="off")
+        )
         self.thread = threading.Thread(target=self.server.run, name="api", daemon=True)
         self.url = f"http://{host}:{port}"
 

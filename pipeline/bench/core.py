@@ -49,8 +49,12 @@ def machine() -> dict[str, Any]:
         pass
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_gb, 1), "python": platform.python_version(),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_gb, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
@@ -74,8 +78,9 @@ def columns(load: SensorLoad, start: int, n: int) -> EventColumns:
 
 
 # -- scorer only, naive loop, River --------------------------------------------------------------------------
-def bench_scorer(settings: Settings, load: SensorLoad, *, device: str = "cpu", batch: int = 5000,
-                 seconds: float = 8.0) -> dict[str, Any]:
+def bench_scorer(
+    settings: Settings, load: SensorLoad, *, device: str = "cpu", batch: int = 5000, seconds: float = 8.0
+) -> dict[str, Any]:
     """StreamScorer.process on pre-built EventColumns batches (no Kafka, no decode, no DB)."""
     scorer = sensor_scorer(settings, device)
     k = load.k
@@ -107,14 +112,20 @@ def bench_scorer(settings: Settings, load: SensorLoad, *, device: str = "cpu", b
     for b in batches:
         m += len(scorer.process(b).scores)
     full = m / (time.perf_counter() - t1)
-    return {"device": str(scorer.device), "batch": batch, "windows": n,
-            "precision": scorer.checkpoint.precision,  # type: ignore[union-attr]  # effective (after fallback)
-            "windows_per_s": full, "prepare_plus_model_windows_per_s": n / elapsed,
-            "model_only_windows_per_s": n / model_s if model_s else None,
-            "model_share_of_time": model_s / elapsed,
-            # how full the LSTM's calls are: windows per call / the device's chunk size (a GPU stays busy
-            # only with full chunks, so the service's max_batch_records should be >= the chunk there)
-            "model_chunk": chunk, "batch_fill": n / (calls * chunk) if calls else None}
+    return {
+        "device": str(scorer.device),
+        "batch": batch,
+        "windows": n,
+        "precision": scorer.checkpoint.precision,  # type: ignore[union-attr]  # effective (after fallback)
+        "windows_per_s": full,
+        "prepare_plus_model_windows_per_s": n / elapsed,
+        "model_only_windows_per_s": n / model_s if model_s else None,
+        "model_share_of_time": model_s / elapsed,
+        # how full the LSTM's calls are: windows per call / the device's chunk size (a GPU stays busy
+        # only with full chunks, so the service's max_batch_records should be >= the chunk there)
+        "model_chunk": chunk,
+        "batch_fill": n / (calls * chunk) if calls else None,
+    }
 
 
 def bench_naive(settings: Settings, load: SensorLoad, *, events: int = 3000) -> dict[str, Any]:
@@ -131,8 +142,15 @@ def bench_naive(settings: Settings, load: SensorLoad, *, events: int = 3000) -> 
     return {"events": events, "events_per_s": events / dt}
 
 
-def bench_river(load: SensorLoad, *, entities: int = 1000, events: int = 20000, n_trees: int = 10,
-                height: int = 8, window_size: int = 32) -> dict[str, Any]:
+def bench_river(
+    load: SensorLoad,
+    *,
+    entities: int = 1000,
+    events: int = 20000,
+    n_trees: int = 10,
+    height: int = 8,
+    window_size: int = 32,
+) -> dict[str, Any]:
     """River HalfSpaceTrees per entity (dict of models), score_one then learn_one per event."""
     from river.anomaly import HalfSpaceTrees
 
@@ -147,8 +165,10 @@ def bench_river(load: SensorLoad, *, entities: int = 1000, events: int = 20000, 
     dev, _, vals = sub.arrays(0, events)
     rows = [dict(zip(SENSOR_CHANNELS, v, strict=True)) for v in vals.tolist()]
     t0 = time.perf_counter()
-    models = {d: HalfSpaceTrees(n_trees=n_trees, height=height, window_size=window_size, limits=limits, seed=d)
-              for d in range(entities)}
+    models = {
+        d: HalfSpaceTrees(n_trees=n_trees, height=height, window_size=window_size, limits=limits, seed=d)
+        for d in range(entities)
+    }
     created = time.perf_counter() - t0
     t0 = time.perf_counter()
     for d, x in zip(dev.tolist(), rows, strict=True):
@@ -156,10 +176,14 @@ def bench_river(load: SensorLoad, *, entities: int = 1000, events: int = 20000, 
         m.score_one(x)
         m.learn_one(x)
     dt = time.perf_counter() - t0
-    return {"entities": entities, "events": events, "events_per_s": events / dt,
-            "model_create_ms_per_entity": 1000 * created / entities,
-            "config": {"n_trees": n_trees, "height": height, "window_size": window_size},
-            "note": "model cost only: pre-decoded dicts, no Kafka/DB; entity models created beforehand"}
+    return {
+        "entities": entities,
+        "events": events,
+        "events_per_s": events / dt,
+        "model_create_ms_per_entity": 1000 * created / entities,
+        "config": {"n_trees": n_trees, "height": height, "window_size": window_size},
+        "note": "model cost only: pre-decoded dicts, no Kafka/DB; entity models created beforehand",
+    }
 
 
 def bench_memory(settings: Settings, entities: int) -> dict[str, Any]:
@@ -177,10 +201,15 @@ def bench_memory(settings: Settings, entities: int) -> dict[str, Any]:
     tracemalloc.stop()
     store = scorer.store
     layout = store.layout
-    return {"entities": entities, "window": layout.window, "features": layout.n_features,
-            "bytes_per_entity": (after - before) / entities,
-            "array_bytes_per_slot": store.nbytes_per_entity(), "capacity_slots": store.capacity,
-            "snapshot_blob_bytes": layout.blob_size}
+    return {
+        "entities": entities,
+        "window": layout.window,
+        "features": layout.n_features,
+        "bytes_per_entity": (after - before) / entities,
+        "array_bytes_per_slot": store.nbytes_per_entity(),
+        "capacity_slots": store.capacity,
+        "snapshot_blob_bytes": layout.blob_size,
+    }
 
 
 # -- end to end ---------------------------------------------------------------------------------------------
@@ -265,8 +294,15 @@ class E2EResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _build(settings: Settings, bootstrap: str, topic: str, db_url: str, group: str, opts: ProcessorOptions,
-           fetch_max_wait_ms: int = 500) -> tuple[Processor, TimedSource, Any, Any]:
+def _build(
+    settings: Settings,
+    bootstrap: str,
+    topic: str,
+    db_url: str,
+    group: str,
+    opts: ProcessorOptions,
+    fetch_max_wait_ms: int = 500,
+) -> tuple[Processor, TimedSource, Any, Any]:
     from pipeline.kafka.client import KafkaDeadLetterSink, KafkaSource, ensure_topics
     from pipeline.sinks.sql import SqlStore
 
@@ -274,17 +310,32 @@ def _build(settings: Settings, bootstrap: str, topic: str, db_url: str, group: s
     db.create_schema()
     ensure_topics(bootstrap, [topic, f"{topic}-dlq"], PARTITIONS)
     scorer = sensor_scorer(settings.model_copy(update={"sensors_topic": topic}))
-    src = TimedSource(KafkaSource(bootstrap, group, session_timeout_ms=6000, heartbeat_interval_ms=1000,
-                                  fetch_max_wait_ms=fetch_max_wait_ms))
+    src = TimedSource(
+        KafkaSource(
+            bootstrap, group, session_timeout_ms=6000, heartbeat_interval_ms=1000, fetch_max_wait_ms=fetch_max_wait_ms
+        )
+    )
     dlq = KafkaDeadLetterSink(bootstrap, f"{topic}-dlq")
     proc = Processor(src, db, dlq, {topic: scorer}, opts)
     return proc, src, dlq, db
 
 
-def run_e2e(settings: Settings, bootstrap: str, db_url: str, *, events: int, entities: int,
-            rate: float | None, duration_s: float | None = None, soak_sample_s: float = 5.0,
-            batch: int = 5000, commit_interval_ms: int = 200, snapshot_interval_s: float = 10.0,
-            fetch_max_wait_ms: int = 500, progress: Callable[[str], None] | None = None) -> E2EResult:
+def run_e2e(
+    settings: Settings,
+    bootstrap: str,
+    db_url: str,
+    *,
+    events: int,
+    entities: int,
+    rate: float | None,
+    duration_s: float | None = None,
+    soak_sample_s: float = 5.0,
+    batch: int = 5000,
+    commit_interval_ms: int = 200,
+    snapshot_interval_s: float = 10.0,
+    fetch_max_wait_ms: int = 500,
+    progress: Callable[[str], None] | None = None,
+) -> E2EResult:
     """rate=None: 'drain' -- produce everything first, then time the processor from its first record to
     the durable commit covering the last event (capacity). rate=R: 'paced' -- a producer process sends
     R events/s while the processor runs; per-event latency = durable-commit time - producer timestamp.
@@ -293,10 +344,15 @@ def run_e2e(settings: Settings, bootstrap: str, db_url: str, *, events: int, ent
 
     topic = f"bench-{uuid.uuid4().hex[:8]}-sensors"
     group = f"{topic}-g"
-    opts = ProcessorOptions(run_id=f"bench-{uuid.uuid4().hex[:6]}", group_id=group, max_batch_records=batch,
-                            poll_timeout_ms=20, commit_interval_ms=commit_interval_ms,
-                            snapshot_interval_s=snapshot_interval_s,
-                            entity_ttl_s=3600.0)
+    opts = ProcessorOptions(
+        run_id=f"bench-{uuid.uuid4().hex[:6]}",
+        group_id=group,
+        max_batch_records=batch,
+        poll_timeout_ms=20,
+        commit_interval_ms=commit_interval_ms,
+        snapshot_interval_s=snapshot_interval_s,
+        entity_ttl_s=3600.0,
+    )
     proc, src, dlq, db = _build(settings, bootstrap, topic, db_url, group, opts, fetch_max_wait_ms)
     load = SensorLoad(entities, seed=1, anomalous_every=50)
     producer: subprocess.Popen[bytes] | None = None
@@ -308,16 +364,30 @@ def run_e2e(settings: Settings, bootstrap: str, db_url: str, *, events: int, ent
         produce(bootstrap, topic, load, 0, events)
         if progress:
             progress("processing ...")
-    thread = threading.Thread(target=proc.run, args=(stop,), kwargs={"max_events": None if duration_s else events},
-                              daemon=True)
+    thread = threading.Thread(
+        target=proc.run, args=(stop,), kwargs={"max_events": None if duration_s else events}, daemon=True
+    )
     t_start = time.time()
     thread.start()
     try:
         if rate is not None:
             proc.ready.wait(60)
             time.sleep(0.5)
-            cmd = [sys.executable, "-m", "pipeline.bench.load", "--bootstrap", bootstrap, "--topic", topic,
-                   "--entities", str(entities), "--rate", str(rate), "--events", str(events)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pipeline.bench.load",
+                "--bootstrap",
+                bootstrap,
+                "--topic",
+                topic,
+                "--entities",
+                str(entities),
+                "--rate",
+                str(rate),
+                "--events",
+                str(events),
+            ]
             if duration_s:
                 cmd += ["--duration", str(duration_s), "--events", str(10**12)]
             producer = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ})
@@ -349,23 +419,46 @@ def run_e2e(settings: Settings, bootstrap: str, db_url: str, *, events: int, ent
     scorer = next(iter(proc.scorers.values()))
     alerts = proc.stats.alerts
     db.dispose()
-    extra: dict[str, Any] = {"database": db_url.split("://")[0], "batch_records": batch,
-                             "precision": scorer.checkpoint.precision if scorer.checkpoint else None,
-                             "commit_interval_ms": commit_interval_ms, "snapshot_interval_s": snapshot_interval_s,
-                             "fetch_max_wait_ms": fetch_max_wait_ms,
-                             "group_join_s": round(begin - t_start, 2)}
+    extra: dict[str, Any] = {
+        "database": db_url.split("://")[0],
+        "batch_records": batch,
+        "precision": scorer.checkpoint.precision if scorer.checkpoint else None,
+        "commit_interval_ms": commit_interval_ms,
+        "snapshot_interval_s": snapshot_interval_s,
+        "fetch_max_wait_ms": fetch_max_wait_ms,
+        "group_join_s": round(begin - t_start, 2),
+    }
     if rss_samples:
         t0 = rss_samples[0][0]
         extra["rss_samples"] = [(round(t - t0, 1), round(r / 2**20, 1), n) for t, r, n in rss_samples]
-    return E2EResult(events=events, seconds=end - begin, events_per_s=events / max(end - begin, 1e-9),
-                     latency_ms=src.latency_pcts(), alerts=alerts, checkpoints=proc.stats.checkpoints,
-                     live_entities=len(scorer.store), rss_mb=rss_bytes() / 2**20,
-                     mode="drain" if rate is None else ("soak" if duration_s else "paced"), rate=rate, extra=extra)
+    return E2EResult(
+        events=events,
+        seconds=end - begin,
+        events_per_s=events / max(end - begin, 1e-9),
+        latency_ms=src.latency_pcts(),
+        alerts=alerts,
+        checkpoints=proc.stats.checkpoints,
+        live_entities=len(scorer.store),
+        rss_mb=rss_bytes() / 2**20,
+        mode="drain" if rate is None else ("soak" if duration_s else "paced"),
+        rate=rate,
+        extra=extra,
+    )
 
 
-def bench_precisions(settings: Settings, bootstrap: str, db_url: str, precisions: list[str], *, events: int,
-                     entities: int, batch: int, repeats: int = 2, progress: Callable[[str], None] | None = None,
-                     **e2e: Any) -> list[dict[str, Any]]:
+def bench_precisions(
+    settings: Settings,
+    bootstrap: str,
+    db_url: str,
+    precisions: list[str],
+    *,
+    events: int,
+    entities: int,
+    batch: int,
+    repeats: int = 2,
+    progress: Callable[[str], None] | None = None,
+    **e2e: Any,
+) -> list[dict[str, Any]]:
     """One row per requested precision: scorer windows/s (StreamScorer.process) and e2e drain events/s.
     Precisions are interleaved `repeats` times and the best of each is kept: on a shared machine the
     background load moves every run, and interleaving spreads it over all precisions alike."""
@@ -378,9 +471,11 @@ def bench_precisions(settings: Settings, bootstrap: str, db_url: str, precisions
             dr = run_e2e(s, bootstrap, db_url, events=events, entities=entities, rate=None, batch=batch, **e2e)
             runs[p].append((sc, dr))
             if progress:
-                progress(f"precision {p} (runs as {sc['precision']}), round {rnd + 1}: scorer "
-                         f"{sc['windows_per_s']:,.0f} windows/s (model only {sc['model_only_windows_per_s']:,.0f}), "
-                         f"e2e {dr.events_per_s:,.0f} events/s")
+                progress(
+                    f"precision {p} (runs as {sc['precision']}), round {rnd + 1}: scorer "
+                    f"{sc['windows_per_s']:,.0f} windows/s (model only {sc['model_only_windows_per_s']:,.0f}), "
+                    f"e2e {dr.events_per_s:,.0f} events/s"
+                )
     # the model alone, the precisions alternating call by call on the same windows, best of many: the figure
     # least moved by background load (the rows above are each a few seconds long, at different moments)
     scorers = {p: sensor_scorer(settings.model_copy(update={"precision": p})) for p in precisions}
@@ -393,16 +488,19 @@ def bench_precisions(settings: Settings, bootstrap: str, db_url: str, precisions
             best[p] = min(best[p], time.perf_counter() - t0)
     rows: list[dict[str, Any]] = []
     for p, got in runs.items():
-        rows.append({
-            "precision": p, "runs_as": got[0][0]["precision"],
-            "windows_per_s": max(g[0]["windows_per_s"] for g in got),
-            "model_only_windows_per_s": max(g[0]["model_only_windows_per_s"] or 0.0 for g in got),
-            "e2e_events_per_s": max(g[1].events_per_s for g in got),
-            "model_best_windows_per_s": batch / best[p],
-            "e2e_alerts": [g[1].alerts for g in got],
-            "all_windows_per_s": [round(g[0]["windows_per_s"], 1) for g in got],
-            "all_e2e_events_per_s": [round(g[1].events_per_s, 1) for g in got],
-        })
+        rows.append(
+            {
+                "precision": p,
+                "runs_as": got[0][0]["precision"],
+                "windows_per_s": max(g[0]["windows_per_s"] for g in got),
+                "model_only_windows_per_s": max(g[0]["model_only_windows_per_s"] or 0.0 for g in got),
+                "e2e_events_per_s": max(g[1].events_per_s for g in got),
+                "model_best_windows_per_s": batch / best[p],
+                "e2e_alerts": [g[1].alerts for g in got],
+                "all_windows_per_s": [round(g[0]["windows_per_s"], 1) for g in got],
+                "all_e2e_events_per_s": [round(g[1].events_per_s, 1) for g in got],
+            }
+        )
     base = next((r for r in rows if r["precision"] == "fp32"), rows[0])
     for r in rows:
         r["windows_vs_fp32"] = round(r["windows_per_s"] / base["windows_per_s"], 2)
@@ -417,13 +515,19 @@ def soak_summary(samples: list[tuple[float, float, int]]) -> dict[str, Any]:
     SQLite caches, every entity's first snapshot): MB at start/end, MB per million events and per minute."""
     if len(samples) < 4:
         return {"samples": len(samples)}
-    s = samples[len(samples) // 2:]
+    s = samples[len(samples) // 2 :]
     t = np.array([x[0] for x in s])
     mb = np.array([x[1] for x in s])
     n = np.array([x[2] for x in s], float)
     slope_ev = float(np.polyfit(n, mb, 1)[0] * 1e6) if n[-1] > n[0] else None
     slope_min = float(np.polyfit(t, mb, 1)[0] * 60)
-    return {"samples": len(samples), "rss_mb_start": float(samples[0][1]), "rss_mb_half": float(mb[0]),
-            "rss_mb_end": float(mb[-1]),
-            "rss_mb_max": float(mb.max()), "mb_per_million_events": slope_ev, "mb_per_minute": slope_min,
-            "events": int(n[-1])}
+    return {
+        "samples": len(samples),
+        "rss_mb_start": float(samples[0][1]),
+        "rss_mb_half": float(mb[0]),
+        "rss_mb_end": float(mb[-1]),
+        "rss_mb_max": float(mb.max()),
+        "mb_per_million_events": slope_ev,
+        "mb_per_minute": slope_min,
+        "events": int(n[-1]),
+    }

@@ -30,8 +30,13 @@ def forecaster(channels: list[str], hidden: int = 64, seed: int = 0) -> Forecast
     spec = SensorStream(channels)
     recs, _ = simulate_sensors(24, 400, seed=seed + 12)
     cols = spec.columns([spec.parse(r) for r in strip_labels(recs)])
-    return train_stream_forecaster(spec, cols, model=ForecastConfig(n_features=spec.n_features, hidden_size=hidden),
-                                   train=ForecastTrainConfig(epochs=3, seed=seed), min_history=8)
+    return train_stream_forecaster(
+        spec,
+        cols,
+        model=ForecastConfig(n_features=spec.n_features, hidden_size=hidden),
+        train=ForecastTrainConfig(epochs=3, seed=seed),
+        min_history=8,
+    )
 
 
 def _columns(load: SensorLoad, start: int, n: int) -> EventColumns:
@@ -51,8 +56,9 @@ def events_per_s(scorer: StreamScorer, load: SensorLoad, batch: int, seconds: fl
     return n / (time.perf_counter() - t0)
 
 
-def bench_families(settings: Settings, *, entities: int = 10_000, batch: int = 1000, seconds: float = 8.0,
-                   hidden: int = 64) -> dict[str, Any]:
+def bench_families(
+    settings: Settings, *, entities: int = 10_000, batch: int = 1000, seconds: float = 8.0, hidden: int = 64
+) -> dict[str, Any]:
     from pipeline.bench.core import sensor_scorer
 
     ae = sensor_scorer(settings, "cpu")
@@ -62,17 +68,36 @@ def bench_families(settings: Settings, *, entities: int = 10_000, batch: int = 1
     load_avg = [round(x, 2) for x in os.getloadavg()]
     ae_rate = events_per_s(ae, SensorLoad(entities, seed=1), batch, seconds)
     fc_rate = events_per_s(stateful, SensorLoad(entities, seed=1), batch, seconds)
-    return {"entities": entities, "batch": batch, "load_avg_at_start": load_avg,
-            "lstm_ae": {"events_per_s": round(ae_rate, 1), "window": ae.store.layout.window,
-                        "state_blob_bytes": ae.store.layout.blob_size, "model": ae.model_version},
-            "lstm_forecast": {"events_per_s": round(fc_rate, 1), "hidden_size": hidden,
-                              "state_blob_bytes": stateful.store.layout.blob_size,
-                              "model": stateful.model_version},
-            "forecast_vs_ae": round(fc_rate / ae_rate, 2)}
+    return {
+        "entities": entities,
+        "batch": batch,
+        "load_avg_at_start": load_avg,
+        "lstm_ae": {
+            "events_per_s": round(ae_rate, 1),
+            "window": ae.store.layout.window,
+            "state_blob_bytes": ae.store.layout.blob_size,
+            "model": ae.model_version,
+        },
+        "lstm_forecast": {
+            "events_per_s": round(fc_rate, 1),
+            "hidden_size": hidden,
+            "state_blob_bytes": stateful.store.layout.blob_size,
+            "model": stateful.model_version,
+        },
+        "forecast_vs_ae": round(fc_rate / ae_rate, 2),
+    }
 
 
-def e2e_families(settings: Settings, *, entities: int = 10_000, rate: float = 20_000.0, seconds: float = 20.0,
-                 drain_events: int = 100_000, batch: int = 1000, hidden: int = 64) -> dict[str, Any]:
+def e2e_families(
+    settings: Settings,
+    *,
+    entities: int = 10_000,
+    rate: float = 20_000.0,
+    seconds: float = 20.0,
+    drain_events: int = 100_000,
+    batch: int = 1000,
+    hidden: int = 64,
+) -> dict[str, Any]:
     """The whole service path (embedded broker, processor, SQLite) with each family as the sensors model:
     drain events/s and the latency percentiles of a run paced at `rate` (the same knobs as `pipeline bench`)."""
     import shutil
@@ -98,13 +123,21 @@ def e2e_families(settings: Settings, *, entities: int = 10_000, rate: float = 20
                     save_forecaster(forecaster(list(settings.sensor_channels), hidden), models / "sensors.pt")
                 s = settings.model_copy(update={"models_dir": models, "device": "cpu"})
                 db = f"sqlite:///{tmp}/{family}.db"
-                kw = dict(entities=entities, batch=batch, commit_interval_ms=100, snapshot_interval_s=10.0,
-                          fetch_max_wait_ms=20)
+                kw = dict(
+                    entities=entities,
+                    batch=batch,
+                    commit_interval_ms=100,
+                    snapshot_interval_s=10.0,
+                    fetch_max_wait_ms=20,
+                )
                 drain = run_e2e(s, boot, db, events=drain_events, rate=None, **kw)  # type: ignore[arg-type]
                 paced = run_e2e(s, boot, db, events=int(rate * seconds), rate=rate, **kw)  # type: ignore[arg-type]
-                out[family] = {"drain_events_per_s": round(drain.events_per_s, 1),
-                               "paced_latency_ms": paced.latency_ms, "paced_events": paced.events,
-                               "load_avg_after": [round(x, 2) for x in os.getloadavg()]}
+                out[family] = {
+                    "drain_events_per_s": round(drain.events_per_s, 1),
+                    "paced_latency_ms": paced.latency_ms,
+                    "paced_events": paced.events,
+                    "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+                }
     finally:
         if broker is not None:
             broker.stop()
@@ -122,18 +155,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--torch-threads", type=int, default=1)
-    ap.add_argument("--e2e-rate", type=float, default=0.0,
-                    help="also run the service path with each family (drain, then paced at this events/s)")
+    ap.add_argument(
+        "--e2e-rate",
+        type=float,
+        default=0.0,
+        help="also run the service path with each family (drain, then paced at this events/s)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
     s = _settings()
     s.device = "cpu"
     if args.e2e_rate > 0:
-        print(json.dumps(e2e_families(s, entities=args.entities, rate=args.e2e_rate, batch=args.batch,
-                                      hidden=args.hidden)))
+        print(
+            json.dumps(
+                e2e_families(s, entities=args.entities, rate=args.e2e_rate, batch=args.batch, hidden=args.hidden)
+            )
+        )
         return 0
-    print(json.dumps(bench_families(s, entities=args.entities, batch=args.batch, seconds=args.seconds,
-                                    hidden=args.hidden)))
+    print(
+        json.dumps(
+            bench_families(s, entities=args.entities, batch=args.batch, seconds=args.seconds, hidden=args.hidden)
+        )
+    )
     return 0
 
 

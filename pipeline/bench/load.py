@@ -22,8 +22,7 @@ _AMP = np.array([0.01, 0.012, 0.15, 0.05, 1.0, 0.4, 3.0, 1.0])
 _NOISE = np.array([0.002, 0.002, 0.03, 0.02, 0.15, 0.05, 0.8, 0.3])
 START = 1_583_748_873.0  # 2020-03-09, like pipeline.simulate
 
-_TEMPLATE = ('{"device_id":"%s","timestamp":"%s","values":{'
-             + ",".join(f'"{c}":%.6f' for c in SENSOR_CHANNELS) + "}}")
+_TEMPLATE = '{"device_id":"%s","timestamp":"%s","values":{' + ",".join(f'"{c}":%.6f' for c in SENSOR_CHANNELS) + "}}"
 
 
 def device_id(d: int) -> str:
@@ -75,8 +74,16 @@ class SensorLoad:
             yield self.payloads(s, min(chunk, start + n - s))
 
 
-def produce(bootstrap: str, topic: str, load: SensorLoad, start: int, n: int, rate: float | None = None,
-            duration_s: float | None = None, pregenerate_max: int = 2_000_000) -> int:
+def produce(
+    bootstrap: str,
+    topic: str,
+    load: SensorLoad,
+    start: int,
+    n: int,
+    rate: float | None = None,
+    duration_s: float | None = None,
+    pregenerate_max: int = 2_000_000,
+) -> int:
     """Send n events (or until duration_s), paced at `rate`/s if given. Record timestamp = send time.
 
     The load generator shares the machine with the system under test, so it is kept cheap: payloads are

@@ -32,14 +32,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import metrics
+from pipeline.checkpointing.rows import AlertRow, OffsetRow, StateRow
 from pipeline.errors import CheckpointError, SinkError
 from pipeline.records import DeadLetterSink, RawRecord, Source, TopicPartition
-from pipeline.sinks.sql import AlertRow, OffsetRow, SqlStore, StateRow
 
 if TYPE_CHECKING:
     from pipeline.alerts.lifecycle import IncidentTracker
     from pipeline.alerts.outbox import OutboxRelay
     from pipeline.scoring.scorer import ScoreBatch
+    from pipeline.sinks.sql import SqlStore
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +127,35 @@ class Checkpointer:
         load = tracker.loader
         if load is not None:
             tracker.loader = lambda topic, partition: self.db_retry(
-                f"load open incidents of {topic}[{partition}]", lambda: load(topic, partition))
+                f"load open incidents of {topic}[{partition}]", lambda: load(topic, partition)
+            )
 
-    def observe(self, topic: str, stream: str, records: list[RawRecord], partitions: np.ndarray,
-                event_ts: np.ndarray, batch: ScoreBatch) -> list[tuple[int, Exception]]:
+    def observe(
+        self,
+        topic: str,
+        stream: str,
+        records: list[RawRecord],
+        partitions: np.ndarray,
+        event_ts: np.ndarray,
+        batch: ScoreBatch,
+    ) -> list[tuple[int, Exception]]:
         """Feed one scored micro-batch to the incident tracker (no-op without one); returns the events whose
         lifecycle update raised (see IncidentTracker.observe)."""
         if self.tracker is None:
             return []
-        return self.tracker.observe(topic, stream, records, partitions, event_ts, batch.entity_ids, batch.scores,
-                                    batch.thresholds, batch.is_anomaly, self.positions.committed,
-                                    tags=self.positions.tag)
+        return self.tracker.observe(
+            topic,
+            stream,
+            records,
+            partitions,
+            event_ts,
+            batch.entity_ids,
+            batch.scores,
+            batch.thresholds,
+            batch.is_anomaly,
+            self.positions.committed,
+            tags=self.positions.tag,
+        )
 
     def checkpoint(self, snapshot: bool | set[TopicPartition], only: set[TopicPartition] | None = None) -> int:
         """Flush sinks, then commit offsets. Returns alerts newly inserted. Raises CheckpointError.
@@ -158,9 +177,12 @@ class Checkpointer:
         snap_tps = {tp for tp in wanted & set(consumed) if not (self.snapshot_unit(tp) & behind)}
         snapshot = bool(snap_tps)
         if self.pending:  # replayed alerts are durable already: they are not written (nor counted) again
-            self.pending = [a for a in self.pending
-                            if a.source_offset >= pos.committed.get((a.source_topic, a.source_partition), 0)
-                            or (a.source_topic, a.source_partition) in pos.rewound]
+            self.pending = [
+                a
+                for a in self.pending
+                if a.source_offset >= pos.committed.get((a.source_topic, a.source_partition), 0)
+                or (a.source_topic, a.source_partition) in pos.rewound
+            ]
         states, mark_clean = self.collect_states(snap_tps) if snapshot else ([], lambda: None)
         lifecycle = self.tracker.prepare(self.pending) if self.tracker is not None else None
         if not changed and not self.pending and not states and not snapshot and not lifecycle:
@@ -168,8 +190,13 @@ class Checkpointer:
                 self.relay.try_drain()
             return 0
         offsets = [
-            OffsetRow(t, p, o, applied[(t, p)] if (t, p) in snap_tps else None,
-                      pos.epoch.get((t, p)) if (t, p) in pos.rewound else None)
+            OffsetRow(
+                t,
+                p,
+                o,
+                applied[(t, p)] if (t, p) in snap_tps else None,
+                pos.epoch.get((t, p)) if (t, p) in pos.rewound else None,
+            )
             for (t, p), o in consumed.items()
             if (t, p) in changed or (t, p) in snap_tps
         ]
@@ -177,8 +204,9 @@ class Checkpointer:
         try:
             self.dlq.flush()
             if lifecycle:
-                inserted = self.db.write_checkpoint(self.run_id, self.group_id, alerts, states, offsets,
-                                                    lifecycle=lifecycle)
+                inserted = self.db.write_checkpoint(
+                    self.run_id, self.group_id, alerts, states, offsets, lifecycle=lifecycle
+                )
             else:
                 inserted = self.db.write_checkpoint(self.run_id, self.group_id, alerts, states, offsets)
         except SinkError as exc:

@@ -27,9 +27,17 @@ class Format(str, Enum):
     transactions = "transactions"
 
 
-def run_evaluation(fmt: str, data: Path, *, epochs: int | None = None, seed: int | None = None,
-                   device: str = "cpu", save_model: Path | None = None, partitions: int | None = None,
-                   precision: str = "fp32") -> dict[str, Any]:
+def run_evaluation(
+    fmt: str,
+    data: Path,
+    *,
+    epochs: int | None = None,
+    seed: int | None = None,
+    device: str = "cpu",
+    save_model: Path | None = None,
+    partitions: int | None = None,
+    precision: str = "fp32",
+) -> dict[str, Any]:
     """Dispatch to the format's protocol; overrides apply on top of the validated defaults.
     save_model (transactions): also write the trained checkpoint, servable as PIPELINE_MODELS_DIR/transactions.pt."""
     from dataclasses import replace
@@ -40,8 +48,10 @@ def run_evaluation(fmt: str, data: Path, *, epochs: int | None = None, seed: int
     overrides: dict[str, Any] = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
     started = time.monotonic()
     if save_model is not None and fmt != "transactions":
-        raise ConfigError("--save-model: only --format transactions trains one servable model (SKAB and NASA "
-                          "models are fitted per benchmark split)")
+        raise ConfigError(
+            "--save-model: only --format transactions trains one servable model (SKAB and NASA "
+            "models are fitted per benchmark split)"
+        )
     if partitions is not None:
         if fmt != "transactions":
             raise ConfigError("--partitions: only --format transactions has per-partition (terminal) state")
@@ -60,8 +70,13 @@ def run_evaluation(fmt: str, data: Path, *, epochs: int | None = None, seed: int
 
         if partitions is not None:
             overrides["partitions"] = partitions
-        res = transactions.evaluate(data, replace(transactions.TransactionsConfig(), **overrides), device=device,
-                                    save_model=save_model, precision=precision)
+        res = transactions.evaluate(
+            data,
+            replace(transactions.TransactionsConfig(), **overrides),
+            device=device,
+            save_model=save_model,
+            precision=precision,
+        )
     else:
         raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(KEYS)}")
     res["format"] = fmt
@@ -80,14 +95,23 @@ def register(app: typer.Typer) -> None:
         epochs: Annotated[int | None, typer.Option(help="override the validated number of epochs")] = None,
         seed: Annotated[int | None, typer.Option()] = None,
         device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
-        save_model: Annotated[Path | None, typer.Option(
-            "--save-model", help="transactions: also save the trained model (.pt + .card.json) for `pipeline run`")
+        save_model: Annotated[
+            Path | None,
+            typer.Option(
+                "--save-model", help="transactions: also save the trained model (.pt + .card.json) for `pipeline run`"
+            ),
         ] = None,
-        partitions: Annotated[int | None, typer.Option(
-            help="transactions: partition count of the topic the model will serve (terminal context is per "
-                 "partition); default 1")] = None,
-        precision: Annotated[str | None, typer.Option(
-            help="scoring precision fp32 | bf16 | int8 (training stays fp32); default PIPELINE_PRECISION")] = None,
+        partitions: Annotated[
+            int | None,
+            typer.Option(
+                help="transactions: partition count of the topic the model will serve (terminal context is per "
+                "partition); default 1"
+            ),
+        ] = None,
+        precision: Annotated[
+            str | None,
+            typer.Option(help="scoring precision fp32 | bf16 | int8 (training stays fp32); default PIPELINE_PRECISION"),
+        ] = None,
     ) -> None:
         """Train on a benchmark's training part, stream its test part through the scorer, print metrics."""
         if precision is None:
@@ -96,8 +120,16 @@ def register(app: typer.Typer) -> None:
             precision = _settings().precision
         if precision not in ("fp32", "bf16", "int8"):
             raise ConfigError(f"--precision {precision!r}: expected fp32, bf16 or int8")
-        res = run_evaluation(fmt.value, data, epochs=epochs, seed=seed, device=device, save_model=save_model,
-                             partitions=partitions, precision=precision)
+        res = run_evaluation(
+            fmt.value,
+            data,
+            epochs=epochs,
+            seed=seed,
+            device=device,
+            save_model=save_model,
+            partitions=partitions,
+            precision=precision,
+        )
         if as_json:
             typer.echo(json.dumps(res, sort_keys=True))
             return

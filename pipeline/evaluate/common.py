@@ -67,8 +67,16 @@ def concat(parts: list[EventColumns]) -> EventColumns:
     return EventColumns(ids, np.concatenate([p.ts for p in parts]), np.concatenate([p.base for p in parts]))
 
 
-def fit(spec: StreamSpec, cols: EventColumns, model: LSTMAEConfig, train: TrainConfig, *, min_history: int,
-        device: str = "cpu", name: str) -> Checkpoint:
+def fit(
+    spec: StreamSpec,
+    cols: EventColumns,
+    model: LSTMAEConfig,
+    train: TrainConfig,
+    *,
+    min_history: int,
+    device: str = "cpu",
+    name: str,
+) -> Checkpoint:
     """Train on `cols` (normal/training events) through the serving path, with a progress bar per epoch."""
     bar = tqdm(total=train.epochs, desc=f"train {name}", file=sys.stderr, leave=False)
 
@@ -77,14 +85,25 @@ def fit(spec: StreamSpec, cols: EventColumns, model: LSTMAEConfig, train: TrainC
         bar.update(1)
 
     try:
-        return train_stream_model(spec, cols, model=model, train=train, min_history=min_history, name=name,
-                                  device=device, progress=progress)
+        return train_stream_model(
+            spec, cols, model=model, train=train, min_history=min_history, name=name, device=device, progress=progress
+        )
     finally:
         bar.close()
 
 
-def fit_forecaster(spec: StreamSpec, cols: EventColumns, model: LSTMAEConfig, params: dict[str, Any], *,
-                   epochs: int, seed: int, min_history: int, device: str = "cpu", name: str) -> ForecastCheckpoint:
+def fit_forecaster(
+    spec: StreamSpec,
+    cols: EventColumns,
+    model: LSTMAEConfig,
+    params: dict[str, Any],
+    *,
+    epochs: int,
+    seed: int,
+    min_history: int,
+    device: str = "cpu",
+    name: str,
+) -> ForecastCheckpoint:
     """The stateful forecasting family on the same features; `params` mixes ForecastConfig and
     ForecastTrainConfig fields; the scored features are the autoencoder config's (the format's choice)."""
     mnames, tnames = {f.name for f in fields(ForecastConfig)}, {f.name for f in fields(ForecastTrainConfig)}
@@ -104,8 +123,9 @@ def fit_forecaster(spec: StreamSpec, cols: EventColumns, model: LSTMAEConfig, pa
         bar.update(1)
 
     try:
-        return train_stream_forecaster(spec, cols, model=fc, train=tc, min_history=min_history, name=name,
-                                       device=device, progress=progress)
+        return train_stream_forecaster(
+            spec, cols, model=fc, train=tc, min_history=min_history, name=name, device=device, progress=progress
+        )
     finally:
         bar.close()
 
@@ -117,18 +137,32 @@ def make_threshold(global_threshold: float, cfg: Any) -> AdaptiveThreshold | Dyn
         return DynamicThreshold(global_threshold, **dict(getattr(cfg, "dynamic", {})))
     if method != "adaptive":
         raise ConfigError(f"threshold_method {method!r}: expected one of {', '.join(THRESHOLDS)}")
-    return AdaptiveThreshold(global_threshold, warmup=cfg.warmup, z=cfg.z, floor_ratio=cfg.floor_ratio,
-                             smoothing=cfg.smoothing)
+    return AdaptiveThreshold(
+        global_threshold, warmup=cfg.warmup, z=cfg.z, floor_ratio=cfg.floor_ratio, smoothing=cfg.smoothing
+    )
 
 
-def make_scorer(spec: StreamSpec, ckpt: Checkpoint | ForecastCheckpoint,
-                threshold: AdaptiveThreshold | DynamicThreshold, *, min_history: int,
-                device: str = "cpu", precision: str = "fp32") -> StreamScorer:
+def make_scorer(
+    spec: StreamSpec,
+    ckpt: Checkpoint | ForecastCheckpoint,
+    threshold: AdaptiveThreshold | DynamicThreshold,
+    *,
+    min_history: int,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> StreamScorer:
     return StreamScorer(spec, ckpt, threshold=threshold, min_history=min_history, device=device, precision=precision)
 
 
-def stream(scorer: StreamScorer, cols: EventColumns, *, learn: bool = True, learn_scores: bool | None = None,
-           batch_size: int = 2000, desc: str = "score") -> Scored:
+def stream(
+    scorer: StreamScorer,
+    cols: EventColumns,
+    *,
+    learn: bool = True,
+    learn_scores: bool | None = None,
+    batch_size: int = 2000,
+    desc: str = "score",
+) -> Scored:
     """Feed events in event-time order (stable, so each entity keeps its order) in micro-batches."""
     n = len(cols.entity_ids)
     order = np.argsort(cols.ts, kind="stable")
@@ -178,9 +212,18 @@ class SeriesProtocolConfig(Protocol):
     def learn_scores_in_test(self) -> bool: ...
 
 
-def train_then_score(spec: StreamSpec, train: EventColumns, test: EventColumns, model: LSTMAEConfig,
-                     cfg: SeriesProtocolConfig, *, name: str, device: str = "cpu",
-                     model_per_entity: bool = False, precision: str = "fp32") -> Scored:
+def train_then_score(
+    spec: StreamSpec,
+    train: EventColumns,
+    test: EventColumns,
+    model: LSTMAEConfig,
+    cfg: SeriesProtocolConfig,
+    *,
+    name: str,
+    device: str = "cpu",
+    model_per_entity: bool = False,
+    precision: str = "fp32",
+) -> Scored:
     """Fit on the training part, stream it to warm every entity's scaling and thresholds (learning), then
     stream the test part with the scaling frozen unless `learn_in_test` (SKAB's scaler is fitted on its
     training rows) and the score statistics frozen unless `learn_scores_in_test` (label-free adaptation).
@@ -193,33 +236,73 @@ def train_then_score(spec: StreamSpec, train: EventColumns, test: EventColumns, 
     test_ids = np.asarray(test.entity_ids, dtype=object)
     untrained = sorted(set(test.entity_ids) - set(train.entity_ids))
     if untrained:
-        raise ConfigError(f"{name}: no training events for {', '.join(map(str, untrained[:5]))}; "
-                          "a model per entity needs each entity's own training part")
+        raise ConfigError(
+            f"{name}: no training events for {', '.join(map(str, untrained[:5]))}; "
+            "a model per entity needs each entity's own training part"
+        )
     n = len(test_ids)
     out = Scored(np.empty(n, np.float64), np.empty(n, np.float64), np.zeros(n, bool))
-    for entity in tqdm(list(dict.fromkeys(test.entity_ids)), desc=f"{name} models", file=sys.stderr,
-                       leave=False):
+    for entity in tqdm(list(dict.fromkeys(test.entity_ids)), desc=f"{name} models", file=sys.stderr, leave=False):
         tr, te = np.flatnonzero(train_ids == entity), np.flatnonzero(test_ids == entity)
-        res = _train_then_score(spec, take(train, tr), take(test, te), model, cfg, name=f"{name} {entity}",
-                                device=device, precision=precision)
+        res = _train_then_score(
+            spec,
+            take(train, tr),
+            take(test, te),
+            model,
+            cfg,
+            name=f"{name} {entity}",
+            device=device,
+            precision=precision,
+        )
         out.scores[te], out.thresholds[te], out.alerts[te] = res.scores, res.thresholds, res.alerts
     return out
 
 
-def _train_then_score(spec: StreamSpec, train: EventColumns, test: EventColumns, model: LSTMAEConfig,
-                      cfg: SeriesProtocolConfig, *, name: str, device: str, precision: str = "fp32") -> Scored:
+def _train_then_score(
+    spec: StreamSpec,
+    train: EventColumns,
+    test: EventColumns,
+    model: LSTMAEConfig,
+    cfg: SeriesProtocolConfig,
+    *,
+    name: str,
+    device: str,
+    precision: str = "fp32",
+) -> Scored:
     family = getattr(cfg, "family", "lstm_ae")
     ckpt: Checkpoint | ForecastCheckpoint
     if family == "lstm_forecast":
-        ckpt = fit_forecaster(spec, train, model, dict(getattr(cfg, "forecast", {})), epochs=cfg.epochs,
-                              seed=cfg.seed, min_history=cfg.min_history, device=device, name=name)
+        ckpt = fit_forecaster(
+            spec,
+            train,
+            model,
+            dict(getattr(cfg, "forecast", {})),
+            epochs=cfg.epochs,
+            seed=cfg.seed,
+            min_history=cfg.min_history,
+            device=device,
+            name=name,
+        )
     elif family == "lstm_ae":
-        ckpt = fit(spec, train, model, TrainConfig(epochs=cfg.epochs, seed=cfg.seed), min_history=cfg.min_history,
-                   device=device, name=name)
+        ckpt = fit(
+            spec,
+            train,
+            model,
+            TrainConfig(epochs=cfg.epochs, seed=cfg.seed),
+            min_history=cfg.min_history,
+            device=device,
+            name=name,
+        )
     else:
         raise ConfigError(f"family {family!r}: expected one of {', '.join(FAMILIES)}")
     thr = make_threshold(ckpt.threshold, cfg)
     scorer = make_scorer(spec, ckpt, thr, min_history=cfg.min_history, device=device, precision=precision)
     stream(scorer, train, learn=True, batch_size=cfg.batch_size, desc=f"{name} train part")
-    return stream(scorer, test, learn=cfg.learn_in_test, learn_scores=cfg.learn_in_test or cfg.learn_scores_in_test,
-                  batch_size=cfg.batch_size, desc=f"{name} test part")
+    return stream(
+        scorer,
+        test,
+        learn=cfg.learn_in_test,
+        learn_scores=cfg.learn_in_test or cfg.learn_scores_in_test,
+        batch_size=cfg.batch_size,
+        desc=f"{name} test part",
+    )

@@ -29,7 +29,10 @@ def pointwise_from_counts(tp: int, fp: int, fn: int, tn: int) -> dict[str, float
         "f1": tp / (tp + (fp + fn) / 2) if tp + fp + fn else 1.0,
         "far": fp / (fp + tn) if fp + tn else 0.0,
         "mar": fn / (fn + tp) if fn + tp else 0.0,
-        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
     }
 
 
@@ -46,9 +49,7 @@ def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return a[0] <= b[1] and b[0] <= a[1]
 
 
-def segment_counts(
-    labeled: Sequence[tuple[int, int]], predicted: Sequence[tuple[int, int]]
-) -> tuple[int, int, int]:
+def segment_counts(labeled: Sequence[tuple[int, int]], predicted: Sequence[tuple[int, int]]) -> tuple[int, int, int]:
     """Orion overlap counts for one signal: (TP, FP, FN).
 
     TP: a labeled segment overlapped by any prediction; FN: one overlapped by none;
@@ -77,7 +78,11 @@ def segment_f1_from_counts(tp: int, fp: int, fn: int) -> dict[str, float]:
 
 
 def card_precision_at_k(
-    day: np.ndarray, card: np.ndarray, score: np.ndarray, fraud: np.ndarray, k: int = 100,
+    day: np.ndarray,
+    card: np.ndarray,
+    score: np.ndarray,
+    fraud: np.ndarray,
+    k: int = 100,
     remove_detected: bool = True,
 ) -> float:
     """Fraud Detection Handbook CP@k: per day, rank cards by their highest transaction score, take the

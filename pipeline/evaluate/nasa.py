@@ -31,8 +31,9 @@ CHANNELS = ["value", "commands"]
 class NasaConfig:
     """Hyper-parameters chosen on held-out tails of the *training* series (pipeline.evaluate.validation)."""
 
-    model: dict[str, Any] = field(default_factory=lambda: {"window": 64, "hidden_size": 32, "latent_size": 8,
-                                                           "score_steps": 16})
+    model: dict[str, Any] = field(
+        default_factory=lambda: {"window": 64, "hidden_size": 32, "latent_size": 8, "score_steps": 16}
+    )
     epochs: int = 15
     seed: int = 0
     z: float = 5.0
@@ -106,19 +107,30 @@ def merge(segs: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
     return out
 
 
-def evaluate(path: Path, cfg: NasaConfig = NasaConfig(), *, device: str = "cpu", precision: str = "fp32"
-             ) -> dict[str, Any]:
+def evaluate(
+    path: Path, cfg: NasaConfig = NasaConfig(), *, device: str = "cpu", precision: str = "fp32"
+) -> dict[str, Any]:
     chans, train, test, labeled, lengths = load(path)
     spec = SensorStream(CHANNELS)
     model = LSTMAEConfig(n_features=len(CHANNELS), **cfg.model)
-    res = common.train_then_score(spec, train, test, model, cfg, name="nasa", device=device,
-                                  model_per_entity=cfg.model_per_channel, precision=precision)
+    res = common.train_then_score(
+        spec,
+        train,
+        test,
+        model,
+        cfg,
+        name="nasa",
+        device=device,
+        model_per_entity=cfg.model_per_channel,
+        precision=precision,
+    )
     ids = np.asarray(test.entity_ids, dtype=object)
     pairs = []
     for chan in chans:
         alerts = res.alerts[ids == chan]
         pairs.append((labeled[chan], merge(segments(alerts), cfg.merge_gap)))
     out = segment_f1(pairs)
-    out.update(channels=len(chans), labeled_segments=sum(len(v) for v in labeled.values()),
-               test_events=len(test.entity_ids))
+    out.update(
+        channels=len(chans), labeled_segments=sum(len(v) for v in labeled.values()), test_events=len(test.entity_ids)
+    )
     return out

@@ -36,12 +36,19 @@ from pipeline.evaluate.sweep import parse_overrides
 
 def _merged(default: Any, over: dict[str, Any]) -> dict[str, Any]:
     """Overrides on top of a config; dict-valued fields (model, forecast, dynamic) are merged, not replaced."""
-    return {k: {**getattr(default, k), **v} if isinstance(v, dict) and isinstance(getattr(default, k, None), dict)
-            else v for k, v in over.items()}
+    return {
+        k: {**getattr(default, k), **v} if isinstance(v, dict) and isinstance(getattr(default, k, None), dict) else v
+        for k, v in over.items()
+    }
 
 
-def _skab_runs(path: Path, rows: int | None, model_over: dict[str, Any], thresholds: list[dict[str, Any]],
-               per_format: dict[str, Any]) -> list[dict[str, Any]]:
+def _skab_runs(
+    path: Path,
+    rows: int | None,
+    model_over: dict[str, Any],
+    thresholds: list[dict[str, Any]],
+    per_format: dict[str, Any],
+) -> list[dict[str, Any]]:
     from pipeline.evaluate import skab
     from pipeline.features.streams import SensorStream
 
@@ -59,8 +66,9 @@ def _skab_runs(path: Path, rows: int | None, model_over: dict[str, Any], thresho
     return out
 
 
-def _nasa_runs(path: Path, model_over: dict[str, Any], thresholds: list[dict[str, Any]],
-               per_format: dict[str, Any]) -> list[dict[str, Any]]:
+def _nasa_runs(
+    path: Path, model_over: dict[str, Any], thresholds: list[dict[str, Any]], per_format: dict[str, Any]
+) -> list[dict[str, Any]]:
     from pipeline.evaluate import nasa
     from pipeline.evaluate.metrics import segment_f1, segments
     from pipeline.features.streams import SensorStream
@@ -84,17 +92,31 @@ def _nasa_runs(path: Path, model_over: dict[str, Any], thresholds: list[dict[str
 
 def _fit(spec: Any, train: Any, model: Any, cfg: Any) -> Any:
     if cfg.family == "lstm_forecast":
-        return common.fit_forecaster(spec, train, model, dict(cfg.forecast), epochs=cfg.epochs, seed=cfg.seed,
-                                     min_history=cfg.min_history, name="select")
-    return common.fit(spec, train, model, TrainConfig(epochs=cfg.epochs, seed=cfg.seed), min_history=cfg.min_history,
-                      name="select")
+        return common.fit_forecaster(
+            spec,
+            train,
+            model,
+            dict(cfg.forecast),
+            epochs=cfg.epochs,
+            seed=cfg.seed,
+            min_history=cfg.min_history,
+            name="select",
+        )
+    return common.fit(
+        spec, train, model, TrainConfig(epochs=cfg.epochs, seed=cfg.seed), min_history=cfg.min_history, name="select"
+    )
 
 
 def _stream(spec: Any, ckpt: Any, train: Any, test: Any, cfg: Any) -> common.Scored:
     scorer = common.make_scorer(spec, ckpt, common.make_threshold(ckpt.threshold, cfg), min_history=cfg.min_history)
     common.stream(scorer, train, learn=True, batch_size=cfg.batch_size)
-    return common.stream(scorer, test, learn=cfg.learn_in_test,
-                         learn_scores=cfg.learn_in_test or cfg.learn_scores_in_test, batch_size=cfg.batch_size)
+    return common.stream(
+        scorer,
+        test,
+        learn=cfg.learn_in_test,
+        learn_scores=cfg.learn_in_test or cfg.learn_scores_in_test,
+        batch_size=cfg.batch_size,
+    )
 
 
 def rank(table: dict[str, dict[str, dict[str, Any]]], max_far: float) -> list[dict[str, Any]]:
@@ -112,20 +134,32 @@ def rank(table: dict[str, dict[str, dict[str, Any]]], max_far: float) -> list[di
         r = scipy.stats.rankdata([-k for k in keys], method="average")
         for c, v in zip(cands, r, strict=True):
             ranks[c].append(float(v))
-    out = [{"candidate": c, "mean_rank": float(np.mean(ranks[c])), "ranks": ranks[c],
-            "mean_f1": float(np.mean(f1s[c]))} for c in cands]
+    out = [
+        {"candidate": c, "mean_rank": float(np.mean(ranks[c])), "ranks": ranks[c], "mean_f1": float(np.mean(f1s[c]))}
+        for c in cands
+    ]
     return sorted(out, key=lambda d: (d["mean_rank"], -d["mean_f1"]))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate.select", description=__doc__.splitlines()[0])
     ap.add_argument("--source", action="append", default=[], help="skab:PATH[:ROWS] or nasa:PATH")
-    ap.add_argument("--rank-logs", nargs="+", type=Path, default=[],
-                    help="only rank: the per-(source, candidate) JSON lines of earlier runs, pooled")
+    ap.add_argument(
+        "--rank-logs",
+        nargs="+",
+        type=Path,
+        default=[],
+        help="only rank: the per-(source, candidate) JSON lines of earlier runs, pooled",
+    )
     ap.add_argument("--model", action="append", default=[], help="JSON config overrides (family, model, forecast)")
     ap.add_argument("--threshold", action="append", default=[], help="JSON threshold overrides (z, smoothing, ...)")
-    ap.add_argument("--nasa-set", action="append", default=[], metavar="KEY=JSON",
-                    help="overrides applied to every nasa source (e.g. z defaults differ per format)")
+    ap.add_argument(
+        "--nasa-set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="overrides applied to every nasa source (e.g. z defaults differ per format)",
+    )
     ap.add_argument("--skab-set", action="append", default=[], metavar="KEY=JSON")
     ap.add_argument("--max-far", type=float, default=0.15)
     args = ap.parse_args(argv)
@@ -137,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                 if "source" in row:
                     pooled.setdefault(row["source"], {})[row["candidate"]] = row
         common_cands = set.intersection(*(set(v) for v in pooled.values())) if pooled else set()
-        for row in rank({src: {c: rows[c] for c in sorted(common_cands)} for src, rows in pooled.items()},
-                        args.max_far):
+        for row in rank(
+            {src: {c: rows[c] for c in sorted(common_cands)} for src, rows in pooled.items()}, args.max_far
+        ):
             print(json.dumps(row), flush=True)
         return 0
     if not args.source:
@@ -149,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
 
         models = [json.loads(m) for m in args.model] or [{}]
         thresholds = [json.loads(t) for t in args.threshold] or [{}]
-        per = {"skab": parse_overrides(args.skab_set, skab.SkabConfig),
-               "nasa": parse_overrides(args.nasa_set, nasa.NasaConfig)}
+        per = {
+            "skab": parse_overrides(args.skab_set, skab.SkabConfig),
+            "nasa": parse_overrides(args.nasa_set, nasa.NasaConfig),
+        }
         table: dict[str, dict[str, dict[str, Any]]] = {}
         for src in args.source:
             fmt, _, rest = src.partition(":")

@@ -37,8 +37,9 @@ def records(path: Path, *, from_day: int, delay_days: float = 7.0) -> tuple[list
     return payments, labels
 
 
-def _records(path: Path, *, from_day: int, delay_days: float
-             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int], list[int]]:
+def _records(
+    path: Path, *, from_day: int, delay_days: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int], list[int]]:
     """`records` plus each record's event time in epoch milliseconds (the Kafka timestamps)."""
     df, ts, day = in_time_order(read(path))
     if from_day < 0 or from_day > int(day.max()):
@@ -50,16 +51,37 @@ def _records(path: Path, *, from_day: int, delay_days: float
     pay_idx = np.flatnonzero(day >= from_day)
     lab_idx = np.flatnonzero((day >= from_day - np.ceil(delay_days)) & (known <= ts[-1]))
     lab_idx = lab_idx[np.argsort(known[lab_idx], kind="stable")]
-    payments = [{"transaction_id": ids[i], "customer_id": cust[i], "terminal_id": term[i],
-                 "amount": float(amount[i]), "timestamp": iso(float(ts[i]))} for i in pay_idx.tolist()]
-    labels = [{"transaction_id": ids[i], "customer_id": cust[i], "terminal_id": term[i],
-               "is_fraud": bool(fraud[i]), "labelled_at": iso(float(known[i]))} for i in lab_idx.tolist()]
-    return payments, labels, np.rint(ts[pay_idx] * 1000).astype(np.int64).tolist(), \
-        np.rint(known[lab_idx] * 1000).astype(np.int64).tolist()
+    payments = [
+        {
+            "transaction_id": ids[i],
+            "customer_id": cust[i],
+            "terminal_id": term[i],
+            "amount": float(amount[i]),
+            "timestamp": iso(float(ts[i])),
+        }
+        for i in pay_idx.tolist()
+    ]
+    labels = [
+        {
+            "transaction_id": ids[i],
+            "customer_id": cust[i],
+            "terminal_id": term[i],
+            "is_fraud": bool(fraud[i]),
+            "labelled_at": iso(float(known[i])),
+        }
+        for i in lab_idx.tolist()
+    ]
+    return (
+        payments,
+        labels,
+        np.rint(ts[pay_idx] * 1000).astype(np.int64).tolist(),
+        np.rint(known[lab_idx] * 1000).astype(np.int64).tolist(),
+    )
 
 
-def produce(settings: Settings, bootstrap: str, path: Path, *, from_day: int, delay_days: float = 7.0,
-            fanout: bool = True) -> dict[str, int]:
+def produce(
+    settings: Settings, bootstrap: str, path: Path, *, from_day: int, delay_days: float = 7.0, fanout: bool = True
+) -> dict[str, int]:
     """Payments to the transactions topic, labels to the labels topic (fanned out to every partition unless
     fanout=False), keyed by customer, Kafka timestamps = event times."""
     from pipeline.kafka.client import ensure_topics, make_producer, produce_json, produce_labels
@@ -69,8 +91,7 @@ def produce(settings: Settings, bootstrap: str, path: Path, *, from_day: int, de
     producer = make_producer(bootstrap)
     try:
         n_lab = produce_labels(producer, settings.labels_topic, labels, fanout=fanout, timestamp_ms=lab_ms)
-        n_pay = produce_json(producer, settings.transactions_topic, [(r["customer_id"], r) for r in payments],
-                             pay_ms)
+        n_pay = produce_json(producer, settings.transactions_topic, [(r["customer_id"], r) for r in payments], pay_ms)
     finally:
         producer.close()
     return {"payments": n_pay, "labels": len(labels), "label_records": n_lab}
@@ -82,8 +103,10 @@ def report(db: SqlStore, run_id: str, path: Path, *, test_fraction: float = 0.2)
     df, ts, day = in_time_order(read(path))
     n_days = int(day.max()) + 1
     first_test = first_test_day(n_days, test_fraction)
-    key = pd.Series(np.arange(len(df)), index=pd.MultiIndex.from_arrays(
-        [df["CUSTOMER_ID"].astype(str).to_numpy(), np.rint(ts).astype(np.int64)]))
+    key = pd.Series(
+        np.arange(len(df)),
+        index=pd.MultiIndex.from_arrays([df["CUSTOMER_ID"].astype(str).to_numpy(), np.rint(ts).astype(np.int64)]),
+    )
     key = key[~key.index.duplicated()]
     rows = db.list_alerts(run_id=run_id, stream="transactions")
     hits: list[int] = []
@@ -101,10 +124,17 @@ def report(db: SqlStore, run_id: str, path: Path, *, test_fraction: float = 0.2)
     in_test = idx[day[idx] >= first_test]
     test_frauds = int(fraud[day >= first_test].sum())
     caught = int(fraud[in_test].sum())
-    return {"run_id": run_id, "alerts": len(rows), "unmatched_alerts": unmatched, "test_days": n_days - first_test,
-            "test_alerts": len(in_test), "test_alert_precision": caught / len(in_test) if len(in_test) else 0.0,
-            "test_frauds": test_frauds, "test_frauds_alerted": caught,
-            "test_fraud_recall": caught / test_frauds if test_frauds else 0.0}
+    return {
+        "run_id": run_id,
+        "alerts": len(rows),
+        "unmatched_alerts": unmatched,
+        "test_days": n_days - first_test,
+        "test_alerts": len(in_test),
+        "test_alert_precision": caught / len(in_test) if len(in_test) else 0.0,
+        "test_frauds": test_frauds,
+        "test_frauds_alerted": caught,
+        "test_fraud_recall": caught / test_frauds if test_frauds else 0.0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,8 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "produce":
             if not settings.kafka_bootstrap:
                 raise ConfigError("set KAFKA_BOOTSTRAP (e.g. a `pipeline broker` or the docker-compose Kafka)")
-            out: dict[str, Any] = produce(settings, settings.kafka_bootstrap, args.data, from_day=args.from_day,
-                                          delay_days=args.delay_days, fanout=not args.no_fanout)
+            out: dict[str, Any] = produce(
+                settings,
+                settings.kafka_bootstrap,
+                args.data,
+                from_day=args.from_day,
+                delay_days=args.delay_days,
+                fanout=not args.no_fanout,
+            )
         else:
             db = SqlStore(settings.database_url)
             try:

@@ -31,8 +31,9 @@ class SkabConfig:
     """Hyper-parameters chosen on validation sets built from training rows only (docs/results/evaluation.md)."""
 
     train_rows: int = 400
-    model: dict[str, Any] = field(default_factory=lambda: {"window": 32, "hidden_size": 32, "latent_size": 8,
-                                                           "score_steps": 8})
+    model: dict[str, Any] = field(
+        default_factory=lambda: {"window": 32, "hidden_size": 32, "latent_size": 8, "score_steps": 8}
+    )
     # channels whose median lag-1 autocorrelation over the files' *training rows* reaches this are slow
     # (thermal) channels: the model reads them as context but does not score them, since their level drifts
     # between the training part and the rest of an experiment without any fault (None = score all)
@@ -135,14 +136,28 @@ def model_config(cfg: SkabConfig, train: EventColumns, n_channels: int) -> tuple
     return LSTMAEConfig(n_features=n_channels, **params), slow
 
 
-def evaluate(path: Path, cfg: SkabConfig = SkabConfig(), *, device: str = "cpu", precision: str = "fp32"
-             ) -> dict[str, Any]:
+def evaluate(
+    path: Path, cfg: SkabConfig = SkabConfig(), *, device: str = "cpu", precision: str = "fp32"
+) -> dict[str, Any]:
     channels, train, test, y = load(path, cfg.train_rows)
     spec = SensorStream(channels)
     model, slow = model_config(cfg, train, len(channels))
-    res = common.train_then_score(spec, train, test, model, cfg, name="skab", device=device,
-                                  model_per_entity=cfg.model_per_file, precision=precision)
+    res = common.train_then_score(
+        spec,
+        train,
+        test,
+        model,
+        cfg,
+        name="skab",
+        device=device,
+        model_per_entity=cfg.model_per_file,
+        precision=precision,
+    )
     out: dict[str, Any] = dict(pointwise(y, res.alerts))
-    out.update(files=len(set(test.entity_ids)), train_events=len(train.entity_ids), test_events=len(y),
-               context_channels=[channels[c] for c in slow])
+    out.update(
+        files=len(set(test.entity_ids)),
+        train_events=len(train.entity_ids),
+        test_events=len(y),
+        context_channels=[channels[c] for c in slow],
+    )
     return out

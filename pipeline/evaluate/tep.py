@@ -81,20 +81,39 @@ def to_skab(df: pd.DataFrame, idv: int | None) -> pd.DataFrame:
 def simulate(run: TepRun, workdir: Path) -> pd.DataFrame:
     """Run the simulator's CLI (a separate process: its C extension's state stays out of ours)."""
     out = workdir / f"{run.name}.csv"
-    cmd = [sys.executable, "-m", "tep_studio.cli", "run", "--horizon", str(run.horizon_h), "--seed", str(run.seed),
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tep_studio.cli",
+        "run",
+        "--horizon",
+        str(run.horizon_h),
+        "--seed",
+        str(run.seed),
+        "--out",
+        str(out),
+    ]
     if run.idv is not None:
         cmd += ["--idv", f"idv_{run.idv:02d}@{run.onset_h}"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 or not out.exists():
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise ConfigError(f"tep run {run.name} failed ({done.returncode}): {tail[0]} (is tep-studio installed? "
-                          "pip install '.[validation]')")
+        raise ConfigError(
+            f"tep run {run.name} failed ({done.returncode}): {tail[0]} (is tep-studio installed? "
+            "pip install '.[validation]')"
+        )
     return pd.read_csv(out)
 
 
-def generate(out: Path, seeds: list[int], idvs: list[int], *, horizon_h: float = 48.0, onset_h: float = 24.0,
-             normal_runs: bool = True) -> list[Path]:
+def generate(
+    out: Path,
+    seeds: list[int],
+    idvs: list[int],
+    *,
+    horizon_h: float = 48.0,
+    onset_h: float = 24.0,
+    normal_runs: bool = True,
+) -> list[Path]:
     """Write one normal run per seed (if `normal_runs`) and one fault run per (seed, IDV) under out/other/."""
     if onset_h >= horizon_h:
         raise ConfigError(f"onset {onset_h} h must be before the horizon {horizon_h} h")
@@ -113,8 +132,10 @@ def generate(out: Path, seeds: list[int], idvs: list[int], *, horizon_h: float =
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate.tep",
-                                 description="labelled Tennessee Eastman validation runs in the SKAB layout")
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.evaluate.tep",
+        description="labelled Tennessee Eastman validation runs in the SKAB layout",
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="simulate normal and fault runs into DIR/other/*.csv")
     g.add_argument("--out", type=Path, required=True)
@@ -127,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if any(not 1 <= i <= 28 for i in args.idv):
             raise ConfigError(f"--idv: disturbances are numbered 1-28, got {args.idv}")
-        paths = generate(args.out, args.seeds, args.idv, horizon_h=args.horizon, onset_h=args.onset,
-                         normal_runs=not args.no_normal)
+        paths = generate(
+            args.out, args.seeds, args.idv, horizon_h=args.horizon, onset_h=args.onset, normal_runs=not args.no_normal
+        )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

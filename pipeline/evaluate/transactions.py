@@ -53,11 +53,20 @@ class TransactionsConfig:
     # hidden from the encoder at the scored step), the absolute level of the terminal-relative amount
     # (terminal_amount_dev scaled by the global prior) and the terminal's known fraud rate (global level).
     # Chosen on the training days' own split (docs/results/evaluation.md).
-    model: dict[str, Any] = field(default_factory=lambda: {"window": 8, "hidden_size": 32, "latent_size": 2,
-                                                           "score_steps": 1, "score_features": (0, 7, 8),
-                                                           "upper_features": (0, 7, 8), "global_features": (7, 8),
-                                                           "value_features": (7, 8), "mask_last": True,
-                                                           "diagonal_error": True})
+    model: dict[str, Any] = field(
+        default_factory=lambda: {
+            "window": 8,
+            "hidden_size": 32,
+            "latent_size": 2,
+            "score_steps": 1,
+            "score_features": (0, 7, 8),
+            "upper_features": (0, 7, 8),
+            "global_features": (7, 8),
+            "value_features": (7, 8),
+            "mask_last": True,
+            "diagonal_error": True,
+        }
+    )
     epochs: int = 5
     max_windows: int = 150_000
     seed: int = 0
@@ -88,9 +97,18 @@ def read(path: Path) -> pd.DataFrame:
     return df
 
 
-def featurize_with_feedback(spec: TransactionStream, customers: list[str], ts: np.ndarray, amounts: np.ndarray,
-                            terminals: list[str], fraud: np.ndarray, delay_s: float, chunk: int = 50_000,
-                            partitions: np.ndarray | None = None, fanout: bool = False) -> EventColumns:
+def featurize_with_feedback(
+    spec: TransactionStream,
+    customers: list[str],
+    ts: np.ndarray,
+    amounts: np.ndarray,
+    terminals: list[str],
+    fraud: np.ndarray,
+    delay_s: float,
+    chunk: int = 50_000,
+    partitions: np.ndarray | None = None,
+    fanout: bool = False,
+) -> EventColumns:
     """Features with delayed label feedback, by the service's own mechanism: every payment's label is queued
     (known `delay_s` after the payment, in payment order, in its customer's partition, as a labels topic keyed
     by customer carries it) in the partition's terminal context, which folds each label in just before the
@@ -98,21 +116,39 @@ def featurize_with_feedback(spec: TransactionStream, customers: list[str], ts: n
     parts_of = np.zeros(len(ts), np.int32) if partitions is None else partitions
     for p in np.unique(parts_of).tolist():
         idx = np.arange(len(ts)) if fanout else np.flatnonzero(parts_of == p)
-        spec.context(int(p)).add_labels(np.arange(len(idx)), [terminals[i] for i in idx.tolist()],
-                                        ts[idx] + delay_s, fraud[idx])
+        spec.context(int(p)).add_labels(
+            np.arange(len(idx)), [terminals[i] for i in idx.tolist()], ts[idx] + delay_s, fraud[idx]
+        )
     return _featurize(spec, customers, ts, amounts, terminals, partitions, chunk)
 
 
-def _featurize(spec: TransactionStream, customers: list[str], ts: np.ndarray, amounts: np.ndarray,
-               terminals: list[str] | None, partitions: np.ndarray | None, chunk: int = 50_000) -> EventColumns:
+def _featurize(
+    spec: TransactionStream,
+    customers: list[str],
+    ts: np.ndarray,
+    amounts: np.ndarray,
+    terminals: list[str] | None,
+    partitions: np.ndarray | None,
+    chunk: int = 50_000,
+) -> EventColumns:
     def cut(a: int) -> EventColumns:
         b = a + chunk
-        return spec.columns_from_arrays(customers[a:b], ts[a:b], amounts[a:b],
-                                        None if terminals is None else terminals[a:b],
-                                        None if partitions is None else partitions[a:b])
+        return spec.columns_from_arrays(
+            customers[a:b],
+            ts[a:b],
+            amounts[a:b],
+            None if terminals is None else terminals[a:b],
+            None if partitions is None else partitions[a:b],
+        )
 
-    return common.concat([cut(a) for a in tqdm(range(0, len(ts), chunk), desc="features", unit="chunk",
-                                                file=sys.stderr, leave=False, mininterval=0.5)])
+    return common.concat(
+        [
+            cut(a)
+            for a in tqdm(
+                range(0, len(ts), chunk), desc="features", unit="chunk", file=sys.stderr, leave=False, mininterval=0.5
+            )
+        ]
+    )
 
 
 def in_time_order(df: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
@@ -128,8 +164,14 @@ def first_test_day(n_days: int, test_fraction: float) -> int:
     return n_days - max(1, int(round(n_days * test_fraction)))
 
 
-def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, device: str = "cpu",
-             save_model: Path | None = None, precision: str = "fp32") -> dict[str, Any]:
+def evaluate(
+    path: Path,
+    cfg: TransactionsConfig = TransactionsConfig(),
+    *,
+    device: str = "cpu",
+    save_model: Path | None = None,
+    precision: str = "fp32",
+) -> dict[str, Any]:
     df, ts, day = in_time_order(read(path))
     n_days = int(day.max()) + 1
     first_test = first_test_day(n_days, cfg.test_fraction)
@@ -138,8 +180,9 @@ def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, devi
     feedback = cfg.feedback_delay_days is not None
     if feedback and not cfg.terminal_context:
         raise ConfigError("label feedback is a terminal feature: it needs terminal_context")
-    spec = TransactionStream(terminal_context=cfg.terminal_context,
-                             fraud_feedback_tau_s=cfg.feedback_tau_days * DAY if feedback else None)
+    spec = TransactionStream(
+        terminal_context=cfg.terminal_context, fraud_feedback_tau_s=cfg.feedback_tau_days * DAY if feedback else None
+    )
     if cfg.partitions < 1:
         raise ConfigError(f"partitions must be >= 1, got {cfg.partitions}")
     customers = df["CUSTOMER_ID"].astype(str).tolist()
@@ -148,9 +191,17 @@ def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, devi
     partitions = partitions_of(customers, cfg.partitions) if cfg.terminal_context and cfg.partitions > 1 else None
     if feedback:
         assert terminals is not None and cfg.feedback_delay_days is not None
-        cols = featurize_with_feedback(spec, customers, ts, amounts, terminals, df["TX_FRAUD"].to_numpy(),
-                                       cfg.feedback_delay_days * DAY, partitions=partitions,
-                                       fanout=cfg.label_fanout)
+        cols = featurize_with_feedback(
+            spec,
+            customers,
+            ts,
+            amounts,
+            terminals,
+            df["TX_FRAUD"].to_numpy(),
+            cfg.feedback_delay_days * DAY,
+            partitions=partitions,
+            fanout=cfg.label_fanout,
+        )
     else:
         cols = _featurize(spec, customers, ts, amounts, terminals, partitions)
     train_idx = np.flatnonzero(day < first_test)
@@ -167,15 +218,22 @@ def evaluate(path: Path, cfg: TransactionsConfig = TransactionsConfig(), *, devi
     if save_model is not None:
         ckpt.card["training_data"] = f"{path.name}, days 0-{first_test - 1} (labels only as delayed feedback)"
         save_checkpoint(ckpt, save_model)
-    scorer = common.make_scorer(spec, ckpt, AdaptiveThreshold(ckpt.threshold), min_history=cfg.min_history,
-                                device=device, precision=precision)
+    scorer = common.make_scorer(
+        spec, ckpt, AdaptiveThreshold(ckpt.threshold), min_history=cfg.min_history, device=device, precision=precision
+    )
     common.stream(scorer, common.take(cols, warm_idx), batch_size=cfg.batch_size, desc="transactions warm-up")
     res = common.stream(scorer, common.take(cols, test_idx), batch_size=cfg.batch_size, desc="transactions test")
     y = df["TX_FRAUD"].to_numpy()[test_idx]
     out = ranking(y, res.scores)
     out["card_precision_at_100" if cfg.k == 100 else f"card_precision_at_{cfg.k}"] = card_precision_at_k(
-        day[test_idx], df["CUSTOMER_ID"].to_numpy()[test_idx], res.scores, y, k=cfg.k)
-    out.update(partitions=cfg.partitions, train_days=first_test, test_days=n_days - first_test,
-               test_events=len(test_idx),
-               test_frauds=int(y.sum()), alert_rate=float(res.alerts.mean()) if len(y) else 0.0)
+        day[test_idx], df["CUSTOMER_ID"].to_numpy()[test_idx], res.scores, y, k=cfg.k
+    )
+    out.update(
+        partitions=cfg.partitions,
+        train_days=first_test,
+        test_days=n_days - first_test,
+        test_events=len(test_idx),
+        test_frauds=int(y.sum()),
+        alert_rate=float(res.alerts.mean()) if len(y) else 0.0,
+    )
     return out

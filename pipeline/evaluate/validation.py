@@ -36,8 +36,9 @@ def _fault(x: np.ndarray, start: int, end: int, std: np.ndarray, rng: np.random.
             x[start:end, c] += rng.normal(0.0, abs(mag), n)
 
 
-def _write_with_fault(df: pd.DataFrame, chans: list[str], train_rows: int, start: int, length: int,
-                      rng: np.random.Generator, path: Path) -> None:
+def _write_with_fault(
+    df: pd.DataFrame, chans: list[str], train_rows: int, start: int, length: int, rng: np.random.Generator, path: Path
+) -> None:
     """Inject one fault into rows [start, start+length), label it, write a SKAB-format CSV."""
     x = df[chans].to_numpy(np.float64, copy=True)
     std = x[:train_rows].std(axis=0) + 1e-9
@@ -110,14 +111,14 @@ def nasa_set(nasa_dir: Path, out: Path, *, test_fraction: float = 0.4, seed: int
             seqs.append([start, end - 1])
         np.save(out / "train" / f"{chan}.npy", tr)
         np.save(out / "test" / f"{chan}.npy", te)
-        rows.append({"chan_id": chan, "spacecraft": "VAL", "anomaly_sequences": str(seqs), "class": "[]",
-                     "num_values": len(te)})
+        rows.append(
+            {"chan_id": chan, "spacecraft": "VAL", "anomaly_sequences": str(seqs), "class": "[]", "num_values": len(te)}
+        )
     pd.DataFrame(rows).to_csv(out / "labeled_anomalies.csv", index=False)
     return out
 
 
 if __name__ == "__main__":
     kind, src, dst = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    makers: dict[str, Callable[[Path, Path], Path]] = {"skab": skab_set, "skab-train": skab_train_set,
-                                                       "nasa": nasa_set}
+    makers: dict[str, Callable[[Path, Path], Path]] = {"skab": skab_set, "skab-train": skab_train_set, "nasa": nasa_set}
     print(makers[kind](src, dst))

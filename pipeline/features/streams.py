@@ -134,8 +134,9 @@ class StreamSpec:
     def entity_of(self, record: Any) -> str:
         return str(getattr(record, self.entity_field))
 
-    def columns(self, records: Sequence[Any], partitions: np.ndarray | None = None,
-                frozen: np.ndarray | None = None) -> EventColumns:
+    def columns(
+        self, records: Sequence[Any], partitions: np.ndarray | None = None, frozen: np.ndarray | None = None
+    ) -> EventColumns:
         """partitions: each record's source partition (partition-local state, e.g. terminal context);
         frozen: records featurised without updating partition-local state (late events)."""
         raise NotImplementedError
@@ -149,8 +150,14 @@ class TransactionStream(StreamSpec):
     name = "transactions"
     entity_field = "customer_id"
 
-    def __init__(self, max_message_bytes: int = 65536, *, terminal_context: bool = False,
-                 terminal_tau_s: float = DAY, fraud_feedback_tau_s: float | None = None) -> None:
+    def __init__(
+        self,
+        max_message_bytes: int = 65536,
+        *,
+        terminal_context: bool = False,
+        terminal_tau_s: float = DAY,
+        fraud_feedback_tau_s: float | None = None,
+    ) -> None:
         """terminal_context=True adds per-terminal features (pipeline.features.terminal), one context per
         partition; fraud_feedback_tau_s adds the terminal's fraud rate from label feedback (`add_labels`)."""
         super().__init__(max_message_bytes)
@@ -188,8 +195,10 @@ class TransactionStream(StreamSpec):
                 except ValueError as exc:
                     raise StateError(f"terminal context of partition {partition}: {exc}") from None
                 if not saved.same_parameters(ctx):
-                    raise StateError(f"terminal context of partition {partition} was saved with other parameters "
-                                     f"({saved._params()} vs the model's {ctx._params()}); use a new run id")
+                    raise StateError(
+                        f"terminal context of partition {partition} was saved with other parameters "
+                        f"({saved._params()} vs the model's {ctx._params()}); use a new run id"
+                    )
                 ctx = saved
             self.contexts[partition] = ctx
         return ctx
@@ -197,17 +206,24 @@ class TransactionStream(StreamSpec):
     def drop_partition(self, partition: int) -> None:
         self.contexts.pop(partition, None)
 
-    def columns(self, records: Sequence[Any], partitions: np.ndarray | None = None,
-                frozen: np.ndarray | None = None) -> EventColumns:
+    def columns(
+        self, records: Sequence[Any], partitions: np.ndarray | None = None, frozen: np.ndarray | None = None
+    ) -> EventColumns:
         n = len(records)
         ts = np.fromiter((r.timestamp.timestamp() for r in records), np.float64, n)
         amount = np.fromiter((r.amount for r in records), np.float64, n)
         terminals = [r.terminal_id for r in records] if self.terminal_context else None
         return self.columns_from_arrays([r.customer_id for r in records], ts, amount, terminals, partitions, frozen)
 
-    def columns_from_arrays(self, entity_ids: list[str], ts: np.ndarray, amount: np.ndarray,
-                            terminal_ids: Sequence[str] | None = None, partitions: np.ndarray | None = None,
-                            frozen: np.ndarray | None = None) -> EventColumns:
+    def columns_from_arrays(
+        self,
+        entity_ids: list[str],
+        ts: np.ndarray,
+        amount: np.ndarray,
+        terminal_ids: Sequence[str] | None = None,
+        partitions: np.ndarray | None = None,
+        frozen: np.ndarray | None = None,
+    ) -> EventColumns:
         """Batch features; with terminal context, each partition's events must come in its log order (they
         update its context); partitions=None means all from partition 0."""
         base = np.empty((len(ts), self.n_features), np.float64)
@@ -225,8 +241,12 @@ class TransactionStream(StreamSpec):
             else:
                 for p in np.unique(partitions).tolist():
                     idx = np.flatnonzero(partitions == p)
-                    base[idx, 6:] = self.context(int(p)).features([terminal_ids[i] for i in idx.tolist()], ts[idx],
-                                                                  base[idx, 0], None if frozen is None else frozen[idx])
+                    base[idx, 6:] = self.context(int(p)).features(
+                        [terminal_ids[i] for i in idx.tolist()],
+                        ts[idx],
+                        base[idx, 0],
+                        None if frozen is None else frozen[idx],
+                    )
         return EventColumns(entity_ids, ts, base)
 
     def finish(self, base: np.ndarray, ts: np.ndarray, prev_ts: np.ndarray) -> np.ndarray:
@@ -255,8 +275,9 @@ class SensorStream(StreamSpec):
         if missing:
             raise DecodeError("missing_channels", ", ".join(sorted(missing)))
 
-    def columns(self, records: Sequence[Any], partitions: np.ndarray | None = None,
-                frozen: np.ndarray | None = None) -> EventColumns:
+    def columns(
+        self, records: Sequence[Any], partitions: np.ndarray | None = None, frozen: np.ndarray | None = None
+    ) -> EventColumns:
         n = len(records)
         ts = np.fromiter((r.timestamp.timestamp() for r in records), np.float64, n)
         pick = self._pick
@@ -277,13 +298,17 @@ class LabelStream(StreamSpec):
         self.feature_names = []
 
 
-def transaction_stream_for(feature_names: Sequence[str], card: dict[str, Any],
-                           max_message_bytes: int = 65536) -> TransactionStream:
+def transaction_stream_for(
+    feature_names: Sequence[str], card: dict[str, Any], max_message_bytes: int = 65536
+) -> TransactionStream:
     """The TransactionStream a checkpoint was trained on, read from its feature names and model card."""
     names = list(feature_names)
     base = list(BASE_TRANSACTION_FEATURES)
-    layouts = {tuple(base): (False, False), tuple(base + TERMINAL_FEATURES): (True, False),
-               tuple(base + TERMINAL_FEATURES + FEEDBACK_FEATURES): (True, True)}
+    layouts = {
+        tuple(base): (False, False),
+        tuple(base + TERMINAL_FEATURES): (True, False),
+        tuple(base + TERMINAL_FEATURES + FEEDBACK_FEATURES): (True, True),
+    }
     if tuple(names) not in layouts:
         raise ValueError(f"transactions model has features {names}; this build knows {[list(k) for k in layouts]}")
     terminal, feedback = layouts[tuple(names)]
@@ -291,12 +316,17 @@ def transaction_stream_for(feature_names: Sequence[str], card: dict[str, Any],
     fb_tau = card.get("fraud_feedback_tau_s")
     if feedback and fb_tau is None:
         raise ValueError("transactions model reads terminal_fraud_risk but its card has no fraud_feedback_tau_s")
-    return TransactionStream(max_message_bytes, terminal_context=terminal, terminal_tau_s=tau,
-                             fraud_feedback_tau_s=float(fb_tau) if feedback and fb_tau is not None else None)
+    return TransactionStream(
+        max_message_bytes,
+        terminal_context=terminal,
+        terminal_tau_s=tau,
+        fraud_feedback_tau_s=float(fb_tau) if feedback and fb_tau is not None else None,
+    )
 
 
-def make_stream(name: str, *, channels: Sequence[str] = (), max_message_bytes: int = 65536,
-                card: dict[str, Any] | None = None) -> StreamSpec:
+def make_stream(
+    name: str, *, channels: Sequence[str] = (), max_message_bytes: int = 65536, card: dict[str, Any] | None = None
+) -> StreamSpec:
     """card: the model card of the checkpoint the stream feeds (decides the transaction feature layout)."""
     if name == "transactions":
         if card is not None and "feature_names" in card:

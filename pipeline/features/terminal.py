@@ -38,8 +38,14 @@ class TerminalContext:
     _ARRAYS = ("n", "s", "last", "fb_fraud", "fb_n", "fb_last")
     IDLE_TAUS = 30.0  # a terminal idle this many time constants is forgotten: its decayed sums are < e^-30
 
-    def __init__(self, tau_s: float = 86400.0, prior_log_amount: float = 3.5, *,
-                 feedback_tau_s: float | None = None, feedback_prior: float = 1.0) -> None:
+    def __init__(
+        self,
+        tau_s: float = 86400.0,
+        prior_log_amount: float = 3.5,
+        *,
+        feedback_tau_s: float | None = None,
+        feedback_prior: float = 1.0,
+    ) -> None:
         self.tau_s = float(tau_s)
         self.prior = float(prior_log_amount)
         self.feedback_tau_s = None if feedback_tau_s is None else float(feedback_tau_s)
@@ -86,8 +92,13 @@ class TerminalContext:
                 setattr(self, name, np.r_[getattr(self, name), np.full(grow, fill)])
         return np.fromiter((self._slot[t] for t in terminal_ids), np.int64, len(terminal_ids))
 
-    def add_labels(self, offsets: Sequence[int] | np.ndarray, terminal_ids: Sequence[str],
-                   known_at: np.ndarray, is_fraud: np.ndarray) -> None:
+    def add_labels(
+        self,
+        offsets: Sequence[int] | np.ndarray,
+        terminal_ids: Sequence[str],
+        known_at: np.ndarray,
+        is_fraud: np.ndarray,
+    ) -> None:
         """Queue labels (in log order); each is applied by `features` once payments reach its `known_at`."""
         if self.feedback_tau_s is None:
             raise ValueError("this TerminalContext was built without feedback_tau_s")
@@ -96,8 +107,9 @@ class TerminalContext:
         self._q_fraud = np.r_[self._q_fraud, np.asarray(is_fraud, np.float64)]
         self._q_terminal.extend(terminal_ids)
 
-    def features(self, terminal_ids: Sequence[str], ts: np.ndarray, log_amount: np.ndarray,
-                 frozen: np.ndarray | None = None) -> np.ndarray:
+    def features(
+        self, terminal_ids: Sequence[str], ts: np.ndarray, log_amount: np.ndarray, frozen: np.ndarray | None = None
+    ) -> np.ndarray:
         """(N, n_features): log1p(decayed count of the terminal's earlier payments), log-amount minus its
         decayed mean, and (with feedback) the decayed fraud share of its labelled payments known so far.
         frozen (N,) bool: payments featurised from the context without being folded into it (late events,
@@ -210,8 +222,12 @@ class TerminalContext:
 
     # -- snapshots ----------------------------------------------------------------------------------
     def _params(self) -> dict[str, float | None]:
-        return {"tau_s": self.tau_s, "prior": self.prior, "feedback_tau_s": self.feedback_tau_s,
-                "feedback_prior": self.feedback_prior}
+        return {
+            "tau_s": self.tau_s,
+            "prior": self.prior,
+            "feedback_tau_s": self.feedback_tau_s,
+            "feedback_prior": self.feedback_prior,
+        }
 
     def snapshot(self) -> bytes:
         """The per-terminal state (not the label queue): JSON header line, terminal ids, float64 arrays."""
@@ -231,16 +247,20 @@ class TerminalContext:
         except (ValueError, orjson.JSONDecodeError) as exc:
             raise ValueError(f"not a terminal-context snapshot: {exc}") from None
         if meta.get("v") != _SNAPSHOT_VERSION:
-            raise ValueError(f"terminal-context snapshot version {meta.get('v')!r} (this build reads "
-                             f"{_SNAPSHOT_VERSION})")
-        ctx = cls(meta["tau_s"], meta["prior"], feedback_tau_s=meta["feedback_tau_s"],
-                  feedback_prior=meta["feedback_prior"])
+            raise ValueError(
+                f"terminal-context snapshot version {meta.get('v')!r} (this build reads {_SNAPSHOT_VERSION})"
+            )
+        ctx = cls(
+            meta["tau_s"], meta["prior"], feedback_tau_s=meta["feedback_tau_s"], feedback_prior=meta["feedback_prior"]
+        )
         k = int(meta["terminals"])
         ids = rest[:n_ids].decode().split("\n") if k else []
         arrays = np.frombuffer(rest[n_ids:], "<f8")
         if len(ids) != k or arrays.size != len(cls._ARRAYS) * k:
-            raise ValueError(f"terminal-context snapshot is truncated ({len(ids)} ids, {arrays.size} values, "
-                             f"expected {k} and {len(cls._ARRAYS) * k})")
+            raise ValueError(
+                f"terminal-context snapshot is truncated ({len(ids)} ids, {arrays.size} values, "
+                f"expected {k} and {len(cls._ARRAYS) * k})"
+            )
         ctx._slots(ids)
         for i, name in enumerate(cls._ARRAYS):
             getattr(ctx, name)[:k] = arrays[i * k : (i + 1) * k]

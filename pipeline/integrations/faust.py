@@ -41,12 +41,13 @@ from typing import Any
 import numpy as np
 
 from pipeline import metrics
+from pipeline.checkpointing.rows import AlertRow
 from pipeline.errors import ConfigError, DecodeError
 from pipeline.features.streams import TransactionStream
 from pipeline.processor import build_alerts, out_of_order_detail, validate
 from pipeline.records import DeadLetterSink, RawRecord, TopicPartition
 from pipeline.scoring.scorer import StreamScorer
-from pipeline.sinks.sql import AlertRow, SqlStore
+from pipeline.sinks.sql import SqlStore
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +69,25 @@ class FaustStats:
 class FaustScoring:
     """The framework-free part: a batch of raw records in, alerts durable in SQL out (synchronous)."""
 
-    def __init__(self, scorers: Mapping[str, StreamScorer], db: SqlStore, dlq: DeadLetterSink, *,
-                 run_id: str = "faust", group_id: str = "faust", top_features: int = 3) -> None:
+    def __init__(
+        self,
+        scorers: Mapping[str, StreamScorer],
+        db: SqlStore,
+        dlq: DeadLetterSink,
+        *,
+        run_id: str = "faust",
+        group_id: str = "faust",
+        top_features: int = 3,
+    ) -> None:
         for topic, scorer in scorers.items():
             spec = scorer.spec
             if isinstance(spec, TransactionStream) and spec.terminal_context:
-                raise ConfigError(f"{topic}: model {scorer.model_version} reads per-terminal context (and label "
-                                  "feedback, if any), which needs the processor's per-partition snapshots, its "
-                                  "late-payment handling and the labels topic's event-time alignment; serve it with "
-                                  "`pipeline run`")
+                raise ConfigError(
+                    f"{topic}: model {scorer.model_version} reads per-terminal context (and label "
+                    "feedback, if any), which needs the processor's per-partition snapshots, its "
+                    "late-payment handling and the labels topic's event-time alignment; serve it with "
+                    "`pipeline run`"
+                )
         self.scorers, self.db, self.dlq = dict(scorers), db, dlq
         self.run_id, self.group_id, self.top_features = run_id, group_id, top_features
         self.stats = FaustStats()
@@ -181,16 +192,16 @@ def raw_record(event: Any) -> RawRecord:
     return RawRecord(m.topic, m.partition, m.offset, m.key, m.value, int(round((m.timestamp or 0.0) * 1000)))
 
 
-def scoring_agent(app: Any, scoring: FaustScoring, *, batch: int = 1000, within: float = 0.1,
-                  name: str = "pipeline-scoring") -> Any:
+def scoring_agent(
+    app: Any, scoring: FaustScoring, *, batch: int = 1000, within: float = 0.1, name: str = "pipeline-scoring"
+) -> Any:
     """Register a faust agent on the scorers' topics (raw bytes: the spec decodes, faust does not) that feeds
     `take_events(batch, within)` batches to `scoring.handle` in a worker thread (the event loop keeps
     heartbeating while the LSTM runs). One agent instance (concurrency 1): the scorers' state is not
     thread-safe. Returns the agent."""
     # raw codecs spelled out: value_type=bytes alone still decodes with the app's default (json), and one
     # malformed value then stalled the stream silently (measured on Tansu) instead of being dead-lettered
-    topic = app.topic(*scoring.topics, key_type=bytes, value_type=bytes, key_serializer="raw",
-                      value_serializer="raw")
+    topic = app.topic(*scoring.topics, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
     async def on_assigned(sender: Any, assigned: Any, **_: Any) -> None:
         await asyncio.to_thread(scoring.keep_partitions, [(tp.topic, tp.partition) for tp in assigned])

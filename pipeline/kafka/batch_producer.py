@@ -62,8 +62,9 @@ def encode_batch(records: Sequence[tuple[bytes, bytes]], timestamp_ms: int) -> b
 class BatchProducer:
     """`send(records)` -> records on their partitions (acks=1), synchronously, one request per call."""
 
-    def __init__(self, bootstrap: str, topic: str, *, acks: int = 1, timeout_ms: int = 15000,
-                 client_id: str = "bench-load") -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, *, acks: int = 1, timeout_ms: int = 15000, client_id: str = "bench-load"
+    ) -> None:
         self.topic, self.acks, self.timeout_ms = topic, acks, timeout_ms
         self.client = KafkaClient(bootstrap_servers=bootstrap, client_id=client_id)
         deadline = time.monotonic() + timeout_ms / 1000

@@ -47,16 +47,33 @@ class _RateLimit(logging.Filter):
 
 
 _quiet = _RateLimit()
-for _name in ("kafka.conn", "kafka.client", "kafka.cluster", "kafka.coordinator", "kafka.coordinator.consumer",
-              "kafka.consumer.fetcher", "kafka.consumer.group", "kafka.producer.sender", "kafka.producer.kafka",
-              # kafka-python 3.0's network layer
-              "kafka.net.manager", "kafka.net.connection", "kafka.net.transport", "kafka.net.selector",
-              "kafka.net.compat"):
+for _name in (
+    "kafka.conn",
+    "kafka.client",
+    "kafka.cluster",
+    "kafka.coordinator",
+    "kafka.coordinator.consumer",
+    "kafka.consumer.fetcher",
+    "kafka.consumer.group",
+    "kafka.producer.sender",
+    "kafka.producer.kafka",
+    # kafka-python 3.0's network layer
+    "kafka.net.manager",
+    "kafka.net.connection",
+    "kafka.net.transport",
+    "kafka.net.selector",
+    "kafka.net.compat",
+):
     logging.getLogger(_name).addFilter(_quiet)
 
 
-def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = 4, timeout_s: float = 30.0,
-                  config: Mapping[str, str] | None = None) -> None:
+def ensure_topics(
+    bootstrap: str,
+    topics: Iterable[str],
+    partitions: int = 4,
+    timeout_s: float = 30.0,
+    config: Mapping[str, str] | None = None,
+) -> None:
     """Create topics that do not exist yet (explicitly: Tansu does not auto-create)."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -69,8 +86,11 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = 4, ti
             time.sleep(0.5)
     try:
         existing = _existing_topics(bootstrap)  # admin.list_topics() trips over Tansu's ACL bits
-        new = [NewTopic(t, num_partitions=partitions, replication_factor=1, topic_configs=dict(config or {}))
-               for t in dict.fromkeys(topics) if t not in existing]
+        new = [
+            NewTopic(t, num_partitions=partitions, replication_factor=1, topic_configs=dict(config or {}))
+            for t in dict.fromkeys(topics)
+            if t not in existing
+        ]
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):  # a concurrent creator won
                 admin.create_topics(new)
@@ -103,8 +123,12 @@ def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
     return KafkaProducer(**opts)
 
 
-def produce_json(producer: KafkaProducer, topic: str, records: Iterable[tuple[str | None, Any]],
-                 timestamp_ms: Iterable[int | None] | None = None) -> int:
+def produce_json(
+    producer: KafkaProducer,
+    topic: str,
+    records: Iterable[tuple[str | None, Any]],
+    timestamp_ms: Iterable[int | None] | None = None,
+) -> int:
     n = 0
     stamps = iter(timestamp_ms) if timestamp_ms is not None else None
     for key, value in records:
@@ -116,8 +140,14 @@ def produce_json(producer: KafkaProducer, topic: str, records: Iterable[tuple[st
     return n
 
 
-def produce_labels(producer: KafkaProducer, topic: str, labels: Iterable[Mapping[str, Any]], *, fanout: bool = True,
-                   timestamp_ms: Iterable[int | None] | None = None) -> int:
+def produce_labels(
+    producer: KafkaProducer,
+    topic: str,
+    labels: Iterable[Mapping[str, Any]],
+    *,
+    fanout: bool = True,
+    timestamp_ms: Iterable[int | None] | None = None,
+) -> int:
     """Label feedback records (schemas/transaction_label), keyed by customer_id. fanout=True writes each label
     to every partition, so every partition's terminal context sees all of a terminal's labels: what models
     with `label_fanout` in their card were trained on. Returns records sent."""
@@ -148,9 +178,18 @@ class _Listener(ConsumerRebalanceListener):
 class KafkaSource:
     """Consumer-group member with manual commits; positions come from the processor's checkpoints."""
 
-    def __init__(self, bootstrap: str, group_id: str | None, *, session_timeout_ms: int = 6000,
-                 heartbeat_interval_ms: int = 1000, client_id: str = "anomaly-pipeline",
-                 commit_timeout_ms: int = 5000, fast_parse: bool = True, **overrides: Any) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        group_id: str | None,
+        *,
+        session_timeout_ms: int = 6000,
+        heartbeat_interval_ms: int = 1000,
+        client_id: str = "anomaly-pipeline",
+        commit_timeout_ms: int = 5000,
+        fast_parse: bool = True,
+        **overrides: Any,
+    ) -> None:
         """fast_parse: records parsed by pipeline.kafka.fast_fetch (RawRecords straight from the fetched
         batches) instead of kafka-python's per-record objects; same records, ~3x less CPU."""
         opts: dict[str, Any] = {
@@ -200,16 +239,26 @@ class KafkaSource:
         if not up and self._down_since is None:
             self._down_since = now
             self._warn_at = now + 2.0
-            log.warning("lost connection to Kafka at %s; reconnecting with backoff. Processing pauses, offsets "
-                        "are not committed, nothing is skipped", self.bootstrap)
+            log.warning(
+                "lost connection to Kafka at %s; reconnecting with backoff. Processing pauses, offsets "
+                "are not committed, nothing is skipped",
+                self.bootstrap,
+            )
         elif not up and self._down_since is not None and now >= self._warn_at:
             down = now - self._down_since
             self._warn_at = now + min(max(2.0, down), 30.0)
-            log.warning("Kafka at %s still unreachable after %.0fs; reconnecting (next notice in %.0fs)",
-                        self.bootstrap, down, self._warn_at - now)
+            log.warning(
+                "Kafka at %s still unreachable after %.0fs; reconnecting (next notice in %.0fs)",
+                self.bootstrap,
+                down,
+                self._warn_at - now,
+            )
         elif up and self._down_since is not None:
-            log.warning("reconnected to Kafka at %s after %.1fs; resuming from the last durable positions",
-                        self.bootstrap, now - self._down_since)
+            log.warning(
+                "reconnected to Kafka at %s after %.1fs; resuming from the last durable positions",
+                self.bootstrap,
+                now - self._down_since,
+            )
             self._down_since = None
 
     @property
@@ -273,10 +322,14 @@ class KafkaSource:
             self.consumer.pause(TopicPartition(*tp))
             if self.stopped.get(tp) != why:
                 self.stopped = {**self.stopped, tp: why}
-                log.error("stopped consuming %s: the batch is compressed with a codec this install cannot decode "
-                          "(%s). Install the codec libraries (lz4, zstandard, python-snappy; runtime dependencies) "
-                          "and restart: the partition resumes at that offset. Other partitions go on; not ready "
-                          "until then", where, exc)
+                log.error(
+                    "stopped consuming %s: the batch is compressed with a codec this install cannot decode "
+                    "(%s). Install the codec libraries (lz4, zstandard, python-snappy; runtime dependencies) "
+                    "and restart: the partition resumes at that offset. Other partitions go on; not ready "
+                    "until then",
+                    where,
+                    exc,
+                )
         metrics.STOPPED_PARTITIONS.set(len(self.stopped))
 
     def _unstop(self, tps: Sequence[TP]) -> None:
@@ -304,8 +357,10 @@ class KafkaSource:
         try:
             # bounded: kafka-python's default blocks until the coordinator is back, which would freeze the
             # processor (and its shutdown) for as long as the broker is down
-            self.consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()},
-                                 timeout_ms=self.commit_timeout_ms)
+            self.consumer.commit(
+                {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()},
+                timeout_ms=self.commit_timeout_ms,
+            )
         except KafkaError as exc:
             self._watch_connection(time.monotonic())
             # Outputs are already durable and positions live in the database checkpoint too, so a failed
@@ -331,11 +386,15 @@ class KafkaSource:
     def _beginning_offsets(self, tps: Sequence[TP], timeout_ms: int) -> dict[TP, int | None]:
         try:
             found = beginning_offsets(self.consumer, [TopicPartition(*tp) for tp in tps], timeout_ms)
-            return {tp: None if found.get(TopicPartition(*tp)) is None else int(found[TopicPartition(*tp)])
-                    for tp in tps}
+            return {
+                tp: None if found.get(TopicPartition(*tp)) is None else int(found[TopicPartition(*tp)]) for tp in tps
+            }
         except Exception as exc:  # noqa: BLE001 - unknown is a valid answer: the resume position goes unchecked
-            log.warning("cannot read the log start of %s (resume positions are not checked against it): %s",
-                        ", ".join(f"{t}[{p}]" for t, p in tps), exc)
+            log.warning(
+                "cannot read the log start of %s (resume positions are not checked against it): %s",
+                ", ".join(f"{t}[{p}]" for t, p in tps),
+                exc,
+            )
             return dict.fromkeys(tps)
 
     def caught_up(self, tp: TP) -> bool:
@@ -394,19 +453,24 @@ class KafkaDeadLetterSink:
             "value": (record.value or b"")[:70000].decode("utf-8", "replace"),
             "value_bytes": len(record.value or b""),
         }
-        self._queued.append({
-            "key": f"{record.topic}:{record.partition}:{record.offset}".encode(),
-            "value": orjson.dumps(envelope),
-            "headers": [("dlq.reason", reason.encode()), ("dlq.source.topic", record.topic.encode()),
-                        ("dlq.source.partition", str(record.partition).encode()),
-                        ("dlq.source.offset", str(record.offset).encode())],
-        })
+        self._queued.append(
+            {
+                "key": f"{record.topic}:{record.partition}:{record.offset}".encode(),
+                "value": orjson.dumps(envelope),
+                "headers": [
+                    ("dlq.reason", reason.encode()),
+                    ("dlq.source.topic", record.topic.encode()),
+                    ("dlq.source.partition", str(record.partition).encode()),
+                    ("dlq.source.offset", str(record.offset).encode()),
+                ],
+            }
+        )
         self.sent += 1
         self._unflushed += 1
 
     def flush(self) -> None:
         if not self._unflushed:  # every checkpoint flushes; waking the sender thread for nothing cost ~3% of the
-            return               # processor thread (GIL hand-offs) at 10 checkpoints/s
+            return  # processor thread (GIL hand-offs) at 10 checkpoints/s
         sent: list[tuple[Any, dict[str, Any]]] = []
         try:
             while self._queued:
@@ -457,8 +521,9 @@ class KafkaPublisher:
         self.producer.close(timeout=10)
 
 
-def read_at(bootstrap: str, positions: Iterable[tuple[str, int, int]], timeout_s: float = 10.0
-            ) -> dict[tuple[str, int, int], RawRecord]:
+def read_at(
+    bootstrap: str, positions: Iterable[tuple[str, int, int]], timeout_s: float = 10.0
+) -> dict[tuple[str, int, int], RawRecord]:
     """The records at given (topic, partition, offset) positions, without a consumer group; positions that no
     longer exist (retention) are missing from the result."""
     wanted = set(positions)

@@ -106,8 +106,13 @@ def produce_request(client: Any, acks: int, timeout_ms: int, topic: str, batches
     if NEW_PROTOCOL:
         topic_data = ProduceRequest.TopicProduceData
         parts = [topic_data.PartitionProduceData(index=p, records=buf) for p, buf in batches]
-        return ProduceRequest(transactional_id=None, acks=acks, timeout_ms=timeout_ms,
-                              topic_data=[topic_data(name=topic, partition_data=parts)], max_version=8)
+        return ProduceRequest(
+            transactional_id=None,
+            acks=acks,
+            timeout_ms=timeout_ms,
+            topic_data=[topic_data(name=topic, partition_data=parts)],
+            max_version=8,
+        )
     version = client.api_version(ProduceRequest, max_version=8)
     kw = {"transactional_id": None} if version >= 3 else {}
     return ProduceRequest[version](required_acks=acks, timeout=timeout_ms, topics=[(topic, list(batches))], **kw)
@@ -120,5 +125,12 @@ def produce_errors(response: Any) -> list[tuple[int, int]]:
     return [(p[0], p[1]) for _topic, parts in response.topics for p in parts if p[1]]
 
 
-__all__ = ["KafkaClient", "NoBrokersAvailable", "beginning_offsets", "node_id", "produce_errors", "produce_request",
-           "rebalance_listener"]
+__all__ = [
+    "KafkaClient",
+    "NoBrokersAvailable",
+    "beginning_offsets",
+    "node_id",
+    "produce_errors",
+    "produce_request",
+    "rebalance_listener",
+]

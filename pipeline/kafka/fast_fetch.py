@@ -56,8 +56,16 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise Errors.CorruptRecordError("varint longer than 10 bytes")
 
 
-def parse_batch(buf: bytes, pos: int, count: int, base_offset: int, timestamp: int, log_append_time: bool,
-                topic: str, partition: int) -> list[RawRecord]:
+def parse_batch(
+    buf: bytes,
+    pos: int,
+    count: int,
+    base_offset: int,
+    timestamp: int,
+    log_append_time: bool,
+    topic: str,
+    partition: int,
+) -> list[RawRecord]:
     """`count` v2 records from buf[pos:] (uncompressed) -> RawRecords. Headers are read and dropped.
 
     A one-byte varint v is stored as zigzag: value = (v >> 1) ^ -(v & 1)."""
@@ -119,9 +127,18 @@ def parse_batch(buf: bytes, pos: int, count: int, base_offset: int, timestamp: i
                     pos += hv
         if pos - start != length or pos > end_of_buf:
             raise Errors.CorruptRecordError(
-                f"invalid record size: expected {length} bytes in record payload, read {pos - start}")
-        append(RawRecord(topic, partition, base_offset + off_delta, key, value,
-                         timestamp if log_append_time else timestamp + ts_delta))
+                f"invalid record size: expected {length} bytes in record payload, read {pos - start}"
+            )
+        append(
+            RawRecord(
+                topic,
+                partition,
+                base_offset + off_delta,
+                key,
+                value,
+                timestamp if log_append_time else timestamp + ts_delta,
+            )
+        )
     return out
 
 
@@ -160,12 +177,14 @@ class FastPartitionRecords(_Stock):  # type: ignore[misc]
                 last_batch = batch
                 if self.check_crcs and not batch.validate_crc():
                     raise Errors.CorruptRecordError(
-                        f"Record batch for partition {tp} at offset {batch.base_offset} failed crc check")
+                        f"Record batch for partition {tp} at offset {batch.base_offset} failed crc check"
+                    )
                 if batch.magic != 2:  # message format v0/v1: kafka-python's own records
                     for record in batch:
                         if self.check_crcs and not record.validate_crc():
                             raise Errors.CorruptRecordError(
-                                f"Record for partition {tp} at offset {record.offset} failed crc check")
+                                f"Record for partition {tp} at offset {record.offset} failed crc check"
+                            )
                         self.records_read += 1
                         self.bytes_read += record.size_in_bytes
                         self.next_fetch_offset = record.offset + 1
@@ -180,9 +199,16 @@ class FastPartitionRecords(_Stock):  # type: ignore[misc]
                     continue
                 batch._maybe_uncompress()
                 log_append = bool(attributes & _LOG_APPEND_TIME)
-                parsed = parse_batch(bytes(batch._buffer), batch._pos, batch.records_count, batch.base_offset,
-                                     batch.max_timestamp if log_append else batch.first_timestamp, log_append,
-                                     topic, partition)
+                parsed = parse_batch(
+                    bytes(batch._buffer),
+                    batch._pos,
+                    batch.records_count,
+                    batch.base_offset,
+                    batch.max_timestamp if log_append else batch.first_timestamp,
+                    log_append,
+                    topic,
+                    partition,
+                )
                 self.bytes_read += batch.size_in_bytes
                 for rec in parsed:
                     self.records_read += 1
@@ -220,8 +246,12 @@ def _run_self_test() -> str | None:
         def build(base: int, magic: int = 2, compression: int = 0, attrs: int = 0) -> bytes:
             b = MemoryRecordsBuilder(magic, compression, 1 << 20, offset=base)
             for i in range(3):
-                b.append(1_700_000_000_000 + i, None if i == 1 else b"k%d" % i, b"v" * (i * 100),
-                         [("h", b"x")] if magic == 2 and i == 2 else [])
+                b.append(
+                    1_700_000_000_000 + i,
+                    None if i == 1 else b"k%d" % i,
+                    b"v" * (i * 100),
+                    [("h", b"x")] if magic == 2 and i == 2 else [],
+                )
             b.close()
             buf = bytearray(b.buffer())
             if attrs:  # set attribute bits and fix the CRC (crc32c over attributes..end)
@@ -257,8 +287,12 @@ def install(consumer: Any) -> bool:
     if why is not None:
         if not _warned:
             _warned = True
-            log.warning("fast record parsing is off for kafka-python %s (%s); using its own parser: same "
-                        "records, ~3x more CPU per record", getattr(kafka, "__version__", "?"), why)
+            log.warning(
+                "fast record parsing is off for kafka-python %s (%s); using its own parser: same "
+                "records, ~3x more CPU per record",
+                getattr(kafka, "__version__", "?"),
+                why,
+            )
         return False
     fetcher.PartitionRecords = FastPartitionRecords
     return True

@@ -33,9 +33,14 @@ SeekMode = Literal["auto", "scan"]
 def _consumer(bootstrap: str, client_id: str) -> KafkaConsumer:
     try:
         return KafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=None, client_id=client_id, enable_auto_commit=False,
-            auto_offset_reset="earliest", fetch_max_bytes=16 * 1024 * 1024,
-            max_partition_fetch_bytes=4 * 1024 * 1024, receive_message_max_bytes=64 * 1024 * 1024,
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            client_id=client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_bytes=16 * 1024 * 1024,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            receive_message_max_bytes=64 * 1024 * 1024,
             reconnect_backoff_max_ms=2000,
         )
     except NoBrokersAvailable as exc:
@@ -43,9 +48,16 @@ def _consumer(bootstrap: str, client_id: str) -> KafkaConsumer:
 
 
 class ReplaySource:
-    def __init__(self, bootstrap: str, *, from_ms: int | None = None, to_ms: int | None = None,
-                 seek_mode: SeekMode = "auto", client_id: str = "anomaly-replay", probe_timeout_s: float = 30.0
-                 ) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        from_ms: int | None = None,
+        to_ms: int | None = None,
+        seek_mode: SeekMode = "auto",
+        client_id: str = "anomaly-replay",
+        probe_timeout_s: float = 30.0,
+    ) -> None:
         self.bootstrap = bootstrap
         self.from_ms, self.to_ms = from_ms, to_ms
         self.seek_mode = seek_mode
@@ -139,9 +151,12 @@ class ReplaySource:
             time.sleep(0.2)
 
     def _pause_finished(self) -> None:
-        done = [ktp for ktp in self.consumer.assignment()
-                if ktp not in self.consumer.paused()
-                and int(self.consumer.position(ktp)) >= self.end.get((ktp.topic, ktp.partition), 0)]
+        done = [
+            ktp
+            for ktp in self.consumer.assignment()
+            if ktp not in self.consumer.paused()
+            and int(self.consumer.position(ktp)) >= self.end.get((ktp.topic, ktp.partition), 0)
+        ]
         if done:
             self.consumer.pause(*done)
 
@@ -177,8 +192,13 @@ class ReplaySource:
             if 0 < hint <= end and self._verify_hint(tp, hint):
                 hints[tp] = hint
             elif hint != 0:
-                log.info("offsets_for_times hint %s for %s[%d] does not match the records' timestamps: "
-                         "scanning the partition from the beginning", hint, tp[0], tp[1])
+                log.info(
+                    "offsets_for_times hint %s for %s[%d] does not match the records' timestamps: "
+                    "scanning the partition from the beginning",
+                    hint,
+                    tp[0],
+                    tp[1],
+                )
         return hints
 
     def _verify_hint(self, tp: TP, hint: int) -> bool:

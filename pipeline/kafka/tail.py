@@ -13,13 +13,15 @@ from pipeline.errors import BrokerError
 from pipeline.kafka.compat import NoBrokersAvailable
 
 
-def follow(bootstrap: str, topic: str, *, from_beginning: bool = False, idle_timeout_s: float | None = None,
-           poll_ms: int = 500) -> Iterator[tuple[str | None, bytes]]:
+def follow(
+    bootstrap: str, topic: str, *, from_beginning: bool = False, idle_timeout_s: float | None = None, poll_ms: int = 500
+) -> Iterator[tuple[str | None, bytes]]:
     """Yield (key, value) of new messages on every partition of `topic`, forever or until no message came
     for idle_timeout_s. No group: nothing is committed, every tail sees everything."""
     try:
-        consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                 reconnect_backoff_max_ms=2000)
+        consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, reconnect_backoff_max_ms=2000
+        )
     except NoBrokersAvailable as exc:
         raise BrokerError(f"no broker at {bootstrap}") from exc
     try:

@@ -16,20 +16,19 @@ out = Console()
 
 def replay(
     topic: Annotated[list[str] | None, typer.Option("--topic", help="topic to replay (repeatable)")] = None,
-    from_time: Annotated[str | None, typer.Option("--from", help="ISO time (UTC if naive) or epoch ms; inclusive")
-                         ] = None,
+    from_time: Annotated[
+        str | None, typer.Option("--from", help="ISO time (UTC if naive) or epoch ms; inclusive")
+    ] = None,
     to_time: Annotated[str | None, typer.Option("--to", help="ISO time or epoch ms; exclusive")] = None,
     model: Annotated[str | None, typer.Option(help="model checkpoint: a .pt path or a card version/name")] = None,
-    stream: Annotated[str | None, typer.Option(help="transactions | sensors (default: from topic or model)")
-                      ] = None,
-    run_id: Annotated[str | None, typer.Option(help="namespace of the replay's alerts/state (default generated)")
-                      ] = None,
-    seek: Annotated[str, typer.Option(help="auto: verified offsets_for_times hint; scan: from the beginning")
-                    ] = "auto",
+    stream: Annotated[str | None, typer.Option(help="transactions | sensors (default: from topic or model)")] = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="namespace of the replay's alerts/state (default generated)")
+    ] = None,
+    seek: Annotated[str, typer.Option(help="auto: verified offsets_for_times hint; scan: from the beginning")] = "auto",
     bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap; default KAFKA_BOOTSTRAP")] = None,
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL; default DATABASE_URL")] = None,
-    diff: Annotated[tuple[str, str] | None, typer.Option(help="RUN_A RUN_B: alerts added/removed from A to B")
-                    ] = None,
+    diff: Annotated[tuple[str, str] | None, typer.Option(help="RUN_A RUN_B: alerts added/removed from A to B")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Replay a historical range of TOPIC into an isolated run id (or --diff RUN_A RUN_B)."""
@@ -67,28 +66,41 @@ def replay(
         bar.update(done - bar.n)
 
     try:
-        res = run_replay(s, boot, topic, from_ms=parse_time(from_time) if from_time else None,
-                         to_ms=parse_time(to_time) if to_time else None, model=model, stream=stream, run_id=rid,
-                         seek_mode=seek, progress=progress)  # type: ignore[arg-type]
+        res = run_replay(
+            s,
+            boot,
+            topic,
+            from_ms=parse_time(from_time) if from_time else None,
+            to_ms=parse_time(to_time) if to_time else None,
+            model=model,
+            stream=stream,
+            run_id=rid,
+            seek_mode=seek,  # type: ignore[arg-type]
+            progress=progress,
+        )
     finally:
         bar.close()
     if as_json:
         out.print_json(json.dumps(res.to_dict()))
         return
-    out.print(f"run {res.run_id}: {res.events} events in range ({res.out_of_range} outside the time range), "
-              f"{res.scored} scored, {res.alerts} alerts, dead letters {res.dead_letters or 0}, "
-              f"{res.seconds:.1f}s ({res.events_per_s:,.0f} events/s); models {res.model_versions}")
+    out.print(
+        f"run {res.run_id}: {res.events} events in range ({res.out_of_range} outside the time range), "
+        f"{res.scored} scored, {res.alerts} alerts, dead letters {res.dead_letters or 0}, "
+        f"{res.seconds:.1f}s ({res.events_per_s:,.0f} events/s); models {res.model_versions}"
+    )
 
 
 def _print_diff(d: dict[str, Any], as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(d, default=str))
         return
-    out.print(f"{d['run_a']} -> {d['run_b']}: {d['alerts_a']} -> {d['alerts_b']} alerts; "
-              f"[green]+{d['added']} added[/green] ({d['entities_added']} entities), "
-              f"[red]-{d['removed']} removed[/red] ({d['entities_removed']} entities), {d['common']} in both "
-              f"(mean |score change| {d['mean_abs_score_change_common']:.4g}); "
-              f"models {d['models_a']} -> {d['models_b']}")
+    out.print(
+        f"{d['run_a']} -> {d['run_b']}: {d['alerts_a']} -> {d['alerts_b']} alerts; "
+        f"[green]+{d['added']} added[/green] ({d['entities_added']} entities), "
+        f"[red]-{d['removed']} removed[/red] ({d['entities_removed']} entities), {d['common']} in both "
+        f"(mean |score change| {d['mean_abs_score_change_common']:.4g}); "
+        f"models {d['models_a']} -> {d['models_b']}"
+    )
     table = Table(title="by stream")
     for col in ("stream", "added", "removed", "common"):
         table.add_column(col)

@@ -136,8 +136,9 @@ class _ProgressSource:
         return out
 
 
-def scorers_for(settings: Settings, topics: Sequence[str], stream: str | None, model: str | None
-                ) -> dict[str, StreamScorer]:
+def scorers_for(
+    settings: Settings, topics: Sequence[str], stream: str | None, model: str | None
+) -> dict[str, StreamScorer]:
     """topic -> scorer, with the same construction as the live service (app.build_scorers)."""
     by_topic = {settings.transactions_topic: "transactions", settings.sensors_topic: "sensors"}
     checkpoint = resolve_model(model, settings) if model else None
@@ -183,8 +184,10 @@ def run_replay(
     fed = [t for t, sc in scorers.items() if isinstance(sc.spec, TransactionStream) and sc.spec.label_feedback]
     labels = {settings.labels_topic: fed[0]} if fed else {}
     if len(fed) > 1 or (fed and settings.labels_topic in topics):
-        raise ConfigError("label feedback: replay one transactions topic at a time; its labels come from "
-                          f"PIPELINE_LABELS_TOPIC ({settings.labels_topic})")
+        raise ConfigError(
+            "label feedback: replay one transactions topic at a time; its labels come from "
+            f"PIPELINE_LABELS_TOPIC ({settings.labels_topic})"
+        )
     own_db = db is None
     store = db or SqlStore(settings.database_url)
     if own_db:
@@ -205,10 +208,17 @@ def run_replay(
         if own_db:
             store.dispose()
     return ReplayResult(
-        run_id=run_id, topics=[*topics, *labels],
+        run_id=run_id,
+        topics=[*topics, *labels],
         model_versions={t: s.model_version for t, s in scorers.items()},
-        events=stats.events, scored=stats.scored, alerts=stats.alerts, dead_letters=dict(dlq.reasons),
-        out_of_range=source.out_of_range, seconds=time.monotonic() - started, from_ms=from_ms, to_ms=to_ms,
+        events=stats.events,
+        scored=stats.scored,
+        alerts=stats.alerts,
+        dead_letters=dict(dlq.reasons),
+        out_of_range=source.out_of_range,
+        seconds=time.monotonic() - started,
+        from_ms=from_ms,
+        to_ms=to_ms,
         end_offsets={f"{t}[{p}]": o for (t, p), o in sorted(source.end.items())},
     )
 
@@ -232,18 +242,29 @@ def diff_runs(db: SqlStore, run_a: str, run_b: str, *, show: int = 20) -> dict[s
             by_stream.setdefault(k[0], {"added": 0, "removed": 0, "common": 0})[name] += 1
 
     def brief(r: Mapping[str, Any]) -> dict[str, Any]:
-        return {"stream": r["stream"], "entity_id": r["entity_id"], "event_time": str(r["event_time"]),
-                "score": round(float(r["score"]), 4), "threshold": round(float(r["threshold"]), 4),
-                "model_version": r["model_version"],
-                "source": f"{r['source_topic']}[{r['source_partition']}]@{r['source_offset']}"}
+        return {
+            "stream": r["stream"],
+            "entity_id": r["entity_id"],
+            "event_time": str(r["event_time"]),
+            "score": round(float(r["score"]), 4),
+            "threshold": round(float(r["threshold"]), 4),
+            "model_version": r["model_version"],
+            "source": f"{r['source_topic']}[{r['source_partition']}]@{r['source_offset']}",
+        }
 
     def entities(keys: Sequence[AlertKey]) -> int:
         return len({(k[0], k[1]) for k in keys})
 
     return {
-        "run_a": run_a, "run_b": run_b, "alerts_a": len(a), "alerts_b": len(b),
-        "added": len(added), "removed": len(removed), "common": len(common),
-        "entities_added": entities(added), "entities_removed": entities(removed),
+        "run_a": run_a,
+        "run_b": run_b,
+        "alerts_a": len(a),
+        "alerts_b": len(b),
+        "added": len(added),
+        "removed": len(removed),
+        "common": len(common),
+        "entities_added": entities(added),
+        "entities_removed": entities(removed),
         "mean_abs_score_change_common": (sum(abs(d) for d in deltas) / len(deltas)) if deltas else 0.0,
         "models_a": sorted({r["model_version"] for r in a.values()}),
         "models_b": sorted({r["model_version"] for r in b.values()}),

@@ -81,12 +81,20 @@ class ScoreBatch:
     def take(self, idx: np.ndarray) -> ScoreBatch:
         """The events at `idx` (e.g. without the rejected ones)."""
         pick = [self.entity_ids[i] for i in idx.tolist()]
-        return replace(self, slots=self.slots[idx], entity_ids=pick, scores=self.scores[idx],
-                       thresholds=self.thresholds[idx], is_anomaly=self.is_anomaly[idx],
-                       contributions=self.contributions[idx], observed=self.observed[idx],
-                       reconstructed=self.reconstructed[idx], raw_scores=self.raw_scores[idx],
-                       late=None if self.late is None else self.late[idx],
-                       rejected=None if self.rejected is None else self.rejected[idx])
+        return replace(
+            self,
+            slots=self.slots[idx],
+            entity_ids=pick,
+            scores=self.scores[idx],
+            thresholds=self.thresholds[idx],
+            is_anomaly=self.is_anomaly[idx],
+            contributions=self.contributions[idx],
+            observed=self.observed[idx],
+            reconstructed=self.reconstructed[idx],
+            raw_scores=self.raw_scores[idx],
+            late=None if self.late is None else self.late[idx],
+            rejected=None if self.rejected is None else self.rejected[idx],
+        )
 
 
 class StreamScorer:
@@ -138,8 +146,13 @@ class StreamScorer:
         self.min_history = min_history
         # a stateful model (models.lstm_forecast) keeps each entity's (h, c) in the state records
         recurrent = int(getattr(checkpoint, "state_size", 0)) if checkpoint is not None else 0
-        self.store = EntityStateStore(StateLayout(window, spec.n_features, recurrent), prior[0], prior[1],
-                                      loader=loader, global_features=global_features)
+        self.store = EntityStateStore(
+            StateLayout(window, spec.n_features, recurrent),
+            prior[0],
+            prior[1],
+            loader=loader,
+            global_features=global_features,
+        )
 
     @property
     def model_version(self) -> str:
@@ -189,8 +202,17 @@ class StreamScorer:
                 store.update_feature_stats(s, feats)
         return Prepared(slots, windows, raw, mean, std, count, order, late, rejected)
 
-    def _late(self, idx: np.ndarray, s: np.ndarray, feats: np.ndarray, windows: np.ndarray, raw: np.ndarray,
-              mean: np.ndarray, std: np.ndarray, count: np.ndarray) -> None:
+    def _late(
+        self,
+        idx: np.ndarray,
+        s: np.ndarray,
+        feats: np.ndarray,
+        windows: np.ndarray,
+        raw: np.ndarray,
+        mean: np.ndarray,
+        std: np.ndarray,
+        count: np.ndarray,
+    ) -> None:
         """Late events (distinct slots): the window the event would have made as the entity's next step, under
         the entity's current scaling, without writing anything to the entity's state."""
         store = self.store
@@ -205,8 +227,15 @@ class StreamScorer:
         slots = self.store.resolve(entity_ids, partitions)
         return self.store.savepoint(slots, occurrence_rank(slots))
 
-    def process(self, cols: EventColumns, partitions: np.ndarray | None = None, *, learn: bool = True,
-                learn_scores: bool | None = None, atomic: bool = False) -> ScoreBatch:
+    def process(
+        self,
+        cols: EventColumns,
+        partitions: np.ndarray | None = None,
+        *,
+        learn: bool = True,
+        learn_scores: bool | None = None,
+        atomic: bool = False,
+    ) -> ScoreBatch:
         """Score a micro-batch; learn=False freezes feature scaling and score statistics (see `prepare`).
 
         learn_scores (default: learn) decides separately whether normal scores update the entities' score
@@ -258,8 +287,19 @@ class StreamScorer:
                 self.threshold.observe(self.store, s, sc, warm & ~anom)
             thresholds[idx], anomalous[idx], scores[idx] = thr, anom, sc
         reconstructed = recon * p.std + p.mean
-        return ScoreBatch(p.slots, cols.entity_ids, scores, thresholds, anomalous, contrib, p.raw, reconstructed,
-                          raw_scores, p.late, p.rejected)
+        return ScoreBatch(
+            p.slots,
+            cols.entity_ids,
+            scores,
+            thresholds,
+            anomalous,
+            contrib,
+            p.raw,
+            reconstructed,
+            raw_scores,
+            p.late,
+            p.rejected,
+        )
 
     def _forecast_scores(self, p: Prepared, ckpt: ForecastCheckpoint) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stateful family: per round, score each event by the error of the prediction its entity made at its

@@ -44,8 +44,15 @@ class AdaptiveThreshold:
             store.update_score_stats(slots[normal], scores[normal])
 
 
-def telemanom_epsilon(e: np.ndarray, z_min: float = 2.5, z_max: float = 12.0, z_step: float = 0.5,
-                      buffer: int = 20, max_sequences: int = 5, max_fraction: float = 0.5) -> tuple[float, float]:
+def telemanom_epsilon(
+    e: np.ndarray,
+    z_min: float = 2.5,
+    z_max: float = 12.0,
+    z_step: float = 0.5,
+    buffer: int = 20,
+    max_sequences: int = 5,
+    max_fraction: float = 0.5,
+) -> tuple[float, float]:
     """telemanom's nonparametric threshold over smoothed errors `e` (Hundman et al. 2018, eq. 2-3).
 
     Candidates eps = mean + z * std; the chosen one maximises (drop in mean + drop in std of the errors
@@ -62,8 +69,14 @@ def telemanom_epsilon(e: np.ndarray, z_min: float = 2.5, z_max: float = 12.0, z_
     eps = mean + zs * sd  # (Z,)
     above = e[None, :] >= eps[:, None]  # (Z, N)
     if buffer > 0:  # widen each anomalous point by `buffer` steps each side (a running max over 2b+1 steps)
-        cs = np.concatenate([np.zeros((len(zs), buffer + 1)), np.cumsum(above, axis=1),
-                             np.repeat(np.cumsum(above, axis=1)[:, -1:], buffer, axis=1)], axis=1)
+        cs = np.concatenate(
+            [
+                np.zeros((len(zs), buffer + 1)),
+                np.cumsum(above, axis=1),
+                np.repeat(np.cumsum(above, axis=1)[:, -1:], buffer, axis=1),
+            ],
+            axis=1,
+        )
         idx = np.arange(n)
         above = (cs[:, idx + 2 * buffer + 1] - cs[:, idx]) > 0
     n_anom = above.sum(axis=1)

@@ -1,5 +1,5 @@
 """Durable outputs. The only package that imports SQLAlchemy."""
 
-from pipeline.sinks.sql import AlertRow, SqlStore
+from pipeline.sinks.sql import SqlStore
 
-__all__ = ["AlertRow", "SqlStore"]
+__all__ = ["SqlStore"]

@@ -8,7 +8,6 @@ makes replaying from the last state snapshot after a crash safe.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from pipeline.checkpointing.rows import (
+    AlertRow,
+    LifecycleWrite,
+    OffsetRow,
+    StateRow,
+    iso_utc,
+)
 from pipeline.errors import NotFoundError, SinkError
 
 metadata = MetaData()
@@ -162,127 +168,22 @@ score_samples = Table(
 RUN_TABLES = (alerts, entity_state, partition_checkpoints, incidents, alert_outbox, score_samples)
 
 
-@dataclass
-class AlertRow:
-    alert_key: str
-    run_id: str
-    stream: str
-    entity_id: str
-    event_time: datetime
-    score: float
-    threshold: float
-    severity: str
-    model_version: str
-    top_features: list[dict[str, Any]]
-    source_topic: str
-    source_partition: int
-    source_offset: int
-    created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    incident_key: str | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        """The alert as schemas/alert.schema.json describes it."""
-        return {
-            "alert_key": self.alert_key,
-            "run_id": self.run_id,
-            "stream": self.stream,
-            "entity_id": self.entity_id,
-            "event_time": _iso(self.event_time),
-            "score": self.score,
-            "threshold": self.threshold,
-            "severity": self.severity,
-            "model_version": self.model_version,
-            "top_features": self.top_features,
-            "source": {"topic": self.source_topic, "partition": self.source_partition, "offset": self.source_offset},
-        }
-
-
-def _iso(dt: datetime) -> str:
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-@dataclass
-class StateRow:
-    stream: str
-    entity_id: str
-    source_topic: str
-    source_partition: int
-    state: bytes
-
-
-@dataclass
-class OffsetRow:
-    topic: str
-    partition: int
-    committed_offset: int
-    snapshot_offset: int | None = None
-    log_epoch: int | None = None  # None: leave as stored
-
-
-@dataclass
-class IncidentRow:
-    """The current state of one incident (upserted on incident_key; ack/label columns are never touched)."""
-
-    incident_key: str
-    run_id: str
-    stream: str
-    entity_id: str
-    source_topic: str
-    source_partition: int
-    status: str
-    severity: str
-    opened_at: datetime
-    last_alert_at: datetime
-    last_seen_at: datetime
-    resolved_at: datetime | None
-    alert_count: int
-    normal_run: int
-    peak_score: float
-    peak_threshold: float
-    last_score: float
-    last_threshold: float
-    seq: int
-    notified_at: datetime | None
-    notified_severity: str | None
-    last_alert: dict[str, Any] | None
-
-
-@dataclass
-class OutboxRow:
-    message_id: str
-    run_id: str
-    entity_id: str
-    payload: str
-
-
-@dataclass
-class SampleRow:
-    stream: str
-    entity_id: str
-    event_time: datetime
-    score: float
-    threshold: float
-    is_anomaly: bool
-
-
-@dataclass
-class LifecycleWrite:
-    """Incident-lifecycle outputs of one checkpoint; written in the checkpoint's transaction."""
-
-    incidents: list[IncidentRow] = field(default_factory=list)
-    outbox: list[OutboxRow] = field(default_factory=list)
-    samples: list[SampleRow] = field(default_factory=list)
-    sample_ring: int = 256  # score samples kept per entity
-
-    def __bool__(self) -> bool:
-        return bool(self.incidents or self.outbox or self.samples)
-
-
 _INCIDENT_STATE_COLS = (
-    "status", "severity", "last_alert_at", "last_seen_at", "resolved_at", "alert_count", "normal_run", "peak_score",
-    "peak_threshold", "last_score", "last_threshold", "seq", "notified_at", "notified_severity", "last_alert",
+    "status",
+    "severity",
+    "last_alert_at",
+    "last_seen_at",
+    "resolved_at",
+    "alert_count",
+    "normal_run",
+    "peak_score",
+    "peak_threshold",
+    "last_score",
+    "last_threshold",
+    "seq",
+    "notified_at",
+    "notified_severity",
+    "last_alert",
     "updated_at",
 )
 
@@ -353,18 +254,28 @@ class SqlStore:
                     self._write_states(conn, run_id, states, now)
                 for o in offsets:
                     ins = self._insert(partition_checkpoints)
-                    set_: dict[str, Any] = {"committed_offset": ins.excluded.committed_offset,
-                                            "updated_at": ins.excluded.updated_at}
+                    set_: dict[str, Any] = {
+                        "committed_offset": ins.excluded.committed_offset,
+                        "updated_at": ins.excluded.updated_at,
+                    }
                     if o.snapshot_offset is not None:
                         set_["snapshot_offset"] = ins.excluded.snapshot_offset
                     if o.log_epoch is not None:
                         set_["log_epoch"] = ins.excluded.log_epoch
                     conn.execute(
-                        ins.on_conflict_do_update(index_elements=["run_id", "group_id", "topic", "partition"],
-                                                  set_=set_),
-                        {"run_id": run_id, "group_id": group_id, "topic": o.topic, "partition": o.partition,
-                         "committed_offset": o.committed_offset, "snapshot_offset": o.snapshot_offset,
-                         "log_epoch": o.log_epoch or 0, "updated_at": now},
+                        ins.on_conflict_do_update(
+                            index_elements=["run_id", "group_id", "topic", "partition"], set_=set_
+                        ),
+                        {
+                            "run_id": run_id,
+                            "group_id": group_id,
+                            "topic": o.topic,
+                            "partition": o.partition,
+                            "committed_offset": o.committed_offset,
+                            "snapshot_offset": o.snapshot_offset,
+                            "log_epoch": o.log_epoch or 0,
+                            "updated_at": now,
+                        },
                     )
                 if lifecycle:
                     self._write_lifecycle(conn, run_id, lifecycle, now)
@@ -374,23 +285,29 @@ class SqlStore:
         except SQLAlchemyError as exc:
             raise SinkError(f"checkpoint write failed: {exc!s}") from exc
 
-    def _write_states(self, conn: Any, run_id: str, states: Sequence[StateRow], now: datetime,
-                      generic: bool = False) -> None:
+    def _write_states(
+        self, conn: Any, run_id: str, states: Sequence[StateRow], now: datetime, generic: bool = False
+    ) -> None:
         """Upsert entity-state snapshots. On SQLite straight through the driver's executemany with one
         prepared statement: a partition's snapshot (2,500 rows in the bench) spent ~25 ms in SQLAlchemy's
         per-row parameter processing against ~5 ms in SQLite itself, and the processor waits for it. Same
         rows, same stored values (the timestamp goes through the column type's own bind processor)."""
         if self.dialect == "sqlite" and not generic:
             stamp = self._stamp_processor(now)
-            conn.exec_driver_sql(_SQLITE_STATE_UPSERT, [
-                (run_id, s.stream, s.entity_id, s.source_topic, s.source_partition, s.state, stamp) for s in states])
+            conn.exec_driver_sql(
+                _SQLITE_STATE_UPSERT,
+                [(run_id, s.stream, s.entity_id, s.source_topic, s.source_partition, s.state, stamp) for s in states],
+            )
             return
         ins = self._insert(entity_state)
         stmt = ins.on_conflict_do_update(
             index_elements=["run_id", "stream", "entity_id"],
-            set_={"state": ins.excluded.state, "source_topic": ins.excluded.source_topic,
-                  "source_partition": ins.excluded.source_partition,
-                  "updated_at": ins.excluded.updated_at},
+            set_={
+                "state": ins.excluded.state,
+                "source_topic": ins.excluded.source_topic,
+                "source_partition": ins.excluded.source_partition,
+                "updated_at": ins.excluded.updated_at,
+            },
         )
         conn.execute(stmt, [{"run_id": run_id, "updated_at": now, **s.__dict__} for s in states])
 
@@ -402,7 +319,8 @@ class SqlStore:
         if lc.incidents:
             ins = self._insert(incidents)
             stmt = ins.on_conflict_do_update(
-                index_elements=["incident_key"], set_={c: getattr(ins.excluded, c) for c in _INCIDENT_STATE_COLS})
+                index_elements=["incident_key"], set_={c: getattr(ins.excluded, c) for c in _INCIDENT_STATE_COLS}
+            )
             conn.execute(stmt, [{**i.__dict__, "updated_at": now} for i in lc.incidents])
         if lc.outbox:
             stmt = self._insert(alert_outbox).on_conflict_do_nothing(index_elements=["message_id"])
@@ -411,10 +329,18 @@ class SqlStore:
             conn.execute(score_samples.insert(), [{"run_id": run_id, **s.__dict__} for s in lc.samples])
             # keep a bounded ring per entity: drop what is older than the newest `sample_ring` samples
             for stream, entity in {(s.stream, s.entity_id) for s in lc.samples}:
-                where = (score_samples.c.run_id == run_id, score_samples.c.stream == stream,
-                         score_samples.c.entity_id == entity)
-                cutoff = conn.execute(select(score_samples.c.id).where(*where).order_by(score_samples.c.id.desc())
-                                      .offset(lc.sample_ring).limit(1)).scalar()
+                where = (
+                    score_samples.c.run_id == run_id,
+                    score_samples.c.stream == stream,
+                    score_samples.c.entity_id == entity,
+                )
+                cutoff = conn.execute(
+                    select(score_samples.c.id)
+                    .where(*where)
+                    .order_by(score_samples.c.id.desc())
+                    .offset(lc.sample_ring)
+                    .limit(1)
+                ).scalar()
                 if cutoff is not None:
                     conn.execute(score_samples.delete().where(*where, score_samples.c.id <= cutoff))
 
@@ -426,8 +352,10 @@ class SqlStore:
                     chunk = list(entity_ids[start : start + 500])
                     rows = conn.execute(
                         select(entity_state.c.entity_id, entity_state.c.state).where(
-                            entity_state.c.run_id == run_id, entity_state.c.stream == stream,
-                            entity_state.c.entity_id.in_(chunk))
+                            entity_state.c.run_id == run_id,
+                            entity_state.c.stream == stream,
+                            entity_state.c.entity_id.in_(chunk),
+                        )
                     )
                     out.update({r.entity_id: bytes(r.state) for r in rows})
         except SQLAlchemyError as exc:
@@ -439,8 +367,9 @@ class SqlStore:
         try:
             with self.engine.connect() as conn:
                 rows = conn.execute(
-                    select(partition_checkpoints).where(partition_checkpoints.c.run_id == run_id,
-                                                        partition_checkpoints.c.group_id == group_id)
+                    select(partition_checkpoints).where(
+                        partition_checkpoints.c.run_id == run_id, partition_checkpoints.c.group_id == group_id
+                    )
                 )
                 return {(r.topic, r.partition): (r.committed_offset, r.snapshot_offset) for r in rows}
         except SQLAlchemyError as exc:
@@ -451,10 +380,16 @@ class SqlStore:
         try:
             with self.engine.connect() as conn:
                 rows = conn.execute(
-                    select(partition_checkpoints.c.topic, partition_checkpoints.c.partition,
-                           partition_checkpoints.c.log_epoch).where(
-                        partition_checkpoints.c.run_id == run_id, partition_checkpoints.c.group_id == group_id,
-                        partition_checkpoints.c.log_epoch > 0))
+                    select(
+                        partition_checkpoints.c.topic,
+                        partition_checkpoints.c.partition,
+                        partition_checkpoints.c.log_epoch,
+                    ).where(
+                        partition_checkpoints.c.run_id == run_id,
+                        partition_checkpoints.c.group_id == group_id,
+                        partition_checkpoints.c.log_epoch > 0,
+                    )
+                )
                 return {(r.topic, r.partition): int(r.log_epoch) for r in rows}
         except SQLAlchemyError as exc:
             raise SinkError(f"could not load partition epochs: {exc!s}") from exc
@@ -468,8 +403,15 @@ class SqlStore:
         since: datetime | None = None,
         limit: int | None = None,
     ) -> list[dict[str, Any]]:
-        q = _where_common(select(alerts).order_by(alerts.c.event_time, alerts.c.id), alerts, alerts.c.event_time,
-                          run_id=run_id, entity_id=entity_id, stream=stream, since=since)
+        q = _where_common(
+            select(alerts).order_by(alerts.c.event_time, alerts.c.id),
+            alerts,
+            alerts.c.event_time,
+            run_id=run_id,
+            entity_id=entity_id,
+            stream=stream,
+            since=since,
+        )
         if limit is not None:
             q = q.limit(limit)
         with self.engine.connect() as conn:
@@ -501,11 +443,15 @@ class SqlStore:
     ) -> list[dict[str, Any]]:
         """Newest first, with the incident's id and status. status: open|resolved (the incident's),
         acked|unacked, tp|fp|unlabeled."""
-        q = (select(alerts, incidents.c.id.label("incident_id"), incidents.c.status.label("incident_status"))
-             .select_from(alerts.outerjoin(incidents, incidents.c.incident_key == alerts.c.incident_key))
-             .order_by(alerts.c.event_time.desc(), alerts.c.id.desc()).limit(limit))
-        q = _where_common(q, alerts, alerts.c.event_time, run_id=run_id, entity_id=entity_id, stream=stream,
-                          since=since)
+        q = (
+            select(alerts, incidents.c.id.label("incident_id"), incidents.c.status.label("incident_status"))
+            .select_from(alerts.outerjoin(incidents, incidents.c.incident_key == alerts.c.incident_key))
+            .order_by(alerts.c.event_time.desc(), alerts.c.id.desc())
+            .limit(limit)
+        )
+        q = _where_common(
+            q, alerts, alerts.c.event_time, run_id=run_id, entity_id=entity_id, stream=stream, since=since
+        )
         if incident_id is not None:
             q = q.where(incidents.c.id == incident_id)
         if status is not None:
@@ -532,8 +478,9 @@ class SqlStore:
     ) -> list[dict[str, Any]]:
         """Newest activity first."""
         q = select(incidents).order_by(incidents.c.last_alert_at.desc(), incidents.c.id.desc()).limit(limit)
-        q = _where_common(q, incidents, incidents.c.last_alert_at, run_id=run_id, entity_id=entity_id,
-                          stream=stream, since=since)
+        q = _where_common(
+            q, incidents, incidents.c.last_alert_at, run_id=run_id, entity_id=entity_id, stream=stream, since=since
+        )
         if status in ("open", "resolved"):
             q = q.where(incidents.c.status == status)
         elif status is not None:
@@ -550,16 +497,21 @@ class SqlStore:
 
     def open_incidents(self, run_id: str, topic: str, partition: int) -> list[dict[str, Any]]:
         """Open incidents of one source partition: the lifecycle state a worker restores on assignment."""
-        q = select(incidents).where(incidents.c.run_id == run_id, incidents.c.source_topic == topic,
-                                    incidents.c.source_partition == partition, incidents.c.status == "open")
+        q = select(incidents).where(
+            incidents.c.run_id == run_id,
+            incidents.c.source_topic == topic,
+            incidents.c.source_partition == partition,
+            incidents.c.status == "open",
+        )
         try:
             with self.engine.connect() as conn:
                 return [dict(r._mapping) for r in conn.execute(q)]
         except SQLAlchemyError as exc:
             raise SinkError(f"could not load open incidents: {exc!s}") from exc
 
-    def recent_scores(self, run_id: str | None, stream: str | None, entity_id: str,
-                      limit: int = 500) -> list[dict[str, Any]]:
+    def recent_scores(
+        self, run_id: str | None, stream: str | None, entity_id: str, limit: int = 500
+    ) -> list[dict[str, Any]]:
         """The entity's newest score samples, oldest first."""
         q = select(score_samples).where(score_samples.c.entity_id == entity_id)
         if run_id is not None:
@@ -583,14 +535,20 @@ class SqlStore:
             raise ValueError("label must be 'tp' or 'fp'")
         return self._feedback(alert_id, incident_id, {"label": label}, {"labeled_at": datetime.now(timezone.utc)})
 
-    def _feedback(self, alert_id: int | None, incident_id: int | None, values: dict[str, Any],
-                  alert_only: dict[str, Any] | None = None) -> int:
+    def _feedback(
+        self,
+        alert_id: int | None,
+        incident_id: int | None,
+        values: dict[str, Any],
+        alert_only: dict[str, Any] | None = None,
+    ) -> int:
         if (alert_id is None) == (incident_id is None):
             raise ValueError("give exactly one of alert_id, incident_id")
         with self.engine.begin() as conn:
             if alert_id is not None:
-                n = conn.execute(update(alerts).where(alerts.c.id == alert_id)
-                                 .values(**values, **(alert_only or {}))).rowcount
+                n = conn.execute(
+                    update(alerts).where(alerts.c.id == alert_id).values(**values, **(alert_only or {}))
+                ).rowcount
                 if not n:
                     raise NotFoundError(f"no alert with id {alert_id}")
                 return int(n)
@@ -598,8 +556,9 @@ class SqlStore:
             if key is None:
                 raise NotFoundError(f"no incident with id {incident_id}")
             conn.execute(update(incidents).where(incidents.c.id == incident_id).values(**values))
-            n = conn.execute(update(alerts).where(alerts.c.incident_key == key)
-                             .values(**values, **(alert_only or {}))).rowcount
+            n = conn.execute(
+                update(alerts).where(alerts.c.incident_key == key).values(**values, **(alert_only or {}))
+            ).rowcount
             return 1 + int(n)
 
     def alert_sources(self, *, alert_id: int | None = None, incident_id: int | None = None) -> list[dict[str, Any]]:
@@ -619,8 +578,14 @@ class SqlStore:
 
     def confirmed_anomalies(self, run_id: str | None = None, stream: str | None = None) -> list[dict[str, Any]]:
         """Alerts labelled true positive: the events to keep out of retraining data."""
-        cols = (alerts.c.stream, alerts.c.entity_id, alerts.c.event_time, alerts.c.source_topic,
-                alerts.c.source_partition, alerts.c.source_offset)
+        cols = (
+            alerts.c.stream,
+            alerts.c.entity_id,
+            alerts.c.event_time,
+            alerts.c.source_topic,
+            alerts.c.source_partition,
+            alerts.c.source_offset,
+        )
         q = select(*cols).where(alerts.c.label == "tp").order_by(alerts.c.event_time)
         if run_id is not None:
             q = q.where(alerts.c.run_id == run_id)
@@ -638,8 +603,10 @@ class SqlStore:
             q2 = q2.where(alert_outbox.c.run_id == run_id)
         try:
             with self.engine.connect() as conn:
-                return {"open_incidents": int(conn.execute(q1).scalar_one()),
-                        "outbox_unpublished": int(conn.execute(q2).scalar_one())}
+                return {
+                    "open_incidents": int(conn.execute(q1).scalar_one()),
+                    "outbox_unpublished": int(conn.execute(q2).scalar_one()),
+                }
         except SQLAlchemyError as exc:
             raise SinkError(f"could not read lifecycle stats: {exc!s}") from exc
 
@@ -648,9 +615,12 @@ class SqlStore:
         """Hand unpublished outbox rows (oldest first) to send(rows), then mark them published, in one
         transaction. PostgreSQL locks the rows (SKIP LOCKED) so concurrent relays do not double-send.
         If send raises, nothing is marked and the rows are sent again next time (at-least-once)."""
-        q = (select(alert_outbox.c.id, alert_outbox.c.message_id, alert_outbox.c.entity_id, alert_outbox.c.payload)
-             .where(alert_outbox.c.run_id == run_id, alert_outbox.c.published_at.is_(None))
-             .order_by(alert_outbox.c.id).limit(limit))
+        q = (
+            select(alert_outbox.c.id, alert_outbox.c.message_id, alert_outbox.c.entity_id, alert_outbox.c.payload)
+            .where(alert_outbox.c.run_id == run_id, alert_outbox.c.published_at.is_(None))
+            .order_by(alert_outbox.c.id)
+            .limit(limit)
+        )
         if self.dialect == "postgresql":
             q = q.with_for_update(skip_locked=True)
         try:
@@ -659,8 +629,11 @@ class SqlStore:
                 if not rows:
                     return 0
                 send(rows)
-                conn.execute(update(alert_outbox).where(alert_outbox.c.id.in_([r["id"] for r in rows]))
-                             .values(published_at=datetime.now(timezone.utc)))
+                conn.execute(
+                    update(alert_outbox)
+                    .where(alert_outbox.c.id.in_([r["id"] for r in rows]))
+                    .values(published_at=datetime.now(timezone.utc))
+                )
                 return len(rows)
         except SQLAlchemyError as exc:
             raise SinkError(f"outbox drain failed: {exc!s}") from exc
@@ -680,8 +653,13 @@ class SqlStore:
 
 def _ack_label_filter(table: Table, status: str) -> Any:
     c = table.c
-    filters = {"acked": c.acked_at.is_not(None), "unacked": c.acked_at.is_(None), "tp": c.label == "tp",
-               "fp": c.label == "fp", "unlabeled": c.label.is_(None)}
+    filters = {
+        "acked": c.acked_at.is_not(None),
+        "unacked": c.acked_at.is_(None),
+        "tp": c.label == "tp",
+        "fp": c.label == "fp",
+        "unlabeled": c.label.is_(None),
+    }
     if status not in filters:
         raise ValueError(f"unknown status {status!r}: open, resolved, {', '.join(filters)}")
     return filters[status]
@@ -693,8 +671,16 @@ def _alert_status_filter(status: str) -> Any:
     return _ack_label_filter(alerts, status)
 
 
-def _where_common(q: Any, table: Table, time_col: Any, *, run_id: str | None, entity_id: str | None,
-                  stream: str | None, since: datetime | None) -> Any:
+def _where_common(
+    q: Any,
+    table: Table,
+    time_col: Any,
+    *,
+    run_id: str | None,
+    entity_id: str | None,
+    stream: str | None,
+    since: datetime | None,
+) -> Any:
     """The filters alerts and incidents share (CLI, API)."""
     for col, value in (("run_id", run_id), ("entity_id", entity_id), ("stream", stream)):
         if value is not None:
@@ -722,4 +708,4 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def row_to_json(row: dict[str, Any]) -> dict[str, Any]:
     """A result row with datetimes as ISO-8601 UTC strings (SQLite hands back naive UTC datetimes)."""
-    return {k: _iso(v) if isinstance(v, datetime) else v for k, v in row.items()}
+    return {k: iso_utc(v) if isinstance(v, datetime) else v for k, v in row.items()}

@@ -46,8 +46,11 @@ class StateLayout:
         if version >= 2:
             fields.append(("score_ema", "<f8"))
         if self.recurrent:
-            fields += [("rnn_h", "<f4", (self.recurrent,)), ("rnn_c", "<f4", (self.recurrent,)),
-                       ("rnn_pred", "<f4", (f,))]
+            fields += [
+                ("rnn_h", "<f4", (self.recurrent,)),
+                ("rnn_c", "<f4", (self.recurrent,)),
+                ("rnn_pred", "<f4", (f,)),
+            ]
         return np.dtype(fields)
 
     @property
@@ -64,8 +67,24 @@ Loader = Callable[[Sequence[str]], dict[str, bytes]]
 
 # every per-slot array of EntityStateStore besides the window ring `win`: one list for growth, byte
 # accounting and the scorer's undo savepoint (an array missing here would be silently left out of all three)
-SLOT_ARRAYS = ("pos", "count", "last_ts", "feat_n", "feat_mean", "feat_m2", "score_n", "score_mean", "score_m2",
-               "score_ema", "rnn_h", "rnn_c", "rnn_pred", "last_seen", "dirty", "partition")
+SLOT_ARRAYS = (
+    "pos",
+    "count",
+    "last_ts",
+    "feat_n",
+    "feat_mean",
+    "feat_m2",
+    "score_n",
+    "score_mean",
+    "score_m2",
+    "score_ema",
+    "rnn_h",
+    "rnn_c",
+    "rnn_pred",
+    "last_seen",
+    "dirty",
+    "partition",
+)
 
 
 class EntityStateStore:
@@ -260,8 +279,9 @@ class EntityStateStore:
         idx = (self.pos[slots][:, None] + np.arange(w)[None, :]) % w  # (B, W)
         return self.win[slots[:, None], idx]
 
-    def score_threshold(self, slots: np.ndarray, global_threshold: float, warmup: int, z: float,
-                        floor_ratio: float) -> np.ndarray:
+    def score_threshold(
+        self, slots: np.ndarray, global_threshold: float, warmup: int, z: float, floor_ratio: float
+    ) -> np.ndarray:
         n = self.score_n[slots]
         std = np.sqrt(self.score_m2[slots] / np.maximum(n - 1, 1))
         own = np.expm1(self.score_mean[slots] + z * std)
@@ -317,9 +337,11 @@ class EntityStateStore:
     def _restore_slot(self, slot: int, blob: bytes, entity_id: str) -> None:
         version = int(np.frombuffer(blob[:2], "<u2")[0]) if len(blob) >= 2 else -1
         if version not in (1, LAYOUT_VERSION) or len(blob) != self.layout.dtype_of(version).itemsize:
-            raise StateError(f"state of {entity_id!r}: {len(blob)} bytes of layout v{version}; this model needs "
-                             f"v{LAYOUT_VERSION} with {self.layout.blob_size} bytes (window={self.layout.window} "
-                             f"features={self.layout.n_features}). Migrate or start a new run_id.")
+            raise StateError(
+                f"state of {entity_id!r}: {len(blob)} bytes of layout v{version}; this model needs "
+                f"v{LAYOUT_VERSION} with {self.layout.blob_size} bytes (window={self.layout.window} "
+                f"features={self.layout.n_features}). Migrate or start a new run_id."
+            )
         rec = np.frombuffer(blob, self.layout.dtype_of(version))[0]
         if (int(rec["window"]), int(rec["n_features"])) != (self.layout.window, self.layout.n_features):
             raise StateError(

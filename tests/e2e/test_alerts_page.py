@@ -19,8 +19,10 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 if not CHROMIUM.exists() or not Path(CHROMEDRIVER).exists():
-    pytest.skip("headless browser test needs /usr/bin/chromium and chromedriver "
-                "(apt-get install -y chromium chromium-driver)", allow_module_level=True)
+    pytest.skip(
+        "headless browser test needs /usr/bin/chromium and chromedriver (apt-get install -y chromium chromium-driver)",
+        allow_module_level=True,
+    )
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 
 
@@ -50,8 +52,7 @@ def browser() -> Iterator[object]:
 
     opts = Options()
     opts.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,900"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900"):
         opts.add_argument(arg)
     drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     try:
@@ -81,8 +82,9 @@ def test_page_lists_open_incidents_and_plots_the_selected_one(server: str, brows
     assert len(bars) == 6 and all(float(b.get_attribute("width")) > 0 for b in bars)
     # selecting the other incident redraws the plot for that entity
     rows[1].click()
-    WebDriverWait(drv, 10).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-selected")
-                                 == rows[1].get_attribute("data-id"))
+    WebDriverWait(drv, 10).until(
+        lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-selected") == rows[1].get_attribute("data-id")
+    )
     WebDriverWait(drv, 10).until(lambda d: "C2" in d.find_element(By.ID, "detail-title").text)
     assert len(drv.find_elements(By.CSS_SELECTOR, "#score-plot circle.anomaly")) == 1  # type: ignore[attr-defined]
     rows = drv.find_elements(By.CSS_SELECTOR, "#incidents tbody tr")  # type: ignore[attr-defined]

@@ -111,8 +111,14 @@ def test_kill_9_database_cut_and_broker_restart_in_one_stream(
 
     # chaos run: the first 65% of every entity's events, then the rest after the broker restart
     proxy = TcpProxy(*db_target(pg_url)).start()
-    env_c = run_env("chaos", proxied_url(pg_url, proxy), PIPELINE_MAX_BATCH_RECORDS="50",
-                    PIPELINE_SNAPSHOT_INTERVAL_S="0.5", PIPELINE_COMMIT_INTERVAL_MS="50", PIPELINE_DB_RETRY_MAX_S="1")
+    env_c = run_env(
+        "chaos",
+        proxied_url(pg_url, proxy),
+        PIPELINE_MAX_BATCH_RECORDS="50",
+        PIPELINE_SNAPSHOT_INTERVAL_S="0.5",
+        PIPELINE_COMMIT_INTERVAL_MS="50",
+        PIPELINE_DB_RETRY_MAX_S="1",
+    )
     tx_a, tx_b = _split(payments, 0.65)
     sn_a, sn_b = _split(readings, 0.65)
     produce(boot, env_c["PIPELINE_TRANSACTIONS_TOPIC"], tx_a)
@@ -147,8 +153,7 @@ def test_kill_9_database_cut_and_broker_restart_in_one_stream(
         produce(boot, env_c["PIPELINE_TRANSACTIONS_TOPIC"], tx_b)
         produce(boot, env_c["PIPELINE_SENSORS_TOPIC"], sn_b)
         # every partition's log restarted at 0, shorter than the stored positions: reset to earliest, read all
-        _wait(lambda: sum(_positions(pg_store, "chaos").values()) == len(tx_b) + len(sn_b), 90, "rest durable",
-              proc)
+        _wait(lambda: sum(_positions(pg_store, "chaos").values()) == len(tx_b) + len(sn_b), 90, "rest durable", proc)
         _wait(lambda: _readyz(port) == 200, 30, "ready at the end", proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

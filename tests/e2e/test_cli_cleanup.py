@@ -20,8 +20,14 @@ def test_failed_start_exits_2_and_stops_the_embedded_broker() -> None:
     env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP"}
     env["DATABASE_URL"] = "postgresql+psycopg2://nobody:secret@127.0.0.1:1/none"  # port 1: refused
     before = _tansu_pids()
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "--idle-exit", "1"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--idle-exit", "1"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "started embedded Tansu broker" in proc.stderr
     assert "cannot reach the database" in proc.stderr and "Traceback" not in proc.stderr

@@ -24,8 +24,14 @@ from tests.recovery_helpers import (
 from tests.service_helpers import produce, run_processor, start_processor, topic_env
 
 
-def _produce_scenario(bootstrap: str, env: dict[str, str], customers: int = 300, devices: int = 20,
-                      bad_every: int | None = None, bursts: int = 3) -> tuple[set, set]:
+def _produce_scenario(
+    bootstrap: str,
+    env: dict[str, str],
+    customers: int = 300,
+    devices: int = 20,
+    bad_every: int | None = None,
+    bursts: int = 3,
+) -> tuple[set, set]:
     """bad_every: also a malformed record (dead letter) after every `bad_every`-th payment, spread over the log;
     bursts: customers with an injected burst of large payments."""
     tx, tx_inj = simulate_transactions(customers, 60, seed=21, burst_customers=bursts)
@@ -68,16 +74,22 @@ def _states(store: SqlStore, run_id: str) -> dict[tuple[str, str], bytes]:
 
 def _committed(store: SqlStore, run_id: str) -> tuple[int, bool]:
     with store.engine.connect() as conn:
-        rows = conn.execute(text("SELECT committed_offset, snapshot_offset FROM partition_checkpoints "
-                                 "WHERE run_id = :r"), {"r": run_id}).all()
+        rows = conn.execute(
+            text("SELECT committed_offset, snapshot_offset FROM partition_checkpoints WHERE run_id = :r"), {"r": run_id}
+        ).all()
     return sum(r.committed_offset for r in rows), any(r.snapshot_offset for r in rows)
 
 
 def _run_env(env: dict[str, str], prefix: str, run_id: str, **extra: str) -> dict[str, str]:
     """A run in its own namespace: run id, group, dead-letter and alerts topics."""
-    return {**env, "PIPELINE_RUN_ID": run_id, "PIPELINE_GROUP_ID": f"{prefix}-{run_id}",
-            "PIPELINE_DLQ_TOPIC": f"{prefix}-{run_id}-dlq", "PIPELINE_ALERTS_TOPIC": f"{prefix}-{run_id}-alerts",
-            **extra}
+    return {
+        **env,
+        "PIPELINE_RUN_ID": run_id,
+        "PIPELINE_GROUP_ID": f"{prefix}-{run_id}",
+        "PIPELINE_DLQ_TOPIC": f"{prefix}-{run_id}-dlq",
+        "PIPELINE_ALERTS_TOPIC": f"{prefix}-{run_id}-alerts",
+        **extra,
+    }
 
 
 def _kill_when(proc: subprocess.Popen[bytes], store: SqlStore, run_id: str, above: int, total: int) -> int:
@@ -95,8 +107,13 @@ def _kill_when(proc: subprocess.Popen[bytes], store: SqlStore, run_id: str, abov
     return committed
 
 
-def assert_same_outputs(store: SqlStore, bootstrap: str, env_a: dict[str, str], env_b: dict[str, str],
-                        durable_at_kills: list[dict[tuple[str, int], int]]) -> None:
+def assert_same_outputs(
+    store: SqlStore,
+    bootstrap: str,
+    env_a: dict[str, str],
+    env_b: dict[str, str],
+    durable_at_kills: list[dict[tuple[str, int], int]],
+) -> None:
     """Incidents, outbox messages and score samples of two runs are equal (as multisets); so are their dead
     letters, except that a record not yet durable at a kill (at or after its partition's committed offset
     then) may have been dead-lettered twice, under the same key: the dead-letter topic is at-least-once
@@ -115,14 +132,17 @@ def assert_same_outputs(store: SqlStore, bootstrap: str, env_a: dict[str, str], 
     assert dl_a and sorted(set(dl_a)) == dl_a and set(dl_a) == set(dl_b), "dead letters lost or spurious"
     for d, n in Counter(dl_b).items():
         if n > 1:  # re-sent: only allowed for a record that was past the durable position at some kill
-            assert n - 1 <= len(durable_at_kills) and any(d[2] >= k.get((d[0], d[1]), 0) for k in durable_at_kills), \
+            assert n - 1 <= len(durable_at_kills) and any(d[2] >= k.get((d[0], d[1]), 0) for k in durable_at_kills), (
                 f"dead letter {d} sent {n} times although it was below a durable position"
+            )
 
 
 def _durable_positions(store: SqlStore, run_id: str) -> dict[tuple[str, int], int]:
     with store.engine.connect() as conn:
-        rows = conn.execute(text("SELECT topic, partition, committed_offset FROM partition_checkpoints "
-                                 "WHERE run_id = :r"), {"r": run_id}).all()
+        rows = conn.execute(
+            text("SELECT topic, partition, committed_offset FROM partition_checkpoints WHERE run_id = :r"),
+            {"r": run_id},
+        ).all()
     return {(r.topic, r.partition): r.committed_offset for r in rows}
 
 
@@ -143,8 +163,14 @@ def test_kill_9_mid_stream_loses_nothing_duplicates_nothing_restores_state(
     run_processor(ref_env, log_path=tmp_path / "ref.log")
 
     # crash run: small batches and frequent snapshots, killed -9 twice in the middle
-    crash_env = _run_env(env, topic_prefix, "crash", PIPELINE_MAX_BATCH_RECORDS="100",
-                         PIPELINE_SNAPSHOT_INTERVAL_S="0.5", PIPELINE_COMMIT_INTERVAL_MS="50")
+    crash_env = _run_env(
+        env,
+        topic_prefix,
+        "crash",
+        PIPELINE_MAX_BATCH_RECORDS="100",
+        PIPELINE_SNAPSHOT_INTERVAL_S="0.5",
+        PIPELINE_COMMIT_INTERVAL_MS="50",
+    )
     watch = OffsetWatch(pg_store, "crash").start()
     try:
         proc = start_processor(crash_env, log_path=tmp_path / "crash-1.log")

@@ -20,8 +20,12 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if proc.returncode != 0:
         pytest.fail(f"wheel build failed:\n{proc.stdout}\n{proc.stderr}")
     return next(out.glob("*.whl"))
@@ -29,19 +33,27 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_wheel_contains_data_files(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("models/checkpoints/transactions.pt", "models/checkpoints/sensors.pt",
-                     "models/checkpoints/transactions.card.json", "schemas/alert.schema.json",
-                     "schemas/transaction.schema.json", "schemas/transaction_label.schema.json",
-                     "schemas/sensor_reading.schema.json",
-                     "pipeline/py.typed"):
+    for required in (
+        "models/checkpoints/transactions.pt",
+        "models/checkpoints/sensors.pt",
+        "models/checkpoints/transactions.card.json",
+        "schemas/alert.schema.json",
+        "schemas/transaction.schema.json",
+        "schemas/transaction_label.schema.json",
+        "schemas/sensor_reading.schema.json",
+        "pipeline/py.typed",
+    ):
         assert required in names, required
     assert not any(n.startswith("tests/") for n in names)
 
 
 def test_installed_package_works_outside_the_repo(wheel: Path, tmp_path: Path) -> None:
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        timeout=300,
+    )
     code = (
         "import sys, models, pipeline, schemas\n"
         "assert pipeline.__file__.startswith(sys.argv[1]), pipeline.__file__\n"
@@ -55,8 +67,14 @@ def test_installed_package_works_outside_the_repo(wheel: Path, tmp_path: Path) -
         "print('ok')\n"
     )
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", code, str(target), str(tmp_path / "a.db")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(target), str(tmp_path / "a.db")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("ok")
 
@@ -101,8 +119,14 @@ def bare_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     the wheel's requirements; `pip check` then proves it is complete), and the wheel is installed by pip."""
     venv = tmp_path_factory.mktemp("bare") / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
-                                "['purelib'])"], check=True, capture_output=True, text=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     for dist in _runtime_closure(wheel):
         for f in dist.files or []:
             if f.parts and f.parts[0] == "..":  # scripts outside site-packages: not needed
@@ -126,33 +150,51 @@ def _bare_env(venv: Path) -> dict[str, str]:
 
 def test_no_extras_install_has_the_run_path_and_none_of_the_extras(bare_venv: Path, tmp_path: Path) -> None:
     py = str(bare_venv / "bin" / "python")
-    code = ("import importlib.util as u, sys\n"
-            "import pipeline, pipeline.app, pipeline.processor, pipeline.kafka.client, pipeline.kafka.broker\n"
-            "import pipeline.sinks.sql, pipeline.checkpointing\n"
-            "assert pipeline.__file__.startswith(sys.prefix), pipeline.__file__\n"
-            f"print(sorted(m for m in {OPTIONAL!r} if u.find_spec(m) is not None))\n")
-    proc = subprocess.run([py, "-c", code], cwd=tmp_path, env=_bare_env(bare_venv), capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import importlib.util as u, sys\n"
+        "import pipeline, pipeline.app, pipeline.processor, pipeline.kafka.client, pipeline.kafka.broker\n"
+        "import pipeline.sinks.sql, pipeline.checkpointing\n"
+        "assert pipeline.__file__.startswith(sys.prefix), pipeline.__file__\n"
+        f"print(sorted(m for m in {OPTIONAL!r} if u.find_spec(m) is not None))\n"
+    )
+    proc = subprocess.run(
+        [py, "-c", code], cwd=tmp_path, env=_bare_env(bare_venv), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", f"optional packages present without extras: {proc.stdout}"
-    helped = subprocess.run([str(bare_venv / "bin" / "pipeline"), "--help"], cwd=tmp_path, env=_bare_env(bare_venv),
-                            capture_output=True, text=True, timeout=120)
+    helped = subprocess.run(
+        [str(bare_venv / "bin" / "pipeline"), "--help"],
+        cwd=tmp_path,
+        env=_bare_env(bare_venv),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert helped.returncode == 0, helped.stderr
     for command in ("run", "api", "bench", "evaluate"):
         assert command in helped.stdout
     # a command that needs an extra says which, in one line, exit 2
     (tmp_path / "skab").mkdir()
-    for extra, args in (("api", ["api", "--database-url", f"sqlite:///{tmp_path}/a.db"]),
-                        ("evaluate", ["evaluate", "--format", "skab", "--data", str(tmp_path / "skab")]),
-                        ("bench", ["bench", "--events", "10"])):
-        proc = subprocess.run([str(bare_venv / "bin" / "pipeline"), *args], cwd=tmp_path, env=_bare_env(bare_venv),
-                              capture_output=True, text=True, timeout=120)
+    for extra, args in (
+        ("api", ["api", "--database-url", f"sqlite:///{tmp_path}/a.db"]),
+        ("evaluate", ["evaluate", "--format", "skab", "--data", str(tmp_path / "skab")]),
+        ("bench", ["bench", "--events", "10"]),
+    ):
+        proc = subprocess.run(
+            [str(bare_venv / "bin" / "pipeline"), *args],
+            cwd=tmp_path,
+            env=_bare_env(bare_venv),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert f"needs the '{extra}' extra" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
-def test_no_extras_install_runs_the_service(bare_venv: Path, tmp_path: Path, kafka_bootstrap: str, pg_url: str,
-                                           topic_prefix: str) -> None:
+def test_no_extras_install_runs_the_service(
+    bare_venv: Path, tmp_path: Path, kafka_bootstrap: str, pg_url: str, topic_prefix: str
+) -> None:
     from pipeline.simulate import simulate_sensors, strip_labels
     from tests.service_helpers import produce, topic_env
 
@@ -160,7 +202,13 @@ def test_no_extras_install_runs_the_service(bare_venv: Path, tmp_path: Path, kaf
     env = {k: v for k, v in env.items() if not k.startswith("PYTHON") or k == "PYTHONUNBUFFERED"}
     sensors, _ = simulate_sensors(4, 60, seed=3, spike_devices=1, anomaly_len=10)
     produce(kafka_bootstrap, env["PIPELINE_SENSORS_TOPIC"], ((r["device_id"], r) for r in strip_labels(sensors)))
-    proc = subprocess.run([str(bare_venv / "bin" / "pipeline"), "run", "--idle-exit", "3"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(bare_venv / "bin" / "pipeline"), "run", "--idle-exit", "3"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"processor stopped: {len(sensors)} events" in proc.stderr, proc.stderr[-3000:]

@@ -14,9 +14,10 @@ from sqlalchemy import MetaData, inspect
 
 from pipeline.alerts.feedback import confirmed_keys, exclude_confirmed
 from pipeline.alerts.lifecycle import IncidentTracker, LifecyclePolicy, ScoredEvent
+from pipeline.checkpointing.rows import OffsetRow
 from pipeline.errors import NotFoundError, SinkError
 from pipeline.sinks import sql
-from pipeline.sinks.sql import OffsetRow, SqlStore
+from pipeline.sinks.sql import SqlStore
 from tests.alerts_seed import T0, alert_for, feed, seed
 
 
@@ -109,15 +110,18 @@ def test_ack_and_label_and_retraining_exclusion(store: SqlStore) -> None:
         store.ack(alert_id=999_999)
     keys = confirmed_keys(store, "live")
     assert len(keys) == 5
-    recs = [{"customer_id": "C1", "timestamp": "2024-05-01T10:40:00Z"},
-            {"customer_id": "C1", "timestamp": "2024-05-01T10:40:01Z"}]
+    recs = [
+        {"customer_id": "C1", "timestamp": "2024-05-01T10:40:00Z"},
+        {"customer_id": "C1", "timestamp": "2024-05-01T10:40:01Z"},
+    ]
     assert exclude_confirmed(recs, keys, entity_field="customer_id") == recs[1:]
 
 
 def test_score_samples_are_a_bounded_ring(sqlite_store: SqlStore, tmp_path: Path) -> None:
     t = IncidentTracker("live", LifecyclePolicy(resolve_after=1000, sample_ring=10))
-    evs = [(ScoredEvent("sensors", "D1", "sn", 0, i, T0 + i, 5.0 if i % 5 else 9.0, 4.0), i % 5 == 0)
-           for i in range(40)]
+    evs = [
+        (ScoredEvent("sensors", "D1", "sn", 0, i, T0 + i, 5.0 if i % 5 else 9.0, 4.0), i % 5 == 0) for i in range(40)
+    ]
     feed(sqlite_store, t, evs[:25])
     feed(sqlite_store, t, evs[25:])
     samples = sqlite_store.recent_scores("live", "sensors", "D1")

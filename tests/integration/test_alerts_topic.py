@@ -42,8 +42,9 @@ def alerts_topic(kafka_bootstrap: str, topic_prefix: str) -> str:
     return topic
 
 
-def test_crash_before_publish_is_republished_on_restart(pg_store: SqlStore, kafka_bootstrap: str,
-                                                        alerts_topic: str) -> None:
+def test_crash_before_publish_is_republished_on_restart(
+    pg_store: SqlStore, kafka_bootstrap: str, alerts_topic: str
+) -> None:
     seed(pg_store)  # the checkpoint committed, then the process died before the relay ran
     rows = pg_store.outbox_rows("live", unpublished=True)
     assert rows
@@ -66,12 +67,16 @@ def test_crash_before_publish_is_republished_on_restart(pg_store: SqlStore, kafk
         latest[m["incident"]["key"]] = m
     for inc in pg_store.list_incidents(run_id="live"):
         m = latest[inc["incident_key"]]
-        assert (m["incident"]["status"], m["incident"]["seq"], m["incident"]["alert_count"]) == \
-            (inc["status"], inc["seq"], inc["alert_count"])
+        assert (m["incident"]["status"], m["incident"]["seq"], m["incident"]["alert_count"]) == (
+            inc["status"],
+            inc["seq"],
+            inc["alert_count"],
+        )
 
 
 def test_crash_after_publish_before_mark_duplicates_but_consumers_dedupe(
-        pg_store: SqlStore, kafka_bootstrap: str, alerts_topic: str) -> None:
+    pg_store: SqlStore, kafka_bootstrap: str, alerts_topic: str
+) -> None:
     seed(pg_store)
     rows = pg_store.outbox_rows("live")
     publisher = KafkaPublisher(kafka_bootstrap, alerts_topic)
@@ -100,8 +105,21 @@ def test_cli_tail_follows_the_alerts_topic(pg_store: SqlStore, kafka_bootstrap: 
         n = OutboxRelay(pg_store, publisher, "live").drain()
     finally:
         publisher.close()
-    res = CliRunner().invoke(app, ["alerts", "tail", "--bootstrap", kafka_bootstrap, "--topic", alerts_topic,
-                                   "--from-beginning", "--max-messages", str(n), "--json"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "alerts",
+            "tail",
+            "--bootstrap",
+            kafka_bootstrap,
+            "--topic",
+            alerts_topic,
+            "--from-beginning",
+            "--max-messages",
+            str(n),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     lines = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
     assert len(lines) == n and {m["incident"]["event"] for m in lines} == {"opened", "updated", "resolved"}

@@ -9,10 +9,10 @@ from pipeline.sinks.sql import SqlStore
 from tests.service_helpers import produce, run_processor, topic_env
 
 
-def test_processor_on_apache_kafka(apache_kafka: str, sqlite_store: SqlStore, topic_prefix: str,
-                                   tmp_path: Path) -> None:
-    env = topic_env(topic_prefix, apache_kafka, sqlite_store.url, session_timeout_ms=10000,
-                    heartbeat_interval_ms=3000)
+def test_processor_on_apache_kafka(
+    apache_kafka: str, sqlite_store: SqlStore, topic_prefix: str, tmp_path: Path
+) -> None:
+    env = topic_env(topic_prefix, apache_kafka, sqlite_store.url, session_timeout_ms=10000, heartbeat_interval_ms=3000)
     sn, injected = simulate_sensors(20, 300, seed=22, spike_devices=1, drift_devices=1)
     produce(apache_kafka, env["PIPELINE_SENSORS_TOPIC"], ((r["device_id"], r) for r in strip_labels(sn)))
     run_processor(env, log_path=tmp_path / "proc.log")

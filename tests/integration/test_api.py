@@ -39,8 +39,15 @@ def test_health_ready_metrics_and_page(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
     body = client.get("/metrics").text
-    for name in ("pipeline_events_total", "pipeline_consumer_lag", "pipeline_batch_size", "pipeline_live_entities",
-                 "pipeline_alerts_total", "pipeline_dead_letters_total", "pipeline_open_incidents 2.0"):
+    for name in (
+        "pipeline_events_total",
+        "pipeline_consumer_lag",
+        "pipeline_batch_size",
+        "pipeline_live_entities",
+        "pipeline_alerts_total",
+        "pipeline_dead_letters_total",
+        "pipeline_open_incidents 2.0",
+    ):
         assert name in body
     page = client.get("/")
     assert page.status_code == 200 and 'id="incidents"' in page.text
@@ -55,21 +62,24 @@ def test_readyz_is_503_without_a_database(tmp_path: object) -> None:
     assert c.get("/metrics").status_code == 200
 
 
-@pytest.mark.parametrize(("path", "says"), [
-    ("/api/entities/C0%00/scores", "entity id must not contain a NUL character"),
-    ("/api/entities/C1/scores?stream=tx%00", "stream must not contain a NUL character"),
-    ("/api/alerts?entity=C%00", "entity must not contain a NUL character"),
-    ("/api/incidents?stream=%00", "stream must not contain a NUL character"),
-    ("/api/alerts?since=100000000d", "before the year 1"),
-    ("/api/alerts?since=99999999999999999999d", "before the year 1"),
-    ("/api/incidents?since=9999-12-31T23:59:59-23:59", "outside the years 1..9999"),
-    ("/api/alerts?since=0001-01-01T00:00:00%2B23:59", "outside the years 1..9999"),
-    ("/api/alerts?since=yesterday", "give an ISO time"),
-    ("/api/alerts/99999999999999999999", "less than or equal to 9223372036854775807"),
-    ("/api/incidents/9223372036854775808", "less than or equal to 9223372036854775807"),
-    ("/api/alerts?incident_id=99999999999999999999", "less than or equal to 9223372036854775807"),
-    ("/api/alerts/0", "greater than or equal to 1"),
-])
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        ("/api/entities/C0%00/scores", "entity id must not contain a NUL character"),
+        ("/api/entities/C1/scores?stream=tx%00", "stream must not contain a NUL character"),
+        ("/api/alerts?entity=C%00", "entity must not contain a NUL character"),
+        ("/api/incidents?stream=%00", "stream must not contain a NUL character"),
+        ("/api/alerts?since=100000000d", "before the year 1"),
+        ("/api/alerts?since=99999999999999999999d", "before the year 1"),
+        ("/api/incidents?since=9999-12-31T23:59:59-23:59", "outside the years 1..9999"),
+        ("/api/alerts?since=0001-01-01T00:00:00%2B23:59", "outside the years 1..9999"),
+        ("/api/alerts?since=yesterday", "give an ISO time"),
+        ("/api/alerts/99999999999999999999", "less than or equal to 9223372036854775807"),
+        ("/api/incidents/9223372036854775808", "less than or equal to 9223372036854775807"),
+        ("/api/alerts?incident_id=99999999999999999999", "less than or equal to 9223372036854775807"),
+        ("/api/alerts/0", "greater than or equal to 1"),
+    ],
+)
 def test_bad_input_is_422_with_the_reason(client: TestClient, path: str, says: str) -> None:
     r = client.get(path)
     assert r.status_code == 422, r.text

@@ -47,8 +47,9 @@ def _wait_up(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @pytest.mark.parametrize("host", [None, "0.0.0.0"])
-def test_metrics_and_api_bind_loopback_unless_told(kafka_bootstrap: str, pg_url: str, topic_prefix: str,
-                                                    tmp_path: Path, host: str | None) -> None:
+def test_metrics_and_api_bind_loopback_unless_told(
+    kafka_bootstrap: str, pg_url: str, topic_prefix: str, tmp_path: Path, host: str | None
+) -> None:
     try:
         socket.socket().bind(("127.0.0.2", 0))
     except OSError:

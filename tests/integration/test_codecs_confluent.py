@@ -33,21 +33,34 @@ def payments() -> list[dict[str, Any]]:
 def produce_confluent(bootstrap: str, topic: str, recs: list[dict[str, Any]], codec: str) -> None:
     """Keyed by customer; murmur2 partitioner, so each customer lands where kafka-python would put it."""
     ensure_topics(bootstrap, [topic], 4)
-    producer = confluent_kafka.Producer({
-        "bootstrap.servers": bootstrap, "compression.type": codec, "partitioner": "murmur2_random",
-        "linger.ms": 20, "batch.num.messages": 500, "acks": "all", "enable.idempotence": True,
-    })
+    producer = confluent_kafka.Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "compression.type": codec,
+            "partitioner": "murmur2_random",
+            "linger.ms": 20,
+            "batch.num.messages": 500,
+            "acks": "all",
+            "enable.idempotence": True,
+        }
+    )
     errors: list[Any] = []
     for r in recs:
-        producer.produce(topic, key=r["customer_id"].encode(), value=orjson.dumps(r), timestamp=event_ms(r),
-                         on_delivery=lambda err, _msg: errors.append(err) if err is not None else None)
+        producer.produce(
+            topic,
+            key=r["customer_id"].encode(),
+            value=orjson.dumps(r),
+            timestamp=event_ms(r),
+            on_delivery=lambda err, _msg: errors.append(err) if err is not None else None,
+        )
         producer.poll(0)
     assert producer.flush(60) == 0, "undelivered records"
     assert not errors, errors[:3]
 
 
-def test_every_codec_gives_the_same_alerts(kafka_bootstrap: str, pg_store: SqlStore, topic_prefix: str,
-                                           tmp_path: Path) -> None:
+def test_every_codec_gives_the_same_alerts(
+    kafka_bootstrap: str, pg_store: SqlStore, topic_prefix: str, tmp_path: Path
+) -> None:
     recs = payments()
     results = {}
     for codec in CODECS:
@@ -62,8 +75,9 @@ def test_every_codec_gives_the_same_alerts(kafka_bootstrap: str, pg_store: SqlSt
         assert results[codec] == results["none"], codec
 
 
-def test_an_undecodable_codec_stops_the_partition_with_one_error(kafka_bootstrap: str, pg_store: SqlStore,
-                                                                 topic_prefix: str, tmp_path: Path) -> None:
+def test_an_undecodable_codec_stops_the_partition_with_one_error(
+    kafka_bootstrap: str, pg_store: SqlStore, topic_prefix: str, tmp_path: Path
+) -> None:
     """lz4 made unavailable in the processor (a sitecustomize turns kafka-python's check off): the lz4
     partition stops, /readyz is 503 with the position, the log has one ERROR for it and no traceback, and the
     other partitions are scored."""
@@ -76,8 +90,9 @@ def test_an_undecodable_codec_stops_the_partition_with_one_error(kafka_bootstrap
     plain = confluent_kafka.Producer({"bootstrap.servers": kafka_bootstrap, "compression.type": "none"})
     for r in recs:
         p = int(r["customer_id"][1:]) % 4
-        (lz4 if p == 0 else plain).produce(topic, key=r["customer_id"].encode(), value=orjson.dumps(r),
-                                           partition=p, timestamp=event_ms(r))
+        (lz4 if p == 0 else plain).produce(
+            topic, key=r["customer_id"].encode(), value=orjson.dumps(r), partition=p, timestamp=event_ms(r)
+        )
     assert lz4.flush(30) == 0 and plain.flush(30) == 0
     per_partition = {p: sum(1 for r in recs if int(r["customer_id"][1:]) % 4 == p) for p in range(4)}
 
@@ -98,6 +113,7 @@ def test_an_undecodable_codec_stops_the_partition_with_one_error(kafka_bootstrap
                 break
             time.sleep(0.5)
         assert f"topic {topic} partition 0 offset 0" in str(body.get("status")), body
+
         # the other partitions go on: their outputs become durable up to their ends; partition 0 stays at 0
         def durable() -> dict[int, int | None]:
             saved = pg_store.load_offsets("nolz4", env["PIPELINE_GROUP_ID"])

@@ -60,9 +60,15 @@ def test_database_cut_while_loading_new_entities_waits_not_ready_then_delivers(
     # no state snapshot falls due during the cut (they are staggered over the interval, one partition every
     # 2.5 s by default): else a snapshot checkpoint may hit the cut before the new payments are polled, and
     # the processor waits in the checkpoint retry instead of in the state loads this test is about
-    proc = Processor(source, db, dlq, scorers, ProcessorOptions(run_id="live", group_id=s.group_id,
-                                                               db_retry_max_s=1.0, commit_interval_ms=100,
-                                                               snapshot_interval_s=3600.0))
+    proc = Processor(
+        source,
+        db,
+        dlq,
+        scorers,
+        ProcessorOptions(
+            run_id="live", group_id=s.group_id, db_retry_max_s=1.0, commit_interval_ms=100, snapshot_interval_s=3600.0
+        ),
+    )
     publisher = enable_incidents(proc, s, db, kafka_bootstrap)  # open-incident loads go through the proxy too
     first = _payments(60, 40, seed=31, prefix="A", bursts=2)
     second = _payments(200, 12, seed=32, prefix="B", bursts=0)  # 200 customers never seen: state loads
@@ -75,8 +81,11 @@ def test_database_cut_while_loading_new_entities_waits_not_ready_then_delivers(
         proxy.cut()
         failures = proc.stats.db_failures
         _produce(kafka_bootstrap, s.transactions_topic, second)
-        wait_until(lambda: any("entity states" in r.getMessage() and "retrying" in r.getMessage()
-                               for r in caplog.records), 30, "entity-state loads retrying")
+        wait_until(
+            lambda: any("entity states" in r.getMessage() and "retrying" in r.getMessage() for r in caplog.records),
+            30,
+            "entity-state loads retrying",
+        )
         assert not proc.ready.is_set(), "ready while the database is unreachable"
         time.sleep(3.0)  # several retries
         assert runner.thread.is_alive() and runner.error is None, f"processor exited: {runner.error!r}"
@@ -84,8 +93,11 @@ def test_database_cut_while_loading_new_entities_waits_not_ready_then_delivers(
         assert proc.stats.db_failures > failures + 2
         assert _durable(pg_store, "live", s.group_id) == len(first), "offsets moved while the database was down"
         proxy.restore()
-        wait_until(lambda: _durable(pg_store, "live", s.group_id) == len(first) + len(second), 60,
-                   "delivery after the database came back")
+        wait_until(
+            lambda: _durable(pg_store, "live", s.group_id) == len(first) + len(second),
+            60,
+            "delivery after the database came back",
+        )
         wait_until(proc.ready.is_set, 10, "ready again")
     finally:
         runner.stop.set()

@@ -8,8 +8,7 @@ from pathlib import Path
 from pipeline.simulate import simulate_sensors, strip_labels
 from tests.service_helpers import produce, read_topic, run_processor, topic_env
 
-GOOD = (b'{"transaction_id":"T1","customer_id":"C1","terminal_id":"T9","amount":10.5,'
-        b'"timestamp":"2018-04-01T00:00:31Z"}')
+GOOD = b'{"transaction_id":"T1","customer_id":"C1","terminal_id":"T9","amount":10.5,"timestamp":"2018-04-01T00:00:31Z"}'
 BAD = {
     "malformed_json": (b"C1", b"{oops"),
     "missing_field": (b"C2", GOOD.replace(b'"amount":10.5,', b"").replace(b'"C1"', b'"C2"')),
@@ -20,8 +19,10 @@ BAD = {
     "key_mismatch": (b"C6", GOOD.replace(b'"C1"', b'"C7"')),
     "empty_value": (b"C8", None),
     "duplicate_key": (b"C10", GOOD.replace(b'"C1"', b'"C10"').replace(b"10.5,", b'25.0,"amount":999999.0,')),
-    "timestamp_out_of_range": (b"C11", GOOD.replace(b'"C1"', b'"C11"')
-                               .replace(b"2018-04-01T00:00:31Z", b"9999-12-31T23:59:59-23:59")),
+    "timestamp_out_of_range": (
+        b"C11",
+        GOOD.replace(b'"C1"', b'"C11"').replace(b"2018-04-01T00:00:31Z", b"9999-12-31T23:59:59-23:59"),
+    ),
     "missing_key": (None, GOOD.replace(b'"C1"', b'"C12"')),
 }
 

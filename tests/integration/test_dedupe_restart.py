@@ -18,10 +18,16 @@ from tests.service_helpers import produce, run_processor, start_processor, topic
 def _stream() -> tuple[list[dict[str, Any]], dict[str, Any]]:
     tx, _ = simulate_transactions(20, 20, seed=41)
     payments = strip_labels(tx)
-    normal = [{**p, "customer_id": "C-dup", "transaction_id": f"D{i}", "amount": 20.0 + i % 3}
-              for i, p in enumerate(payments[:12])]
-    big = {**normal[-1], "transaction_id": "DUP-1", "amount": 5000.0,
-           "timestamp": normal[-1]["timestamp"][:11] + "23:59:00Z"}
+    normal = [
+        {**p, "customer_id": "C-dup", "transaction_id": f"D{i}", "amount": 20.0 + i % 3}
+        for i, p in enumerate(payments[:12])
+    ]
+    big = {
+        **normal[-1],
+        "transaction_id": "DUP-1",
+        "amount": 5000.0,
+        "timestamp": normal[-1]["timestamp"][:11] + "23:59:00Z",
+    }
     return [*payments, *normal, big], big
 
 
@@ -70,7 +76,6 @@ def test_a_resent_payment_is_scored_once_across_crash_and_restart(
 
     # control: without deduplication the resends are scored again and raise more alerts
     off = topic_env(f"{topic_prefix}-off", kafka_bootstrap, pg_url, run_id="no-dedupe", dedupe_window=0)
-    produce(kafka_bootstrap, off["PIPELINE_TRANSACTIONS_TOPIC"],
-            [(p["customer_id"], p) for p in [*stream, big, big]])
+    produce(kafka_bootstrap, off["PIPELINE_TRANSACTIONS_TOPIC"], [(p["customer_id"], p) for p in [*stream, big, big]])
     run_processor(off, log_path=tmp_path / "off.log")
     assert len(_alerts_of(pg_store, "no-dedupe", "C-dup")) > 1

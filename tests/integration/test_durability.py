@@ -54,8 +54,9 @@ def test_broker_restart_mid_stream_reconnects_and_loses_nothing(
     q = len(recs) // 4
     first, unread, after = recs[: 2 * q], recs[2 * q : 3 * q], recs[3 * q :]
     produce_sensors(boot, s.sensors_topic, first)
-    proc, source, dlq = make_processor(s, boot, sqlite_store, max_batch_records=100, snapshot_interval_s=0.5,
-                                       commit_interval_ms=50)
+    proc, source, dlq = make_processor(
+        s, boot, sqlite_store, max_batch_records=100, snapshot_interval_s=0.5, commit_interval_ms=50
+    )
     gate = threading.Event()  # lets the test hold the processor between polls, so records stay unread
     gate.set()
     poll = source.poll
@@ -108,8 +109,14 @@ def test_database_unavailable_backs_off_commits_nothing_then_delivers(
         assert proc.ready.wait(30), "no partition assignment"
         produce_sensors(kafka_bootstrap, s.sensors_topic, normal, create=False)
         # the in-memory positions move after the group commit, which follows the database write
-        wait_until(lambda: _durable(pg_store, "live", s.group_id) == len(normal)
-                   and sum(proc.checkpointer.positions.committed.values()) == len(normal), 60, "normal part durable")
+        wait_until(
+            lambda: (
+                _durable(pg_store, "live", s.group_id) == len(normal)
+                and sum(proc.checkpointer.positions.committed.values()) == len(normal)
+            ),
+            60,
+            "normal part durable",
+        )
         committed_before = dict(proc.checkpointer.positions.committed)
         kafka_before = {p: probe.committed((s.sensors_topic, p)) for p in range(PARTITIONS)}
         tx = locker.begin()
@@ -118,12 +125,16 @@ def test_database_unavailable_backs_off_commits_nothing_then_delivers(
         wait_until(lambda: proc.stats.db_failures >= 4, 30, "checkpoint retries")
         assert len(proc.checkpointer.pending) > 0, "alerts are waiting for the database"
         assert proc.checkpointer.positions.committed == committed_before
-        assert {p: probe.committed((s.sensors_topic, p)) for p in range(PARTITIONS)} == kafka_before, \
+        assert {p: probe.committed((s.sensors_topic, p)) for p in range(PARTITIONS)} == kafka_before, (
             "offsets committed to Kafka while their alerts were not durable"
+        )
         tx.rollback()  # the database is back
         wait_until(lambda: _durable(pg_store, "live", s.group_id) == len(recs), 60, "delivery after recovery")
-        wait_until(lambda: sum(probe.committed((s.sensors_topic, p)) or 0 for p in range(PARTITIONS))
-                   == len(recs), 30, "kafka commit after recovery")
+        wait_until(
+            lambda: sum(probe.committed((s.sensors_topic, p)) or 0 for p in range(PARTITIONS)) == len(recs),
+            30,
+            "kafka commit after recovery",
+        )
     finally:
         locker.close()
         runner.stop.set()
@@ -150,11 +161,15 @@ def test_rebalance_moves_entities_with_their_state(
     w2, src2, dlq2 = make_processor(s, kafka_bootstrap, db2)
     r1, r2 = Runner(w1).start(), Runner(w2).start()
     try:
+
         def both_own_partitions() -> bool:
             return len(src1.consumer.assignment()) == len(src2.consumer.assignment()) == PARTITIONS // 2
 
-        wait_until(lambda: both_own_partitions() and _durable(pg_store, "live", s.group_id) == len(first), 60,
-                   "two workers sharing the partitions and the first half durable")
+        wait_until(
+            lambda: both_own_partitions() and _durable(pg_store, "live", s.group_id) == len(first),
+            60,
+            "two workers sharing the partitions and the first half durable",
+        )
         moved = set(w2.scorers[s.sensors_topic].store._slot_of)
         assert moved, "the stopped worker owned entities"
         r2.stop.set()

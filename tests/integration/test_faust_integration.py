@@ -23,9 +23,17 @@ REPO = Path(__file__).resolve().parents[2]
 def faust_settings(bootstrap: str) -> dict[str, object]:
     """Tansu caveats (docs/design/processor-choice.md): faust's batching producer loses records there, so
     producer_max_batch_size=1; the group timings match the processor's."""
-    return dict(broker=f"kafka://{bootstrap}", store="memory://", web_enabled=False, topic_partitions=4,
-                broker_session_timeout=6.0, broker_heartbeat_interval=1.0, consumer_auto_offset_reset="earliest",
-                producer_max_batch_size=1, producer_acks=1)
+    return dict(
+        broker=f"kafka://{bootstrap}",
+        store="memory://",
+        web_enabled=False,
+        topic_partitions=4,
+        broker_session_timeout=6.0,
+        broker_heartbeat_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        producer_max_batch_size=1,
+        producer_acks=1,
+    )
 
 
 def worker_main(argv: list[str]) -> None:
@@ -48,8 +56,9 @@ def worker_main(argv: list[str]) -> None:
     db = SqlStore(settings.database_url)
     db.create_schema()
     dlq = KafkaDeadLetterSink(args.bootstrap, settings.dlq_topic)
-    scoring = FaustScoring(build_scorers(settings, ensure_models(settings)), db, dlq, run_id=args.run_id,
-                           group_id=args.app_id)
+    scoring = FaustScoring(
+        build_scorers(settings, ensure_models(settings)), db, dlq, run_id=args.run_id, group_id=args.app_id
+    )
     app = faust.App(args.app_id, **faust_settings(args.bootstrap))  # type: ignore[arg-type]
     scoring_agent(app, scoring, batch=args.batch)
 
@@ -80,15 +89,20 @@ from tests.stream_helpers import alert_set, wait_until  # noqa: E402
 BAD = [("pump-x", b"{oops"), ("pump-y", b'{"device_id": "pump-y", "timestamp": "2020-03-09T10:00:00Z", "values": {}}')]
 
 
-def run_faust_worker(env: dict[str, str], bootstrap: str, app_id: str, expect_events: int, tmp: Path,
-                     timeout: float = 180.0) -> dict[str, float]:
+def run_faust_worker(
+    env: dict[str, str], bootstrap: str, app_id: str, expect_events: int, tmp: Path, timeout: float = 180.0
+) -> dict[str, float]:
     progress = tmp / f"{app_id}.json"
     log_path = tmp / f"{app_id}.log"
     ensure_topics(bootstrap, [f"{app_id}-__assignor-__leader"], 1)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, __file__, "--bootstrap", bootstrap, "--app-id", app_id,
-                                 "--progress", str(progress)], env=env, cwd=tmp, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--bootstrap", bootstrap, "--app-id", app_id, "--progress", str(progress)],
+            env=env,
+            cwd=tmp,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     stats: dict[str, float] = {}
 
     def done() -> bool:
@@ -113,16 +127,19 @@ def run_faust_worker(env: dict[str, str], bootstrap: str, app_id: str, expect_ev
     return stats
 
 
-def test_faust_worker_alerts_equal_pipeline_run(kafka_bootstrap: str, pg_store: SqlStore, topic_prefix: str,
-                                                tmp_path: Path) -> None:
+def test_faust_worker_alerts_equal_pipeline_run(
+    kafka_bootstrap: str, pg_store: SqlStore, topic_prefix: str, tmp_path: Path
+) -> None:
     db_url = pg_store.url  # type: ignore[attr-defined]
     env = topic_env(topic_prefix, kafka_bootstrap, db_url)
     sensors, _ = simulate_sensors(10, 200, seed=5, spike_devices=3, drift_devices=2, anomaly_len=15)
     txs, _ = simulate_transactions(100, 40, seed=6, burst_customers=4)
-    n_good = produce(kafka_bootstrap, env["PIPELINE_SENSORS_TOPIC"],
-                     ((r["device_id"], r) for r in strip_labels(sensors)))
-    n_good += produce(kafka_bootstrap, env["PIPELINE_TRANSACTIONS_TOPIC"],
-                      ((r["customer_id"], r) for r in strip_labels(txs)))
+    n_good = produce(
+        kafka_bootstrap, env["PIPELINE_SENSORS_TOPIC"], ((r["device_id"], r) for r in strip_labels(sensors))
+    )
+    n_good += produce(
+        kafka_bootstrap, env["PIPELINE_TRANSACTIONS_TOPIC"], ((r["customer_id"], r) for r in strip_labels(txs))
+    )
     from pipeline.kafka.client import make_producer
 
     producer = make_producer(kafka_bootstrap)

@@ -37,15 +37,21 @@ def forecast_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spec = SensorStream(SENSOR_CHANNELS)
     recs, _ = simulate_sensors(12, 200, seed=5)
     cols = spec.columns([spec.parse(r) for r in strip_labels(recs)])
-    ckpt = train_stream_forecaster(spec, cols, model=ForecastConfig(n_features=spec.n_features, hidden_size=32),
-                                   train=ForecastTrainConfig(epochs=8, seed=0, tbptt=32, segment=128), min_history=8)
+    ckpt = train_stream_forecaster(
+        spec,
+        cols,
+        model=ForecastConfig(n_features=spec.n_features, hidden_size=32),
+        train=ForecastTrainConfig(epochs=8, seed=0, tbptt=32, segment=128),
+        min_history=8,
+    )
     save_forecaster(ckpt, out / "sensors.pt")
     shutil.copy(bundled_checkpoint_path("transactions"), out / "transactions.pt")
     return out
 
 
-def test_rebalance_moves_forecaster_state(kafka_bootstrap: str, pg_store: SqlStore, pg_url: str, topic_prefix: str,
-                                          forecast_models: Path) -> None:
+def test_rebalance_moves_forecaster_state(
+    kafka_bootstrap: str, pg_store: SqlStore, pg_url: str, topic_prefix: str, forecast_models: Path
+) -> None:
     s = settings_for(topic_prefix, pg_url)
     s.models_dir = forecast_models
     recs = sensor_records(24, 80)
@@ -64,8 +70,14 @@ def test_rebalance_moves_forecaster_state(kafka_bootstrap: str, pg_store: SqlSto
             return -1
 
     try:
-        wait_until(lambda: len(src1.consumer.assignment()) == len(src2.consumer.assignment()) == PARTITIONS // 2
-                   and durable() == len(first), 90, "two workers sharing the partitions, first half durable")
+        wait_until(
+            lambda: (
+                len(src1.consumer.assignment()) == len(src2.consumer.assignment()) == PARTITIONS // 2
+                and durable() == len(first)
+            ),
+            90,
+            "two workers sharing the partitions, first half durable",
+        )
         store2 = w2.scorers[s.sensors_topic].store
         moved = set(store2._slot_of)
         assert moved, "the stopped worker owned entities"

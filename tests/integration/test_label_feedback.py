@@ -97,8 +97,9 @@ def _assert_same_contexts(got: dict[int, TerminalContext], expected: dict[int, T
             np.testing.assert_allclose(have[t], want[t], rtol=1e-12, equal_nan=True)
 
 
-def _processor(settings: Any, ckpt: Any, bootstrap: str, db: SqlStore) -> tuple[Processor, KafkaSource,
-                                                                                KafkaDeadLetterSink]:
+def _processor(
+    settings: Any, ckpt: Any, bootstrap: str, db: SqlStore
+) -> tuple[Processor, KafkaSource, KafkaDeadLetterSink]:
     scorers = build_scorers(settings, {"transactions": ckpt})
     labels = label_topics(settings, scorers)
     assert labels == {settings.labels_topic: settings.transactions_topic}
@@ -108,9 +109,18 @@ def _processor(settings: Any, ckpt: Any, bootstrap: str, db: SqlStore) -> tuple[
     return Processor(source, db, dlq, scorers, opts, label_topics=labels), source, dlq
 
 
-def _run_phase(proc: Processor, src: KafkaSource, dlq: KafkaDeadLetterSink, labels_ready: Callable[[], bool],
-               bootstrap: str, topic: str, payments: list[dict[str, Any]], db: SqlStore, group: str,
-               durable: int) -> None:
+def _run_phase(
+    proc: Processor,
+    src: KafkaSource,
+    dlq: KafkaDeadLetterSink,
+    labels_ready: Callable[[], bool],
+    bootstrap: str,
+    topic: str,
+    payments: list[dict[str, Any]],
+    db: SqlStore,
+    group: str,
+    durable: int,
+) -> None:
     """Run the processor until its labels are queued, then produce `payments` and wait until the topic is
     durable up to `durable` records; stop and close."""
     runner = Runner(proc).start()
@@ -141,9 +151,16 @@ def test_labels_reach_their_partitions_terminal_context_and_survive_a_restart(
     first, second = txs[: len(txs) * 2 // 3], txs[len(txs) * 2 // 3 :]
     compromised = txs[0]["terminal_id"]
     # every payment gets a label one day later: fraud at the compromised terminal, genuine elsewhere
-    labels = [{"transaction_id": r["transaction_id"], "customer_id": r["customer_id"], "terminal_id": r["terminal_id"],
-               "is_fraud": r["terminal_id"] == compromised, "labelled_at": iso(_ts(r["timestamp"]) + DAY)}
-              for r in txs]
+    labels = [
+        {
+            "transaction_id": r["transaction_id"],
+            "customer_id": r["customer_id"],
+            "terminal_id": r["terminal_id"],
+            "is_fraud": r["terminal_id"] == compromised,
+            "labelled_at": iso(_ts(r["timestamp"]) + DAY),
+        }
+        for r in txs
+    ]
     producer = make_producer(kafka_bootstrap)
     try:  # every label to every partition (label fan-out), then one bad record
         n_labels = produce_labels(producer, s.labels_topic, labels, fanout=True)
@@ -155,8 +172,18 @@ def test_labels_reach_their_partitions_terminal_context_and_survive_a_restart(
     proc, src, dlq = _processor(s, feedback_model, kafka_bootstrap, pg_store)
     spec = proc.scorers[s.transactions_topic].spec
     assert isinstance(spec, TransactionStream)
-    _run_phase(proc, src, dlq, lambda: sum(c.pending_labels for c in spec.contexts.values()) == n_labels,
-               kafka_bootstrap, s.transactions_topic, first, pg_store, s.group_id, len(first))
+    _run_phase(
+        proc,
+        src,
+        dlq,
+        lambda: sum(c.pending_labels for c in spec.contexts.values()) == n_labels,
+        kafka_bootstrap,
+        s.transactions_topic,
+        first,
+        pg_store,
+        s.group_id,
+        len(first),
+    )
     expected = _expected(kafka_bootstrap, s.transactions_topic, s.labels_topic)
     _assert_same_contexts(spec.contexts, expected)
     committed = _committed(pg_store, s.group_id, s.labels_topic)
@@ -176,9 +203,22 @@ def test_labels_reach_their_partitions_terminal_context_and_survive_a_restart(
     spec2 = proc2.scorers[s.transactions_topic].spec
     assert isinstance(spec2, TransactionStream)
     pending = sum(c.pending_labels for c in expected.values())
-    _run_phase(proc2, src2, dlq2, lambda: proc2.ready.is_set() and len(spec2.contexts) == len(expected)
-               and sum(c.pending_labels for c in spec2.contexts.values()) == pending,
-               kafka_bootstrap, s.transactions_topic, second, db2, s.group_id, len(txs))
+    _run_phase(
+        proc2,
+        src2,
+        dlq2,
+        lambda: (
+            proc2.ready.is_set()
+            and len(spec2.contexts) == len(expected)
+            and sum(c.pending_labels for c in spec2.contexts.values()) == pending
+        ),
+        kafka_bootstrap,
+        s.transactions_topic,
+        second,
+        db2,
+        s.group_id,
+        len(txs),
+    )
     # restored context + re-read labels + new payments == one uninterrupted computation over both logs
     expected = _expected(kafka_bootstrap, s.transactions_topic, s.labels_topic)
     _assert_same_contexts(spec2.contexts, expected)
@@ -219,7 +259,7 @@ def test_analyst_verdict_is_published_as_label_feedback(
     from typer.testing import CliRunner
 
     from pipeline.alerts.cli import register
-    from pipeline.sinks.sql import AlertRow
+    from pipeline.checkpointing.rows import AlertRow
 
     tx_topic, labels_topic = f"{topic_prefix}-tx", f"{topic_prefix}-labels"
     monkeypatch.setenv("PIPELINE_LABELS_TOPIC", labels_topic)
@@ -230,26 +270,60 @@ def test_analyst_verdict_is_published_as_label_feedback(
         produce_json(producer, tx_topic, [(r["customer_id"], r) for r in pay])
     finally:
         producer.close()
-    rows = [AlertRow(f"live|{tx_topic}|0|{i}|m", "live", "transactions", r["customer_id"],
-                     datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")), 9.0, 1.0, "high", "m", [],
-                     tx_topic, 0, i) for i, r in enumerate(pay)]
+    rows = [
+        AlertRow(
+            f"live|{tx_topic}|0|{i}|m",
+            "live",
+            "transactions",
+            r["customer_id"],
+            datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")),
+            9.0,
+            1.0,
+            "high",
+            "m",
+            [],
+            tx_topic,
+            0,
+            i,
+        )
+        for i, r in enumerate(pay)
+    ]
     pg_store.write_checkpoint("live", "g", rows, [], [])
     second = max(a["id"] for a in pg_store.list_alerts(run_id="live"))
     app = typer.Typer()
     register(app)
-    res = CliRunner().invoke(app, ["alerts", "label", str(second), "--tp", "--publish-label", "--json",
-                                   "--bootstrap", kafka_bootstrap, "--database-url", pg_store.url])
+    res = CliRunner().invoke(
+        app,
+        [
+            "alerts",
+            "label",
+            str(second),
+            "--tp",
+            "--publish-label",
+            "--json",
+            "--bootstrap",
+            kafka_bootstrap,
+            "--database-url",
+            pg_store.url,
+        ],
+    )
     assert res.exit_code == 0, (res.output, res.exception)
     published = orjson.loads(res.stdout)["published"]
     assert published == {"labels": 1, "records": PARTITIONS, "topic": labels_topic}  # fanned out to 4
     got = read_topic(kafka_bootstrap, labels_topic)
     assert len(got) == PARTITIONS and {k for k, _ in got} == {pay[1]["customer_id"].encode()}
     lab = got[0][1]
-    assert (lab["transaction_id"], lab["terminal_id"], lab["is_fraud"]) == (pay[1]["transaction_id"],
-                                                                            pay[1]["terminal_id"], True)
+    assert (lab["transaction_id"], lab["terminal_id"], lab["is_fraud"]) == (
+        pay[1]["transaction_id"],
+        pay[1]["terminal_id"],
+        True,
+    )
     assert pg_store.get_alert(second)["label"] == "tp"
-    nothing = CliRunner().invoke(app, ["alerts", "label", str(second), "--fp", "--publish-label",
-                                       "--database-url", pg_store.url], env={"KAFKA_BOOTSTRAP": ""})
+    nothing = CliRunner().invoke(
+        app,
+        ["alerts", "label", str(second), "--fp", "--publish-label", "--database-url", pg_store.url],
+        env={"KAFKA_BOOTSTRAP": ""},
+    )
     assert nothing.exit_code != 0 and "KAFKA_BOOTSTRAP" in str(nothing.exception)
 
 
@@ -262,9 +336,16 @@ def test_terminal_contexts_move_with_their_partitions_on_a_rebalance(
     txs = sorted(strip_labels(simulate_transactions(40, 20, seed=8)[0]), key=lambda r: r["timestamp"])
     first, second = txs[: len(txs) // 2], txs[len(txs) // 2 :]
     bad_terminals = {txs[0]["terminal_id"], txs[1]["terminal_id"]}
-    labels = [{"transaction_id": r["transaction_id"], "customer_id": r["customer_id"], "terminal_id": r["terminal_id"],
-               "is_fraud": r["terminal_id"] in bad_terminals, "labelled_at": iso(_ts(r["timestamp"]) + DAY / 2)}
-              for r in txs]
+    labels = [
+        {
+            "transaction_id": r["transaction_id"],
+            "customer_id": r["customer_id"],
+            "terminal_id": r["terminal_id"],
+            "is_fraud": r["terminal_id"] in bad_terminals,
+            "labelled_at": iso(_ts(r["timestamp"]) + DAY / 2),
+        }
+        for r in txs
+    ]
     producer = make_producer(kafka_bootstrap)
     try:
         produce_labels(producer, s.labels_topic, labels)
@@ -280,8 +361,13 @@ def test_terminal_contexts_move_with_their_partitions_on_a_rebalance(
         return sum(_committed(pg_store, s.group_id, s.transactions_topic).values()) == n
 
     try:
-        wait_until(lambda: len(src1.consumer.assignment()) == len(src2.consumer.assignment()) == PARTITIONS
-                   and durable(len(first)), 60, "two workers, each with 2 + 2 partitions, and the first half durable")
+        wait_until(
+            lambda: (
+                len(src1.consumer.assignment()) == len(src2.consumer.assignment()) == PARTITIONS and durable(len(first))
+            ),
+            60,
+            "two workers, each with 2 + 2 partitions, and the first half durable",
+        )
         spec2 = w2.scorers[s.transactions_topic].spec
         assert isinstance(spec2, TransactionStream)
         moved = set(spec2.contexts)

@@ -38,8 +38,7 @@ def test_broker_log_reset_is_detected_logged_counted_and_read_from_the_start(
     boot = fresh_broker.bootstrap
     s = settings_for(topic_prefix, sqlite_store.url)
     old, _ = simulate_sensors(24, 40, seed=3, start=1_583_748_873.0)
-    new, injected = simulate_sensors(24, 30, seed=4, start=1_583_748_873.0 + 40 * 60.0, spike_devices=2,
-                                     anomaly_len=10)
+    new, injected = simulate_sensors(24, 30, seed=4, start=1_583_748_873.0 + 40 * 60.0, spike_devices=2, anomaly_len=10)
     old, new = strip_labels(old), strip_labels(new)
     produce_sensors(boot, s.sensors_topic, old)
     proc, source, dlq = make_processor(s, boot, sqlite_store, commit_interval_ms=50, snapshot_interval_s=0.5)
@@ -62,8 +61,9 @@ def test_broker_log_reset_is_detected_logged_counted_and_read_from_the_start(
         dlq.close()
     assert proc.stats.scored == len(old) + len(new), "events of the new log were skipped"
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and r.name == "pipeline.processor"]
-    assert any(s.sensors_topic in m and "stored position" in m and "past the end" in m and "earliest" in m
-               for m in errors), errors
+    assert any(
+        s.sensors_topic in m and "stored position" in m and "past the end" in m and "earliest" in m for m in errors
+    ), errors
     assert _resets(s.sensors_topic) > before
     # the outage is reported by our own (backed-off) warnings, not one kafka-python ERROR per attempt
     kafka_errors = [r for r in outage if r.name.startswith("kafka") and r.levelno >= logging.ERROR]

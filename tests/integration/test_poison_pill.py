@@ -26,18 +26,23 @@ def _valid() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return payments, readings
 
 
-def _poison(payments: list[dict[str, Any]], readings: list[dict[str, Any]]
-            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    pay = [{**payments[-1], "transaction_id": f"X{i}", "amount": 5000.0, "timestamp": t}
-           for i, t in enumerate(POISON_TIMES)]
+def _poison(
+    payments: list[dict[str, Any]], readings: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    pay = [
+        {**payments[-1], "transaction_id": f"X{i}", "amount": 5000.0, "timestamp": t}
+        for i, t in enumerate(POISON_TIMES)
+    ]
     spike = {k: v * 50 for k, v in readings[-1]["values"].items()}
     read = [{**readings[-1], "values": spike, "timestamp": t} for t in POISON_TIMES]
     return pay, read
 
 
 def _alerts(db: SqlStore, run_id: str) -> set[tuple[str, str, str, float]]:
-    return {(a["stream"], a["entity_id"], str(a["event_time"]), float(f"{a['score']:.5g}"))
-            for a in db.list_alerts(run_id=run_id)}
+    return {
+        (a["stream"], a["entity_id"], str(a["event_time"]), float(f"{a['score']:.5g}"))
+        for a in db.list_alerts(run_id=run_id)
+    }
 
 
 def test_out_of_range_timestamps_are_dead_lettered_and_the_service_keeps_scoring(
@@ -48,8 +53,7 @@ def test_out_of_range_timestamps_are_dead_lettered_and_the_service_keeps_scoring
 
     env = topic_env(topic_prefix, kafka_bootstrap, pg_url, run_id="poisoned")
     # the poison right after the entity's 12 valid events, then the rest of the stream goes on
-    produce(kafka_bootstrap, env["PIPELINE_TRANSACTIONS_TOPIC"],
-            [(p["customer_id"], p) for p in [*payments, *bad_pay]])
+    produce(kafka_bootstrap, env["PIPELINE_TRANSACTIONS_TOPIC"], [(p["customer_id"], p) for p in [*payments, *bad_pay]])
     produce(kafka_bootstrap, env["PIPELINE_SENSORS_TOPIC"], [(r["device_id"], r) for r in [*readings, *bad_read]])
     log = tmp_path / "poisoned.log"
     run_processor(env, log_path=log)  # asserts exit status 0
@@ -62,7 +66,8 @@ def test_out_of_range_timestamps_are_dead_lettered_and_the_service_keeps_scoring
 
     dead = [v for _, v in read_topic(kafka_bootstrap, env["PIPELINE_DLQ_TOPIC"])]
     assert sorted((d["reason"], d["key"]) for d in dead) == sorted(
-        [("timestamp_out_of_range", "C-poison")] * 2 + [("timestamp_out_of_range", "pump-poison")] * 2)
+        [("timestamp_out_of_range", "C-poison")] * 2 + [("timestamp_out_of_range", "pump-poison")] * 2
+    )
     assert all("outside 1900-01-01" in d["detail"] for d in dead)
     got, want = _alerts(pg_store, "poisoned"), _alerts(pg_store, "reference")
     assert got == want

@@ -141,8 +141,9 @@ def test_a_record_failing_at_any_stage_is_dead_lettered_alone(
     want = {a for a in _alerts(sqlite_store, "clean") if a[0] not in FORCED}
     assert got == want and want
     observe_failed = {d["source"]["offset"] for d in dead if d["key"] == "poison-observe"}
-    alerted = {a["source_offset"] for a in sqlite_store.list_alerts(run_id="poisoned")
-               if a["entity_id"] == "poison-observe"}
+    alerted = {
+        a["source_offset"] for a in sqlite_store.list_alerts(run_id="poisoned") if a["entity_id"] == "poison-observe"
+    }
     assert alerted and alerted <= observe_failed  # alerted, and dead-lettered as incident_error
     # a lifecycle failure does not lose the alert; an alert-building failure loses only that record's alert
     assert any(a[0] == "poison-observe" for a in _alerts(sqlite_store, "poisoned"))

@@ -25,8 +25,7 @@ def _durable(db: SqlStore, group: str) -> int:
 
 
 def test_alerts_broker_down_after_commit_is_retried_not_fatal(
-    kafka_bootstrap: str, fresh_broker: Any, pg_store: SqlStore, topic_prefix: str,
-    caplog: pytest.LogCaptureFixture
+    kafka_bootstrap: str, fresh_broker: Any, pg_store: SqlStore, topic_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     s = settings_for(topic_prefix, pg_store.url)
@@ -45,8 +44,9 @@ def test_alerts_broker_down_after_commit_is_retried_not_fatal(
         fresh_broker.stop(kill=True)  # the alerts topic's broker is gone
         produce_sensors(kafka_bootstrap, s.sensors_topic, anomalous, create=False)
         wait_until(lambda: _durable(pg_store, s.group_id) == len(recs), 90, "everything durable")
-        wait_until(lambda: any("alerts topic publish failed" in r.getMessage() for r in caplog.records), 60,
-                   "a failed publish")
+        wait_until(
+            lambda: any("alerts topic publish failed" in r.getMessage() for r in caplog.records), 60, "a failed publish"
+        )
         assert runner.thread.is_alive() and runner.error is None, f"processor died: {runner.error!r}"
         unpublished = pg_store.outbox_rows("live", unpublished=True)
         assert unpublished, "incident messages were made while the alerts broker was down"
@@ -63,6 +63,7 @@ def test_alerts_broker_down_after_commit_is_retried_not_fatal(
     published = read_topic(fresh_broker.bootstrap, alerts_topic)
     import orjson
 
-    assert {orjson.loads(r.value or b"{}")["incident"]["message_id"] for r in published} >= \
-        {r["message_id"] for r in unpublished}
+    assert {orjson.loads(r.value or b"{}")["incident"]["message_id"] for r in published} >= {
+        r["message_id"] for r in unpublished
+    }
     assert ids and pg_store.count_alerts("live") > 0

@@ -60,10 +60,10 @@ def test_time_range_is_exact_by_record_timestamp(
     lo, hi = stamps[len(stamps) // 3], stamps[2 * len(stamps) // 3]
     expected = sum(lo <= t < hi for t in stamps)
 
-    auto = run_replay(s, kafka_bootstrap, [s.sensors_topic], from_ms=lo, to_ms=hi, run_id="r-auto",
-                      db=sqlite_store)
-    scan = run_replay(s, kafka_bootstrap, [s.sensors_topic], from_ms=lo, to_ms=hi, run_id="r-scan",
-                      db=sqlite_store, seek_mode="scan")
+    auto = run_replay(s, kafka_bootstrap, [s.sensors_topic], from_ms=lo, to_ms=hi, run_id="r-auto", db=sqlite_store)
+    scan = run_replay(
+        s, kafka_bootstrap, [s.sensors_topic], from_ms=lo, to_ms=hi, run_id="r-scan", db=sqlite_store, seek_mode="scan"
+    )
     assert auto.events == scan.events == expected
     assert alert_set(sqlite_store, "r-auto") == alert_set(sqlite_store, "r-scan")
     for a in sqlite_store.list_alerts(run_id="r-auto"):

@@ -24,8 +24,14 @@ TPs = Sequence[tuple[str, int]]
 class Member:
     """A group member polling on its own thread (kafka-python runs the rebalance callbacks inside poll)."""
 
-    def __init__(self, bootstrap: str, group: str, topic: str,
-                 on_assigned: Callable[[KafkaSource, TPs], None] | None = None, outside_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        group: str,
+        topic: str,
+        on_assigned: Callable[[KafkaSource, TPs], None] | None = None,
+        outside_s: float = 0.0,
+    ) -> None:
         """outside_s: time spent between polls while partitions are owned (as Processor.handle does with a
         batch). Not while none are (after a revocation): kafka-python 3.0.12 drops a JoinGroup answer that
         arrives between polls and sends a new one (coordinator/base.py join_group_async), so a member that
@@ -78,8 +84,9 @@ def _wait(cond: Callable[[], bool], timeout_s: float = 60.0, state: Callable[[],
         time.sleep(0.05)
 
 
-def test_a_revoked_stopped_partition_no_longer_makes_the_member_unready(kafka_bootstrap: str,
-                                                                        topic_prefix: str) -> None:
+def test_a_revoked_stopped_partition_no_longer_makes_the_member_unready(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
     topic, group = f"{topic_prefix}stop", f"g{uuid.uuid4().hex[:8]}"
     ensure_topics(kafka_bootstrap, [topic], 2)
     first = Member(kafka_bootstrap, group, topic)
@@ -147,8 +154,9 @@ def test_log_starts_are_one_public_request_per_assignment(kafka_bootstrap: str, 
         member.close()
 
 
-def test_a_failed_log_start_lookup_is_unknown_with_one_warning(kafka_bootstrap: str, topic_prefix: str,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failed_log_start_lookup_is_unknown_with_one_warning(
+    kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """A renamed client internal or a broker error must not escape the assignment callback."""
     caplog.set_level(logging.WARNING, logger="pipeline.kafka.client")
     topic, group = f"{topic_prefix}lofail", f"g{uuid.uuid4().hex[:8]}"
@@ -187,9 +195,17 @@ def test_rebalance_callbacks_run_only_while_the_owner_is_inside_poll(kafka_boots
     try:
         _wait(lambda: len(first.assigned) == 2)
         second = Member(kafka_bootstrap, group, topic)
-        _wait(lambda: bool(first.revoked) and len(first.assigned) == 1 and len(second.assigned) == 1,
-              state=lambda: (first.assigned, first.revoked, first.callbacks_in_poll, second.assigned, first.errors,
-                             second.errors))
+        _wait(
+            lambda: bool(first.revoked) and len(first.assigned) == 1 and len(second.assigned) == 1,
+            state=lambda: (
+                first.assigned,
+                first.revoked,
+                first.callbacks_in_poll,
+                second.assigned,
+                first.errors,
+                second.errors,
+            ),
+        )
         assert len(first.callbacks_in_poll) >= 3, first.callbacks_in_poll  # assign, revoke, assign
         assert all(first.callbacks_in_poll), first.callbacks_in_poll
         assert not first.errors and not second.errors

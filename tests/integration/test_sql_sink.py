@@ -6,16 +6,25 @@ from datetime import datetime, timezone
 
 import pytest
 
-from pipeline.sinks.sql import AlertRow, OffsetRow, SqlStore, StateRow
+from pipeline.checkpointing.rows import AlertRow, OffsetRow, StateRow
+from pipeline.sinks.sql import SqlStore
 
 
 def _alert(offset: int, run: str = "live") -> AlertRow:
     return AlertRow(
-        alert_key=f"{run}|tx|0|{offset}|m@1", run_id=run, stream="transactions", entity_id="C1",
-        event_time=datetime(2018, 4, 1, tzinfo=timezone.utc), score=10.0, threshold=5.0, severity="medium",
-        model_version="m@1", top_features=[{"feature": "log_amount", "observed": 6.0, "reconstructed": 3.0,
-                                            "contribution": 8.0}],
-        source_topic="tx", source_partition=0, source_offset=offset,
+        alert_key=f"{run}|tx|0|{offset}|m@1",
+        run_id=run,
+        stream="transactions",
+        entity_id="C1",
+        event_time=datetime(2018, 4, 1, tzinfo=timezone.utc),
+        score=10.0,
+        threshold=5.0,
+        severity="medium",
+        model_version="m@1",
+        top_features=[{"feature": "log_amount", "observed": 6.0, "reconstructed": 3.0, "contribution": 8.0}],
+        source_topic="tx",
+        source_partition=0,
+        source_offset=offset,
     )
 
 
@@ -75,7 +84,9 @@ def test_sqlite_state_fast_path_stores_what_sqlalchemy_stores(sqlite_store: SqlS
         with sqlite_store.engine.connect() as conn:
             raw = conn.exec_driver_sql(
                 "SELECT stream, entity_id, source_topic, source_partition, state, updated_at, typeof(updated_at) "
-                "FROM entity_state WHERE run_id = ? ORDER BY entity_id", (run,)).all()
+                "FROM entity_state WHERE run_id = ? ORDER BY entity_id",
+                (run,),
+            ).all()
             typed = conn.execute(select(entity_state.c.updated_at).where(entity_state.c.run_id == run)).scalars()
             assert set(typed) == {now.replace(tzinfo=None)}
         return [tuple(r) for r in raw]

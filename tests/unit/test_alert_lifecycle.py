@@ -28,8 +28,10 @@ def ev(t: float, score: float = 10.0, thr: float = 5.0, offset: int = 0, entity:
     return ScoredEvent("transactions", entity, "tx", 0, offset, 1000.0 + t, score, thr)
 
 
-@pytest.mark.parametrize(("score", "expected"), [(5.0, "low"), (7.4, "low"), (7.5, "medium"), (14.9, "medium"),
-                                                 (15.0, "high"), (49.0, "high"), (50.0, "critical")])
+@pytest.mark.parametrize(
+    ("score", "expected"),
+    [(5.0, "low"), (7.4, "low"), (7.5, "medium"), (14.9, "medium"), (15.0, "high"), (49.0, "high"), (50.0, "critical")],
+)
 def test_severity_from_ratio_past_threshold(score: float, expected: str) -> None:
     assert severity_of(score, 5.0) == expected
     assert severity_of(1.0, 0.0) == "critical"
@@ -83,17 +85,33 @@ def test_an_anomaly_after_a_long_silence_resolves_the_old_incident_and_opens_a_n
 
 def _batch(entity_ids: list[str], anomalous: list[bool], offsets: list[int]) -> dict:
     n = len(entity_ids)
-    return dict(records=[RawRecord("tx", 0, o, None, None, 0) for o in offsets], partitions=np.zeros(n, np.int32),
-                ts=np.arange(n, dtype=np.float64) + 1000.0, entity_ids=entity_ids, scores=np.full(n, 10.0),
-                thresholds=np.full(n, 5.0), is_anomaly=np.array(anomalous))
+    return dict(
+        records=[RawRecord("tx", 0, o, None, None, 0) for o in offsets],
+        partitions=np.zeros(n, np.int32),
+        ts=np.arange(n, dtype=np.float64) + 1000.0,
+        entity_ids=entity_ids,
+        scores=np.full(n, 10.0),
+        thresholds=np.full(n, 5.0),
+        is_anomaly=np.array(anomalous),
+    )
 
 
 def test_tracker_follows_only_relevant_entities_and_skips_replayed_events() -> None:
     t = IncidentTracker("live", P)
     # offsets 0..1 are below the committed offset: replays whose effects are durable already
     b = _batch(["A", "B", "A", "A", "B", "A"], [True, False, True, False, False, False], [0, 1, 2, 3, 4, 5])
-    t.observe("tx", "transactions", b["records"], b["partitions"], b["ts"], b["entity_ids"], b["scores"],
-              b["thresholds"], b["is_anomaly"], {("tx", 0): 2})
+    t.observe(
+        "tx",
+        "transactions",
+        b["records"],
+        b["partitions"],
+        b["ts"],
+        b["entity_ids"],
+        b["scores"],
+        b["thresholds"],
+        b["is_anomaly"],
+        {("tx", 0): 2},
+    )
     assert list(t.open) == [("transactions", "A")]
     inc = t.open[("transactions", "A")]
     assert inc.opened_at == 1002.0 and inc.alert_count == 1 and inc.normal_run == 2
@@ -102,8 +120,18 @@ def test_tracker_follows_only_relevant_entities_and_skips_replayed_events() -> N
     assert [o.message_id for o in write.outbox] == [f"{inc.key}#1"]
     t.written()
     b = _batch(["A"], [False], [6])
-    t.observe("tx", "transactions", b["records"], b["partitions"], b["ts"], b["entity_ids"], b["scores"],
-              b["thresholds"], b["is_anomaly"], {("tx", 0): 2})
+    t.observe(
+        "tx",
+        "transactions",
+        b["records"],
+        b["partitions"],
+        b["ts"],
+        b["entity_ids"],
+        b["scores"],
+        b["thresholds"],
+        b["is_anomaly"],
+        {("tx", 0): 2},
+    )
     assert t.open == {} and [n.event for n in t.buf.notices] == ["resolved"]
 
 
@@ -142,8 +170,7 @@ def test_prepare_links_alerts_and_messages_match_the_alert_schema() -> None:
 def test_same_events_give_same_incidents() -> None:
     def run() -> list[str]:
         t = IncidentTracker("live", P)
-        for i, (s, a) in enumerate([(9, True), (1, False), (12, True), (1, False), (1, False), (1, False),
-                                    (30, True)]):
+        for i, (s, a) in enumerate([(9, True), (1, False), (12, True), (1, False), (1, False), (1, False), (30, True)]):
             t.apply(ev(i * 10, score=s, offset=i), a)
         return [o.payload for o in t.prepare([]).outbox]
 

@@ -20,7 +20,8 @@ def test_encoded_batch_parses_back(n: int) -> None:
     assert batch.validate_crc()
     got = Fetcher.PartitionRecords(0, TopicPartition("t", 0), MemoryRecords(buf)).take()
     assert [(r.offset, r.key, r.value, r.timestamp, r.headers) for r in got] == [
-        (i, k, v, 1_700_000_000_123, []) for i, (k, v) in enumerate(records)]
+        (i, k, v, 1_700_000_000_123, []) for i, (k, v) in enumerate(records)
+    ]
 
 
 def test_encoder_refuses_records_it_cannot_size() -> None:

@@ -9,8 +9,9 @@ from pipeline.features.streams import SensorStream, TransactionStream
 
 TX = TransactionStream(max_message_bytes=1024)
 SN = SensorStream(["Current", "Pressure"], max_message_bytes=1024)
-GOOD_TX = (b'{"transaction_id":"T1","customer_id":"C1","terminal_id":"T9","amount":10.5,'
-           b'"timestamp":"2018-04-01T00:00:31Z"}')
+GOOD_TX = (
+    b'{"transaction_id":"T1","customer_id":"C1","terminal_id":"T9","amount":10.5,"timestamp":"2018-04-01T00:00:31Z"}'
+)
 
 
 @pytest.mark.parametrize(
@@ -20,8 +21,11 @@ GOOD_TX = (b'{"transaction_id":"T1","customer_id":"C1","terminal_id":"T9","amoun
         (TX, b"", "malformed_json"),
         (TX, b"[1,2]", "schema_violation"),
         (TX, None, "empty_value"),
-        (TX, b'{"transaction_id":"T1","customer_id":"C1","terminal_id":"T9","timestamp":"2018-04-01T00:00:31Z"}',
-         "missing_field"),
+        (
+            TX,
+            b'{"transaction_id":"T1","customer_id":"C1","terminal_id":"T9","timestamp":"2018-04-01T00:00:31Z"}',
+            "missing_field",
+        ),
         (TX, GOOD_TX.replace(b"10.5", b'"10.5"'), "schema_violation"),
         (TX, GOOD_TX.replace(b"10.5", b"1e999"), "non_finite_number"),
         (TX, GOOD_TX.replace(b"10.5", b"NaN"), "non_finite_number"),
@@ -31,8 +35,11 @@ GOOD_TX = (b'{"transaction_id":"T1","customer_id":"C1","terminal_id":"T9","amoun
         (TX, GOOD_TX.replace(b"2018-04-01T00:00:31Z", b"2018-04-01T00:00:31"), "schema_violation"),
         (TX, GOOD_TX[:-1] + b',"pad":"' + b"x" * 2000 + b'"}', "oversize"),
         (SN, b'{"device_id":"d1","timestamp":"2020-01-01T00:00:00Z","values":{"Current":1.0}}', "missing_channels"),
-        (SN, b'{"device_id":"d1","timestamp":"2020-01-01T00:00:00Z","values":{"Current":1e999,"Pressure":1}}',
-         "non_finite_number"),
+        (
+            SN,
+            b'{"device_id":"d1","timestamp":"2020-01-01T00:00:00Z","values":{"Current":1e999,"Pressure":1}}',
+            "non_finite_number",
+        ),
     ],
 )
 def test_bad_input_reasons(spec: TransactionStream, value: bytes | None, reason: str) -> None:
@@ -44,26 +51,41 @@ def test_bad_input_reasons(spec: TransactionStream, value: bytes | None, reason:
 def test_good_records_decode() -> None:
     tx = TX.decode(GOOD_TX)
     assert tx.customer_id == "C1" and tx.amount == 10.5
-    reading = SN.decode(b'{"device_id":"d1","timestamp":"2020-01-01T00:00:00Z",'
-                        b'"values":{"Current":1.0,"Pressure":2,"Extra":3}}')
+    reading = SN.decode(
+        b'{"device_id":"d1","timestamp":"2020-01-01T00:00:00Z","values":{"Current":1.0,"Pressure":2,"Extra":3}}'
+    )
     cols = SN.columns([reading])
     assert cols.base.tolist() == [[1.0, 2.0]]
     assert cols.entity_ids == ["d1"]
 
 
-LABEL = (b'{"transaction_id":"T1","customer_id":"C1","terminal_id":"T9","is_fraud":true,'
-         b'"labelled_at":"2018-04-08T00:00:31Z"}')
+LABEL = (
+    b'{"transaction_id":"T1","customer_id":"C1","terminal_id":"T9","is_fraud":true,'
+    b'"labelled_at":"2018-04-08T00:00:31Z"}'
+)
 SENSOR = b'{"device_id":"d1","timestamp":"2020-01-01T00:00:00Z","values":{"Current":1.0,"Pressure":2.0}}'
 
 
-@pytest.mark.parametrize("stamp", [b"9999-12-31T23:59:59-23:59", b"0001-01-01T00:00:00+23:59", b"1899-12-31T23:59:59Z",
-                                   b"2200-01-01T00:00:00Z", b"2199-12-31T23:59:59-00:01", b"0001-01-01T00:00:00Z"])
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        b"9999-12-31T23:59:59-23:59",
+        b"0001-01-01T00:00:00+23:59",
+        b"1899-12-31T23:59:59Z",
+        b"2200-01-01T00:00:00Z",
+        b"2199-12-31T23:59:59-00:01",
+        b"0001-01-01T00:00:00Z",
+    ],
+)
 def test_event_times_outside_1900_2200_utc_are_dead_lettered(stamp: bytes) -> None:
     """The issue's poison pill: valid local times whose UTC conversion leaves datetime's range."""
     from pipeline.features.streams import LabelStream
 
-    cases = [(TX, GOOD_TX, b"2018-04-01T00:00:31Z"), (SN, SENSOR, b"2020-01-01T00:00:00Z"),
-             (LabelStream(), LABEL, b"2018-04-08T00:00:31Z")]
+    cases = [
+        (TX, GOOD_TX, b"2018-04-01T00:00:31Z"),
+        (SN, SENSOR, b"2020-01-01T00:00:00Z"),
+        (LabelStream(), LABEL, b"2018-04-08T00:00:31Z"),
+    ]
     for spec, good, ts in cases:
         with pytest.raises(DecodeError) as err:
             spec.decode(good.replace(ts, stamp))
@@ -76,14 +98,17 @@ def test_event_times_at_the_bounds_are_accepted() -> None:
         assert TX.decode(GOOD_TX.replace(b"2018-04-01T00:00:31Z", stamp)).timestamp.year in (1900, 2199)
 
 
-@pytest.mark.parametrize(("spec", "value"), [
-    (TX, GOOD_TX.replace(b"10.5,", b'25.0,"amount":999999.0,')),
-    (TX, GOOD_TX.replace(b'"T1",', b'"T1","transaction_id":"T2",')),
-    (TX, GOOD_TX[:-1] + b',"currency":"EUR","currency":"USD"}'),
-    (SN, SENSOR.replace(b'"Current":1.0', b'"Current":1.0,"Current":5.0')),
-    (SN, SENSOR.replace(b'"device_id":"d1"', b'"device_id":"d1","device_id":"d2"')),
-    (SN, SENSOR.replace(b'"device_id":"d1"', b'"device_id":"d:1","device_id":"d\\u003a1"')),
-])
+@pytest.mark.parametrize(
+    ("spec", "value"),
+    [
+        (TX, GOOD_TX.replace(b"10.5,", b'25.0,"amount":999999.0,')),
+        (TX, GOOD_TX.replace(b'"T1",', b'"T1","transaction_id":"T2",')),
+        (TX, GOOD_TX[:-1] + b',"currency":"EUR","currency":"USD"}'),
+        (SN, SENSOR.replace(b'"Current":1.0', b'"Current":1.0,"Current":5.0')),
+        (SN, SENSOR.replace(b'"device_id":"d1"', b'"device_id":"d1","device_id":"d2"')),
+        (SN, SENSOR.replace(b'"device_id":"d1"', b'"device_id":"d:1","device_id":"d\\u003a1"')),
+    ],
+)
 def test_duplicate_keys_are_dead_lettered(spec: TransactionStream, value: bytes) -> None:
     """JSON parsers keep the last value silently; a payment read either way must not be scored."""
     with pytest.raises(DecodeError) as err:

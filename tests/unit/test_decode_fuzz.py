@@ -24,11 +24,31 @@ from pipeline.errors import DecodeError
 from pipeline.features.streams import LabelStream, SensorStream, StreamSpec, TransactionStream
 from pipeline.records import RawRecord
 
-CHANNELS = ["Accelerometer1RMS", "Accelerometer2RMS", "Current", "Pressure", "Temperature", "Thermocouple",
-            "Voltage", "Volume Flow RateRMS"]
-REASONS = {"malformed_json", "non_finite_number", "missing_field", "bad_entity_id", "schema_violation",
-           "timestamp_out_of_range", "duplicate_key", "oversize", "empty_value", "missing_channels",
-           "key_mismatch", "missing_key", "out_of_order"}
+CHANNELS = [
+    "Accelerometer1RMS",
+    "Accelerometer2RMS",
+    "Current",
+    "Pressure",
+    "Temperature",
+    "Thermocouple",
+    "Voltage",
+    "Volume Flow RateRMS",
+]
+REASONS = {
+    "malformed_json",
+    "non_finite_number",
+    "missing_field",
+    "bad_entity_id",
+    "schema_violation",
+    "timestamp_out_of_range",
+    "duplicate_key",
+    "oversize",
+    "empty_value",
+    "missing_channels",
+    "key_mismatch",
+    "missing_key",
+    "out_of_order",
+}
 
 
 class Raw:
@@ -42,8 +62,9 @@ def _encode(value: Any, ascii_only: bool) -> str:
     if isinstance(value, Raw):
         return value.text
     if isinstance(value, list) and value and all(isinstance(p, tuple) and len(p) == 2 for p in value):
-        return "{" + ",".join(f"{json.dumps(k, ensure_ascii=ascii_only)}:{_encode(v, ascii_only)}"
-                              for k, v in value) + "}"
+        return (
+            "{" + ",".join(f"{json.dumps(k, ensure_ascii=ascii_only)}:{_encode(v, ascii_only)}" for k, v in value) + "}"
+        )
     return json.dumps(value, ensure_ascii=ascii_only)
 
 
@@ -54,24 +75,47 @@ def _timestamps() -> st.SearchStrategy[str]:
         month, day = draw(st.integers(0, 13)), draw(st.integers(0, 32))
         h, m, s = draw(st.integers(0, 24)), draw(st.integers(0, 60)), draw(st.integers(0, 60))
         frac = draw(st.sampled_from(["", ".5", ".123456", ".1234567"]))
-        off = draw(st.one_of(st.just("Z"), st.builds(lambda sign, oh, om: f"{sign}{oh:02d}:{om:02d}",
-                                                     st.sampled_from("+-"), st.integers(0, 24), st.integers(0, 60))))
+        off = draw(
+            st.one_of(
+                st.just("Z"),
+                st.builds(
+                    lambda sign, oh, om: f"{sign}{oh:02d}:{om:02d}",
+                    st.sampled_from("+-"),
+                    st.integers(0, 24),
+                    st.integers(0, 60),
+                ),
+            )
+        )
         return f"{year:04d}-{month:02d}-{day:02d}T{h:02d}:{m:02d}:{s:02d}{frac}{off}"
 
     valid = st.sampled_from(["2018-04-01T00:00:31Z", "2020-03-09T10:14:33.000000+00:00", "2020-03-09T12:00:00+05:30"])
-    near = st.builds(lambda y, mo, d, h, off: f"{y:04d}-{mo:02d}-{d:02d}T{h:02d}:00:00{off}", st.integers(1899, 2200),
-                     st.integers(1, 12), st.integers(1, 28), st.integers(0, 23),
-                     st.sampled_from(["Z", "+23:59", "-23:59", "+01:00", ".5Z"]))
+    near = st.builds(
+        lambda y, mo, d, h, off: f"{y:04d}-{mo:02d}-{d:02d}T{h:02d}:00:00{off}",
+        st.integers(1899, 2200),
+        st.integers(1, 12),
+        st.integers(1, 28),
+        st.integers(0, 23),
+        st.sampled_from(["Z", "+23:59", "-23:59", "+01:00", ".5Z"]),
+    )
     return st.one_of(valid, valid, valid, valid, near, near, rfc3339(), st.text(max_size=40))
 
 
-IDS = st.one_of(st.sampled_from(["C1", "C2", "pump-1", "a.b:c_d-e", "T:9:9", "x" * 64, "x" * 65, "", "bad id"]),
-                st.text(max_size=70))
-NUMBERS = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-10**20, 10**20),
-                    st.floats(0, 1e4), st.builds(Raw, st.sampled_from(["1e400", "-1e400", "NaN", "Infinity", "01",
-                                                                        "1.", "-0", "1E2", "1e-400", "true", "null"])))
-GOOD_IDS = st.one_of(st.sampled_from(["C1", "T9", "TERM.1:a_b-c", "x" * 64, "T:1:2"]), st.from_regex(
-    r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z"))
+IDS = st.one_of(
+    st.sampled_from(["C1", "C2", "pump-1", "a.b:c_d-e", "T:9:9", "x" * 64, "x" * 65, "", "bad id"]),
+    st.text(max_size=70),
+)
+NUMBERS = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(-(10**20), 10**20),
+    st.floats(0, 1e4),
+    st.builds(
+        Raw, st.sampled_from(["1e400", "-1e400", "NaN", "Infinity", "01", "1.", "-0", "1E2", "1e-400", "true", "null"])
+    ),
+)
+GOOD_IDS = st.one_of(
+    st.sampled_from(["C1", "T9", "TERM.1:a_b-c", "x" * 64, "T:1:2"]),
+    st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z"),
+)
 ANY = st.one_of(NUMBERS, IDS, st.booleans(), st.none(), st.lists(st.integers(), max_size=2))
 
 
@@ -90,29 +134,38 @@ def _field(draw: st.DrawFn, name: str, good: st.SearchStrategy[Any]) -> list[tup
 def records(draw: st.DrawFn, kind: str) -> bytes:
     ts = _timestamps()
     if kind == "transaction":
-        pairs = [*_field(draw, "transaction_id", st.one_of(GOOD_IDS, IDS)),
-                 *_field(draw, "customer_id", st.sampled_from(["C1", "C:3"])),
-                 *_field(draw, "terminal_id", st.one_of(GOOD_IDS, GOOD_IDS, IDS)),
-                 *_field(draw, "amount", st.floats(0, 1e4)),
-                 *_field(draw, "timestamp", ts)]
+        pairs = [
+            *_field(draw, "transaction_id", st.one_of(GOOD_IDS, IDS)),
+            *_field(draw, "customer_id", st.sampled_from(["C1", "C:3"])),
+            *_field(draw, "terminal_id", st.one_of(GOOD_IDS, GOOD_IDS, IDS)),
+            *_field(draw, "amount", st.floats(0, 1e4)),
+            *_field(draw, "timestamp", ts),
+        ]
         if draw(st.booleans()):
             pairs += _field(draw, "currency", st.sampled_from(["EUR", "eur", None]))
     elif kind == "label":
-        pairs = [*_field(draw, "transaction_id", st.one_of(GOOD_IDS, IDS)),
-                 *_field(draw, "customer_id", st.sampled_from(["C1", "C2"])),
-                 *_field(draw, "terminal_id", st.one_of(GOOD_IDS, GOOD_IDS, IDS)),
-                 *_field(draw, "is_fraud", st.booleans()),
-                 *_field(draw, "labelled_at", ts)]
+        pairs = [
+            *_field(draw, "transaction_id", st.one_of(GOOD_IDS, IDS)),
+            *_field(draw, "customer_id", st.sampled_from(["C1", "C2"])),
+            *_field(draw, "terminal_id", st.one_of(GOOD_IDS, GOOD_IDS, IDS)),
+            *_field(draw, "is_fraud", st.booleans()),
+            *_field(draw, "labelled_at", ts),
+        ]
     else:
         names = st.one_of(st.sampled_from(CHANNELS), st.text(max_size=66))
-        values = st.one_of(st.just([(c, 1.0) for c in CHANNELS]),
-                           st.builds(lambda vals: list(zip(CHANNELS, vals, strict=True)),
-                                     st.lists(NUMBERS, min_size=8, max_size=8)),
-                           st.lists(st.tuples(names, NUMBERS), max_size=66),
-                           st.builds(lambda extra: [(c, 2.5) for c in CHANNELS] + extra,
-                                     st.lists(st.tuples(names, NUMBERS), max_size=3)))
-        pairs = [*_field(draw, "device_id", st.sampled_from(["pump-1", "pump-2", "p:3"])),
-                 *_field(draw, "timestamp", ts), *_field(draw, "values", values)]
+        values = st.one_of(
+            st.just([(c, 1.0) for c in CHANNELS]),
+            st.builds(lambda vals: list(zip(CHANNELS, vals, strict=True)), st.lists(NUMBERS, min_size=8, max_size=8)),
+            st.lists(st.tuples(names, NUMBERS), max_size=66),
+            st.builds(
+                lambda extra: [(c, 2.5) for c in CHANNELS] + extra, st.lists(st.tuples(names, NUMBERS), max_size=3)
+            ),
+        )
+        pairs = [
+            *_field(draw, "device_id", st.sampled_from(["pump-1", "pump-2", "p:3"])),
+            *_field(draw, "timestamp", ts),
+            *_field(draw, "values", values),
+        ]
     if draw(st.integers(0, 19)) == 0:
         pairs.append((draw(st.text(max_size=10)), draw(ANY)))  # unknown field
     pairs = draw(st.permutations(pairs)) if draw(st.booleans()) else pairs
@@ -120,7 +173,7 @@ def records(draw: st.DrawFn, kind: str) -> bytes:
     data = text.encode("utf-8", "surrogatepass")
     if draw(st.integers(0, 9)) == 0:  # byte-level mutation
         i = draw(st.integers(0, max(0, len(data) - 1)))
-        data = data[:i] + draw(st.binary(max_size=3)) + data[i + draw(st.integers(0, 3)):]
+        data = data[:i] + draw(st.binary(max_size=3)) + data[i + draw(st.integers(0, 3)) :]
     return data
 
 
@@ -130,8 +183,11 @@ def _outcome(spec: StreamSpec, value: bytes) -> tuple[Any, ...]:
     except DecodeError as err:
         assert err.reason in REASONS, err.reason
         return ("dead_letter", err.reason, err.detail)
-    fields = {"transactions": ("transaction_id", "customer_id", "terminal_id", "amount", "currency"),
-              "sensors": ("device_id", "values"), "transaction-labels": ("transaction_id", "is_fraud")}[spec.name]
+    fields = {
+        "transactions": ("transaction_id", "customer_id", "terminal_id", "amount", "currency"),
+        "sensors": ("device_id", "values"),
+        "transaction-labels": ("transaction_id", "is_fraud"),
+    }[spec.name]
     when = rec.labelled_at if spec.name == "transaction-labels" else rec.timestamp
     return ("ok", when.timestamp(), when.utcoffset(), *(getattr(rec, f) for f in fields))
 
@@ -181,8 +237,13 @@ def processor() -> Iterator[Any]:
     with tempfile.TemporaryDirectory() as tmp:
         db = SqlStore(f"sqlite:///{Path(tmp) / 'fuzz.db'}")
         db.create_schema()
-        proc = Processor(object(), db, _Dlq(), build_scorers(s, ensure_models(s)),  # type: ignore[arg-type]
-                         ProcessorOptions(run_id="fuzz", freeze_gc=False))
+        proc = Processor(
+            object(),
+            db,
+            _Dlq(),
+            build_scorers(s, ensure_models(s)),  # type: ignore[arg-type]
+            ProcessorOptions(run_id="fuzz", freeze_gc=False),
+        )
         yield proc
         db.dispose()
 
@@ -196,23 +257,44 @@ def _iso(seconds: int) -> str:
     return datetime.fromtimestamp(1_522_540_800 + seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-VALID_TX = st.builds(lambda c, t, a, s, i: json.dumps({"transaction_id": f"V{i}", "customer_id": f"C{c}",
-                                                      "terminal_id": f"T{t}", "amount": a,
-                                                      "timestamp": _iso(s)}).encode(),
-                     st.integers(0, 4), st.integers(0, 9), st.floats(0, 1e4), st.integers(0, 86400 * 30),
-                     st.integers(0, 10**6))
-VALID_SN = st.builds(lambda d, s, v: json.dumps({"device_id": f"pump-{d}", "timestamp": _iso(s),
-                                                "values": dict(zip(CHANNELS, v, strict=True))}).encode(),
-                     st.integers(0, 4), st.integers(0, 86400 * 30),
-                     st.lists(st.floats(-1e6, 1e6), min_size=8, max_size=8))
+VALID_TX = st.builds(
+    lambda c, t, a, s, i: json.dumps(
+        {"transaction_id": f"V{i}", "customer_id": f"C{c}", "terminal_id": f"T{t}", "amount": a, "timestamp": _iso(s)}
+    ).encode(),
+    st.integers(0, 4),
+    st.integers(0, 9),
+    st.floats(0, 1e4),
+    st.integers(0, 86400 * 30),
+    st.integers(0, 10**6),
+)
+VALID_SN = st.builds(
+    lambda d, s, v: json.dumps(
+        {"device_id": f"pump-{d}", "timestamp": _iso(s), "values": dict(zip(CHANNELS, v, strict=True))}
+    ).encode(),
+    st.integers(0, 4),
+    st.integers(0, 86400 * 30),
+    st.lists(st.floats(-1e6, 1e6), min_size=8, max_size=8),
+)
 
 
 @settings(FUZZ, max_examples=60, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 3), st.integers(0, 5), st.booleans(),
-                          st.one_of(VALID_TX, records("transaction")), st.one_of(VALID_SN, records("sensor"))),
-                min_size=1, max_size=6))
-def test_every_record_is_scored_or_dead_lettered(processor: Any,
-                                                 batch: list[tuple[int, int, int, bool, bytes, bytes]]) -> None:
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 9),
+            st.integers(0, 3),
+            st.integers(0, 5),
+            st.booleans(),
+            st.one_of(VALID_TX, records("transaction")),
+            st.one_of(VALID_SN, records("sensor")),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_every_record_is_scored_or_dead_lettered(
+    processor: Any, batch: list[tuple[int, int, int, bool, bytes, bytes]]
+) -> None:
     recs = []
     for other, p, unkeyed, payment, tx_value, sn_value in batch:
         topic = "tx" if payment else "sn"  # mostly a record of the topic's schema, sometimes the other one
@@ -234,7 +316,7 @@ def test_every_record_is_scored_or_dead_lettered(processor: Any,
     assert events == len(recs)
     assert scored + dead + dup == len(recs)
     assert sent == dead
-    for _, reason, detail in processor.dlq.sent[before[4]:]:
+    for _, reason, detail in processor.dlq.sent[before[4] :]:
         assert reason in REASONS, (reason, detail)
 
 

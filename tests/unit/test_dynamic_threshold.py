@@ -63,8 +63,7 @@ def test_pruning_drops_weak_sequences() -> None:
     base = np.abs(rng.normal(0, 0.05, 1500)) + 1.0
     base[1400:1420] = base[:1400].max() * 1.05
     for prune, expect in ((0.13, False), (0.0, True)):
-        thr = DynamicThreshold(global_threshold=100.0, window=1500, min_errors=100, buffer=2, prune=prune,
-                               alpha=1.0)
+        thr = DynamicThreshold(global_threshold=100.0, window=1500, min_errors=100, buffer=2, prune=prune, alpha=1.0)
         store, slot = _store(), np.array([0])
         flags = []
         for sc in base**2:  # scores are squared errors; the threshold works on their square roots

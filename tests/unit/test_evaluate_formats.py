@@ -59,8 +59,15 @@ def _nasa(root: Path, rng: np.random.Generator) -> Path:
             if part == "test":
                 x[120:140, 0] = 0.95
             np.save(root / part / f"{chan}.npy", x)
-        rows.append({"chan_id": chan, "spacecraft": "MSL", "anomaly_sequences": "[[120, 139]]",
-                     "class": "[point]", "num_values": 200})
+        rows.append(
+            {
+                "chan_id": chan,
+                "spacecraft": "MSL",
+                "anomaly_sequences": "[[120, 139]]",
+                "class": "[point]",
+                "num_values": 200,
+            }
+        )
     pd.DataFrame(rows).to_csv(root / "labeled_anomalies.csv", index=False)
     return root
 
@@ -74,8 +81,7 @@ def _transactions(root: Path, rng: np.random.Generator) -> Path:
         for t in np.sort(rng.uniform(0, 10 * 86400, 25)):
             fraud = int(t > 8 * 86400 and c < 6)
             amount = abs(rng.normal(mu, mu / 4)) * (5 if fraud else 1)
-            recs.append((start + pd.Timedelta(seconds=float(t)), c, int(rng.integers(0, 30)), round(amount, 2),
-                         fraud))
+            recs.append((start + pd.Timedelta(seconds=float(t)), c, int(rng.integers(0, 30)), round(amount, 2), fraud))
     df = pd.DataFrame(recs, columns=["TX_DATETIME", "CUSTOMER_ID", "TERMINAL_ID", "TX_AMOUNT", "TX_FRAUD"])
     df = df.sort_values("TX_DATETIME").reset_index(drop=True)
     df.insert(0, "TRANSACTION_ID", range(len(df)))
@@ -109,8 +115,11 @@ def test_wrong_layout_is_a_config_error(tmp_path: Path) -> None:
 def test_bad_cells_name_their_column_and_row(tmp_path: Path) -> None:
     head = "TRANSACTION_ID,TX_DATETIME,CUSTOMER_ID,TERMINAL_ID,TX_AMOUNT,TX_FRAUD\n"
     cases = {
-        "tx-amount.csv": (head + "1,2018-04-01 00:00:00,1,2,12.5,0\n2,2018-04-02 00:00:00,1,2,abc,0\n",
-                          "transactions", "'TX_AMOUNT' row 2"),
+        "tx-amount.csv": (
+            head + "1,2018-04-01 00:00:00,1,2,12.5,0\n2,2018-04-02 00:00:00,1,2,abc,0\n",
+            "transactions",
+            "'TX_AMOUNT' row 2",
+        ),
         "tx-time.csv": (head + "1,notadate,1,2,3.0,0\n", "transactions", "'TX_DATETIME' row 1"),
     }
     skab_dir = tmp_path / "skab" / "valve1"
@@ -155,8 +164,11 @@ def test_skab_slow_channels_are_found_from_training_rows_only() -> None:
         white = rng.normal(0, 1, (400, 2))
         walk = np.cumsum(rng.normal(0, 1, (400, 1)), axis=0)  # a thermal-like channel: slow drift
         parts.append(EventColumns([f"f{e}"] * 400, np.arange(400.0), np.hstack([white[:, :1], walk, white[:, 1:]])))
-    train = EventColumns([i for p in parts for i in p.entity_ids], np.concatenate([p.ts for p in parts]),
-                         np.concatenate([p.base for p in parts]))
+    train = EventColumns(
+        [i for p in parts for i in p.entity_ids],
+        np.concatenate([p.ts for p in parts]),
+        np.concatenate([p.base for p in parts]),
+    )
     assert slow_channels(train, 0.6) == [1]
     model, slow = model_config(SkabConfig(), train, 3)
     assert slow == [1] and model.score_features == (0, 2)
@@ -173,8 +185,9 @@ def test_model_per_entity_equals_one_run_per_entity(tmp_path: Path) -> None:
     from pipeline.features.streams import SensorStream
 
     chans, train, test, _, _ = nasa.load(_nasa(tmp_path / "nasa", np.random.default_rng(1)))
-    cfg = replace(nasa.NasaConfig(), epochs=1, model={"window": 16, "hidden_size": 8, "latent_size": 4,
-                                                      "score_steps": 4})
+    cfg = replace(
+        nasa.NasaConfig(), epochs=1, model={"window": 16, "hidden_size": 8, "latent_size": 4, "score_steps": 4}
+    )
     spec, model = SensorStream(nasa.CHANNELS), LSTMAEConfig(n_features=2, **cfg.model)
     merged = common.train_then_score(spec, train, test, model, cfg, name="t", model_per_entity=True)
     shared = common.train_then_score(spec, train, test, model, cfg, name="t")
@@ -197,16 +210,25 @@ def test_model_per_entity_needs_each_entitys_training_part(tmp_path: Path) -> No
     _, train, test, _, _ = nasa.load(_nasa(tmp_path / "nasa", np.random.default_rng(1)))
     only_a = common.take(train, np.flatnonzero(np.asarray(train.entity_ids) == "A-1"))
     with pytest.raises(ConfigError, match="B-2"):
-        common.train_then_score(SensorStream(nasa.CHANNELS), only_a, test, LSTMAEConfig(n_features=2),
-                                nasa.NasaConfig(epochs=1), name="t", model_per_entity=True)
+        common.train_then_score(
+            SensorStream(nasa.CHANNELS),
+            only_a,
+            test,
+            LSTMAEConfig(n_features=2),
+            nasa.NasaConfig(epochs=1),
+            name="t",
+            model_per_entity=True,
+        )
 
 
 def test_sweep_pools_counts_and_rejects_unknown_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pipeline.evaluate import skab, sweep
 
     data = _skab(tmp_path / "skab", np.random.default_rng(0))
-    assert sweep.main(["skab", str(data), f"{data}:420", "--z", "3", "--set", "epochs=1",
-                       "--set", 'model={"window": 16}']) == 0
+    assert (
+        sweep.main(["skab", str(data), f"{data}:420", "--z", "3", "--set", "epochs=1", "--set", 'model={"window": 16}'])
+        == 0
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["data"] for line in lines] == [str(data), f"{data}:420", "pooled"]
     for k in ("tp", "fp", "fn", "tn"):
@@ -230,8 +252,21 @@ def test_saved_transactions_model_is_servable_with_label_feedback(tmp_path: Path
 
     data = _transactions(tmp_path / "tx", np.random.default_rng(1))
     model = tmp_path / "models" / "transactions.pt"
-    res = CliRunner().invoke(_app(), ["evaluate", "--format", "transactions", "--data", str(data), "--json",
-                                      "--epochs", "1", "--save-model", str(model)])
+    res = CliRunner().invoke(
+        _app(),
+        [
+            "evaluate",
+            "--format",
+            "transactions",
+            "--data",
+            str(data),
+            "--json",
+            "--epochs",
+            "1",
+            "--save-model",
+            str(model),
+        ],
+    )
     assert res.exit_code == 0, (res.output, res.exception)
     ckpt = load_checkpoint(model)
     assert ckpt.card["fraud_feedback_tau_s"] == 3 * 86400.0 and model.with_suffix(".card.json").exists()
@@ -240,8 +275,9 @@ def test_saved_transactions_model_is_servable_with_label_feedback(tmp_path: Path
     spec = scorers[settings.transactions_topic].spec
     assert isinstance(spec, TransactionStream) and spec.label_feedback and spec.n_features == 9
     assert label_topics(settings, scorers) == {settings.labels_topic: settings.transactions_topic}
-    nope = CliRunner().invoke(_app(), ["evaluate", "--format", "skab", "--data", str(tmp_path),
-                                       "--save-model", str(model)])
+    nope = CliRunner().invoke(
+        _app(), ["evaluate", "--format", "skab", "--data", str(tmp_path), "--save-model", str(model)]
+    )
     assert isinstance(nope.exception, ConfigError) and "--save-model" in str(nope.exception)
 
 
@@ -252,8 +288,23 @@ def test_terminal_context_partitions_travel_with_the_model(tmp_path: Path) -> No
 
     data = _transactions(tmp_path / "tx", np.random.default_rng(2))
     model = tmp_path / "m" / "transactions.pt"
-    out = CliRunner().invoke(_app(), ["evaluate", "--format", "transactions", "--data", str(data), "--json",
-                                      "--epochs", "1", "--partitions", "2", "--save-model", str(model)])
+    out = CliRunner().invoke(
+        _app(),
+        [
+            "evaluate",
+            "--format",
+            "transactions",
+            "--data",
+            str(data),
+            "--json",
+            "--epochs",
+            "1",
+            "--partitions",
+            "2",
+            "--save-model",
+            str(model),
+        ],
+    )
     assert out.exit_code == 0, (out.output, out.exception)
     assert json.loads(out.stdout.strip().splitlines()[-1])["partitions"] == 2
     ckpt = load_checkpoint(model)
@@ -265,8 +316,9 @@ def test_terminal_context_partitions_travel_with_the_model(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="--partitions 4"):
         check_partitioning(settings, scorers, labels, lambda topic: [0, 1, 2, 3])
     with pytest.raises(ConfigError, match="same partition count"):
-        check_partitioning(settings, scorers, labels,
-                           lambda topic: [0, 1, 2] if topic == settings.labels_topic else [0, 1])
+        check_partitioning(
+            settings, scorers, labels, lambda topic: [0, 1, 2] if topic == settings.labels_topic else [0, 1]
+        )
     for bad in (["--partitions", "0"], ["--format", "nasa", "--partitions", "2"]):
         args = ["evaluate", "--format", "transactions", "--data", str(data), *bad]
         res = CliRunner().invoke(_app(), args)

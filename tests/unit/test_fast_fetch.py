@@ -54,8 +54,9 @@ RECORDS = [
 def _stock(buf: bytes, fetch_offset: int = 0, step: int | None = None) -> tuple[list[RawRecord], int]:
     part = Fetcher.PartitionRecords(fetch_offset, TP, MemoryRecords(buf))
     recs = _take_all(part, step)
-    return [RawRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp) for r in recs], \
-        part.next_fetch_offset
+    return [
+        RawRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp) for r in recs
+    ], part.next_fetch_offset
 
 
 def _fast(buf: bytes, fetch_offset: int = 0, step: int | None = None) -> tuple[list[RawRecord], int]:
@@ -86,13 +87,16 @@ CASES = {
     "snappy": _batch(0, RECORDS, compression=SNAPPY),
     "lz4": _batch(0, RECORDS, compression=LZ4),
     "zstd": _batch(0, RECORDS, compression=ZSTD),
-    "mixed codecs": _batch(0, RECORDS[:2], compression=LZ4) + _batch(2, RECORDS[2:3], compression=ZSTD)
+    "mixed codecs": _batch(0, RECORDS[:2], compression=LZ4)
+    + _batch(2, RECORDS[2:3], compression=ZSTD)
     + _batch(3, RECORDS[3:], compression=SNAPPY),
     "log append time": _with_attributes(_batch(0, RECORDS), 0x08),
-    "control batch skipped": _batch(0, RECORDS[:2]) + _with_attributes(_batch(2, RECORDS[:1]), 0x20)
+    "control batch skipped": _batch(0, RECORDS[:2])
+    + _with_attributes(_batch(2, RECORDS[:1]), 0x20)
     + _batch(3, RECORDS[2:]),
     "commit marker (transactional control batch) skipped": _batch(0, RECORDS[:2])
-    + _with_attributes(_batch(2, COMMIT_MARKER), 0x10 | 0x20) + _batch(3, RECORDS[2:], compression=LZ4),
+    + _with_attributes(_batch(2, COMMIT_MARKER), 0x10 | 0x20)
+    + _batch(3, RECORDS[2:], compression=LZ4),
     "compressed control batch skipped": _with_attributes(_batch(0, COMMIT_MARKER, compression=ZSTD), 0x10 | 0x20)
     + _batch(1, RECORDS),
     "message format v1": _batch(0, RECORDS, magic=1),
@@ -134,7 +138,8 @@ def test_installs_on_this_kafka_python() -> None:
 
 @pytest.mark.parametrize("private", ["_maybe_uncompress", "records_count", "first_timestamp"])
 def test_falls_back_to_stock_parsing_with_one_warning_if_a_private_name_is_gone(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, private: str) -> None:
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, private: str
+) -> None:
     from kafka.record.default_records import DefaultRecordBatch
 
     monkeypatch.delattr(DefaultRecordBatch, private)
@@ -146,8 +151,11 @@ def test_falls_back_to_stock_parsing_with_one_warning_if_a_private_name_is_gone(
             assert not install(consumer)
             assert not install(consumer)
         assert consumer._fetcher.PartitionRecords is Fetcher.PartitionRecords
-        warnings = [r.getMessage() for r in caplog.records
-                    if r.levelno == logging.WARNING and r.name == "pipeline.kafka.fast_fetch"]
+        warnings = [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.WARNING and r.name == "pipeline.kafka.fast_fetch"
+        ]
         assert len(warnings) == 1 and "fast record parsing is off" in warnings[0] and private in warnings[0]
     finally:
         consumer.close()
@@ -156,8 +164,9 @@ def test_falls_back_to_stock_parsing_with_one_warning_if_a_private_name_is_gone(
 
 
 @pytest.mark.parametrize(("codec", "check"), [(SNAPPY, "has_snappy"), (LZ4, "has_lz4"), (ZSTD, "has_zstd")])
-def test_a_codec_without_its_library_names_topic_partition_and_offset(monkeypatch: pytest.MonkeyPatch, codec: int,
-                                                                    check: str) -> None:
+def test_a_codec_without_its_library_names_topic_partition_and_offset(
+    monkeypatch: pytest.MonkeyPatch, codec: int, check: str
+) -> None:
     import kafka.codec
 
     buf = _batch(40, RECORDS[:2]) + _batch(42, RECORDS[2:], compression=codec)

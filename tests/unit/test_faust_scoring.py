@@ -69,8 +69,10 @@ def test_batches_redelivery_and_dead_letters(tmp_path: Path) -> None:
     assert [reason for _, reason in dlq.sent] == ["malformed_json"] and dlq.flushes == many.stats.batches
 
     def alerts(db: SqlStore, run: str) -> set[tuple[str, int, int, float]]:
-        return {(a["entity_id"], a["source_partition"], a["source_offset"], round(a["score"], 6))
-                for a in db.list_alerts(run_id=run)}
+        return {
+            (a["entity_id"], a["source_partition"], a["source_offset"], round(a["score"], 6))
+            for a in db.list_alerts(run_id=run)
+        }
 
     assert alerts(db1, "one") and alerts(db1, "one") == alerts(db2, "many")
     assert many.stats.alerts == one.stats.alerts == len(alerts(db1, "one"))

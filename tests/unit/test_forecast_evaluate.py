@@ -48,8 +48,9 @@ def _skab(root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("threshold", [{}, {"threshold_method": "dynamic",
-                                           "dynamic": {"window": 100, "min_errors": 50, "buffer": 2}}])
+@pytest.mark.parametrize(
+    "threshold", [{}, {"threshold_method": "dynamic", "dynamic": {"window": 100, "min_errors": 50, "buffer": 2}}]
+)
 def test_nasa_forecaster_on_single_column_series(tmp_path: Path, threshold: dict) -> None:
     data = _nasa_single_column(tmp_path / "nasa")
     cfg = replace(nasa.NasaConfig(), family="lstm_forecast", forecast=FAST, epochs=2, z=3.0, **threshold)
@@ -89,8 +90,10 @@ def test_select_ranks_candidates_across_sources(tmp_path: Path, capsys: pytest.C
 
 
 def test_rank_puts_candidates_over_the_far_bound_last() -> None:
-    table = {"s1": {"a": {"f1": 0.9, "far": 0.3}, "b": {"f1": 0.5, "far": 0.1}},
-             "s2": {"a": {"f1": 0.9}, "b": {"f1": 0.8}}}
+    table = {
+        "s1": {"a": {"f1": 0.9, "far": 0.3}, "b": {"f1": 0.5, "far": 0.1}},
+        "s2": {"a": {"f1": 0.9}, "b": {"f1": 0.8}},
+    }
     out = select.rank(table, 0.15)
     # a beats b on F1 in s1 but is over the FAR bound there: ranked last; equal mean ranks -> higher mean F1
     assert {r["candidate"]: r["ranks"] for r in out} == {"a": [2.0, 1.0], "b": [1.0, 2.0]}

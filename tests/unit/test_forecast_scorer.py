@@ -89,15 +89,13 @@ def test_snapshot_restore_round_trip_gives_same_scores(model: tuple[SensorStream
     assert not np.allclose(fresh.scores, expected.scores)
 
 
-def test_autoencoder_state_does_not_load_into_a_stateful_layout(model: tuple[SensorStream, ForecastCheckpoint]
-                                                                ) -> None:
+def test_autoencoder_state_does_not_load_into_a_stateful_layout(model: tuple[SensorStream, ForecastCheckpoint]) -> None:
     spec, ckpt = model
     recs, _ = simulate_sensors(1, 10, seed=1)
     cols = _cols(spec, recs)
     ae = StreamScorer(spec, None, prior=(np.zeros(8), np.ones(8)), window=1)
     ae.prepare(cols)
-    blobs = dict(zip(ae.store.entity_ids(ae.store.live_slots()), ae.store.snapshot(ae.store.live_slots()),
-                     strict=True))
+    blobs = dict(zip(ae.store.entity_ids(ae.store.live_slots()), ae.store.snapshot(ae.store.live_slots()), strict=True))
     with pytest.raises(StateError):
         StreamScorer(spec, ckpt, loader=lambda ids: {i: blobs[i] for i in ids if i in blobs}).process(cols)
 
@@ -113,8 +111,9 @@ def test_save_load_round_trip_weights_only(model: tuple[SensorStream, ForecastCh
     assert loaded.version == ckpt.version and loaded.threshold == ckpt.threshold
     recs, _ = simulate_sensors(3, 40, seed=5)
     cols = _cols(spec, recs)
-    np.testing.assert_array_equal(StreamScorer(spec, ckpt).process(cols).scores,
-                                  StreamScorer(spec, loaded).process(cols).scores)
+    np.testing.assert_array_equal(
+        StreamScorer(spec, ckpt).process(cols).scores, StreamScorer(spec, loaded).process(cols).scores
+    )
 
 
 def test_load_model_still_loads_autoencoders(tmp_path: Path) -> None:
@@ -122,9 +121,13 @@ def test_load_model_still_loads_autoencoders(tmp_path: Path) -> None:
 
     spec = SensorStream(SENSOR_CHANNELS)
     recs, _ = simulate_sensors(2, 40, seed=2)
-    ae = train_stream_model(spec, _cols(spec, recs), model=LSTMAEConfig(n_features=8, window=4, hidden_size=4,
-                                                                         latent_size=2),
-                            train=TrainConfig(epochs=1), min_history=2)
+    ae = train_stream_model(
+        spec,
+        _cols(spec, recs),
+        model=LSTMAEConfig(n_features=8, window=4, hidden_size=4, latent_size=2),
+        train=TrainConfig(epochs=1),
+        min_history=2,
+    )
     assert isinstance(load_model(save_checkpoint(ae, tmp_path / "ae.pt")), Checkpoint)
 
 

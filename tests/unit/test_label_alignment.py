@@ -83,8 +83,9 @@ def model() -> Any:
     spec = TransactionStream(terminal_context=True, fraud_feedback_tau_s=3 * DAY)
     recs = strip_labels(simulate_transactions(20, 20, seed=2)[0])
     cfg = LSTMAEConfig(n_features=spec.n_features, window=4, hidden_size=4, latent_size=2, score_features=(0, 8))
-    return train_stream_model(spec, spec.columns([spec.parse(r) for r in recs]), model=cfg,
-                              train=TrainConfig(epochs=1), min_history=1)
+    return train_stream_model(
+        spec, spec.columns([spec.parse(r) for r in recs]), model=cfg, train=TrainConfig(epochs=1), min_history=1
+    )
 
 
 def _ts(rec: dict[str, Any]) -> float:
@@ -95,8 +96,16 @@ def _ts(rec: dict[str, Any]) -> float:
 
 def test_payments_wait_for_their_labels_then_match_the_offline_features(model: Any, tmp_path: Path) -> None:
     txs = sorted(strip_labels(simulate_transactions(6, 30, seed=4)[0]), key=lambda r: r["timestamp"])
-    labels = [{"transaction_id": r["transaction_id"], "customer_id": r["customer_id"], "terminal_id": r["terminal_id"],
-               "is_fraud": i % 3 == 0, "labelled_at": iso(_ts(r) + DAY)} for i, r in enumerate(txs)]
+    labels = [
+        {
+            "transaction_id": r["transaction_id"],
+            "customer_id": r["customer_id"],
+            "terminal_id": r["terminal_id"],
+            "is_fraud": i % 3 == 0,
+            "labelled_at": iso(_ts(r) + DAY),
+        }
+        for i, r in enumerate(txs)
+    ]
     tx = [RawRecord("tx", 0, i, r["customer_id"].encode(), orjson.dumps(r), 0) for i, r in enumerate(txs)]
     lab = [RawRecord("labels", 0, i, r["customer_id"].encode(), orjson.dumps(r), 0) for i, r in enumerate(labels)]
     half = len(lab) // 2
@@ -106,8 +115,14 @@ def test_payments_wait_for_their_labels_then_match_the_offline_features(model: A
     scorers = build_scorers(settings, {"transactions": model})
     db = SqlStore(f"sqlite:///{tmp_path / 'a.db'}")
     db.create_schema()
-    proc = Processor(src, db, ListDeadLetters(), scorers, ProcessorOptions(max_batch_records=10),
-                     label_topics=label_topics(settings, scorers))
+    proc = Processor(
+        src,
+        db,
+        ListDeadLetters(),
+        scorers,
+        ProcessorOptions(max_batch_records=10),
+        label_topics=label_topics(settings, scorers),
+    )
     proc.source.subscribe(["tx", "labels"], proc.on_assigned, proc.on_revoked)
     pos = proc.checkpointer.positions
 
@@ -125,17 +140,25 @@ def test_payments_wait_for_their_labels_then_match_the_offline_features(model: A
     assert pos.consumed[("tx", 0)] == len(tx)
 
     want = TerminalContext(DAY, feedback_tau_s=3 * DAY)
-    want.add_labels(np.arange(len(labels)), [r["terminal_id"] for r in labels],
-                    np.array([_ts({"timestamp": r["labelled_at"]}) for r in labels]),
-                    np.array([float(r["is_fraud"]) for r in labels]))
-    want.features([r["terminal_id"] for r in txs], np.array([_ts(r) for r in txs]),
-                  np.log1p(np.array([r["amount"] for r in txs])))
+    want.add_labels(
+        np.arange(len(labels)),
+        [r["terminal_id"] for r in labels],
+        np.array([_ts({"timestamp": r["labelled_at"]}) for r in labels]),
+        np.array([float(r["is_fraud"]) for r in labels]),
+    )
+    want.features(
+        [r["terminal_id"] for r in txs], np.array([_ts(r) for r in txs]), np.log1p(np.array([r["amount"] for r in txs]))
+    )
     spec = scorers["tx"].spec
     assert isinstance(spec, TransactionStream)
     got = spec.contexts[0]
     assert got._slot.keys() == want._slot.keys() and got.fb_n[: len(want)].sum() > 0
     for name in TerminalContext._ARRAYS:
-        np.testing.assert_allclose(getattr(got, name)[: len(got)], getattr(want, name)[: len(want)][
-            [want._slot[t] for t in got._slot]], rtol=1e-12, equal_nan=True)
+        np.testing.assert_allclose(
+            getattr(got, name)[: len(got)],
+            getattr(want, name)[: len(want)][[want._slot[t] for t in got._slot]],
+            rtol=1e-12,
+            equal_nan=True,
+        )
     assert pos.consumed[("labels", 0)] == want.first_pending_offset  # the last day's labels are not due yet
     db.dispose()

@@ -9,8 +9,9 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 
 from pipeline.checkpointing import Checkpointer
+from pipeline.checkpointing.rows import AlertRow, StateRow
 from pipeline.records import RawRecord, TopicPartition
-from pipeline.sinks.sql import AlertRow, SqlStore, StateRow
+from pipeline.sinks.sql import SqlStore
 
 TP = ("tx", 0)
 
@@ -32,10 +33,21 @@ class NoDeadLetters:
 
 
 def _alert(offset: int, tag: str = "") -> AlertRow:
-    return AlertRow(alert_key=f"r|tx|0|{offset}|m{tag}", run_id="r", stream="transactions", entity_id="C1",
-                    event_time=datetime(2024, 1, 1, tzinfo=timezone.utc), score=9.0, threshold=1.0,
-                    severity="high", model_version="m", top_features=[], source_topic="tx", source_partition=0,
-                    source_offset=offset)
+    return AlertRow(
+        alert_key=f"r|tx|0|{offset}|m{tag}",
+        run_id="r",
+        stream="transactions",
+        entity_id="C1",
+        event_time=datetime(2024, 1, 1, tzinfo=timezone.utc),
+        score=9.0,
+        threshold=1.0,
+        severity="high",
+        model_version="m",
+        top_features=[],
+        source_topic="tx",
+        source_partition=0,
+        source_offset=offset,
+    )
 
 
 def _make(store: SqlStore) -> tuple[Checkpointer, Commits, list[set[TopicPartition]]]:
@@ -46,8 +58,14 @@ def _make(store: SqlStore) -> tuple[Checkpointer, Commits, list[set[TopicPartiti
         snapped.append(set(tps))
         return [StateRow("transactions", "C1", "tx", 0, b"x")] if tps else [], lambda: None
 
-    ck = Checkpointer(store, source, NoDeadLetters(), run_id="r", group_id="g",  # type: ignore[arg-type]
-                      collect_states=collect)  # type: ignore[arg-type]
+    ck = Checkpointer(
+        store,
+        source,
+        NoDeadLetters(),
+        run_id="r",
+        group_id="g",  # type: ignore[arg-type]
+        collect_states=collect,
+    )  # type: ignore[arg-type]
     return ck, source, snapped
 
 

@@ -11,10 +11,11 @@ import pytest
 from kafka.errors import KafkaTimeoutError
 
 from pipeline.alerts.outbox import OutboxRelay
+from pipeline.checkpointing.rows import LifecycleWrite, OutboxRow
 from pipeline.errors import SinkError
 from pipeline.kafka.client import KafkaDeadLetterSink
 from pipeline.records import RawRecord
-from pipeline.sinks.sql import LifecycleWrite, OutboxRow, SqlStore
+from pipeline.sinks.sql import SqlStore
 
 
 class FlakyPublisher:

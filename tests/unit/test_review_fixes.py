@@ -19,6 +19,7 @@ import pytest
 from models.lstm_ae import LSTMAEConfig, TrainConfig
 from pipeline.app import build_scorers, label_topics
 from pipeline.checkpointing import Checkpointer
+from pipeline.checkpointing.rows import OffsetRow, StateRow
 from pipeline.config import Settings
 from pipeline.errors import OffsetResetError
 from pipeline.features.streams import DAY, TransactionStream
@@ -27,7 +28,7 @@ from pipeline.processor import Processor, ProcessorOptions, build_alerts
 from pipeline.records import RawRecord, TopicPartition
 from pipeline.scoring.scorer import ScoreBatch
 from pipeline.simulate import iso, simulate_transactions, strip_labels
-from pipeline.sinks.sql import OffsetRow, SqlStore, StateRow
+from pipeline.sinks.sql import SqlStore
 from pipeline.training import train_stream_model
 from tests.unit.test_label_alignment import ListDeadLetters, MemoryLog, _ts
 from tests.unit.test_label_alignment import model as model  # noqa: F401 - the module's fixture
@@ -49,8 +50,16 @@ def _db(tmp_path: Path, name: str = "a.db") -> SqlStore:
 # -- finding 1: held payments are deduplicated when released, not when read ------------------------------
 def test_payments_held_for_labels_are_scored_after_a_restart(model: Any, tmp_path: Path) -> None:  # noqa: F811
     txs = sorted(strip_labels(simulate_transactions(6, 30, seed=4)[0]), key=lambda r: r["timestamp"])
-    labels = [{"transaction_id": r["transaction_id"], "customer_id": r["customer_id"], "terminal_id": r["terminal_id"],
-               "is_fraud": i % 3 == 0, "labelled_at": iso(_ts(r) + DAY)} for i, r in enumerate(txs)]
+    labels = [
+        {
+            "transaction_id": r["transaction_id"],
+            "customer_id": r["customer_id"],
+            "terminal_id": r["terminal_id"],
+            "is_fraud": i % 3 == 0,
+            "labelled_at": iso(_ts(r) + DAY),
+        }
+        for i, r in enumerate(txs)
+    ]
     tx = _tx_records(txs)
     lab = [RawRecord("labels", 0, i, r["customer_id"].encode(), orjson.dumps(r), 0) for i, r in enumerate(labels)]
     half = len(lab) // 2
@@ -61,8 +70,14 @@ def test_payments_held_for_labels_are_scored_after_a_restart(model: Any, tmp_pat
     def start(polls: list[list[RawRecord]]) -> Processor:
         src = MemoryLog(ends, polls)
         scorers = build_scorers(settings, {"transactions": model})
-        proc = Processor(src, db, ListDeadLetters(), scorers, ProcessorOptions(max_batch_records=1000),
-                         label_topics=label_topics(settings, scorers))
+        proc = Processor(
+            src,
+            db,
+            ListDeadLetters(),
+            scorers,
+            ProcessorOptions(max_batch_records=1000),
+            label_topics=label_topics(settings, scorers),
+        )
         src.subscribe(["tx", "labels"], proc.on_assigned, proc.on_revoked)
         return proc
 
@@ -75,7 +90,7 @@ def test_payments_held_for_labels_are_scored_after_a_restart(model: Any, tmp_pat
     resume_tx, resume_lab = saved[("tx", 0)][1], saved[("labels", 0)][1]
     assert resume_tx == len(tx) - held
     # restart: replay from the snapshot; the held payments were never scored, so they must be now
-    second = start([lab[resume_lab or 0:] + tx[resume_tx:]])
+    second = start([lab[resume_lab or 0 :] + tx[resume_tx:]])
     second.handle(second.source.poll(0, 0))
     second._release_aligned()
     assert second.stats.duplicates == 0
@@ -88,8 +103,9 @@ def terminal_model() -> Any:
     spec = TransactionStream(terminal_context=True)
     recs = strip_labels(simulate_transactions(20, 20, seed=2)[0])
     cfg = LSTMAEConfig(n_features=spec.n_features, window=4, hidden_size=4, latent_size=2)
-    return train_stream_model(spec, spec.columns([spec.parse(r) for r in recs]), model=cfg,
-                              train=TrainConfig(epochs=1), min_history=1)
+    return train_stream_model(
+        spec, spec.columns([spec.parse(r) for r in recs]), model=cfg, train=TrainConfig(epochs=1), min_history=1
+    )
 
 
 def _run_terminal(model: Any, txs: list[dict[str, Any]], tmp_path: Path, name: str) -> tuple[Processor, Any]:
@@ -103,8 +119,7 @@ def _run_terminal(model: Any, txs: list[dict[str, Any]], tmp_path: Path, name: s
     return proc, dlq
 
 
-def test_late_and_out_of_order_payments_leave_the_terminal_context_alone(terminal_model: Any,
-                                                                         tmp_path: Path) -> None:
+def test_late_and_out_of_order_payments_leave_the_terminal_context_alone(terminal_model: Any, tmp_path: Path) -> None:
     txs = sorted(strip_labels(simulate_transactions(8, 20, seed=5)[0]), key=lambda r: r["timestamp"])
     last = {r["customer_id"]: r for r in txs}
     a, b = list(last.values())[:2]
@@ -145,8 +160,14 @@ def test_an_alert_built_before_a_log_reset_keeps_its_key(sqlite_store: SqlStore)
     def collect(tps: set[TopicPartition]) -> tuple[list[StateRow], object]:
         return [], lambda: None
 
-    ck = Checkpointer(sqlite_store, Commits(), NoDeadLetters(), run_id="r", group_id="g",  # type: ignore[arg-type]
-                      collect_states=collect)  # type: ignore[arg-type]
+    ck = Checkpointer(
+        sqlite_store,
+        Commits(),
+        NoDeadLetters(),
+        run_id="r",
+        group_id="g",  # type: ignore[arg-type]
+        collect_states=collect,
+    )  # type: ignore[arg-type]
     pos = ck.positions
     pos.advance(TP, 700)
     ck.checkpoint(snapshot={TP})
@@ -163,8 +184,17 @@ def test_build_alerts_tags_keys_with_the_partitions_epoch() -> None:
     spec = TransactionStream()
     scorer = SimpleNamespace(spec=spec, model_version="m")
     n, f = 2, spec.n_features
-    res = ScoreBatch(np.arange(n), ["C1", "C2"], np.array([5.0, 5.0]), np.ones(n), np.ones(n, bool), np.ones((n, f)),
-                     np.ones((n, f)), np.ones((n, f)), np.ones(n))
+    res = ScoreBatch(
+        np.arange(n),
+        ["C1", "C2"],
+        np.array([5.0, 5.0]),
+        np.ones(n),
+        np.ones(n, bool),
+        np.ones((n, f)),
+        np.ones((n, f)),
+        np.ones((n, f)),
+        np.ones(n),
+    )
     recs = [RawRecord("tx", 0, 7, b"C1", b"", 0), RawRecord("tx", 1, 7, b"C2", b"", 0)]
     tags = {("tx", 0): "~2"}
     rows = build_alerts("r", scorer, recs, np.array([0.0, 0.0]), res, tag=lambda tp: tags.get(tp, ""))  # type: ignore[arg-type]
@@ -173,8 +203,9 @@ def test_build_alerts_tags_keys_with_the_partitions_epoch() -> None:
 
 # -- finding 4 and 10: offset-reset policy on the durable position; handle() never rewinds --------------------
 class LogWithBounds(MemoryLog):
-    def __init__(self, ends: Mapping[TopicPartition, int], polls: list[list[RawRecord]], start: int = 0,
-                 high: int | None = None) -> None:
+    def __init__(
+        self, ends: Mapping[TopicPartition, int], polls: list[list[RawRecord]], start: int = 0, high: int | None = None
+    ) -> None:
         super().__init__(ends, polls)
         self.start, self.high = start, high
         self.seeks: list[tuple[TopicPartition, int]] = []
@@ -192,13 +223,19 @@ class LogWithBounds(MemoryLog):
 
 def _bounded(model: Any, db: SqlStore, src: LogWithBounds, policy: str) -> Processor:
     settings = Settings(device="cpu", transactions_topic="tx")
-    return Processor(src, db, ListDeadLetters(), build_scorers(settings, {"transactions": model}),
-                     ProcessorOptions(max_batch_records=1000, offset_reset=policy))
+    return Processor(
+        src,
+        db,
+        ListDeadLetters(),
+        build_scorers(settings, {"transactions": model}),
+        ProcessorOptions(max_batch_records=1000, offset_reset=policy),
+    )
 
 
 @pytest.mark.parametrize("committed, resumes", [(100, 60), (50, None)])
 def test_the_reset_policy_applies_only_when_the_durable_position_left_the_log(
-        terminal_model: Any, tmp_path: Path, committed: int, resumes: int | None) -> None:
+    terminal_model: Any, tmp_path: Path, committed: int, resumes: int | None
+) -> None:
     db = _db(tmp_path)
     db.write_checkpoint("live", "anomaly-pipeline", [], [], [OffsetRow("tx", 0, committed, 40)])
     src = LogWithBounds({TP: 200}, [], start=60)  # retention removed 0..59: the snapshot (40) is gone

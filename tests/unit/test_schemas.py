@@ -13,18 +13,41 @@ from pydantic import TypeAdapter, ValidationError
 from schemas import SCHEMA_NAMES, load_schema
 from schemas.types import Alert, SensorReading, Transaction, TransactionLabel
 
-TYPES: dict[str, Any] = {"transaction": Transaction, "transaction_label": TransactionLabel,
-                         "sensor_reading": SensorReading, "alert": Alert}
+TYPES: dict[str, Any] = {
+    "transaction": Transaction,
+    "transaction_label": TransactionLabel,
+    "sensor_reading": SensorReading,
+    "alert": Alert,
+}
 
-VALID_TX = {"transaction_id": "T1", "customer_id": "C000001", "terminal_id": "TERM1", "amount": 12.5,
-            "timestamp": "2018-04-01T00:00:31Z"}
-VALID_LABEL = {"transaction_id": "T1", "customer_id": "C000001", "terminal_id": "TERM1", "is_fraud": True,
-               "labelled_at": "2018-04-08T00:00:31Z"}
-VALID_SENSOR = {"device_id": "pump-1", "timestamp": "2020-03-09T10:14:33+00:00",
-                "values": {"Current": 1.33, "Pressure": 0.05}}
+VALID_TX = {
+    "transaction_id": "T1",
+    "customer_id": "C000001",
+    "terminal_id": "TERM1",
+    "amount": 12.5,
+    "timestamp": "2018-04-01T00:00:31Z",
+}
+VALID_LABEL = {
+    "transaction_id": "T1",
+    "customer_id": "C000001",
+    "terminal_id": "TERM1",
+    "is_fraud": True,
+    "labelled_at": "2018-04-08T00:00:31Z",
+}
+VALID_SENSOR = {
+    "device_id": "pump-1",
+    "timestamp": "2020-03-09T10:14:33+00:00",
+    "values": {"Current": 1.33, "Pressure": 0.05},
+}
 VALID_ALERT = {
-    "alert_key": "live|tx|0|5|m@1", "run_id": "live", "stream": "transactions", "entity_id": "C1",
-    "event_time": "2018-04-01T00:00:31Z", "score": 12.0, "threshold": 4.0, "severity": "high",
+    "alert_key": "live|tx|0|5|m@1",
+    "run_id": "live",
+    "stream": "transactions",
+    "entity_id": "C1",
+    "event_time": "2018-04-01T00:00:31Z",
+    "score": 12.0,
+    "threshold": 4.0,
+    "severity": "high",
     "model_version": "m@1",
     "top_features": [{"feature": "log_amount", "observed": 6.1, "reconstructed": 3.2, "contribution": 9.0}],
     "source": {"topic": "tx", "partition": 0, "offset": 5},
@@ -37,20 +60,36 @@ def _variants(base: dict[str, Any], name: str) -> list[tuple[dict[str, Any], boo
         out.append(({k: v for k, v in base.items() if k != key}, key in ("currency", "severity")))
     out.append(({**base, "unexpected": 1}, False))
     if name == "transaction":
-        out += [({**base, "amount": "12"}, False), ({**base, "amount": -1}, False),
-                ({**base, "customer_id": "bad id"}, False), ({**base, "customer_id": ""}, False),
-                ({**base, "currency": "EUR"}, True), ({**base, "currency": "eur"}, False),
-                ({**base, "amount": 7}, True), ({**base, "timestamp": "yesterday"}, False)]
+        out += [
+            ({**base, "amount": "12"}, False),
+            ({**base, "amount": -1}, False),
+            ({**base, "customer_id": "bad id"}, False),
+            ({**base, "customer_id": ""}, False),
+            ({**base, "currency": "EUR"}, True),
+            ({**base, "currency": "eur"}, False),
+            ({**base, "amount": 7}, True),
+            ({**base, "timestamp": "yesterday"}, False),
+        ]
     if name == "transaction_label":
-        out += [({**base, "is_fraud": 1}, False), ({**base, "is_fraud": "true"}, False),
-                ({**base, "is_fraud": False}, True), ({**base, "terminal_id": "bad id"}, False),
-                ({**base, "labelled_at": "2018-04-08T00:00:31"}, False)]
+        out += [
+            ({**base, "is_fraud": 1}, False),
+            ({**base, "is_fraud": "true"}, False),
+            ({**base, "is_fraud": False}, True),
+            ({**base, "terminal_id": "bad id"}, False),
+            ({**base, "labelled_at": "2018-04-08T00:00:31"}, False),
+        ]
     if name == "sensor_reading":
-        out += [({**base, "values": {}}, False), ({**base, "values": {"Current": "x"}}, False),
-                ({**base, "device_id": "x" * 65}, False), ({**base, "values": {"a/b": 1.0}}, False)]
+        out += [
+            ({**base, "values": {}}, False),
+            ({**base, "values": {"Current": "x"}}, False),
+            ({**base, "device_id": "x" * 65}, False),
+            ({**base, "values": {"a/b": 1.0}}, False),
+        ]
     if name == "alert":
-        out += [({**base, "stream": "other"}, False), ({**base, "source": {"topic": "t", "partition": -1,
-                                                                          "offset": 0}}, False)]
+        out += [
+            ({**base, "stream": "other"}, False),
+            ({**base, "source": {"topic": "t", "partition": -1, "offset": 0}}, False),
+        ]
     return out
 
 
@@ -59,9 +98,15 @@ def test_schema_files_are_valid_json_schema(name: str) -> None:
     Draft202012Validator.check_schema(load_schema(name))
 
 
-@pytest.mark.parametrize(("name", "base"), [("transaction", VALID_TX), ("transaction_label", VALID_LABEL),
-                                            ("sensor_reading", VALID_SENSOR),
-                                            ("alert", VALID_ALERT)])
+@pytest.mark.parametrize(
+    ("name", "base"),
+    [
+        ("transaction", VALID_TX),
+        ("transaction_label", VALID_LABEL),
+        ("sensor_reading", VALID_SENSOR),
+        ("alert", VALID_ALERT),
+    ],
+)
 def test_python_types_agree_with_json_schema(name: str, base: dict[str, Any]) -> None:
     validator = Draft202012Validator(load_schema(name), format_checker=FormatChecker())
     adapter = TypeAdapter(TYPES[name])
@@ -79,13 +124,23 @@ def test_python_types_agree_with_json_schema(name: str, base: dict[str, Any]) ->
 def test_alert_rows_serialize_to_the_alert_contract() -> None:
     from datetime import datetime, timezone
 
-    from pipeline.sinks.sql import AlertRow
+    from pipeline.checkpointing.rows import AlertRow
 
-    row = AlertRow(alert_key="k", run_id="live", stream="sensors", entity_id="pump-1",
-                   event_time=datetime(2020, 3, 9, tzinfo=timezone.utc), score=3.0, threshold=1.0,
-                   severity="medium", model_version="m@1",
-                   top_features=[{"feature": "Current", "observed": 2.0, "reconstructed": 1.0, "contribution": 2.5}],
-                   source_topic="s", source_partition=1, source_offset=9)
+    row = AlertRow(
+        alert_key="k",
+        run_id="live",
+        stream="sensors",
+        entity_id="pump-1",
+        event_time=datetime(2020, 3, 9, tzinfo=timezone.utc),
+        score=3.0,
+        threshold=1.0,
+        severity="medium",
+        model_version="m@1",
+        top_features=[{"feature": "Current", "observed": 2.0, "reconstructed": 1.0, "contribution": 2.5}],
+        source_topic="s",
+        source_partition=1,
+        source_offset=9,
+    )
     jsonschema.validate(row.to_wire(), load_schema("alert"), format_checker=FormatChecker())
 
 

@@ -55,8 +55,15 @@ def tx_onesided_model() -> tuple[TransactionStream, Checkpoint]:
     """One-sided amount errors and a globally scaled amount (the transactions benchmark's knobs)."""
     spec = TransactionStream()
     recs, _ = simulate_transactions(60, 30, seed=4)
-    cfg = LSTMAEConfig(n_features=spec.n_features, window=8, hidden_size=16, latent_size=4, score_steps=2,
-                       upper_features=(0,), global_features=(0,))
+    cfg = LSTMAEConfig(
+        n_features=spec.n_features,
+        window=8,
+        hidden_size=16,
+        latent_size=4,
+        score_steps=2,
+        upper_features=(0,),
+        global_features=(0,),
+    )
     return spec, train_stream_model(spec, _cols(spec, recs), model=cfg, train=SMALL, min_history=4)
 
 
@@ -140,15 +147,15 @@ def test_smoothed_scoring_batched_equals_one_at_a_time(sensor_model: tuple[Senso
     cols = _cols(spec, recs)
 
     def scorer() -> StreamScorer:
-        return StreamScorer(spec, ckpt, min_history=4, threshold=AdaptiveThreshold(ckpt.threshold, warmup=5,
-                                                                                     smoothing=0.2))
+        return StreamScorer(
+            spec, ckpt, min_history=4, threshold=AdaptiveThreshold(ckpt.threshold, warmup=5, smoothing=0.2)
+        )
 
     batched = scorer().process(cols)
     single = scorer()
     one = [single.process(_slice(cols, i, i + 1)) for i in range(len(cols.ts))]
     np.testing.assert_allclose(batched.scores, np.concatenate([o.scores for o in one]), rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(batched.raw_scores, np.concatenate([o.raw_scores for o in one]), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(batched.raw_scores, np.concatenate([o.raw_scores for o in one]), rtol=1e-5, atol=1e-6)
     assert batched.is_anomaly.tolist() == np.concatenate([o.is_anomaly for o in one]).tolist()
     # the smoothed score is the EWMA (alpha 0.2) of the entity's log1p raw scores
     ent = np.asarray(cols.entity_ids) == cols.entity_ids[0]
@@ -189,8 +196,13 @@ def _with_late(cols: EventColumns, late_s: float, stale_s: float) -> tuple[Event
 
 
 def _lateness_scorer(spec: SensorStream, ckpt: Checkpoint) -> StreamScorer:
-    return StreamScorer(spec, ckpt, min_history=4, allowed_lateness_s=30.0,
-                        threshold=AdaptiveThreshold(ckpt.threshold, warmup=5, smoothing=0.3))
+    return StreamScorer(
+        spec,
+        ckpt,
+        min_history=4,
+        allowed_lateness_s=30.0,
+        threshold=AdaptiveThreshold(ckpt.threshold, warmup=5, smoothing=0.3),
+    )
 
 
 def _mask(m: np.ndarray | None, n: int) -> np.ndarray:
@@ -211,10 +223,10 @@ def test_lateness_batched_equals_one_at_a_time(sensor_model: tuple[SensorStream,
     assert np.concatenate([_mask(o.late, 1) for o in one]).tolist() == (kind == 1).tolist()
     assert np.concatenate([_mask(o.rejected, 1) for o in one]).tolist() == (kind == 2).tolist()
     kept = kind != 2
-    np.testing.assert_allclose(batched.scores[kept], np.concatenate([o.scores for o in one])[kept], rtol=1e-5,
-                               atol=1e-6)
-    np.testing.assert_allclose(batched.thresholds[kept], np.concatenate([o.thresholds for o in one])[kept],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        batched.scores[kept], np.concatenate([o.scores for o in one])[kept], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(batched.thresholds[kept], np.concatenate([o.thresholds for o in one])[kept], rtol=1e-5)
     assert batched.is_anomaly.tolist() == np.concatenate([o.is_anomaly for o in one]).tolist()
     assert not batched.is_anomaly[kind == 2].any()
     ids = sorted(set(cols.entity_ids))
@@ -227,7 +239,8 @@ def test_lateness_batched_equals_one_at_a_time(sensor_model: tuple[SensorStream,
 
 
 def test_late_and_out_of_order_events_leave_entity_state_untouched(
-        sensor_model: tuple[SensorStream, Checkpoint]) -> None:
+    sensor_model: tuple[SensorStream, Checkpoint],
+) -> None:
     """An entity's state after a stream with late and out-of-order events equals its state after the stream
     without them, and the in-order events score the same: only the late ones were added (scored)."""
     spec, ckpt = sensor_model
@@ -249,8 +262,9 @@ def test_late_and_out_of_order_events_leave_entity_state_untouched(
     assert c.store.snapshot(c.store.resolve(ids)) != a.store.snapshot(a.store.resolve(ids))
 
 
-def test_atomic_process_undoes_a_failed_batch(sensor_model: tuple[SensorStream, Checkpoint],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_atomic_process_undoes_a_failed_batch(
+    sensor_model: tuple[SensorStream, Checkpoint], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """atomic=True: a batch that raises after its events were applied leaves the entities' state as before, so
     retrying (the service retries halves to isolate a poison record) never applies an event twice."""
     spec, ckpt = sensor_model
@@ -261,8 +275,9 @@ def test_atomic_process_undoes_a_failed_batch(sensor_model: tuple[SensorStream, 
     clean.process(first)
     flaky.process(first, atomic=True)
     ids = sorted(set(cols.entity_ids) | {"new-device"})
-    second = EventColumns([*second.entity_ids, "new-device"], np.r_[second.ts, second.ts[-1]],
-                          np.r_[second.base, second.base[-1:]])
+    second = EventColumns(
+        [*second.entity_ids, "new-device"], np.r_[second.ts, second.ts[-1]], np.r_[second.base, second.base[-1:]]
+    )
     before = flaky.store.snapshot(flaky.store.resolve(ids))
 
     def boom(*_: object, **__: object) -> None:

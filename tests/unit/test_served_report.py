@@ -8,10 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline.checkpointing.rows import AlertRow
 from pipeline.errors import ConfigError
 from pipeline.evaluate.served import records, report
 from pipeline.features.streams import LabelStream, TransactionStream
-from pipeline.sinks.sql import AlertRow, SqlStore
+from pipeline.sinks.sql import SqlStore
 from tests.handbook_helpers import handbook_csv
 
 
@@ -42,8 +43,21 @@ def test_report_matches_alerts_to_payments_and_counts_the_test_days(tmp_path: Pa
 
     def alert(i: int, row: pd.Series, entity: str | None = None) -> AlertRow:
         t = row["TX_DATETIME"].to_pydatetime().replace(tzinfo=timezone.utc)
-        return AlertRow(f"r|tx|0|{i}|m", "r", "transactions", entity or str(row["CUSTOMER_ID"]), t, 9.0, 1.0,
-                        "high", "m", [], "tx", 0, i)
+        return AlertRow(
+            f"r|tx|0|{i}|m",
+            "r",
+            "transactions",
+            entity or str(row["CUSTOMER_ID"]),
+            t,
+            9.0,
+            1.0,
+            "high",
+            "m",
+            [],
+            "tx",
+            0,
+            i,
+        )
 
     rows = [alert(i, r) for i, (_, r) in enumerate(pd.concat([fraud, legit, early]).iterrows())]
     rows.append(alert(99, legit.iloc[0], entity="nobody"))

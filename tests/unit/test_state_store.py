@@ -40,8 +40,9 @@ def test_snapshot_round_trip_restores_exactly() -> None:
     np.testing.assert_array_equal(restored.windows(r), s.windows(slots))
     for a, b in zip(restored.scaling(r), s.scaling(slots), strict=True):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(restored.score_threshold(r, 3.0, 2, 4.0, 0.5),
-                                  s.score_threshold(slots, 3.0, 2, 4.0, 0.5))
+    np.testing.assert_array_equal(
+        restored.score_threshold(r, 3.0, 2, 4.0, 0.5), s.score_threshold(slots, 3.0, 2, 4.0, 0.5)
+    )
     # and they evolve identically afterwards
     feats = rng.normal(size=(20, 2))
     for st, sl in ((s, slots), (restored, r)):

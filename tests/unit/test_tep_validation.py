@@ -40,8 +40,12 @@ def test_layout_labels_and_columns(runs: Path) -> None:
 
 
 def test_skab_protocol_runs_on_the_tep_layout(runs: Path) -> None:
-    cfg = replace(skab.SkabConfig(), train_rows=30, epochs=1, model={"window": 8, "hidden_size": 8, "latent_size": 4,
-                                                                        "score_steps": 2})
+    cfg = replace(
+        skab.SkabConfig(),
+        train_rows=30,
+        epochs=1,
+        model={"window": 8, "hidden_size": 8, "latent_size": 4, "score_steps": 2},
+    )
     res = skab.evaluate(runs, cfg)
     assert res["files"] == 2 and res["test_events"] == 2 * 30
     assert 0.0 <= res["f1"] <= 1.0

@@ -50,8 +50,9 @@ def test_labels_and_payments_in_one_batch_equal_one_at_a_time() -> None:
     expected = whole.features(terminals, ts, amount)
     split = TerminalContext(feedback_tau_s=3 * DAY)
     split.add_labels(*_labels(terminals, ts, 2))
-    got = np.concatenate([split.features(terminals[i : i + 1], ts[i : i + 1], amount[i : i + 1])
-                          for i in range(len(ts))])
+    got = np.concatenate(
+        [split.features(terminals[i : i + 1], ts[i : i + 1], amount[i : i + 1]) for i in range(len(ts))]
+    )
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
     assert expected[:, 2].max() > 0.1  # the feedback did reach the feature
 
@@ -64,10 +65,15 @@ def test_snapshot_restores_exactly() -> None:
     b = TerminalContext.restore(a.snapshot())
     assert b.same_parameters(a) and len(b) == len(a)
     rest = _labels(terminals, ts, 4)
-    b.add_labels(rest[0][a.first_pending_offset:], rest[1][a.first_pending_offset:],
-                 rest[2][a.first_pending_offset:], rest[3][a.first_pending_offset:])  # re-read from the log
-    np.testing.assert_array_equal(b.features(terminals[200:], ts[200:], amount[200:]),
-                                  a.features(terminals[200:], ts[200:], amount[200:]))
+    b.add_labels(
+        rest[0][a.first_pending_offset :],
+        rest[1][a.first_pending_offset :],
+        rest[2][a.first_pending_offset :],
+        rest[3][a.first_pending_offset :],
+    )  # re-read from the log
+    np.testing.assert_array_equal(
+        b.features(terminals[200:], ts[200:], amount[200:]), a.features(terminals[200:], ts[200:], amount[200:])
+    )
     empty = TerminalContext.restore(TerminalContext().snapshot())
     assert len(empty) == 0 and empty.feedback_tau_s is None
     with pytest.raises(ValueError, match="truncated"):
@@ -84,8 +90,13 @@ def test_each_partition_has_its_own_context() -> None:
     mixed = spec.columns_from_arrays(customers, ts, np.expm1(amount), terminals, parts).base
     for p in range(3):
         idx = np.flatnonzero(parts == p)
-        alone = TransactionStream(terminal_context=True, fraud_feedback_tau_s=DAY).columns_from_arrays(
-            [customers[i] for i in idx], ts[idx], np.expm1(amount[idx]), [terminals[i] for i in idx]).base
+        alone = (
+            TransactionStream(terminal_context=True, fraud_feedback_tau_s=DAY)
+            .columns_from_arrays(
+                [customers[i] for i in idx], ts[idx], np.expm1(amount[idx]), [terminals[i] for i in idx]
+            )
+            .base
+        )
         np.testing.assert_array_equal(mixed[idx], alone)
     assert sorted(spec.contexts) == [0, 1, 2]
     spec.drop_partition(1)
@@ -131,6 +142,7 @@ def test_offline_partitioning_matches_the_producers_partitioner() -> None:
     got = partitions_of(keys, 4)
     part = DefaultPartitioner()
     if hasattr(part, "partition"):  # kafka-python 3.0: partition(topic, key, serialized key, value, ..., cluster)
+
         class Cluster:
             def topics(self) -> set[str]:
                 return {"t"}

@@ -86,6 +86,7 @@ class TrainConfig:
     threshold_margin: float = 2.0  # global threshold = margin x quantile of held-out normal scores
     seed: int = 0
     max_windows: int = 200_000  # subsample beyond this; training cost stays bounded
+    clip: float | None = None  # gradient-norm clipping (None: off, as the bundled models were trained)
 
 
 class LSTMAutoencoder(nn.Module):
@@ -236,7 +237,8 @@ def cpu_supports_bf16() -> bool:
     if _BF16_CPU is None:
         ok = False
         try:
-            ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            # private: torch has no public check; a torch without it falls back to the CPU flags below
+            ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # noqa: SLF001
         except (AttributeError, RuntimeError):
             ok = any(f in _cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
         if ok:
@@ -268,6 +270,13 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
+SCORE_QUANTILES = (0.5, 0.9, 0.99, 0.999)  # of held-out normal scores, in the card: the baseline of score drift
+
+
+def score_quantiles(scores: np.ndarray) -> dict[str, float]:
+    return {str(q): float(np.quantile(scores, q)) for q in SCORE_QUANTILES}
+
+
 def data_hash(windows: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(windows, dtype=np.float32).tobytes()).hexdigest()
 
@@ -282,8 +291,10 @@ def train_autoencoder(
     device: torch.device | str = "cpu",
     progress: Callable[[int, float, float], None] | None = None,
     extra_card: dict[str, Any] | None = None,
+    held_out: np.ndarray | None = None,
 ) -> Checkpoint:
-    """Train on scaled normal windows (N, W, F); fit the error model and threshold on a held-out split.
+    """Train on scaled normal windows (N, W, F); fit the error model and threshold on a held-out split:
+    `held_out` windows when given (e.g. the latest of each entity), else a random `val_fraction` of them.
 
     Deterministic for a seed on CPU. `progress(epoch, train_loss, val_loss)` is called once per epoch.
     """
@@ -291,14 +302,21 @@ def train_autoencoder(
         raise ValueError(f"windows must be (N, {config.window}, {config.n_features}); got {windows.shape}")
     if not np.isfinite(windows).all():
         raise ValueError("training windows contain NaN or inf")
+    if held_out is not None and (len(held_out) == 0 or held_out.shape[1:] != windows.shape[1:]):
+        raise ValueError(
+            f"held-out windows must be (N > 0, {config.window}, {config.n_features}); got {held_out.shape}"
+        )
     _seed_everything(train.seed)
     rng = np.random.default_rng(train.seed)
     digest = data_hash(windows)
     if len(windows) > train.max_windows:
         windows = windows[np.sort(rng.choice(len(windows), train.max_windows, replace=False))]
-    perm = rng.permutation(len(windows))
-    n_val = max(1, int(len(windows) * train.val_fraction))
-    val, fit = windows[perm[:n_val]], windows[perm[n_val:]]
+    if held_out is None:
+        perm = rng.permutation(len(windows))
+        n_val = max(1, int(len(windows) * train.val_fraction))
+        val, fit = windows[perm[:n_val]], windows[perm[n_val:]]
+    else:
+        val, fit = held_out, windows
     if len(fit) == 0:
         raise ValueError("not enough windows to train")
 
@@ -318,6 +336,8 @@ def train_autoencoder(
             loss = nn.functional.mse_loss(model(xb), xb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if train.clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), train.clip)
             opt.step()
             total += loss.item() * len(xb)
         train_loss = total / len(x_fit)
@@ -362,6 +382,7 @@ def train_autoencoder(
             "val_mse": val_loss,
             "val_score_p50": float(np.quantile(val_scores, 0.5)),
             "val_score_p99": float(np.quantile(val_scores, 0.99)),
+            "val_score_quantiles": score_quantiles(val_scores),
             "train_seconds": round(time.time() - started, 2),
         },
         "torch_version": str(torch.__version__),  # a plain str: loadable with weights_only=True

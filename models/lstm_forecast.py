@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.lstm_ae import ErrorModel
+from models.lstm_ae import ErrorModel, score_quantiles
 
 FAMILY = "lstm_forecast"
 CHECKPOINT_FORMAT = 1
@@ -196,6 +196,11 @@ def _errors(
     return np.concatenate(out) if out else np.empty((0, len(scored)))
 
 
+def held_out_start(length: int, val_fraction: float) -> int:
+    """Where the held-out tail of an entity's sequence of `length` steps begins."""
+    return max(2, int(round(length * (1.0 - val_fraction))))
+
+
 def train_forecaster(
     sequences: Sequence[np.ndarray],
     config: ForecastConfig,
@@ -219,7 +224,7 @@ def train_forecaster(
     rng = np.random.default_rng(train.seed)
     digest = hashlib.sha256(b"".join(np.ascontiguousarray(s).tobytes() for s in seqs)).hexdigest()
     # the tail of each entity's sequence is held out (its head still warms the state when scoring it)
-    cut = [max(2, int(round(len(s) * (1.0 - train.val_fraction)))) for s in seqs]
+    cut = [held_out_start(len(s), train.val_fraction) for s in seqs]
     fit = [s[:k] for s, k in zip(seqs, cut, strict=True)]
 
     model = LSTMForecaster(config).to(device)
@@ -288,6 +293,7 @@ def train_forecaster(
             "val_mse": val_loss,
             "val_score_p50": float(np.quantile(val_scores, 0.5)),
             "val_score_p99": float(np.quantile(val_scores, 0.99)),
+            "val_score_quantiles": score_quantiles(val_scores),
             "train_seconds": round(time.time() - started, 2),
         },
         "torch_version": str(torch.__version__),  # a plain str: loadable with weights_only=True

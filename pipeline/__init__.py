@@ -13,7 +13,7 @@ from pipeline.config import Settings
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
-    from pipeline.scoring import StreamScorer
+    from pipeline.scoring.scorer import StreamScorer
 
 __version__ = "0.1.0"
 __all__ = ["PipelineError", "Settings", "StreamScorer", "__version__"]
@@ -21,7 +21,7 @@ __all__ = ["PipelineError", "Settings", "StreamScorer", "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name == "StreamScorer":
-        from pipeline.scoring import StreamScorer
+        from pipeline.scoring.scorer import StreamScorer
 
         return StreamScorer
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -8,18 +8,21 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from models.lstm_ae import Checkpoint, bundled_checkpoint_path
 from models.lstm_forecast import ForecastCheckpoint, load_model
 from pipeline.alerts.lifecycle import IncidentTracker, LifecyclePolicy
 from pipeline.alerts.outbox import OutboxRelay
+from pipeline.checkpointing import IncidentLoads
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
-from pipeline.features.streams import TransactionStream, make_stream
+from pipeline.features.streams import TransactionStream
 from pipeline.kafka.client import KafkaDeadLetterSink, KafkaPublisher, KafkaSource, ensure_topics
+from pipeline.processing.retry import DbRetry
 from pipeline.processor import Processor, ProcessorOptions
+from pipeline.scoring.factory import build_scorer
 from pipeline.scoring.scorer import StreamScorer
-from pipeline.scoring.threshold import AdaptiveThreshold
 from pipeline.sinks.sql import SqlStore
 
 log = logging.getLogger(__name__)
@@ -54,32 +57,20 @@ def build_scorers(
     settings: Settings, checkpoints: dict[str, Checkpoint | ForecastCheckpoint]
 ) -> dict[str, StreamScorer]:
     """topic -> scorer"""
-    t = settings.threshold
     topics = {"transactions": settings.transactions_topic, "sensors": settings.sensors_topic}
-    out = {}
-    for stream, ckpt in checkpoints.items():
-        try:
-            spec = make_stream(
-                stream,
-                channels=ckpt.card.get("feature_names", settings.sensor_channels),
-                max_message_bytes=settings.max_message_bytes,
-                card=ckpt.card,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"{stream} model {ckpt.version}: {exc}") from None
-        thr = AdaptiveThreshold(
-            ckpt.threshold, warmup=t.warmup, z=t.z, floor_ratio=t.floor_ratio, smoothing=t.smoothing
-        )
-        out[topics[stream]] = StreamScorer(
-            spec,
+    return {
+        topics[stream]: build_scorer(
+            stream,
             ckpt,
-            threshold=thr,
-            min_history=t.min_history,
+            channels=settings.sensor_channels,
+            knobs=settings.threshold,
             device=settings.device,
             precision=settings.precision,
             allowed_lateness_s=settings.allowed_lateness_s,
+            max_message_bytes=settings.max_message_bytes,
         )
-    return out
+        for stream, ckpt in checkpoints.items()
+    }
 
 
 def label_topics(settings: Settings, scorers: dict[str, StreamScorer]) -> dict[str, str]:
@@ -122,19 +113,8 @@ def check_partitioning(
 
 
 def options_from(settings: Settings) -> ProcessorOptions:
-    return ProcessorOptions(
-        run_id=settings.run_id,
-        group_id=settings.group_id,
-        max_batch_records=settings.max_batch_records,
-        poll_timeout_ms=settings.poll_timeout_ms,
-        commit_interval_ms=settings.commit_interval_ms,
-        snapshot_interval_s=settings.snapshot_interval_s,
-        entity_ttl_s=settings.entity_ttl_s,
-        max_live_entities=settings.max_live_entities,
-        db_retry_max_s=settings.db_retry_max_s,
-        offset_reset=settings.offset_reset,
-        dedupe_window=settings.dedupe_window,
-    )
+    """The processor's options; alert severities in the bands the incident lifecycle uses."""
+    return ProcessorOptions.from_settings(settings, severity_bands=lifecycle_policy(settings).severity_bands)
 
 
 @dataclass
@@ -185,15 +165,30 @@ def build_service(settings: Settings, bootstrap: str, *, train_if_missing: bool 
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )
     dlq: KafkaDeadLetterSink | None = None
+    publisher: KafkaPublisher | None = None
     try:  # the clients hold sockets and threads: a failure past this point must not leave them open
         check_partitioning(settings, scorers, labels, source.partitions_for)
         dlq = KafkaDeadLetterSink(bootstrap, settings.dlq_topic)
-        processor = Processor(source, db, dlq, scorers, options_from(settings), label_topics=labels)
-        publisher = enable_incidents(processor, settings, db, bootstrap) if settings.alerts.incidents else None
+        retry = DbRetry(settings.db_retry_max_s)
+        tracker, relay = None, None
+        if settings.alerts.incidents:
+            publisher = KafkaPublisher(bootstrap, settings.alerts_topic)
+            tracker, relay = incident_tracker(settings, db, retry), OutboxRelay(db, publisher, settings.run_id)
+        processor = Processor(
+            source,
+            db,
+            dlq,
+            scorers,
+            options_from(settings),
+            label_topics=labels,
+            tracker=tracker,
+            relay=relay,
+            db_retry=retry,
+        )
     except BaseException:
-        if dlq is not None:
-            dlq.close()
-        source.close()
+        for client in (publisher, dlq, source):
+            if client is not None:
+                client.close()
         raise
     return Service(processor, source, dlq, db, publisher)
 
@@ -205,12 +200,13 @@ def lifecycle_policy(settings: Settings) -> LifecyclePolicy:
     )
 
 
-def enable_incidents(processor: Processor, settings: Settings, db: SqlStore, bootstrap: str) -> KafkaPublisher:
-    """Incident lifecycle in the checkpoint transaction + outbox relay to the alerts topic."""
-    run_id = processor.opt.run_id
-    tracker = IncidentTracker(
-        run_id, lifecycle_policy(settings), loader=lambda topic, partition: db.open_incidents(run_id, topic, partition)
-    )
-    publisher = KafkaPublisher(bootstrap, settings.alerts_topic)
-    processor.checkpointer.enable_incidents(tracker, OutboxRelay(db, publisher, run_id))
-    return publisher
+def incident_tracker(settings: Settings, db: IncidentLoads, retry: DbRetry) -> IncidentTracker:
+    """The incident lifecycle (written in each checkpoint's transaction); its loads wait out a database outage."""
+    run_id = settings.run_id
+
+    def load(topic: str, partition: int) -> list[dict[str, Any]]:
+        return retry(
+            f"load open incidents of {topic}[{partition}]", lambda: db.open_incidents(run_id, topic, partition)
+        )
+
+    return IncidentTracker(run_id, lifecycle_policy(settings), loader=load)

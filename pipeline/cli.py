@@ -12,10 +12,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.config import Settings
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.logs import configure
 
 app = typer.Typer(
@@ -103,30 +104,83 @@ def run(
 
 @app.command()
 def train(
-    out_dir: Annotated[Path, typer.Option("--out", help="where to write <stream>.pt and cards")] = Path(
-        "models/checkpoints"
-    ),
-    epochs: Annotated[int, typer.Option()] = 8,
+    stream: Annotated[
+        str | None, typer.Option(help="train this stream of the stream file on its own history (--data or --topic)")
+    ] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(help="CSV/Parquet file or folder: entity, time and channel columns (repeatable)"),
+    ] = None,
+    topic: Annotated[str | None, typer.Option(help="read the history from this topic instead")] = None,
+    from_time: Annotated[str | None, typer.Option("--from", help="--topic range start (ISO or epoch ms)")] = None,
+    to_time: Annotated[str | None, typer.Option("--to", help="--topic range end, exclusive")] = None,
+    bootstrap: Annotated[str | None, typer.Option(help="broker of --topic; default KAFKA_BOOTSTRAP")] = None,
+    streams_file: Annotated[
+        Path | None, typer.Option(help="stream file; default PIPELINE_STREAMS_FILE or the bundled one")
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="where to write <stream>.pt and its card (default models/checkpoints; --stream: var/models)"
+        ),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="training epochs (default 8; --stream: 30)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    family: Annotated[str | None, typer.Option(help="--stream: lstm_forecast (default) or lstm_ae")] = None,
+    holdout: Annotated[float, typer.Option(help="--stream: last share of each entity's rows held out")] = 0.2,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="--stream: skip its labelled anomalies, register there; default DATABASE_URL if set"),
+    ] = None,
+    register: Annotated[
+        bool, typer.Option("--register/--no-register", help="--stream: add the model to the registry as a new version")
+    ] = False,
 ) -> None:
-    """Train the default transaction and sensor models on simulated normal traffic."""
+    """Train the default transaction and sensor models on simulated normal traffic, or, with --stream, a
+    stream's model on its own history."""
+    _settings()
+    if stream is not None:
+        from pipeline.train.cli import train_stream_command
+        from pipeline.train.history import TrainOptions
+
+        defaults = TrainOptions()
+        train_stream_command(
+            stream,
+            data=data or [],
+            topic=topic,
+            from_time=from_time,
+            to_time=to_time,
+            bootstrap=bootstrap,
+            streams_file=streams_file,
+            out_dir=out_dir,
+            options=TrainOptions(
+                family=family or defaults.family, epochs=epochs or defaults.epochs, seed=seed, holdout=holdout
+            ),
+            database_url=database_url,
+            register=register,
+        )
+        return
+    if data or topic or from_time or to_time or family or register or streams_file:
+        raise ConfigError("--data, --topic, --from, --to, --family, --register and --streams-file need --stream NAME")
     from tqdm import tqdm
 
     from pipeline.training import train_default_models
 
-    _settings()
+    n_epochs = epochs or 8
     bars: dict[str, tqdm] = {}
 
     def progress(name: str, epoch: int, tl: float, vl: float) -> None:
-        bar = bars.setdefault(name, tqdm(total=epochs, desc=f"train {name}", file=sys.stderr))
+        bar = bars.setdefault(name, tqdm(total=n_epochs, desc=f"train {name}", file=sys.stderr))
         bar.set_postfix(train=f"{tl:.4f}", val=f"{vl:.4f}")
         bar.update(1)
 
-    paths = train_default_models(out_dir, Settings().sensor_channels, seed=seed, epochs=epochs, progress=progress)
+    paths = train_default_models(
+        out_dir or Path("models/checkpoints"), Settings().sensor_channels, seed=seed, epochs=n_epochs, progress=progress
+    )
     for b in bars.values():
         b.close()
-    for stream, p in paths.items():
-        out.print(f"{stream}: {p} (card {p.with_suffix('.card.json')})")
+    for name, p in paths.items():
+        out.print(f"{name}: {p} (card {p.with_suffix('.card.json')})")
 
 
 @app.command()
@@ -217,6 +271,8 @@ COMMAND_MODULES: list[str] = [
     "pipeline.replay.cli",
     "pipeline.bench.cli",
     "pipeline.evaluate.cli",
+    "pipeline.registry.cli",
+    "pipeline.streams.cli",
 ]
 
 
@@ -233,6 +289,7 @@ EXTRA_OF_MODULE = {
     "uvicorn": "api",
     "starlette": "api",
     "pandas": "evaluate",
+    "pyarrow": "train",
     "sklearn": "evaluate",
     "river": "bench",
     "faust": "faust",
@@ -256,7 +313,7 @@ def main() -> None:
     try:
         app()
     except PipelineError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print("[red]error:[/red]", escape(str(exc)), soft_wrap=True)  # one line, whatever the width
         raise SystemExit(2) from None
     except ModuleNotFoundError as exc:
         why = missing_extra(exc)

@@ -8,19 +8,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
-class ThresholdSettings(BaseSettings):
-    """Per-entity adaptive thresholds on log-scores; the model's calibrated global threshold until warm."""
-
-    model_config = SettingsConfigDict(env_prefix="PIPELINE_THRESHOLD_", extra="ignore")
-
-    warmup: int = Field(30, description="scored events an entity needs before its own statistics are used")
-    z: float = Field(4.0, description="entity threshold = exp(mean + z*std) of its normal log-scores")
-    floor_ratio: float = Field(1.0, description="entity threshold never below floor_ratio * global threshold")
-    min_history: int = Field(8, description="events an entity needs before any alert (window fill)")
-    smoothing: float = Field(
-        1.0, gt=0.0, le=1.0, description="EWMA alpha of each entity's log-scores before thresholding; 1 = none"
-    )
+from pipeline.scoring.knobs import ThresholdKnobs
 
 
 class AlertSettings(BaseSettings):
@@ -36,7 +24,10 @@ class AlertSettings(BaseSettings):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PIPELINE_", env_file=".env", extra="ignore")
+    # nested sections split once after their name: PIPELINE_THRESHOLD_FLOOR_RATIO -> threshold.floor_ratio
+    model_config = SettingsConfigDict(
+        env_prefix="PIPELINE_", env_file=".env", extra="ignore", env_nested_delimiter="_", env_nested_max_split=1
+    )
 
     kafka_bootstrap: str | None = Field(
         None,
@@ -109,5 +100,7 @@ class Settings(BaseSettings):
         "Voltage",
         "Volume Flow RateRMS",
     ]
-    threshold: ThresholdSettings = Field(default_factory=ThresholdSettings)
+    threshold: ThresholdKnobs = Field(
+        ThresholdKnobs(), description="per-entity adaptive thresholds (PIPELINE_THRESHOLD_Z etc.; see ThresholdKnobs)"
+    )
     alerts: AlertSettings = Field(default_factory=lambda: AlertSettings())

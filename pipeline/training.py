@@ -15,7 +15,8 @@ import numpy as np
 from models.lstm_ae import Checkpoint, LSTMAEConfig, TrainConfig, save_checkpoint, train_autoencoder
 from models.lstm_forecast import ForecastCheckpoint, ForecastConfig, ForecastTrainConfig, train_forecaster
 from pipeline.features.streams import EventColumns, StreamSpec, TransactionStream
-from pipeline.scoring.scorer import StreamScorer, occurrence_rank, rounds
+from pipeline.scoring.scorer import StreamScorer
+from pipeline.state.rounds import occurrence_rank, rounds
 
 
 def raw_features(spec: StreamSpec, cols: EventColumns) -> np.ndarray:
@@ -44,14 +45,31 @@ def training_windows(
     chunk: int = 20000,
     global_features: tuple[int, ...] = (),
 ) -> np.ndarray:
+    return windows_with_rows(spec, cols, window, prior, min_history, chunk, global_features)[0]
+
+
+def windows_with_rows(
+    spec: StreamSpec,
+    cols: EventColumns,
+    window: int,
+    prior: tuple[np.ndarray, np.ndarray],
+    min_history: int,
+    chunk: int = 20000,
+    global_features: tuple[int, ...] = (),
+) -> tuple[np.ndarray, np.ndarray]:
+    """The scaled window of every event whose entity has `min_history` events, and that event's row in `cols`."""
     scorer = StreamScorer(spec, None, prior=prior, window=window, global_features=global_features)
-    out = []
+    out, rows = [], []
     n = len(cols.entity_ids)
     for s in range(0, n, chunk):
         part = EventColumns(cols.entity_ids[s : s + chunk], cols.ts[s : s + chunk], cols.base[s : s + chunk])
         p = scorer.prepare(part)
-        out.append(p.windows[p.count >= min_history])
-    return np.concatenate(out) if out else np.empty((0, window, spec.n_features), np.float32)
+        keep = p.count >= min_history
+        out.append(p.windows[keep])
+        rows.append(s + np.flatnonzero(keep))
+    if not out:
+        return np.empty((0, window, spec.n_features), np.float32), np.empty(0, np.int64)
+    return np.concatenate(out), np.concatenate(rows)
 
 
 def train_stream_model(
@@ -65,10 +83,19 @@ def train_stream_model(
     device: str = "cpu",
     progress: Callable[[int, float, float], None] | None = None,
     extra_card: dict[str, Any] | None = None,
+    held_out_rows: np.ndarray | None = None,
 ) -> Checkpoint:
+    """held_out_rows: (N,) bool over `cols`; the windows of those events calibrate the error model and
+    threshold instead of a random share of all windows."""
     model = model or LSTMAEConfig(n_features=spec.n_features)
     prior = feature_prior(spec, cols)
-    windows = training_windows(spec, cols, model.window, prior, min_history, global_features=model.global_features)
+    windows, rows = windows_with_rows(
+        spec, cols, model.window, prior, min_history, global_features=model.global_features
+    )
+    held_out = None
+    if held_out_rows is not None:
+        tail = held_out_rows[rows]
+        windows, held_out = windows[~tail], windows[tail]
     card: dict[str, Any] = {
         "stream": spec.name,
         "feature_prior": {"mean": prior[0].tolist(), "std": prior[1].tolist()},
@@ -88,6 +115,7 @@ def train_stream_model(
         device=device,
         progress=progress,
         extra_card=card,
+        held_out=held_out,
     )
 
 

@@ -1,5 +1,5 @@
 """Seed alerts, incidents, outbox rows and score samples through the real lifecycle path
-(IncidentTracker -> SqlStore.write_checkpoint), for the CLI, API, outbox and page tests."""
+(IncidentTracker -> SqlCheckpointStore.write_checkpoint), for the CLI, API, outbox and page tests."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 from pipeline.alerts.lifecycle import IncidentTracker, LifecyclePolicy, ScoredEvent, severity_of
 from pipeline.checkpointing.rows import AlertRow, OffsetRow
-from pipeline.sinks.sql import SqlStore
+from pipeline.sinks import Database, SqlCheckpointStore
 
 T0 = 1_714_560_000.0  # 2024-05-01T10:40:00Z
 FEATURES = ("log_amount", "secs_since_last", "hour_sin")
@@ -35,7 +35,7 @@ def alert_for(ev: ScoredEvent, run_id: str = "live") -> AlertRow:
 
 
 def feed(
-    store: SqlStore, tracker: IncidentTracker, events: list[tuple[ScoredEvent, bool]], run_id: str = "live"
+    db: Database, tracker: IncidentTracker, events: list[tuple[ScoredEvent, bool]], run_id: str = "live"
 ) -> list[AlertRow]:
     """Apply events to the tracker and write one checkpoint; returns the alerts written."""
     alerts = []
@@ -44,7 +44,7 @@ def feed(
         if anomalous:
             alerts.append(alert_for(ev, run_id))
     last = max(ev.offset for ev, _ in events) + 1
-    store.write_checkpoint(
+    SqlCheckpointStore(db).write_checkpoint(
         run_id, "g", alerts, [], [OffsetRow(events[0][0].topic, 0, last)], lifecycle=tracker.prepare(alerts)
     )
     tracker.written()
@@ -73,7 +73,7 @@ def scenario() -> list[tuple[ScoredEvent, bool]]:
     return out
 
 
-def seed(store: SqlStore, run_id: str = "live") -> IncidentTracker:
+def seed(db: Database, run_id: str = "live") -> IncidentTracker:
     tracker = IncidentTracker(run_id, LifecyclePolicy(resolve_after=3, suppress_s=60.0))
-    feed(store, tracker, scenario(), run_id)
+    feed(db, tracker, scenario(), run_id)
     return tracker

@@ -48,10 +48,10 @@ def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, dict[str,
 
 
 def start_processor(env: dict[str, str], *args: str, log_path: Path | None = None) -> subprocess.Popen[bytes]:
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", *args], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
-    )
+    with open(log_path or os.devnull, "ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", *args], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 def run_processor(env: dict[str, str], *args: str, timeout: float = 240, log_path: Path | None = None) -> None:

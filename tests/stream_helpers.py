@@ -7,7 +7,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pipeline.alerts.lifecycle import IncidentTracker
 from pipeline.app import build_scorers, ensure_models
+from pipeline.checkpointing import Relay
 from pipeline.config import Settings
 from pipeline.kafka.client import KafkaDeadLetterSink, KafkaSource, ensure_topics, make_producer, produce_json
 from pipeline.processor import Processor, ProcessorOptions
@@ -56,14 +58,21 @@ def produce_sensors(bootstrap: str, topic: str, recs: list[dict[str, Any]], *, c
 
 
 def make_processor(
-    settings: Settings, bootstrap: str, db: SqlStore, *, run_id: str = "live", **opts: Any
+    settings: Settings,
+    bootstrap: str,
+    db: SqlStore,
+    *,
+    run_id: str = "live",
+    tracker: IncidentTracker | None = None,
+    relay: Relay | None = None,
+    **opts: Any,
 ) -> tuple[Processor, KafkaSource, KafkaDeadLetterSink]:
     ensure_topics(bootstrap, [settings.sensors_topic, settings.dlq_topic], PARTITIONS)
     scorers = build_scorers(settings, {"sensors": ensure_models(settings)["sensors"]})
     source = KafkaSource(bootstrap, settings.group_id, session_timeout_ms=6000, heartbeat_interval_ms=1000)
     dlq = KafkaDeadLetterSink(bootstrap, settings.dlq_topic)
     options = ProcessorOptions(run_id=run_id, group_id=settings.group_id, **opts)
-    return Processor(source, db, dlq, scorers, options), source, dlq
+    return Processor(source, db, dlq, scorers, options, tracker=tracker, relay=relay), source, dlq
 
 
 class Runner:

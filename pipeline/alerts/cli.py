@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,6 +17,9 @@ from rich.table import Table
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:  # the SQL layer is imported on first use: `pipeline --help` stays quick
+    from pipeline.sinks import AlertQueries
 
 alerts_app = typer.Typer(
     add_completion=False,
@@ -56,16 +60,21 @@ def parse_since(value: str | None, now: datetime | None = None) -> datetime | No
         raise ConfigError(f"--since {value!r}: in UTC that time is outside the years 1..9999") from None
 
 
-def _store(database_url: str | None) -> Any:
-    from pipeline.sinks.sql import SqlStore
+@contextmanager
+def _queries(database_url: str | None) -> Iterator[AlertQueries]:
+    """The alert database (schema brought to head), disposed of when the block ends."""
+    from pipeline.sinks import AlertQueries, Database
 
-    store = SqlStore(database_url or Settings().database_url)
-    store.create_schema()
-    return store
+    db = Database(database_url or Settings().database_url)
+    try:
+        db.create_schema()
+        yield AlertQueries(db)
+    finally:
+        db.dispose()
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.sinks.sql import row_to_json
+    from pipeline.sinks.queries import row_to_json
 
     return row_to_json(row)
 
@@ -90,19 +99,16 @@ def list_cmd(
     """List alerts (or incidents), newest first."""
     if status is not None and status not in STATUSES:
         raise ConfigError(f"--status must be one of {', '.join(STATUSES)}")
-    store = _store(database_url)
-    try:
+    with _queries(database_url) as queries:
         t0 = parse_since(since)
         if incidents:
-            rows = store.list_incidents(
+            rows = queries.list_incidents(
                 run_id=run_id, status=status, entity_id=entity, stream=stream, since=t0, limit=limit
             )
         else:
-            rows = store.query_alerts(
+            rows = queries.query_alerts(
                 run_id=run_id, entity_id=entity, stream=stream, since=t0, status=status, limit=limit
             )
-    finally:
-        store.dispose()
     if as_json:
         _print_json([_jsonable(r) for r in rows])
         return
@@ -211,15 +217,12 @@ def _target(item_id: int, incident: bool) -> dict[str, int]:
 
 
 def _update(
-    database_url: str | None, item_id: int, incident: bool, change: Callable[[Any, dict[str, int]], int]
+    database_url: str | None, item_id: int, incident: bool, change: Callable[[AlertQueries, dict[str, int]], int]
 ) -> tuple[dict[str, Any], int]:
     """Apply an operator change (ack, label) to an alert or incident; return the row after it and rows hit."""
-    store = _store(database_url)
-    try:
-        n = change(store, _target(item_id, incident))
-        return (store.get_incident(item_id) if incident else store.get_alert(item_id)), n
-    finally:
-        store.dispose()
+    with _queries(database_url) as queries:
+        n = change(queries, _target(item_id, incident))
+        return (queries.get_incident(item_id) if incident else queries.get_alert(item_id)), n
 
 
 @alerts_app.command("ack")
@@ -231,7 +234,7 @@ def ack_cmd(
     database_url: DbOpt = None,
 ) -> None:
     """Acknowledge an alert (or a whole incident)."""
-    row, n = _update(database_url, item_id, incident, lambda store, target: store.ack(by=by, **target))
+    row, n = _update(database_url, item_id, incident, lambda queries, target: queries.ack(by=by, **target))
     if as_json:
         _print_json({"acked": _jsonable(row), "rows": n})
     else:
@@ -259,7 +262,7 @@ def label_cmd(
     bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap; default KAFKA_BOOTSTRAP")] = None,
 ) -> None:
     """Label an alert (or incident) a true or false positive. True positives are kept out of retraining
-    data (SqlStore.confirmed_anomalies / pipeline.alerts.feedback); with --publish-label the verdict on each
+    data (AlertQueries.confirmed_anomalies / pipeline.alerts.feedback); with --publish-label the verdict on each
     payment also goes to the labels topic, where models reading label feedback pick it up."""
     if tp is None:
         raise ConfigError("give --tp or --fp")
@@ -268,7 +271,7 @@ def label_cmd(
     if publish and not boot:
         raise ConfigError("--publish-label: set --bootstrap or KAFKA_BOOTSTRAP")
     label = "tp" if tp else "fp"
-    row, n = _update(database_url, item_id, incident, lambda store, target: store.label(label, **target))
+    row, n = _update(database_url, item_id, incident, lambda queries, target: queries.label(label, **target))
     published = (
         _publish_labels(database_url, item_id, incident, tp, boot, s.labels_topic, s.topic_partitions, fanout)
         if publish and boot
@@ -298,11 +301,8 @@ def _publish_labels(
     from pipeline.features.streams import TransactionStream
     from pipeline.kafka.client import ensure_topics, make_producer, produce_labels, read_at
 
-    store = _store(database_url)
-    try:
-        sources = store.alert_sources(**_target(item_id, incident))
-    finally:
-        store.dispose()
+    with _queries(database_url) as queries:
+        sources = queries.alert_sources(**_target(item_id, incident))
     pay = [
         (a["source_topic"], a["source_partition"], a["source_offset"]) for a in sources if a["stream"] == "transactions"
     ]

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.sinks.sql import SqlStore
+if TYPE_CHECKING:
+    from pipeline.sinks.queries import AlertQueries
 
 
-def confirmed_keys(store: SqlStore, run_id: str | None = None, stream: str | None = None) -> set[tuple[str, float]]:
+def confirmed_keys(
+    queries: AlertQueries, run_id: str | None = None, stream: str | None = None
+) -> set[tuple[str, float]]:
     """{(entity_id, event epoch seconds)} of alerts labelled true positive."""
-    return {(r["entity_id"], _epoch(r["event_time"])) for r in store.confirmed_anomalies(run_id, stream)}
+    return {(r["entity_id"], _epoch(r["event_time"])) for r in queries.confirmed_anomalies(run_id, stream)}
 
 
 def exclude_confirmed(

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
@@ -34,6 +34,9 @@ from pipeline.records import RawRecord, TopicPartition
 
 SEVERITIES = ("low", "medium", "high", "critical")
 _RANK = {s: i for i, s in enumerate(SEVERITIES)}
+# score/threshold bounds of low|medium|high (above: critical). An alert's severity and its incident's come from
+# the same LifecyclePolicy.severity_bands, so they cannot disagree.
+SEVERITY_BANDS: tuple[float, float, float] = (1.5, 3.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class LifecyclePolicy:
     resolve_after: int = 5  # consecutive normal events that resolve an incident
     suppress_s: float = 300.0  # at most one "updated" notification per entity per window, unless escalating
     max_gap_s: float = 3600.0  # an anomaly after this much silence starts a new incident
-    severity_bands: tuple[float, float, float] = (1.5, 3.0, 10.0)  # score/threshold: low|medium|high|critical
+    severity_bands: tuple[float, float, float] = SEVERITY_BANDS
     sample_ring: int = 256  # recent (event_time, score, threshold) kept per entity with an incident
 
     def __post_init__(self) -> None:
@@ -49,7 +52,7 @@ class LifecyclePolicy:
             raise ValueError("resolve_after must be >= 1")
 
 
-def severity_of(score: float, threshold: float, bands: Sequence[float] = (1.5, 3.0, 10.0)) -> str:
+def severity_of(score: float, threshold: float, bands: Sequence[float] = SEVERITY_BANDS) -> str:
     """How far the score is past the threshold: ratio < bands[0] low, < bands[1] medium, < bands[2] high."""
     ratio = score / threshold if threshold > 0 else float("inf")
     for name, bound in zip(SEVERITIES, bands, strict=False):
@@ -64,6 +67,9 @@ def max_severity(a: str, b: str) -> str:
 
 @dataclass
 class Incident:
+    """An open incident in memory: IncidentRow's fields (named as there, see _ROW_NAMES) with times as epoch
+    seconds, plus the position of its latest alert (not persisted)."""
+
     key: str
     run_id: str
     stream: str
@@ -98,57 +104,24 @@ class Incident:
         return self.peak_score / self.peak_threshold if self.peak_threshold > 0 else float("inf")
 
     def to_row(self) -> IncidentRow:
-        return IncidentRow(
-            incident_key=self.key,
-            run_id=self.run_id,
-            stream=self.stream,
-            entity_id=self.entity_id,
-            source_topic=self.topic,
-            source_partition=self.partition,
-            status=self.status,
-            severity=self.severity,
-            opened_at=_dt(self.opened_at),
-            last_alert_at=_dt(self.last_alert_at),
-            last_seen_at=_dt(self.last_seen_at),
-            resolved_at=None if self.resolved_at is None else _dt(self.resolved_at),
-            alert_count=self.alert_count,
-            normal_run=self.normal_run,
-            peak_score=self.peak_score,
-            peak_threshold=self.peak_threshold,
-            last_score=self.last_score,
-            last_threshold=self.last_threshold,
-            seq=self.seq,
-            notified_at=None if self.notified_at is None else _dt(self.notified_at),
-            notified_severity=self.notified_severity,
-            last_alert=self.last_alert,
-        )
+        values = {f.name: getattr(self, _ROW_NAMES.get(f.name, f.name)) for f in fields(IncidentRow)}
+        for name in _ROW_TIMES:
+            if values[name] is not None:
+                values[name] = _dt(values[name])
+        return IncidentRow(**values)
 
     @classmethod
     def from_row(cls, r: Mapping[str, Any]) -> Incident:
-        return cls(
-            key=r["incident_key"],
-            run_id=r["run_id"],
-            stream=r["stream"],
-            entity_id=r["entity_id"],
-            topic=r["source_topic"],
-            partition=r["source_partition"],
-            status=r["status"],
-            severity=r["severity"],
-            opened_at=_ts(r["opened_at"]),
-            last_alert_at=_ts(r["last_alert_at"]),
-            last_seen_at=_ts(r["last_seen_at"]),
-            resolved_at=None if r["resolved_at"] is None else _ts(r["resolved_at"]),
-            alert_count=r["alert_count"],
-            normal_run=r["normal_run"],
-            peak_score=r["peak_score"],
-            peak_threshold=r["peak_threshold"],
-            last_score=r["last_score"],
-            last_threshold=r["last_threshold"],
-            seq=r["seq"],
-            notified_at=None if r["notified_at"] is None else _ts(r["notified_at"]),
-            notified_severity=r["notified_severity"],
-            last_alert=r["last_alert"],
-        )
+        values = {_ROW_NAMES.get(f.name, f.name): r[f.name] for f in fields(IncidentRow)}
+        for name in _ROW_TIMES:
+            if r[name] is not None:
+                values[name] = _ts(r[name])
+        return cls(**values)
+
+
+# IncidentRow columns that Incident names differently, and the columns that are times (datetime <-> epoch s)
+_ROW_NAMES = {"incident_key": "key", "source_topic": "topic", "source_partition": "partition"}
+_ROW_TIMES = tuple(f.name for f in fields(IncidentRow) if "datetime" in str(f.type))
 
 
 @dataclass(frozen=True)
@@ -255,7 +228,8 @@ class _Buffer:
 
 
 class IncidentTracker:
-    """Per-entity incident state and the lifecycle outputs not yet written. Pure: IO through `loader`."""
+    """Per-entity incident state and the lifecycle outputs not yet written. Pure: IO through `loader`
+    (open incidents of a source partition; the caller wraps it in its database-retry policy)."""
 
     def __init__(
         self,
@@ -325,7 +299,7 @@ class IncidentTracker:
         key = (ev.stream, ev.entity_id)
         inc = self.open.get(key)
         if not anomalous and inc is None:
-            return
+            return  # a normal event of an entity without an open incident: nothing to follow
         buf = self.buf
         buf.samples.append(
             (
@@ -333,7 +307,7 @@ class IncidentTracker:
                 SampleRow(ev.stream, ev.entity_id, _dt(ev.ts), ev.score, ev.threshold, anomalous),
             )
         )
-        if anomalous:
+        if anomalous or inc is None:
             inc, notes = on_anomaly(inc, ev, self.policy, self.run_id)
             for event, snap in notes:
                 buf.notices.append(_Notice(event, snap))
@@ -342,12 +316,10 @@ class IncidentTracker:
             self.open[key] = inc
             self._open_ids.setdefault(ev.stream, set()).add(ev.entity_id)
             buf.alert_incident[(ev.topic, ev.partition, ev.offset)] = inc.key
-        else:
-            assert inc is not None
-            if on_normal(inc, ev.ts, self.policy) == "resolved":
-                buf.notices.append(_Notice("resolved", copy.copy(inc)))
-                del self.open[key]
-                self._open_ids[ev.stream].discard(ev.entity_id)
+        elif on_normal(inc, ev.ts, self.policy) == "resolved":
+            buf.notices.append(_Notice("resolved", copy.copy(inc)))
+            del self.open[key]
+            self._open_ids[ev.stream].discard(ev.entity_id)
         buf.dirty[inc.key] = inc
 
     def _load(self, topic: str, partition: int) -> None:
@@ -395,7 +367,7 @@ class IncidentTracker:
                 message_id=f"{n.incident.key}#{n.incident.seq}",
                 run_id=self.run_id,
                 entity_id=n.incident.entity_id,
-                payload=message(n.event, n.incident).decode(),
+                payload=message(n.event, n.incident, self.policy.severity_bands).decode(),
             )
             for n in b.notices
         ]
@@ -415,7 +387,7 @@ class IncidentTracker:
         return counts
 
 
-def message(event: str, inc: Incident) -> bytes:
+def message(event: str, inc: Incident, bands: Sequence[float] = SEVERITY_BANDS) -> bytes:
     """The alerts-topic message: the incident's newest alert (schemas/alert.schema.json) plus `incident`."""
     body: dict[str, Any] = (
         dict(inc.last_alert)
@@ -428,7 +400,7 @@ def message(event: str, inc: Incident) -> bytes:
             "event_time": _iso(inc.last_alert_at),
             "score": inc.last_score,
             "threshold": inc.last_threshold,
-            "severity": severity_of(inc.last_score, inc.last_threshold),
+            "severity": severity_of(inc.last_score, inc.last_threshold, bands),
             "model_version": "unknown",
             "top_features": [],
             "source": {"topic": inc.topic, "partition": inc.partition, "offset": 0},

@@ -11,21 +11,29 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from pipeline import metrics
 from pipeline.errors import PipelineError, SinkError
 from pipeline.records import AlertPublisher
-from pipeline.sinks.sql import SqlStore
 
 log = logging.getLogger(__name__)
 
 
+class Outbox(Protocol):
+    """Where the relay takes its messages from (pipeline.sinks.SqlCheckpointStore on the alert database)."""
+
+    def drain_outbox(self, run_id: str, send: Callable[[list[dict[str, Any]]], None], limit: int = 1000) -> int:
+        """Hand unpublished rows to send(rows), then mark them published; if send raises, nothing is marked."""
+        ...
+
+
 class OutboxRelay:
     def __init__(
-        self, db: SqlStore, publisher: AlertPublisher, run_id: str, batch: int = 500, retry_max_s: float = 30.0
+        self, outbox: Outbox, publisher: AlertPublisher, run_id: str, batch: int = 500, retry_max_s: float = 30.0
     ) -> None:
-        self.db, self.publisher, self.run_id, self.batch = db, publisher, run_id, batch
+        self.outbox, self.publisher, self.run_id, self.batch = outbox, publisher, run_id, batch
         self.backlog = True  # unpublished rows may exist (restart, or the last drain failed)
         self.retry_max_s = retry_max_s
         self._delay = 0.0  # backoff after a failed drain: a down broker must not stall every checkpoint
@@ -36,7 +44,7 @@ class OutboxRelay:
         total = 0
         try:
             while True:
-                n = self.db.drain_outbox(self.run_id, self._send, self.batch)
+                n = self.outbox.drain_outbox(self.run_id, self._send, self.batch)
                 total += n
                 if n < self.batch:
                     break

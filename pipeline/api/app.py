@@ -9,14 +9,14 @@ from datetime import datetime, timezone
 from importlib import resources
 from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Path, Query, Response
+from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline import metrics
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, NotFoundError, SinkError
-from pipeline.sinks.sql import SqlStore, row_to_json
+from pipeline.sinks.queries import AlertQueries, row_to_json
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _opt_text(name: str, value: str | None) -> str | None:
 
 
 def create_app(
-    store: SqlStore,
+    queries: AlertQueries,
     settings: Settings | None = None,
     *,
     run_id: str | None = None,
@@ -64,7 +64,14 @@ def create_app(
     `not_ready`: in `pipeline run --api-port`, the processor's reason not to be ready (None: ready)."""
     settings = settings or Settings()
     app = FastAPI(title="streaming anomaly pipeline", version="0.1.0", docs_url="/docs", redoc_url=None)
-    app.state.store, app.state.settings, app.state.run_id = store, settings, run_id
+    app.state.queries, app.state.settings, app.state.run_id = queries, settings, run_id
+
+    @app.exception_handler(SinkError)
+    async def database_unavailable(request: Request, exc: SinkError) -> JSONResponse:
+        """A read the database could not answer: unavailable for now (503), not a server bug (500)."""
+        reason = str(exc).splitlines()[0]
+        log.warning("%s %s: %s", request.method, request.url.path, reason)
+        return JSONResponse({"detail": reason}, status_code=503)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -72,7 +79,7 @@ def create_app(
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        ok = store.ping()
+        ok = queries.db.ping()
         why = None if not_ready is None else not_ready()
         status = "ready" if ok and why is None else "database unavailable" if not ok else why
         return JSONResponse({"status": status, "database": ok}, status_code=200 if status == "ready" else 503)
@@ -80,7 +87,7 @@ def create_app(
     @app.get("/metrics")
     def prometheus() -> Response:
         try:
-            stats = store.lifecycle_stats(run_id)
+            stats = queries.lifecycle_stats(run_id)
             metrics.OPEN_INCIDENTS.set(stats["open_incidents"])
             metrics.OUTBOX_BACKLOG.set(stats["outbox_unpublished"])
         except SinkError as exc:  # database down: the process counters still render; these two read NaN
@@ -99,7 +106,7 @@ def create_app(
         limit: int = Query(100, ge=1, le=5000),
     ) -> list[dict[str, Any]]:
         try:
-            rows = store.query_alerts(
+            rows = queries.query_alerts(
                 run_id=run_id,
                 entity_id=_opt_text("entity", entity),
                 stream=_opt_text("stream", stream),
@@ -115,7 +122,7 @@ def create_app(
     @app.get("/api/alerts/{alert_id}")
     def get_alert(alert_id: IdPath) -> dict[str, Any]:
         try:
-            row = store.get_alert(alert_id)
+            row = queries.get_alert(alert_id)
         except NotFoundError as exc:
             raise HTTPException(404, str(exc)) from None
         if run_id is not None and row["run_id"] != run_id:
@@ -131,7 +138,7 @@ def create_app(
         limit: int = Query(100, ge=1, le=5000),
     ) -> list[dict[str, Any]]:
         try:
-            rows = store.list_incidents(
+            rows = queries.list_incidents(
                 run_id=run_id,
                 status=status,
                 entity_id=_opt_text("entity", entity),
@@ -146,12 +153,12 @@ def create_app(
     @app.get("/api/incidents/{incident_id}")
     def get_incident(incident_id: IdPath) -> dict[str, Any]:
         try:
-            inc = store.get_incident(incident_id)
+            inc = queries.get_incident(incident_id)
         except NotFoundError as exc:
             raise HTTPException(404, str(exc)) from None
         if run_id is not None and inc["run_id"] != run_id:
             raise HTTPException(404, f"no incident with id {incident_id} in run {run_id!r}")
-        alerts = store.query_alerts(run_id=run_id, incident_id=incident_id, limit=500)
+        alerts = queries.query_alerts(run_id=run_id, incident_id=incident_id, limit=500)
         peak = max(
             alerts, key=lambda a: a["score"] / a["threshold"] if a["threshold"] > 0 else float("inf"), default=None
         )
@@ -167,7 +174,7 @@ def create_app(
         stream: str | None = None,
         limit: int = Query(500, ge=1, le=5000),
     ) -> dict[str, Any]:
-        rows = store.recent_scores(run_id, _opt_text("stream", stream), _text("entity id", entity_id), limit)
+        rows = queries.recent_scores(run_id, _opt_text("stream", stream), _text("entity id", entity_id), limit)
         return {
             "entity_id": entity_id,
             "stream": stream,

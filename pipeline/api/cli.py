@@ -23,13 +23,13 @@ def api(
     from pipeline.api.app import create_app
     from pipeline.api.server import serve
     from pipeline.logs import configure
-    from pipeline.sinks.sql import SqlStore
+    from pipeline.sinks import AlertQueries, Database
 
     s = Settings()
     configure(s.log_level, s.log_json)
-    store = SqlStore(database_url or s.database_url)
-    store.create_schema()
+    db = Database(database_url or s.database_url)
     try:
-        serve(create_app(store, s, run_id=run_id), host, port)
+        db.create_schema()
+        serve(create_app(AlertQueries(db), s, run_id=run_id), host, port)
     finally:
-        store.dispose()
+        db.dispose()

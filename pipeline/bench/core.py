@@ -29,6 +29,7 @@ from pipeline.config import Settings
 from pipeline.features.streams import EventColumns
 from pipeline.processor import Processor, ProcessorOptions
 from pipeline.records import RawRecord, TopicPartition
+from pipeline.scoring.factory import build_scorer
 from pipeline.scoring.scorer import StreamScorer
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,19 @@ def rss_bytes() -> int:
 
 
 def sensor_scorer(settings: Settings, device: str = "cpu") -> StreamScorer:
-    from pipeline.app import build_scorers, ensure_models
+    """The service's sensors scorer (its model, knobs and precision) on `device`."""
+    from pipeline.app import ensure_models
 
-    s = settings.model_copy(update={"device": device})
-    return build_scorers(s, {"sensors": ensure_models(s)["sensors"]})[s.sensors_topic]
+    return build_scorer(
+        "sensors",
+        ensure_models(settings)["sensors"],
+        channels=settings.sensor_channels,
+        knobs=settings.threshold,
+        device=device,
+        precision=settings.precision,
+        allowed_lateness_s=settings.allowed_lateness_s,
+        max_message_bytes=settings.max_message_bytes,
+    )
 
 
 def columns(load: SensorLoad, start: int, n: int) -> EventColumns:
@@ -309,7 +319,7 @@ def _build(
     db = SqlStore(db_url)
     db.create_schema()
     ensure_topics(bootstrap, [topic, f"{topic}-dlq"], PARTITIONS)
-    scorer = sensor_scorer(settings.model_copy(update={"sensors_topic": topic}))
+    scorer = sensor_scorer(settings)
     src = TimedSource(
         KafkaSource(
             bootstrap, group, session_timeout_ms=6000, heartbeat_interval_ms=1000, fetch_max_wait_ms=fetch_max_wait_ms

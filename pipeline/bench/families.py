@@ -18,8 +18,8 @@ from models.lstm_forecast import ForecastCheckpoint, ForecastConfig, ForecastTra
 from pipeline.bench.load import SensorLoad
 from pipeline.config import Settings
 from pipeline.features.streams import EventColumns, SensorStream
+from pipeline.scoring.factory import build_scorer
 from pipeline.scoring.scorer import StreamScorer
-from pipeline.scoring.threshold import AdaptiveThreshold
 
 
 def forecaster(channels: list[str], hidden: int = 64, seed: int = 0) -> ForecastCheckpoint:
@@ -64,7 +64,7 @@ def bench_families(
     ae = sensor_scorer(settings, "cpu")
     spec = ae.spec
     fc = forecaster(list(spec.feature_names), hidden)
-    stateful = StreamScorer(spec, fc, threshold=AdaptiveThreshold(fc.threshold), min_history=8)
+    stateful = build_scorer(spec, fc)
     load_avg = [round(x, 2) for x in os.getloadavg()]
     ae_rate = events_per_s(ae, SensorLoad(entities, seed=1), batch, seconds)
     fc_rate = events_per_s(stateful, SensorLoad(entities, seed=1), batch, seconds)

@@ -7,8 +7,9 @@ the same per-entity state, scaling and adaptive thresholds as the Kafka processo
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -18,8 +19,9 @@ from models.lstm_ae import Checkpoint, LSTMAEConfig, TrainConfig
 from models.lstm_forecast import ForecastCheckpoint, ForecastConfig, ForecastTrainConfig
 from pipeline.errors import ConfigError
 from pipeline.features.streams import EventColumns, StreamSpec
+from pipeline.scoring.knobs import ThresholdKnobs
 from pipeline.scoring.scorer import StreamScorer
-from pipeline.scoring.threshold import AdaptiveThreshold, DynamicThreshold
+from pipeline.scoring.threshold import AdaptiveThreshold, DynamicThreshold, Threshold
 from pipeline.training import train_stream_forecaster, train_stream_model
 
 FAMILIES = ("lstm_ae", "lstm_forecast")
@@ -130,28 +132,51 @@ def fit_forecaster(
         bar.close()
 
 
-def make_threshold(global_threshold: float, cfg: Any) -> AdaptiveThreshold | DynamicThreshold:
+def make_threshold(global_threshold: float, cfg: Any) -> Threshold:
     """The format config's threshold method: the adaptive z-threshold or telemanom's dynamic one."""
     method = getattr(cfg, "threshold_method", "adaptive")
     if method == "dynamic":
         return DynamicThreshold(global_threshold, **dict(getattr(cfg, "dynamic", {})))
     if method != "adaptive":
         raise ConfigError(f"threshold_method {method!r}: expected one of {', '.join(THRESHOLDS)}")
-    return AdaptiveThreshold(
-        global_threshold, warmup=cfg.warmup, z=cfg.z, floor_ratio=cfg.floor_ratio, smoothing=cfg.smoothing
-    )
+    return AdaptiveThreshold(global_threshold, cfg.threshold)
 
 
 def make_scorer(
     spec: StreamSpec,
     ckpt: Checkpoint | ForecastCheckpoint,
-    threshold: AdaptiveThreshold | DynamicThreshold,
+    threshold: Threshold,
     *,
     min_history: int,
     device: str = "cpu",
     precision: str = "fp32",
 ) -> StreamScorer:
     return StreamScorer(spec, ckpt, threshold=threshold, min_history=min_history, device=device, precision=precision)
+
+
+KNOBS = frozenset(f.name for f in fields(ThresholdKnobs))
+
+
+class FormatConfig(Protocol):
+    """A format's config dataclass (SkabConfig, NasaConfig, TransactionsConfig): its threshold knobs."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def threshold(self) -> ThresholdKnobs: ...
+
+
+Config = TypeVar("Config", bound=FormatConfig)
+
+
+def configured(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    """`cfg` with `overrides`; threshold knobs (z, smoothing, ...) are named flat, as on the command lines
+    (`--set z=3`, `--threshold '{"z": 3}'`), and land in cfg.threshold."""
+    rest = {k: v for k, v in overrides.items() if k not in KNOBS}
+    knobs = {k: v for k, v in overrides.items() if k in KNOBS}
+    if knobs:
+        rest["threshold"] = replace(rest.get("threshold", cfg.threshold), **knobs)
+    return replace(cfg, **rest)
 
 
 def stream(
@@ -188,22 +213,10 @@ class SeriesProtocolConfig(Protocol):
     def seed(self) -> int: ...
 
     @property
-    def min_history(self) -> int: ...
-
-    @property
-    def warmup(self) -> int: ...
-
-    @property
-    def z(self) -> float: ...
-
-    @property
-    def floor_ratio(self) -> float: ...
+    def threshold(self) -> ThresholdKnobs: ...
 
     @property
     def batch_size(self) -> int: ...
-
-    @property
-    def smoothing(self) -> float: ...
 
     @property
     def learn_in_test(self) -> bool: ...
@@ -279,7 +292,7 @@ def _train_then_score(
             dict(getattr(cfg, "forecast", {})),
             epochs=cfg.epochs,
             seed=cfg.seed,
-            min_history=cfg.min_history,
+            min_history=cfg.threshold.min_history,
             device=device,
             name=name,
         )
@@ -289,14 +302,14 @@ def _train_then_score(
             train,
             model,
             TrainConfig(epochs=cfg.epochs, seed=cfg.seed),
-            min_history=cfg.min_history,
+            min_history=cfg.threshold.min_history,
             device=device,
             name=name,
         )
     else:
         raise ConfigError(f"family {family!r}: expected one of {', '.join(FAMILIES)}")
     thr = make_threshold(ckpt.threshold, cfg)
-    scorer = make_scorer(spec, ckpt, thr, min_history=cfg.min_history, device=device, precision=precision)
+    scorer = make_scorer(spec, ckpt, thr, min_history=cfg.threshold.min_history, device=device, precision=precision)
     stream(scorer, train, learn=True, batch_size=cfg.batch_size, desc=f"{name} train part")
     return stream(
         scorer,

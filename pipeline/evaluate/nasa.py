@@ -22,6 +22,7 @@ from pipeline.errors import ConfigError
 from pipeline.evaluate import common
 from pipeline.evaluate.metrics import segment_f1, segments
 from pipeline.features.streams import EventColumns, SensorStream
+from pipeline.scoring.knobs import ThresholdKnobs
 
 LABELS = "labeled_anomalies.csv"
 CHANNELS = ["value", "commands"]
@@ -36,13 +37,9 @@ class NasaConfig:
     )
     epochs: int = 15
     seed: int = 0
-    z: float = 5.0
-    warmup: int = 30
-    floor_ratio: float = 0.0
-    smoothing: float = 1.0
+    threshold: ThresholdKnobs = ThresholdKnobs(z=5.0, floor_ratio=0.0, smoothing=1.0, min_history=16)
     learn_in_test: bool = False
     learn_scores_in_test: bool = False
-    min_history: int = 16
     merge_gap: int = 100
     batch_size: int = 5000
     # one model per channel, trained on that channel's training series only (telemanom's design). It beat

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +52,14 @@ def _skab_runs(
     from pipeline.features.streams import SensorStream
 
     over: dict[str, Any] = {**per_format, **model_over, **({"train_rows": rows} if rows else {})}
-    base = replace(skab.SkabConfig(), **_merged(skab.SkabConfig(), over))
+    base = common.configured(skab.SkabConfig(), _merged(skab.SkabConfig(), over))
     channels, train, test, y = skab.load(path, base.train_rows)
     spec = SensorStream(channels)
     model, _ = skab.model_config(base, train, len(channels))
     ckpt = _fit(spec, train, model, base)
     out = []
     for t in thresholds:
-        cfg = replace(base, **_merged(base, t))
+        cfg = common.configured(base, _merged(base, t))
         res = _stream(spec, ckpt, train, test, cfg)
         out.append(dict(skab.pointwise(y, res.alerts)))
     return out
@@ -73,7 +72,7 @@ def _nasa_runs(
     from pipeline.evaluate.metrics import segment_f1, segments
     from pipeline.features.streams import SensorStream
 
-    base = replace(nasa.NasaConfig(), **_merged(nasa.NasaConfig(), {**per_format, **model_over}))
+    base = common.configured(nasa.NasaConfig(), _merged(nasa.NasaConfig(), {**per_format, **model_over}))
     chans, train, test, labeled, _ = nasa.load(path)
     spec = SensorStream(nasa.CHANNELS)
     from models.lstm_ae import LSTMAEConfig
@@ -83,7 +82,7 @@ def _nasa_runs(
     ids = np.asarray(test.entity_ids, dtype=object)
     out = []
     for t in thresholds:
-        cfg = replace(base, **_merged(base, t))
+        cfg = common.configured(base, _merged(base, t))
         res = _stream(spec, ckpt, train, test, cfg)
         pairs = [(labeled[c], nasa.merge(segments(res.alerts[ids == c]), cfg.merge_gap)) for c in chans]
         out.append(dict(segment_f1(pairs)))
@@ -99,16 +98,23 @@ def _fit(spec: Any, train: Any, model: Any, cfg: Any) -> Any:
             dict(cfg.forecast),
             epochs=cfg.epochs,
             seed=cfg.seed,
-            min_history=cfg.min_history,
+            min_history=cfg.threshold.min_history,
             name="select",
         )
     return common.fit(
-        spec, train, model, TrainConfig(epochs=cfg.epochs, seed=cfg.seed), min_history=cfg.min_history, name="select"
+        spec,
+        train,
+        model,
+        TrainConfig(epochs=cfg.epochs, seed=cfg.seed),
+        min_history=cfg.threshold.min_history,
+        name="select",
     )
 
 
 def _stream(spec: Any, ckpt: Any, train: Any, test: Any, cfg: Any) -> common.Scored:
-    scorer = common.make_scorer(spec, ckpt, common.make_threshold(ckpt.threshold, cfg), min_history=cfg.min_history)
+    scorer = common.make_scorer(
+        spec, ckpt, common.make_threshold(ckpt.threshold, cfg), min_history=cfg.threshold.min_history
+    )
     common.stream(scorer, train, learn=True, batch_size=cfg.batch_size)
     return common.stream(
         scorer,

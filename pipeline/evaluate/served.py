@@ -27,7 +27,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluate.transactions import first_test_day, in_time_order, read
 from pipeline.features.streams import DAY
 from pipeline.simulate import iso
-from pipeline.sinks.sql import SqlStore
+from pipeline.sinks import AlertQueries, Database
 
 
 def records(path: Path, *, from_day: int, delay_days: float = 7.0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -97,7 +97,7 @@ def produce(
     return {"payments": n_pay, "labels": len(labels), "label_records": n_lab}
 
 
-def report(db: SqlStore, run_id: str, path: Path, *, test_fraction: float = 0.2) -> dict[str, Any]:
+def report(queries: AlertQueries, run_id: str, path: Path, *, test_fraction: float = 0.2) -> dict[str, Any]:
     """The run's transactions alerts against the CSV's labels, over the test days of `pipeline evaluate`'s
     split (the last `test_fraction` of days). Alerts are matched to payments by (customer, event time)."""
     df, ts, day = in_time_order(read(path))
@@ -108,7 +108,7 @@ def report(db: SqlStore, run_id: str, path: Path, *, test_fraction: float = 0.2)
         index=pd.MultiIndex.from_arrays([df["CUSTOMER_ID"].astype(str).to_numpy(), np.rint(ts).astype(np.int64)]),
     )
     key = key[~key.index.duplicated()]
-    rows = db.list_alerts(run_id=run_id, stream="transactions")
+    rows = queries.list_alerts(run_id=run_id, stream="transactions")
     hits: list[int] = []
     unmatched = 0
     for a in rows:
@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                 fanout=not args.no_fanout,
             )
         else:
-            db = SqlStore(settings.database_url)
+            db = Database(settings.database_url)
             try:
-                out = report(db, settings.run_id, args.data, test_fraction=args.test_fraction)
+                out = report(AlertQueries(db), settings.run_id, args.data, test_fraction=args.test_fraction)
             finally:
                 db.dispose()
     except PipelineError as exc:

@@ -18,11 +18,12 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.evaluate import common
 from pipeline.evaluate.metrics import pointwise_from_counts, segment_f1_from_counts
 
 COUNTS = ("tp", "fp", "fn", "tn")
@@ -30,7 +31,7 @@ COUNTS = ("tp", "fp", "fn", "tn")
 
 def parse_overrides(pairs: list[str], config_type: type) -> dict[str, Any]:
     """`key=json` pairs -> overrides of the format's config dataclass; unknown keys are a ConfigError."""
-    known = {f.name for f in fields(config_type)}
+    known = {f.name for f in fields(config_type)} - {"threshold"} | common.KNOBS
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -67,7 +68,7 @@ def pooled(fmt: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def sweep(fmt: str, folders: list[str], zs: list[float], overrides: dict[str, Any]) -> list[dict[str, Any]]:
     config_type, run = _protocol(fmt)
-    base = replace(config_type(), **overrides)
+    base = common.configured(config_type(), overrides)
     out = []
     for z in zs:
         rows = []
@@ -75,7 +76,7 @@ def sweep(fmt: str, folders: list[str], zs: list[float], overrides: dict[str, An
             path, _, rows_part = spec.partition(":")
             if rows_part and not rows_part.isdigit():
                 raise ConfigError(f"{spec!r}: FOLDER:N needs a whole number of training rows after ':'")
-            cfg = replace(base, z=z, **({"train_rows": int(rows_part)} if rows_part else {}))
+            cfg = common.configured(base, {"z": z, **({"train_rows": int(rows_part)} if rows_part else {})})
             res = run(Path(path), cfg)
             rows.append(res)
             print(json.dumps({"data": spec, "z": z, **{k: res[k] for k in ("f1", *COUNTS) if k in res}}), flush=True)

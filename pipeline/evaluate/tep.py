@@ -95,7 +95,7 @@ def simulate(run: TepRun, workdir: Path) -> pd.DataFrame:
     ]
     if run.idv is not None:
         cmd += ["--idv", f"idv_{run.idv:02d}@{run.onset_h}"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)  # noqa: S603 - an argument list, no shell
     if done.returncode != 0 or not out.exists():
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ConfigError(

@@ -27,7 +27,9 @@ from pipeline.errors import ConfigError
 from pipeline.evaluate import common
 from pipeline.evaluate.metrics import card_precision_at_k, ranking
 from pipeline.features.streams import DAY, EventColumns, TransactionStream
+from pipeline.features.terminal import TerminalContext
 from pipeline.kafka.partitioning import partitions_of
+from pipeline.scoring.knobs import ThresholdKnobs
 from pipeline.scoring.threshold import AdaptiveThreshold
 
 COLUMNS = ["TX_DATETIME", "CUSTOMER_ID", "TERMINAL_ID", "TX_AMOUNT", "TX_FRAUD"]
@@ -70,7 +72,7 @@ class TransactionsConfig:
     epochs: int = 5
     max_windows: int = 150_000
     seed: int = 0
-    min_history: int = 1
+    threshold: ThresholdKnobs = ThresholdKnobs(min_history=1)
     batch_size: int = 5000
     k: int = 100
 
@@ -114,12 +116,11 @@ def featurize_with_feedback(
     by customer carries it) in the partition's terminal context, which folds each label in just before the
     first payment at or after the time it became known, never earlier. `ts` must be sorted."""
     parts_of = np.zeros(len(ts), np.int32) if partitions is None else partitions
-    for p in np.unique(parts_of).tolist():
+    contexts = {int(p): spec.new_context() for p in np.unique(parts_of).tolist()}
+    for p, ctx in contexts.items():
         idx = np.arange(len(ts)) if fanout else np.flatnonzero(parts_of == p)
-        spec.context(int(p)).add_labels(
-            np.arange(len(idx)), [terminals[i] for i in idx.tolist()], ts[idx] + delay_s, fraud[idx]
-        )
-    return _featurize(spec, customers, ts, amounts, terminals, partitions, chunk)
+        ctx.add_labels(np.arange(len(idx)), [terminals[i] for i in idx.tolist()], ts[idx] + delay_s, fraud[idx])
+    return _featurize(spec, customers, ts, amounts, terminals, partitions, chunk, contexts)
 
 
 def _featurize(
@@ -130,7 +131,12 @@ def _featurize(
     terminals: list[str] | None,
     partitions: np.ndarray | None,
     chunk: int = 50_000,
+    contexts: dict[int, TerminalContext] | None = None,
 ) -> EventColumns:
+    """contexts: each partition's terminal context (new ones unless given), as the service holds them."""
+    if contexts is None and spec.terminal_context:
+        contexts = {int(p): spec.new_context() for p in np.unique([0] if partitions is None else partitions).tolist()}
+
     def cut(a: int) -> EventColumns:
         b = a + chunk
         return spec.columns_from_arrays(
@@ -139,6 +145,7 @@ def _featurize(
             amounts[a:b],
             None if terminals is None else terminals[a:b],
             None if partitions is None else partitions[a:b],
+            contexts,
         )
 
     return common.concat(
@@ -189,8 +196,7 @@ def evaluate(
     amounts = df["TX_AMOUNT"].to_numpy(np.float64)
     terminals = df["TERMINAL_ID"].astype(str).tolist() if cfg.terminal_context else None
     partitions = partitions_of(customers, cfg.partitions) if cfg.terminal_context and cfg.partitions > 1 else None
-    if feedback:
-        assert terminals is not None and cfg.feedback_delay_days is not None
+    if cfg.feedback_delay_days is not None and terminals is not None:  # feedback implies terminals (checked above)
         cols = featurize_with_feedback(
             spec,
             customers,
@@ -210,7 +216,9 @@ def evaluate(
     train = common.take(cols, train_idx)
     model = LSTMAEConfig(n_features=spec.n_features, **cfg.model)
     tcfg = TrainConfig(epochs=cfg.epochs, seed=cfg.seed, max_windows=cfg.max_windows)
-    ckpt = common.fit(spec, train, model, tcfg, min_history=cfg.min_history, device=device, name="transactions")
+    ckpt = common.fit(
+        spec, train, model, tcfg, min_history=cfg.threshold.min_history, device=device, name="transactions"
+    )
     if cfg.terminal_context:
         ckpt.card["terminal_context_partitions"] = cfg.partitions
         if feedback:
@@ -219,7 +227,12 @@ def evaluate(
         ckpt.card["training_data"] = f"{path.name}, days 0-{first_test - 1} (labels only as delayed feedback)"
         save_checkpoint(ckpt, save_model)
     scorer = common.make_scorer(
-        spec, ckpt, AdaptiveThreshold(ckpt.threshold), min_history=cfg.min_history, device=device, precision=precision
+        spec,
+        ckpt,
+        AdaptiveThreshold(ckpt.threshold, cfg.threshold),
+        min_history=cfg.threshold.min_history,
+        device=device,
+        precision=precision,
     )
     common.stream(scorer, common.take(cols, warm_idx), batch_size=cfg.batch_size, desc="transactions warm-up")
     res = common.stream(scorer, common.take(cols, test_idx), batch_size=cfg.batch_size, desc="transactions test")

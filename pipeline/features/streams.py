@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import numpy as np
 import orjson
@@ -27,6 +27,11 @@ DAY = 86400.0
 WEEK = 7 * DAY
 
 StreamName = Literal["transactions", "sensors", "transaction-labels"]
+# a decoded record: the msgspec mirror when the fast path vouches for it, else the pydantic model (same attributes)
+TransactionRecord = Transaction | fast.TransactionFast
+SensorRecord = SensorReading | fast.SensorReadingFast
+DecodedRecord = TransactionRecord | SensorRecord | TransactionLabel
+R = TypeVar("R", TransactionRecord, SensorRecord, TransactionLabel)
 BASE_TRANSACTION_FEATURES = ["log_amount", "log_seconds_since_prev", "hour_sin", "hour_cos", "dow_sin", "dow_cos"]
 
 
@@ -83,14 +88,15 @@ def duplicate_key(value: bytes) -> str | None:
     return None
 
 
-class StreamSpec:
-    """A stream's contract: decode one record, featurize a batch."""
+class StreamSpec(Generic[R]):
+    """A stream's contract: decode one record, featurize a batch. Stateless: partition-local state (terminal
+    contexts) is held by the caller and passed in."""
 
     name: ClassVar[StreamName]
     entity_field: ClassVar[str]
     feature_names: list[str]
     _adapter: TypeAdapter[Any]
-    _fast: Callable[[bytes], Any | None] | None = None  # schemas.fast: None = cannot vouch, ask pydantic
+    _fast: Callable[[bytes], R | None] | None = None  # schemas.fast: None = cannot vouch, ask pydantic
 
     def __init__(self, max_message_bytes: int = 65536) -> None:
         self.max_message_bytes = max_message_bytes
@@ -99,7 +105,7 @@ class StreamSpec:
     def n_features(self) -> int:
         return len(self.feature_names)
 
-    def decode(self, value: bytes | None) -> Any:
+    def decode(self, value: bytes | None) -> R:
         """A record with the attributes of the stream's schemas.types model (a schemas.fast mirror when the
         msgspec fast path vouches for it, else the pydantic model), or DecodeError with the reason."""
         if value is None:
@@ -118,27 +124,32 @@ class StreamSpec:
         if dup is not None:
             raise DecodeError("duplicate_key", f"key {dup[:80]!r} occurs twice in one object")
         try:
-            record = self._adapter.validate_json(value)
+            record: R = self._adapter.validate_json(value)
         except ValidationError as err:
             raise DecodeError(*_reason(err, self.entity_field)) from None
         self.check(record)
         return record
 
-    def parse(self, obj: dict[str, Any]) -> Any:
+    def parse(self, obj: dict[str, Any]) -> R:
         """Validate an already-decoded dict (files, simulators) by exactly the wire rules of `decode`."""
         return self.decode(orjson.dumps(obj))
 
-    def check(self, record: Any) -> None:
+    def check(self, record: R) -> None:
         """Stream-specific checks beyond the schema; raise DecodeError."""
 
-    def entity_of(self, record: Any) -> str:
+    def entity_of(self, record: R) -> str:
         return str(getattr(record, self.entity_field))
 
     def columns(
-        self, records: Sequence[Any], partitions: np.ndarray | None = None, frozen: np.ndarray | None = None
+        self,
+        records: Sequence[R],
+        partitions: np.ndarray | None = None,
+        contexts: Mapping[int, TerminalContext] | None = None,
+        frozen: np.ndarray | None = None,
     ) -> EventColumns:
-        """partitions: each record's source partition (partition-local state, e.g. terminal context);
-        frozen: records featurised without updating partition-local state (late events)."""
+        """partitions: each record's source partition; contexts: partition -> its terminal context (the
+        partition-local state a TransactionStream with terminal features reads and updates); frozen: records
+        featurised without updating partition-local state (late events)."""
         raise NotImplementedError
 
     def finish(self, base: np.ndarray, ts: np.ndarray, prev_ts: np.ndarray) -> np.ndarray:
@@ -146,7 +157,7 @@ class StreamSpec:
         return base
 
 
-class TransactionStream(StreamSpec):
+class TransactionStream(StreamSpec[TransactionRecord]):
     name = "transactions"
     entity_field = "customer_id"
 
@@ -169,9 +180,6 @@ class TransactionStream(StreamSpec):
         self.terminal_context = terminal_context
         self.terminal_tau_s = float(terminal_tau_s)
         self.fraud_feedback_tau_s = None if fraud_feedback_tau_s is None else float(fraud_feedback_tau_s)
-        self.contexts: dict[int, TerminalContext] = {}  # partition -> its terminals
-        # partition -> saved context (the processor sets it: restores a partition's context on first use)
-        self.context_loader: Callable[[int], bytes | None] | None = None
         if terminal_context:
             self.feature_names += TERMINAL_FEATURES
             if fraud_feedback_tau_s is not None:
@@ -181,39 +189,43 @@ class TransactionStream(StreamSpec):
     def label_feedback(self) -> bool:
         return self.fraud_feedback_tau_s is not None
 
-    def context(self, partition: int = 0) -> TerminalContext:
-        """The partition's terminal context: in memory, else restored from its snapshot, else new."""
+    def new_context(self) -> TerminalContext:
+        """An empty terminal context with the model's parameters (one per partition, held in its state)."""
         if not self.terminal_context:
             raise ValueError("this TransactionStream has no terminal context")
-        ctx = self.contexts.get(partition)
-        if ctx is None:
-            ctx = TerminalContext(self.terminal_tau_s, feedback_tau_s=self.fraud_feedback_tau_s)
-            blob = self.context_loader(partition) if self.context_loader is not None else None
-            if blob is not None:
-                try:
-                    saved = TerminalContext.restore(blob)
-                except ValueError as exc:
-                    raise StateError(f"terminal context of partition {partition}: {exc}") from None
-                if not saved.same_parameters(ctx):
-                    raise StateError(
-                        f"terminal context of partition {partition} was saved with other parameters "
-                        f"({saved._params()} vs the model's {ctx._params()}); use a new run id"
-                    )
-                ctx = saved
-            self.contexts[partition] = ctx
-        return ctx
+        return TerminalContext(self.terminal_tau_s, feedback_tau_s=self.fraud_feedback_tau_s)
 
-    def drop_partition(self, partition: int) -> None:
-        self.contexts.pop(partition, None)
+    def restore_context(self, blob: bytes | None, partition: int) -> TerminalContext:
+        """The partition's context from its snapshot (a new one without); StateError if it cannot serve
+        this model."""
+        ctx = self.new_context()
+        if blob is None:
+            return ctx
+        try:
+            saved = TerminalContext.restore(blob)
+        except ValueError as exc:
+            raise StateError(f"terminal context of partition {partition}: {exc}") from None
+        if not saved.same_parameters(ctx):
+            raise StateError(
+                f"terminal context of partition {partition} was saved with other parameters "
+                f"({saved.params()} vs the model's {ctx.params()}); use a new run id"
+            )
+        return saved
 
     def columns(
-        self, records: Sequence[Any], partitions: np.ndarray | None = None, frozen: np.ndarray | None = None
+        self,
+        records: Sequence[TransactionRecord],
+        partitions: np.ndarray | None = None,
+        contexts: Mapping[int, TerminalContext] | None = None,
+        frozen: np.ndarray | None = None,
     ) -> EventColumns:
         n = len(records)
         ts = np.fromiter((r.timestamp.timestamp() for r in records), np.float64, n)
         amount = np.fromiter((r.amount for r in records), np.float64, n)
         terminals = [r.terminal_id for r in records] if self.terminal_context else None
-        return self.columns_from_arrays([r.customer_id for r in records], ts, amount, terminals, partitions, frozen)
+        return self.columns_from_arrays(
+            [r.customer_id for r in records], ts, amount, terminals, partitions, contexts, frozen
+        )
 
     def columns_from_arrays(
         self,
@@ -222,10 +234,11 @@ class TransactionStream(StreamSpec):
         amount: np.ndarray,
         terminal_ids: Sequence[str] | None = None,
         partitions: np.ndarray | None = None,
+        contexts: Mapping[int, TerminalContext] | None = None,
         frozen: np.ndarray | None = None,
     ) -> EventColumns:
         """Batch features; with terminal context, each partition's events must come in its log order (they
-        update its context); partitions=None means all from partition 0."""
+        update its context, `contexts[p]`); partitions=None means all from partition 0."""
         base = np.empty((len(ts), self.n_features), np.float64)
         base[:, 0] = np.log1p(amount)
         base[:, 1] = 0.0
@@ -234,14 +247,14 @@ class TransactionStream(StreamSpec):
         base[:, 2], base[:, 3] = np.sin(hour), np.cos(hour)
         base[:, 4], base[:, 5] = np.sin(dow), np.cos(dow)
         if self.terminal_context:
-            if terminal_ids is None:
-                raise ValueError("terminal context needs terminal_ids")
+            if terminal_ids is None or contexts is None:
+                raise ValueError("terminal context needs terminal_ids and the partitions' contexts")
             if partitions is None:
-                base[:, 6:] = self.context(0).features(terminal_ids, ts, base[:, 0], frozen)
+                base[:, 6:] = contexts[0].features(terminal_ids, ts, base[:, 0], frozen)
             else:
                 for p in np.unique(partitions).tolist():
                     idx = np.flatnonzero(partitions == p)
-                    base[idx, 6:] = self.context(int(p)).features(
+                    base[idx, 6:] = contexts[int(p)].features(
                         [terminal_ids[i] for i in idx.tolist()],
                         ts[idx],
                         base[idx, 0],
@@ -256,7 +269,7 @@ class TransactionStream(StreamSpec):
         return out
 
 
-class SensorStream(StreamSpec):
+class SensorStream(StreamSpec[SensorRecord]):
     name = "sensors"
     entity_field = "device_id"
 
@@ -270,13 +283,17 @@ class SensorStream(StreamSpec):
         self._channel_set = frozenset(channels)
         self._pick = operator.itemgetter(*self.feature_names)  # one channel: a scalar, else a tuple
 
-    def check(self, record: Any) -> None:
+    def check(self, record: SensorRecord) -> None:
         missing = self._channel_set.difference(record.values)
         if missing:
             raise DecodeError("missing_channels", ", ".join(sorted(missing)))
 
     def columns(
-        self, records: Sequence[Any], partitions: np.ndarray | None = None, frozen: np.ndarray | None = None
+        self,
+        records: Sequence[SensorRecord],
+        partitions: np.ndarray | None = None,
+        contexts: Mapping[int, TerminalContext] | None = None,
+        frozen: np.ndarray | None = None,
     ) -> EventColumns:
         n = len(records)
         ts = np.fromiter((r.timestamp.timestamp() for r in records), np.float64, n)
@@ -285,7 +302,7 @@ class SensorStream(StreamSpec):
         return EventColumns([r.device_id for r in records], ts, base)
 
 
-class LabelStream(StreamSpec):
+class LabelStream(StreamSpec[TransactionLabel]):
     """Label feedback for a customer-keyed TransactionStream (schemas/transaction_label.schema.json): decoded
     and validated like any stream, keyed by customer so a label lands in its payment's partition number."""
 
@@ -326,7 +343,7 @@ def transaction_stream_for(
 
 def make_stream(
     name: str, *, channels: Sequence[str] = (), max_message_bytes: int = 65536, card: dict[str, Any] | None = None
-) -> StreamSpec:
+) -> TransactionStream | SensorStream:
     """card: the model card of the checkpoint the stream feeds (decides the transaction feature layout)."""
     if name == "transactions":
         if card is not None and "feature_names" in card:

@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import orjson
 
+from pipeline.state.rounds import occurrence_rank, rounds
+
 TERMINAL_FEATURES = ["terminal_log_rate", "terminal_amount_dev"]
 FEEDBACK_FEATURES = ["terminal_fraud_risk"]
 _SNAPSHOT_VERSION = 1
@@ -35,7 +37,7 @@ def _decay(last: np.ndarray, t: np.ndarray, tau_s: float) -> np.ndarray:
 
 
 class TerminalContext:
-    _ARRAYS = ("n", "s", "last", "fb_fraud", "fb_n", "fb_last")
+    ARRAYS = ("n", "s", "last", "fb_fraud", "fb_n", "fb_last")
     IDLE_TAUS = 30.0  # a terminal idle this many time constants is forgotten: its decayed sums are < e^-30
 
     def __init__(
@@ -68,6 +70,11 @@ class TerminalContext:
         return len(self._slot)
 
     @property
+    def slots(self) -> dict[str, int]:
+        """Terminal id -> its index in the per-terminal arrays (ARRAYS); read-only."""
+        return self._slot
+
+    @property
     def n_features(self) -> int:
         return len(TERMINAL_FEATURES) + (len(FEEDBACK_FEATURES) if self.feedback_tau_s is not None else 0)
 
@@ -87,7 +94,7 @@ class TerminalContext:
         need = len(self._slot)
         if need > len(self.n):
             grow = max(need, 2 * len(self.n), 64) - len(self.n)
-            for name in self._ARRAYS:
+            for name in self.ARRAYS:
                 fill = np.nan if name in ("last", "fb_last") else 0.0
                 setattr(self, name, np.r_[getattr(self, name), np.full(grow, fill)])
         return np.fromiter((self._slot[t] for t in terminal_ids), np.int64, len(terminal_ids))
@@ -114,8 +121,6 @@ class TerminalContext:
         decayed mean, and (with feedback) the decayed fraud share of its labelled payments known so far.
         frozen (N,) bool: payments featurised from the context without being folded into it (late events,
         which leave their customer's state untouched too)."""
-        from pipeline.scoring.scorer import occurrence_rank, rounds  # numpy helpers; no IO
-
         slots = self._slots(terminal_ids)
         out = np.empty((len(ts), self.n_features), np.float64)
         for idx in rounds(occurrence_rank(slots)):
@@ -156,7 +161,7 @@ class TerminalContext:
         if keep.all():
             return
         ids = [t for t, i in self._slot.items() if keep[i]]  # insertion order == slot order
-        for name in self._ARRAYS:
+        for name in self.ARRAYS:
             setattr(self, name, getattr(self, name)[:k][keep].copy())
         self._slot = {t: i for i, t in enumerate(ids)}
 
@@ -164,9 +169,9 @@ class TerminalContext:
         """Fraud share per payment, folding in each due label just before the first payment (in batch order)
         whose time reaches the label's known_at. Labels and payments are merged into one sequence and run in
         per-terminal rounds, so a batch costs a few vectorised steps however many labels fall inside it."""
-        from pipeline.scoring.scorer import occurrence_rank, rounds
-
-        assert self.feedback_tau_s is not None
+        tau = self.feedback_tau_s
+        if tau is None:
+            raise ValueError("this TerminalContext was built without feedback_tau_s")
         n = len(ts)
         due = 0
         if len(self._q_known) and n:
@@ -174,7 +179,7 @@ class TerminalContext:
             before_row = np.maximum.accumulate(before_row)  # queue order: a label waits for the ones ahead
             due = int(np.searchsorted(before_row, n, side="left"))
         if due == 0:
-            d = _decay(self.fb_last[slots], ts, self.feedback_tau_s)
+            d = _decay(self.fb_last[slots], ts, tau)
             return np.asarray(self.fb_fraud[slots] * d / (self.fb_n[slots] * d + self.feedback_prior))
         lab_slots = self._slots(self._q_terminal[:due])
         order = np.argsort(np.r_[2 * before_row[:due], 2 * np.arange(n) + 1], kind="stable")
@@ -188,7 +193,7 @@ class TerminalContext:
             q, u = idx[is_row], idx[~is_row]
             if len(q):
                 s = m_slot[q]
-                d = _decay(self.fb_last[s], m_time[q], self.feedback_tau_s)
+                d = _decay(self.fb_last[s], m_time[q], tau)
                 risk[m_row[q]] = self.fb_fraud[s] * d / (self.fb_n[s] * d + self.feedback_prior)
             if len(u):
                 self._fold(m_slot[u], m_time[u], m_fraud[u])
@@ -198,8 +203,10 @@ class TerminalContext:
 
     def _fold(self, s: np.ndarray, t: np.ndarray, fraud: np.ndarray) -> None:
         """Fold one label per distinct terminal slot into the decayed counts."""
-        assert self.feedback_tau_s is not None
-        d = _decay(self.fb_last[s], t, self.feedback_tau_s)
+        tau = self.feedback_tau_s
+        if tau is None:
+            raise ValueError("this TerminalContext was built without feedback_tau_s")
+        d = _decay(self.fb_last[s], t, tau)
         self.fb_fraud[s] = self.fb_fraud[s] * d + fraud
         self.fb_n[s] = self.fb_n[s] * d + 1.0
         self.fb_last[s] = np.where(np.isnan(self.fb_last[s]), t, np.maximum(self.fb_last[s], t))
@@ -207,7 +214,7 @@ class TerminalContext:
     def savepoint(self) -> Callable[[], None]:
         """Undo for a batch about to be featurised: the per-terminal state, the terminals known and the label
         queue as they are now (the processor undoes a batch to retry or re-run it)."""
-        arrays = [(name, getattr(self, name).copy()) for name in self._ARRAYS]
+        arrays = [(name, getattr(self, name).copy()) for name in self.ARRAYS]
         slot, swept = dict(self._slot), self._swept_at
         queue = (self._q_offset, self._q_known, self._q_fraud, list(self._q_terminal))  # arrays: replaced, not mutated
 
@@ -221,7 +228,7 @@ class TerminalContext:
         return restore
 
     # -- snapshots ----------------------------------------------------------------------------------
-    def _params(self) -> dict[str, float | None]:
+    def params(self) -> dict[str, float | None]:
         return {
             "tau_s": self.tau_s,
             "prior": self.prior,
@@ -232,9 +239,9 @@ class TerminalContext:
     def snapshot(self) -> bytes:
         """The per-terminal state (not the label queue): JSON header line, terminal ids, float64 arrays."""
         k = len(self._slot)
-        header = orjson.dumps({"v": _SNAPSHOT_VERSION, "terminals": k, **self._params()})
+        header = orjson.dumps({"v": _SNAPSHOT_VERSION, "terminals": k, **self.params()})
         ids = "\n".join(self._slot).encode()  # insertion order == slot order; ids never contain newlines
-        arrays = np.stack([getattr(self, a)[:k] for a in self._ARRAYS]).astype("<f8").tobytes()
+        arrays = np.stack([getattr(self, a)[:k] for a in self.ARRAYS]).astype("<f8").tobytes()
         return b"%s\n%d\n%s%s" % (header, len(ids), ids, arrays)
 
     @classmethod
@@ -256,15 +263,15 @@ class TerminalContext:
         k = int(meta["terminals"])
         ids = rest[:n_ids].decode().split("\n") if k else []
         arrays = np.frombuffer(rest[n_ids:], "<f8")
-        if len(ids) != k or arrays.size != len(cls._ARRAYS) * k:
+        if len(ids) != k or arrays.size != len(cls.ARRAYS) * k:
             raise ValueError(
                 f"terminal-context snapshot is truncated ({len(ids)} ids, {arrays.size} values, "
-                f"expected {k} and {len(cls._ARRAYS) * k})"
+                f"expected {k} and {len(cls.ARRAYS) * k})"
             )
         ctx._slots(ids)
-        for i, name in enumerate(cls._ARRAYS):
+        for i, name in enumerate(cls.ARRAYS):
             getattr(ctx, name)[:k] = arrays[i * k : (i + 1) * k]
         return ctx
 
     def same_parameters(self, other: TerminalContext) -> bool:
-        return self._params() == other._params()
+        return self.params() == other.params()

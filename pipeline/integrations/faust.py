@@ -41,13 +41,15 @@ from typing import Any
 import numpy as np
 
 from pipeline import metrics
+from pipeline.checkpointing.protocols import CheckpointStore
 from pipeline.checkpointing.rows import AlertRow
 from pipeline.errors import ConfigError, DecodeError
-from pipeline.features.streams import TransactionStream
-from pipeline.processor import build_alerts, out_of_order_detail, validate
+from pipeline.features.streams import DecodedRecord, TransactionStream
+from pipeline.processing.alerts import build_alerts
+from pipeline.processing.dead_letters import out_of_order_detail
+from pipeline.processing.decode import validate
 from pipeline.records import DeadLetterSink, RawRecord, TopicPartition
 from pipeline.scoring.scorer import StreamScorer
-from pipeline.sinks.sql import SqlStore
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class FaustScoring:
     def __init__(
         self,
         scorers: Mapping[str, StreamScorer],
-        db: SqlStore,
+        db: CheckpointStore,
         dlq: DeadLetterSink,
         *,
         run_id: str = "faust",
@@ -116,7 +118,8 @@ class FaustScoring:
             scorer = self.scorers.get(topic)
             if scorer is None:
                 continue
-            good, good_recs = [], []
+            good: list[DecodedRecord] = []
+            good_recs: list[RawRecord] = []
             for r in recs:
                 try:
                     good.append(validate(scorer.spec, r))
@@ -133,7 +136,8 @@ class FaustScoring:
             ts = cols.ts
             if res.rejected is not None and res.rejected.any():  # out of order: dead-lettered, as `pipeline run`
                 for i in np.flatnonzero(res.rejected).tolist():
-                    self._dead_letter(good_recs[i], "out_of_order", out_of_order_detail(float(ts[i]), scorer))
+                    detail = out_of_order_detail(float(ts[i]), scorer.allowed_lateness_s)
+                    self._dead_letter(good_recs[i], "out_of_order", detail)
                 keep = np.flatnonzero(~res.rejected)
                 good_recs, ts, res = [good_recs[i] for i in keep.tolist()], ts[keep], res.take(keep)
             if res.late is not None:
@@ -166,8 +170,6 @@ class FaustScoring:
             held = {p for (t, p) in self._next_offset if t == topic}
             for p in sorted(held - {p for t, p in keep if t == topic}):
                 scorer.store.drop_partition(p)
-                if isinstance(scorer.spec, TransactionStream):
-                    scorer.spec.drop_partition(p)
                 self._next_offset.pop((topic, p), None)
                 log.info("partition %s[%d] left this worker: its in-memory entity state is dropped", topic, p)
 

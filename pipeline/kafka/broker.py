@@ -78,9 +78,11 @@ class TansuBroker:
             "--storage-engine",
             self.storage,
         ]
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        with open(self.log_file or os.devnull, "ab") as out:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(  # noqa: S603 - an argument list, no shell: our binary, our arguments
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         try:
             wait_for_port("127.0.0.1", self.port, timeout)
         except BrokerError:

@@ -231,7 +231,7 @@ class KafkaSource:
     def _watch_connection(self, now: float) -> None:
         """Log broker loss and recovery once each (kafka-python reconnects by itself, with backoff)."""
         try:
-            client = self.consumer._client
+            client = self.consumer._client  # noqa: SLF001 - the consumer's connection state has no public API
             nodes = [node_id(b) for b in client.cluster.brokers()]
             up = any(client.connected(n) for n in nodes) if nodes else True
         except Exception:  # noqa: BLE001 - diagnostics must never break the poll loop

@@ -197,11 +197,12 @@ class FastPartitionRecords(_Stock):  # type: ignore[misc]
                     self.next_fetch_offset = batch.next_offset
                     batch = records.next_batch()
                     continue
-                batch._maybe_uncompress()
+                # kafka-python's private batch internals, on purpose: self_test() checks them at start-up
+                batch._maybe_uncompress()  # noqa: SLF001
                 log_append = bool(attributes & _LOG_APPEND_TIME)
                 parsed = parse_batch(
-                    bytes(batch._buffer),
-                    batch._pos,
+                    bytes(batch._buffer),  # noqa: SLF001
+                    batch._pos,  # noqa: SLF001
                     batch.records_count,
                     batch.base_offset,
                     batch.max_timestamp if log_append else batch.first_timestamp,

@@ -25,13 +25,14 @@ from typing import Any
 
 from models.lstm_ae import Checkpoint, bundled_checkpoint_path
 from models.lstm_forecast import ForecastCheckpoint, load_model
-from pipeline.app import build_scorers, ensure_models, options_from
+from pipeline.app import ensure_models, options_from
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.features.streams import TransactionStream
 from pipeline.kafka.replay_source import ReplaySource, SeekMode
 from pipeline.processor import Processor
 from pipeline.records import RawRecord
+from pipeline.scoring.factory import build_scorer
 from pipeline.scoring.scorer import StreamScorer
 from pipeline.sinks.sql import SqlStore
 
@@ -139,7 +140,7 @@ class _ProgressSource:
 def scorers_for(
     settings: Settings, topics: Sequence[str], stream: str | None, model: str | None
 ) -> dict[str, StreamScorer]:
-    """topic -> scorer, with the same construction as the live service (app.build_scorers)."""
+    """topic -> scorer, built as the live service builds its scorers (app.build_scorers)."""
     by_topic = {settings.transactions_topic: "transactions", settings.sensors_topic: "sensors"}
     checkpoint = resolve_model(model, settings) if model else None
     wanted: dict[str, str] = {}
@@ -151,12 +152,19 @@ def scorers_for(
     ckpts = ensure_models(settings)
     if checkpoint is not None:
         ckpts[str(checkpoint.card.get("stream", next(iter(wanted.values()))))] = checkpoint
-    out: dict[str, StreamScorer] = {}
-    for t, s in wanted.items():
-        # build_scorers maps the configured topic names; rebuild for each requested topic
-        single = settings.model_copy(update={"transactions_topic": t, "sensors_topic": t})
-        out[t] = build_scorers(single, {s: ckpts[s]})[t]
-    return out
+    return {
+        t: build_scorer(
+            s,
+            ckpts[s],
+            channels=settings.sensor_channels,
+            knobs=settings.threshold,
+            device=settings.device,
+            precision=settings.precision,
+            allowed_lateness_s=settings.allowed_lateness_s,
+            max_message_bytes=settings.max_message_bytes,
+        )
+        for t, s in wanted.items()
+    }
 
 
 def run_replay(

@@ -1,6 +1,5 @@
-"""Batched scoring of entity windows with an LSTM autoencoder, plus adaptive per-entity thresholds."""
+"""Batched scoring of entity windows (scorer), per-entity thresholds (threshold, knobs) and the one place that
+builds a stream's scorer (factory).
 
-from pipeline.scoring.scorer import ScoreBatch, StreamScorer, select_device
-from pipeline.scoring.threshold import AdaptiveThreshold
-
-__all__ = ["AdaptiveThreshold", "ScoreBatch", "StreamScorer", "select_device"]
+Nothing is re-exported here: `pipeline.config` imports the knobs, and importing this package must not import
+torch (which the scorer needs)."""

@@ -17,7 +17,8 @@ from models.lstm_ae import Checkpoint
 from models.lstm_forecast import ForecastCheckpoint
 from pipeline.errors import ScoringError
 from pipeline.features.streams import EventColumns, StreamSpec
-from pipeline.scoring.threshold import AdaptiveThreshold, DynamicThreshold
+from pipeline.scoring.threshold import AdaptiveThreshold, Threshold
+from pipeline.state.rounds import occurrence_rank, rounds
 from pipeline.state.store import EntityStateStore, Loader, StateLayout
 
 RAW_CLIP = 1e30  # finite but absurd readings stay finite in float32 windows and float64 statistics
@@ -30,25 +31,6 @@ def select_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ScoringError("device=cuda requested but torch sees no CUDA device")
     return torch.device(name)
-
-
-def occurrence_rank(slots: np.ndarray) -> np.ndarray:
-    """rank[i] = how many earlier events in the batch belong to the same slot."""
-    order = np.argsort(slots, kind="stable")
-    s = slots[order]
-    starts = np.r_[0, np.flatnonzero(s[1:] != s[:-1]) + 1]
-    group_start = np.repeat(starts, np.diff(np.r_[starts, len(s)]))
-    rank = np.empty(len(slots), np.int64)
-    rank[order] = np.arange(len(s)) - group_start
-    return rank
-
-
-def rounds(rank: np.ndarray) -> list[np.ndarray]:
-    if len(rank) == 0:
-        return []
-    order = np.argsort(rank, kind="stable")
-    bounds = np.searchsorted(rank[order], np.arange(int(rank.max()) + 2))
-    return [order[bounds[r] : bounds[r + 1]] for r in range(len(bounds) - 1)]
 
 
 @dataclass
@@ -103,7 +85,7 @@ class StreamScorer:
         spec: StreamSpec,
         checkpoint: Checkpoint | ForecastCheckpoint | None,
         *,
-        threshold: AdaptiveThreshold | DynamicThreshold | None = None,
+        threshold: Threshold | None = None,
         min_history: int = 8,
         device: str | torch.device = "cpu",
         loader: Loader | None = None,
@@ -142,7 +124,7 @@ class StreamScorer:
             self.device = torch.device("cpu")
         if prior is None or window is None:
             raise ScoringError("a scorer without a checkpoint needs prior and window")
-        self.threshold = threshold
+        self.threshold: Threshold | None = threshold
         self.min_history = min_history
         # a stateful model (models.lstm_forecast) keeps each entity's (h, c) in the state records
         recurrent = int(getattr(checkpoint, "state_size", 0)) if checkpoint is not None else 0
@@ -222,10 +204,11 @@ class StreamScorer:
         raw[idx], mean[idx], std[idx], count[idx] = feats, m, sd, store.count[s] + 1
 
     def savepoint(self, entity_ids: list[str], partitions: np.ndarray | None = None) -> Callable[[], None]:
-        """Undo for a batch of these entities about to be processed (see `process(atomic=True)`); the caller
-        may also undo a batch that succeeded, to re-run part of it."""
-        slots = self.store.resolve(entity_ids, partitions)
-        return self.store.savepoint(slots, occurrence_rank(slots))
+        """Undo for a batch of these entities about to be processed: if processing raises, the caller restores
+        the entities' state and can retry parts of the batch without applying an event twice (the service
+        isolates a failing record that way); it may also undo a batch that succeeded, to re-run part of it.
+        Costs one gather of the touched slots (about 1 ms per 5,000 events)."""
+        return self.store.savepoint(self.store.resolve(entity_ids, partitions))
 
     def process(
         self,
@@ -234,24 +217,12 @@ class StreamScorer:
         *,
         learn: bool = True,
         learn_scores: bool | None = None,
-        atomic: bool = False,
     ) -> ScoreBatch:
         """Score a micro-batch; learn=False freezes feature scaling and score statistics (see `prepare`).
 
         learn_scores (default: learn) decides separately whether normal scores update the entities' score
         statistics, e.g. frozen scaling (a benchmark's scaler fitted on its training part) with thresholds
-        that keep adapting to slow drift of the normal scores, as a long-running service does.
-
-        atomic=True: if anything raises, the entities' state is restored to what it was before the call, so
-        the caller can retry parts of the batch without applying an event twice (the service isolates a
-        failing record that way). Costs one gather of the touched slots (about 1 ms per 5,000 events)."""
-        if atomic:
-            undo = self.savepoint(cols.entity_ids, partitions)
-            try:
-                return self.process(cols, partitions, learn=learn, learn_scores=learn_scores)
-            except BaseException:
-                undo()
-                raise
+        that keep adapting to slow drift of the normal scores, as a long-running service does."""
         learn_scores = learn if learn_scores is None else learn_scores
         if self.checkpoint is None or self.threshold is None:
             raise ScoringError("scorer has no model")
@@ -267,25 +238,18 @@ class StreamScorer:
         anomalous = np.zeros(n, bool)
         raw_scores = scores
         scores = np.empty(n, np.float64)
-        frozen = None if p.late is None or p.rejected is None else p.late | p.rejected
+        held = None if p.late is None or p.rejected is None else p.late | p.rejected  # leave the statistics alone
+        stats = self.store.score_stats()
         for idx in p.order:
             s = p.slots[idx]
-            held = None if frozen is None else frozen[idx]
-            if held is not None and held.any():  # late/rejected events leave the score statistics alone
-                ema = self.store.score_ema[s[held]].copy()
-            thr = self.threshold.thresholds(self.store, s)
-            sc = self.threshold.smooth(self.store, s, raw_scores[idx])
             warm = p.count[idx] >= self.min_history
-            anom = warm & (sc > thr)
-            if held is not None and held.any():
-                self.store.score_ema[s[held]] = ema
-                assert p.rejected is not None
-                anom &= ~p.rejected[idx]
-                if learn_scores:
-                    self.threshold.observe(self.store, s, sc, warm & ~anom & ~held)
-            elif learn_scores:
-                self.threshold.observe(self.store, s, sc, warm & ~anom)
-            thresholds[idx], anomalous[idx], scores[idx] = thr, anom, sc
+            round_held = None if held is None else held[idx]
+            eligible = warm if p.rejected is None else warm & ~p.rejected[idx]
+            verdict = self.threshold.classify(stats, s, raw_scores[idx], eligible, round_held)
+            if learn_scores:
+                normal = warm & ~verdict.is_anomaly
+                self.threshold.observe(stats, s, verdict.scores, normal if round_held is None else normal & ~round_held)
+            scores[idx], thresholds[idx], anomalous[idx] = verdict
         reconstructed = recon * p.std + p.mean
         return ScoreBatch(
             p.slots,

@@ -13,35 +13,90 @@ accumulate evidence over several events while a single noisy reading fades. 1 = 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from pipeline.state.store import EntityStateStore
+from pipeline.scoring.knobs import ThresholdKnobs
+from pipeline.state.store import ScoreStats
+
+
+class Verdict(NamedTuple):
+    """One round of events (distinct entities): the score each was judged by, its threshold, the decision."""
+
+    scores: np.ndarray
+    thresholds: np.ndarray
+    is_anomaly: np.ndarray
+
+
+class Threshold(Protocol):
+    """What the scorer asks of a threshold, one round of distinct entities at a time."""
+
+    def classify(
+        self, stats: ScoreStats, slots: np.ndarray, scores: np.ndarray, eligible: np.ndarray, held: np.ndarray | None
+    ) -> Verdict:
+        """Judge the model's scores; only `eligible` events can be anomalous; `held` events (late or out of
+        order) are judged without moving the entity's smoothed score."""
+        ...
+
+    def observe(self, stats: ScoreStats, slots: np.ndarray, scores: np.ndarray, normal: np.ndarray) -> None:
+        """Learn from the judged scores of the `normal` events (anomalies are kept out)."""
+        ...
 
 
 @dataclass(frozen=True)
 class AdaptiveThreshold:
     global_threshold: float
-    warmup: int = 30
-    z: float = 4.0
-    floor_ratio: float = 1.0
-    smoothing: float = 1.0
+    knobs: ThresholdKnobs = ThresholdKnobs()
 
-    def __post_init__(self) -> None:
-        if not 0.0 < self.smoothing <= 1.0:
-            raise ValueError(f"smoothing must be in (0, 1]; got {self.smoothing}")
+    def classify(
+        self, stats: ScoreStats, slots: np.ndarray, scores: np.ndarray, eligible: np.ndarray, held: np.ndarray | None
+    ) -> Verdict:
+        thresholds = self.thresholds(stats, slots)
+        judged = self.smooth(stats, slots, scores, held)
+        return Verdict(judged, thresholds, eligible & (judged > thresholds))
 
-    def smooth(self, store: EntityStateStore, slots: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """Advance the entities' smoothed scores by one event each (slots distinct); returns them."""
-        return store.smooth_scores(slots, scores, self.smoothing)
+    def thresholds(self, stats: ScoreStats, slots: np.ndarray) -> np.ndarray:
+        """The model's global threshold while an entity is young, then its own (floored)."""
+        k = self.knobs
+        n = stats.n[slots]
+        std = np.sqrt(stats.m2[slots] / np.maximum(n - 1, 1))
+        own = np.expm1(stats.mean[slots] + k.z * std)
+        own = np.maximum(own, k.floor_ratio * self.global_threshold)
+        return np.where(n >= k.warmup, own, self.global_threshold)
 
-    def thresholds(self, store: EntityStateStore, slots: np.ndarray) -> np.ndarray:
-        return store.score_threshold(slots, self.global_threshold, self.warmup, self.z, self.floor_ratio)
+    def smooth(
+        self, stats: ScoreStats, slots: np.ndarray, scores: np.ndarray, held: np.ndarray | None = None
+    ) -> np.ndarray:
+        """EWMA of each entity's log1p-scores: a persistent fault accumulates, a one-off blip fades, and one
+        absurd score cannot hold the average up for long (log scale, like the statistics). Returns the smoothed
+        scores in score units; `held` events do not advance their entity's average. smoothing = 1 returns the
+        raw scores and keeps no average: nothing reads it, and the hot path need not pay for it."""
+        alpha = self.knobs.smoothing
+        if alpha >= 1.0:
+            return scores
+        x = np.log1p(np.maximum(scores, 0.0))
+        prev = stats.ema[slots]
+        smoothed = np.where(np.isnan(prev), x, alpha * x + (1.0 - alpha) * prev)
+        if held is None:
+            stats.ema[slots] = smoothed
+        else:
+            stats.ema[slots[~held]] = smoothed[~held]
+        return np.asarray(np.expm1(smoothed))
 
-    def observe(self, store: EntityStateStore, slots: np.ndarray, scores: np.ndarray, normal: np.ndarray) -> None:
-        """Feed normal scores into the entities' statistics (anomalies are kept out)."""
-        if normal.any():
-            store.update_score_stats(slots[normal], scores[normal])
+    def observe(self, stats: ScoreStats, slots: np.ndarray, scores: np.ndarray, normal: np.ndarray) -> None:
+        """Welford update of the entities' normal log1p-scores."""
+        if not normal.any():
+            return
+        s = slots[normal]
+        x = np.log1p(np.maximum(scores[normal], 0.0))
+        n = stats.n[s] + 1
+        m = stats.mean[s]
+        delta = x - m
+        m_new = m + delta / n
+        stats.m2[s] += delta * (x - m_new)
+        stats.mean[s] = m_new
+        stats.n[s] = n
 
 
 def telemanom_epsilon(
@@ -130,7 +185,15 @@ class DynamicThreshold:
         if not 0.0 < self.alpha <= 1.0 or not 0.0 <= self.prune < 1.0 or self.window < 10:
             raise ValueError(f"DynamicThreshold: alpha in (0, 1], prune in [0, 1), window >= 10; got {self}")
 
-    def smooth(self, store: EntityStateStore, slots: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    def classify(
+        self, stats: ScoreStats, slots: np.ndarray, scores: np.ndarray, eligible: np.ndarray, held: np.ndarray | None
+    ) -> Verdict:
+        """The ring follows every event, held ones too (see the class docstring)."""
+        thresholds = self.thresholds(slots)
+        judged = self.smooth(slots, scores)
+        return Verdict(judged, thresholds, eligible & (judged > thresholds))
+
+    def smooth(self, slots: np.ndarray, scores: np.ndarray) -> np.ndarray:
         out = np.empty(len(slots), np.float64)
         for i, (s, sc) in enumerate(zip(slots.tolist(), np.sqrt(np.maximum(scores, 0.0)).tolist(), strict=True)):
             prev = self._ema.get(s)
@@ -145,7 +208,7 @@ class DynamicThreshold:
             out[i] = ema * ema
         return out
 
-    def thresholds(self, store: EntityStateStore, slots: np.ndarray) -> np.ndarray:
+    def thresholds(self, slots: np.ndarray) -> np.ndarray:
         out = np.full(len(slots), self.global_threshold, np.float64)
         for i, s in enumerate(slots.tolist()):
             n = self._n.get(s, 0)
@@ -160,5 +223,5 @@ class DynamicThreshold:
             out[i] = fitted[0] ** 2
         return out
 
-    def observe(self, store: EntityStateStore, slots: np.ndarray, scores: np.ndarray, normal: np.ndarray) -> None:
+    def observe(self, stats: ScoreStats, slots: np.ndarray, scores: np.ndarray, normal: np.ndarray) -> None:
         """The ring already follows every event (see the class docstring)."""

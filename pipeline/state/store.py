@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import StateError
+from pipeline.state.rounds import occurrence_rank
 
-# v2 added score_ema (the entity's smoothed score); v1 blobs are migrated on load (smoothing restarts)
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 2  # see SLOT_ARRAYS
 
 
 @dataclass(frozen=True)
@@ -28,29 +28,12 @@ class StateLayout:
     recurrent: int = 0
 
     def dtype_of(self, version: int) -> np.dtype:
-        w, f = self.window, self.n_features
         fields: list[tuple[str, str] | tuple[str, str, tuple[int, ...]]] = [
             ("version", "<u2"),
             ("window", "<u2"),
             ("n_features", "<u2"),
-            ("count", "<i8"),
-            ("last_ts", "<f8"),
-            ("win", "<f4", (w, f)),  # oldest -> newest
-            ("feat_n", "<f8"),
-            ("feat_mean", "<f8", (f,)),
-            ("feat_m2", "<f8", (f,)),
-            ("score_n", "<f8"),
-            ("score_mean", "<f8"),
-            ("score_m2", "<f8"),
         ]
-        if version >= 2:
-            fields.append(("score_ema", "<f8"))
-        if self.recurrent:
-            fields += [
-                ("rnn_h", "<f4", (self.recurrent,)),
-                ("rnn_c", "<f4", (self.recurrent,)),
-                ("rnn_pred", "<f4", (f,)),
-            ]
+        fields += [(a.name, a.dtype, a.dims(self)) for a in SLOT_ARRAYS if a.persisted_in(self, version)]
         return np.dtype(fields)
 
     @property
@@ -62,33 +45,101 @@ class StateLayout:
         return int(self.dtype.itemsize)
 
 
-Loader = Callable[[Sequence[str]], dict[str, bytes]]
+@dataclass(frozen=True)
+class SlotArray:
+    """One per-entity array of EntityStateStore: its dtype, per-slot shape and the value of an empty slot, and
+    whether (since which layout version) the snapshot record holds it."""
+
+    name: str
+    dtype: str
+    dims: Callable[[StateLayout], tuple[int, ...]]
+    fresh: float = 0.0
+    persisted_since: int | None = None  # None: memory only
+    recurrent: bool = False  # only stateful models persist it
+
+    def persisted_in(self, layout: StateLayout, version: int) -> bool:
+        since = self.persisted_since
+        return since is not None and since <= version and (layout.recurrent > 0 or not self.recurrent)
 
 
-# every per-slot array of EntityStateStore besides the window ring `win`: one list for growth, byte
-# accounting and the scorer's undo savepoint (an array missing here would be silently left out of all three)
+def _one(layout: StateLayout) -> tuple[int, ...]:
+    return ()
+
+
+def _features(layout: StateLayout) -> tuple[int, ...]:
+    return (layout.n_features,)
+
+
+def _recurrent(layout: StateLayout) -> tuple[int, ...]:
+    return (layout.recurrent,)
+
+
+def _prediction(layout: StateLayout) -> tuple[int, ...]:
+    return (layout.n_features if layout.recurrent else 0,)
+
+
+RING = "win"  # the window ring (oldest -> newest in snapshots, which restore it with pos = 0)
+
+# The per-entity state layout, written once: it drives allocation, growth, slot reset, the undo savepoint,
+# byte accounting and the snapshot record (persisted arrays, in record order). v2 added score_ema (the
+# entity's smoothed score); v1 blobs are migrated on load (smoothing restarts).
 SLOT_ARRAYS = (
-    "pos",
-    "count",
-    "last_ts",
-    "feat_n",
-    "feat_mean",
-    "feat_m2",
-    "score_n",
-    "score_mean",
-    "score_m2",
-    "score_ema",
-    "rnn_h",
-    "rnn_c",
-    "rnn_pred",
-    "last_seen",
-    "dirty",
-    "partition",
+    SlotArray("count", "<i8", _one, persisted_since=1),
+    SlotArray("last_ts", "<f8", _one, fresh=np.nan, persisted_since=1),
+    SlotArray(RING, "<f4", lambda layout: (layout.window, layout.n_features), persisted_since=1),
+    SlotArray("feat_n", "<f8", _one, persisted_since=1),
+    SlotArray("feat_mean", "<f8", _features, persisted_since=1),
+    SlotArray("feat_m2", "<f8", _features, persisted_since=1),
+    SlotArray("score_n", "<f8", _one, persisted_since=1),
+    SlotArray("score_mean", "<f8", _one, persisted_since=1),
+    SlotArray("score_m2", "<f8", _one, persisted_since=1),
+    SlotArray("score_ema", "<f8", _one, fresh=np.nan, persisted_since=2),  # EWMA of log1p(score); NaN until scored
+    SlotArray("rnn_h", "<f4", _recurrent, persisted_since=1, recurrent=True),
+    SlotArray("rnn_c", "<f4", _recurrent, persisted_since=1, recurrent=True),
+    SlotArray("rnn_pred", "<f4", _prediction, fresh=np.nan, persisted_since=1, recurrent=True),  # NaN: no step yet
+    SlotArray("pos", "<i8", _one),  # next write index in the ring
+    SlotArray("last_seen", "<f8", _one),
+    SlotArray("dirty", "?", _one),
+    SlotArray("partition", "<i4", _one, fresh=-1),
 )
+
+
+@dataclass(frozen=True)
+class ScoreStats:
+    """A view (the store's own arrays, not copies) of the per-entity score statistics a threshold reads and
+    updates: Welford n, mean and m2 of the normal log1p-scores, and the smoothed log-score. Take it after the
+    batch's entities are resolved: resolving can grow (replace) the arrays."""
+
+    n: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+    ema: np.ndarray
+
+
+Loader = Callable[[Sequence[str]], dict[str, bytes]]
 
 
 class EntityStateStore:
     """Slots for live entities; `resolve` maps ids to slots, creating (or loading) the missing ones."""
+
+    # the arrays of SLOT_ARRAYS (allocated from it; named here for the type checker), one row per slot
+    count: np.ndarray
+    last_ts: np.ndarray
+    win: np.ndarray
+    feat_n: np.ndarray
+    feat_mean: np.ndarray
+    feat_m2: np.ndarray
+    score_n: np.ndarray
+    score_mean: np.ndarray
+    score_m2: np.ndarray
+    score_ema: np.ndarray
+    rnn_h: np.ndarray
+    rnn_c: np.ndarray
+    rnn_pred: np.ndarray
+    pos: np.ndarray
+    last_seen: np.ndarray
+    dirty: np.ndarray
+    partition: np.ndarray
 
     def __init__(
         self,
@@ -103,7 +154,7 @@ class EntityStateStore:
         global_features: Sequence[int] = (),
     ) -> None:
         self.layout = layout
-        w, f = layout.window, layout.n_features
+        f = layout.n_features
         self.prior_mean = np.asarray(prior_mean, dtype=np.float64).reshape(f)
         self.prior_var = np.maximum(np.asarray(prior_std, dtype=np.float64).reshape(f), 1e-6) ** 2
         self.prior_strength = float(prior_strength)
@@ -117,24 +168,8 @@ class EntityStateStore:
         self._ids: list[str | None] = []
         self._free: list[int] = []
         cap = max(16, capacity)
-        self.win = np.zeros((cap, w, f), np.float32)
-        self.pos = np.zeros(cap, np.int64)  # next write index in the ring
-        self.count = np.zeros(cap, np.int64)
-        self.last_ts = np.zeros(cap, np.float64)
-        self.feat_n = np.zeros(cap, np.float64)
-        self.feat_mean = np.zeros((cap, f), np.float64)
-        self.feat_m2 = np.zeros((cap, f), np.float64)
-        self.score_n = np.zeros(cap, np.float64)
-        self.score_mean = np.zeros(cap, np.float64)
-        self.score_m2 = np.zeros(cap, np.float64)
-        self.score_ema = np.full(cap, np.nan)  # EWMA of log1p(score); NaN until the entity's first score
-        r = layout.recurrent  # stateful models: (h, c) and the last prediction (NaN until the first step)
-        self.rnn_h = np.zeros((cap, r), np.float32)
-        self.rnn_c = np.zeros((cap, r), np.float32)
-        self.rnn_pred = np.full((cap, f if r else 0), np.nan, np.float32)
-        self.last_seen = np.zeros(cap, np.float64)
-        self.dirty = np.zeros(cap, bool)
-        self.partition = np.full(cap, -1, np.int32)
+        for a in SLOT_ARRAYS:
+            setattr(self, a.name, np.full((cap, *a.dims(layout)), a.fresh, a.dtype))
 
     # -- slots -------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -152,26 +187,21 @@ class EntityStateStore:
         if needed <= cap:
             return
         new = max(needed, cap * 2)
-        for name in ("win", *SLOT_ARRAYS):
-            old = getattr(self, name)
-            arr = np.zeros((new, *old.shape[1:]), old.dtype)
-            if name == "partition":
-                arr[:] = -1
-            elif name in ("score_ema", "rnn_pred"):
-                arr[:] = np.nan
+        for a in SLOT_ARRAYS:
+            old = getattr(self, a.name)
+            arr = np.full((new, *old.shape[1:]), a.fresh, old.dtype)
             arr[:cap] = old
-            setattr(self, name, arr)
+            setattr(self, a.name, arr)
 
-    def savepoint(self, slots: np.ndarray, rank: np.ndarray) -> Callable[[], None]:
-        """Undo for a batch about to be applied to `slots` (resolved; rank = each event's occurrence rank among
-        the batch's events of its slot): the slots' per-slot values and the window rows the batch's pushes can
-        overwrite (an entity's k-th event writes ring row pos + k; an entity with no event yet refills its
-        whole window, so new entities' windows are saved whole)."""
-        ring = (self.pos[slots] + rank) % self.layout.window
+    def savepoint(self, slots: np.ndarray) -> Callable[[], None]:
+        """Undo for a batch about to be applied to `slots` (resolved, batch order): the slots' per-slot values
+        and the window rows the batch's pushes can overwrite (an entity's k-th event writes ring row pos + k; an
+        entity with no event yet refills its whole window, so new entities' windows are saved whole)."""
+        ring = (self.pos[slots] + occurrence_rank(slots)) % self.layout.window
         rows = self.win[slots, ring]
         fresh = slots[self.count[slots] == 0]
         fresh_win = self.win[fresh]
-        saved = [(name, getattr(self, name)[slots]) for name in SLOT_ARRAYS]
+        saved = [(a.name, getattr(self, a.name)[slots]) for a in SLOT_ARRAYS if a.name != RING]
 
         def restore() -> None:
             self.win[slots, ring] = rows
@@ -194,22 +224,8 @@ class EntityStateStore:
         return slot
 
     def _reset_slot(self, slot: int) -> None:
-        self.win[slot] = 0
-        self.pos[slot] = 0
-        self.count[slot] = 0
-        self.last_ts[slot] = np.nan
-        self.feat_n[slot] = 0
-        self.feat_mean[slot] = 0
-        self.feat_m2[slot] = 0
-        self.score_n[slot] = 0
-        self.score_mean[slot] = 0
-        self.score_m2[slot] = 0
-        self.score_ema[slot] = np.nan
-        self.rnn_h[slot] = 0
-        self.rnn_c[slot] = 0
-        self.rnn_pred[slot] = np.nan
-        self.dirty[slot] = False
-        self.partition[slot] = -1
+        for a in SLOT_ARRAYS:
+            getattr(self, a.name)[slot] = a.fresh
 
     def resolve(self, entity_ids: Sequence[str], partitions: np.ndarray | None = None) -> np.ndarray:
         """Slots for `entity_ids` (batch order); unknown ids are loaded via `loader` or start fresh."""
@@ -279,90 +295,45 @@ class EntityStateStore:
         idx = (self.pos[slots][:, None] + np.arange(w)[None, :]) % w  # (B, W)
         return self.win[slots[:, None], idx]
 
-    def score_threshold(
-        self, slots: np.ndarray, global_threshold: float, warmup: int, z: float, floor_ratio: float
-    ) -> np.ndarray:
-        n = self.score_n[slots]
-        std = np.sqrt(self.score_m2[slots] / np.maximum(n - 1, 1))
-        own = np.expm1(self.score_mean[slots] + z * std)
-        own = np.maximum(own, floor_ratio * global_threshold)
-        return np.where(n >= warmup, own, global_threshold)
-
-    def smooth_scores(self, slots: np.ndarray, scores: np.ndarray, alpha: float) -> np.ndarray:
-        """EWMA of each entity's log1p-scores (slots distinct): a persistent fault accumulates, a one-off blip
-        fades, and one absurd score cannot hold the average up for long (log scale, like the threshold's
-        statistics). Returns the smoothed scores in score units. alpha = 1 (no smoothing, the default) returns
-        the raw scores and keeps no average: nothing reads it, and the hot path need not pay for it."""
-        if alpha >= 1.0:
-            return scores
-        x = np.log1p(np.maximum(scores, 0.0))
-        prev = self.score_ema[slots]
-        smoothed = np.where(np.isnan(prev), x, alpha * x + (1.0 - alpha) * prev)
-        self.score_ema[slots] = smoothed
-        return np.asarray(np.expm1(smoothed))
-
-    def update_score_stats(self, slots: np.ndarray, scores: np.ndarray) -> None:
-        x = np.log1p(np.maximum(scores, 0.0))
-        n = self.score_n[slots] + 1
-        m = self.score_mean[slots]
-        delta = x - m
-        m_new = m + delta / n
-        self.score_m2[slots] += delta * (x - m_new)
-        self.score_mean[slots] = m_new
-        self.score_n[slots] = n
+    def score_stats(self) -> ScoreStats:
+        return ScoreStats(self.score_n, self.score_mean, self.score_m2, self.score_ema)
 
     # -- snapshots -----------------------------------------------------------------------------------
     def snapshot(self, slots: np.ndarray) -> list[bytes]:
         """Fixed-size blobs for `slots` (one structured record each)."""
-        rec = np.zeros(len(slots), self.layout.dtype)
+        layout = self.layout
+        rec = np.zeros(len(slots), layout.dtype)
         rec["version"] = LAYOUT_VERSION
-        rec["window"] = self.layout.window
-        rec["n_features"] = self.layout.n_features
-        rec["count"] = self.count[slots]
-        rec["last_ts"] = self.last_ts[slots]
-        rec["win"] = self.windows(slots)
-        rec["feat_n"] = self.feat_n[slots]
-        rec["feat_mean"] = self.feat_mean[slots]
-        rec["feat_m2"] = self.feat_m2[slots]
-        rec["score_n"] = self.score_n[slots]
-        rec["score_mean"] = self.score_mean[slots]
-        rec["score_m2"] = self.score_m2[slots]
-        rec["score_ema"] = self.score_ema[slots]
-        if self.layout.recurrent:
-            rec["rnn_h"], rec["rnn_c"], rec["rnn_pred"] = self.rnn_h[slots], self.rnn_c[slots], self.rnn_pred[slots]
+        rec["window"] = layout.window
+        rec["n_features"] = layout.n_features
+        for a in SLOT_ARRAYS:
+            if a.persisted_in(layout, LAYOUT_VERSION):
+                rec[a.name] = self.windows(slots) if a.name == RING else getattr(self, a.name)[slots]
         buf = rec.tobytes()
-        size = self.layout.blob_size
+        size = layout.blob_size
         return [buf[i * size : (i + 1) * size] for i in range(len(slots))]
 
     def _restore_slot(self, slot: int, blob: bytes, entity_id: str) -> None:
+        """Into a fresh slot: arrays the blob's version lacks keep their fresh values, the ring starts at 0."""
+        layout = self.layout
         version = int(np.frombuffer(blob[:2], "<u2")[0]) if len(blob) >= 2 else -1
-        if version not in (1, LAYOUT_VERSION) or len(blob) != self.layout.dtype_of(version).itemsize:
+        if version not in (1, LAYOUT_VERSION) or len(blob) != layout.dtype_of(version).itemsize:
             raise StateError(
                 f"state of {entity_id!r}: {len(blob)} bytes of layout v{version}; this model needs "
-                f"v{LAYOUT_VERSION} with {self.layout.blob_size} bytes (window={self.layout.window} "
-                f"features={self.layout.n_features}). Migrate or start a new run_id."
+                f"v{LAYOUT_VERSION} with {layout.blob_size} bytes (window={layout.window} "
+                f"features={layout.n_features}). Migrate or start a new run_id."
             )
-        rec = np.frombuffer(blob, self.layout.dtype_of(version))[0]
-        if (int(rec["window"]), int(rec["n_features"])) != (self.layout.window, self.layout.n_features):
+        rec = np.frombuffer(blob, layout.dtype_of(version))[0]
+        if (int(rec["window"]), int(rec["n_features"])) != (layout.window, layout.n_features):
             raise StateError(
                 f"state of {entity_id!r} was saved with layout v{rec['version']} window={rec['window']} "
-                f"features={rec['n_features']}; this model needs window={self.layout.window} "
-                f"features={self.layout.n_features}. Migrate or start a new run_id."
+                f"features={rec['n_features']}; this model needs window={layout.window} "
+                f"features={layout.n_features}. Migrate or start a new run_id."
             )
-        self.win[slot] = rec["win"]
-        self.pos[slot] = 0
-        self.count[slot] = rec["count"]
-        self.last_ts[slot] = rec["last_ts"]
+        for a in SLOT_ARRAYS:
+            if a.persisted_in(layout, version):
+                getattr(self, a.name)[slot] = rec[a.name]
         self.last_seen[slot] = rec["last_ts"]
-        self.feat_n[slot] = rec["feat_n"]
-        self.feat_mean[slot] = rec["feat_mean"]
-        self.feat_m2[slot] = rec["feat_m2"]
-        self.score_n[slot] = rec["score_n"]
-        self.score_mean[slot] = rec["score_mean"]
-        self.score_m2[slot] = rec["score_m2"]
-        self.score_ema[slot] = rec["score_ema"] if version >= 2 else np.nan
-        if self.layout.recurrent:
-            self.rnn_h[slot], self.rnn_c[slot], self.rnn_pred[slot] = rec["rnn_h"], rec["rnn_c"], rec["rnn_pred"]
 
     def dirty_slots(self, partition: int | None = None) -> np.ndarray:
         live = self.live_slots()
@@ -407,4 +378,4 @@ class EntityStateStore:
 
     def nbytes_per_entity(self) -> float:
         """Array bytes per slot (excludes the id map; bench measures the whole process)."""
-        return sum(getattr(self, name).nbytes for name in ("win", *SLOT_ARRAYS)) / max(1, self.capacity)
+        return sum(getattr(self, a.name).nbytes for a in SLOT_ARRAYS) / max(1, self.capacity)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sinks.sql import SqlStore
+from pipeline.sinks import AlertQueries, Database
 from tests.alerts_seed import seed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,12 +33,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture()
-def server(sqlite_store: SqlStore) -> Iterator[str]:
+def server(sqlite_store: Database) -> Iterator[str]:
     from pipeline.api import create_app
     from pipeline.api.server import ApiServer
 
     seed(sqlite_store)
-    srv = ApiServer(create_app(sqlite_store), port=_free_port()).start()
+    srv = ApiServer(create_app(AlertQueries(sqlite_store)), port=_free_port()).start()
     try:
         yield srv.url
     finally:

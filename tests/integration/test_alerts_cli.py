@@ -10,13 +10,13 @@ import typer
 from typer.testing import CliRunner
 
 from pipeline.alerts.cli import parse_since, register
-from pipeline.sinks.sql import SqlStore
+from pipeline.sinks import Database
 from tests.alerts_seed import seed
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest) -> SqlStore:
-    s: SqlStore = request.getfixturevalue("pg_store" if request.param == "postgresql" else "sqlite_store")
+def db(request: pytest.FixtureRequest) -> Database:
+    s: Database = request.getfixturevalue("pg_store" if request.param == "postgresql" else "sqlite_store")
     seed(s)
     return s
 
@@ -28,43 +28,46 @@ def cli() -> typer.Typer:
     return app
 
 
-def run(cli: typer.Typer, store: SqlStore, *args: str) -> Any:
-    res = CliRunner().invoke(cli, ["alerts", *args, "--database-url", store.url])
+def run(cli: typer.Typer, db: Database, *args: str) -> Any:
+    res = CliRunner().invoke(cli, ["alerts", *args, "--database-url", db.url])
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout) if "--json" in args else res.stdout
 
 
-def test_list_filters(cli: typer.Typer, store: SqlStore) -> None:
-    rows = run(cli, store, "list", "--json")
+def test_list_filters(cli: typer.Typer, db: Database) -> None:
+    rows = run(cli, db, "list", "--json")
     assert len(rows) == 7 and rows[0]["event_time"] >= rows[-1]["event_time"]
-    assert {r["entity_id"] for r in run(cli, store, "list", "--entity", "C1", "--json")} == {"C1"}
-    assert {r["entity_id"] for r in run(cli, store, "list", "--status", "resolved", "--json")} == {"D7"}
-    assert len(run(cli, store, "list", "--since", "2024-05-01T10:41:00Z", "--json")) == 4
-    assert run(cli, store, "list", "--since", "1h", "--json") == []  # seeded event times are in 2024
-    incs = run(cli, store, "list", "--incidents", "--status", "open", "--json")
+    assert {r["entity_id"] for r in run(cli, db, "list", "--entity", "C1", "--json")} == {"C1"}
+    assert {r["entity_id"] for r in run(cli, db, "list", "--status", "resolved", "--json")} == {"D7"}
+    assert len(run(cli, db, "list", "--since", "2024-05-01T10:41:00Z", "--json")) == 4
+    assert run(cli, db, "list", "--since", "1h", "--json") == []  # seeded event times are in 2024
+    incs = run(cli, db, "list", "--incidents", "--status", "open", "--json")
     assert {i["entity_id"] for i in incs} == {"C1", "C2"}
-    assert "C1" in run(cli, store, "list", "--incidents")  # the table view renders
+    assert "C1" in run(cli, db, "list", "--incidents")  # the table view renders
 
 
-def test_ack_and_label(cli: typer.Typer, store: SqlStore) -> None:
-    alert = run(cli, store, "list", "--entity", "C2", "--json")[0]
-    out = run(cli, store, "ack", str(alert["id"]), "--by", "ana", "--json")
+def test_ack_and_label(cli: typer.Typer, db: Database) -> None:
+    alert = run(cli, db, "list", "--entity", "C2", "--json")[0]
+    out = run(cli, db, "ack", str(alert["id"]), "--by", "ana", "--json")
     assert out["acked"]["acked_by"] == "ana" and out["acked"]["acked_at"].endswith("Z")
-    assert [r["id"] for r in run(cli, store, "list", "--status", "acked", "--json")] == [alert["id"]]
-    out = run(cli, store, "label", str(alert["id"]), "--fp", "--json")
+    assert [r["id"] for r in run(cli, db, "list", "--status", "acked", "--json")] == [alert["id"]]
+    out = run(cli, db, "label", str(alert["id"]), "--fp", "--json")
     assert out["labeled"]["label"] == "fp"
-    inc = run(cli, store, "list", "--incidents", "--entity", "C1", "--json")[0]
-    out = run(cli, store, "label", str(inc["id"]), "--tp", "--incident", "--json")
+    inc = run(cli, db, "list", "--incidents", "--entity", "C1", "--json")[0]
+    out = run(cli, db, "label", str(inc["id"]), "--tp", "--incident", "--json")
     assert out["labeled"]["label"] == "tp" and out["rows"] == 6
-    assert len(run(cli, store, "list", "--status", "tp", "--json")) == 5
+    assert len(run(cli, db, "list", "--status", "tp", "--json")) == 5
 
 
-def test_errors_are_clear(cli: typer.Typer, sqlite_store: SqlStore) -> None:
+def test_errors_are_clear(cli: typer.Typer, sqlite_store: Database) -> None:
     from pipeline.errors import PipelineError
 
     for args in (["ack", "424242"], ["label", "1"], ["list", "--status", "bogus"], ["list", "--since", "yesterday"]):
         res = CliRunner().invoke(cli, ["alerts", *args, "--database-url", sqlite_store.url])
         assert res.exit_code != 0 and isinstance(res.exception, PipelineError), args
+    down = "postgresql+psycopg2://nobody@127.0.0.1:1/none?connect_timeout=1"  # nothing listens on port 1
+    res = CliRunner().invoke(cli, ["alerts", "list", "--database-url", down])
+    assert isinstance(res.exception, PipelineError) and "cannot reach the database" in str(res.exception)
 
 
 def test_parse_since() -> None:

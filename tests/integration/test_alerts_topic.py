@@ -13,7 +13,7 @@ from pipeline.alerts.outbox import OutboxRelay
 from pipeline.errors import SinkError
 from pipeline.kafka.client import KafkaPublisher, ensure_topics
 from pipeline.kafka.tail import follow
-from pipeline.sinks.sql import SqlStore
+from pipeline.sinks import AlertQueries, Database, SqlCheckpointStore
 from tests.alerts_seed import seed
 
 
@@ -43,19 +43,20 @@ def alerts_topic(kafka_bootstrap: str, topic_prefix: str) -> str:
 
 
 def test_crash_before_publish_is_republished_on_restart(
-    pg_store: SqlStore, kafka_bootstrap: str, alerts_topic: str
+    pg_store: Database, kafka_bootstrap: str, alerts_topic: str
 ) -> None:
+    queries = AlertQueries(pg_store)
     seed(pg_store)  # the checkpoint committed, then the process died before the relay ran
-    rows = pg_store.outbox_rows("live", unpublished=True)
+    rows = queries.outbox_rows("live", unpublished=True)
     assert rows
     publisher = KafkaPublisher(kafka_bootstrap, alerts_topic)
     try:
-        relay = OutboxRelay(pg_store, publisher, "live")  # the restarted worker
+        relay = OutboxRelay(SqlCheckpointStore(pg_store), publisher, "live")  # the restarted worker
         assert relay.backlog and relay.drain() == len(rows)
         assert relay.drain() == 0
     finally:
         publisher.close()
-    assert pg_store.outbox_rows("live", unpublished=True) == []
+    assert queries.outbox_rows("live", unpublished=True) == []
     got = _read(kafka_bootstrap, alerts_topic)
     assert sorted(m["incident"]["message_id"] for _, m in got) == sorted(r["message_id"] for r in rows)
     assert all(k == m["entity_id"] for k, m in got)  # keyed by entity
@@ -65,7 +66,7 @@ def test_crash_before_publish_is_republished_on_restart(
         prev = latest.get(m["incident"]["key"])
         assert prev is None or prev["incident"]["seq"] < m["incident"]["seq"]
         latest[m["incident"]["key"]] = m
-    for inc in pg_store.list_incidents(run_id="live"):
+    for inc in queries.list_incidents(run_id="live"):
         m = latest[inc["incident_key"]]
         assert (m["incident"]["status"], m["incident"]["seq"], m["incident"]["alert_count"]) == (
             inc["status"],
@@ -75,16 +76,17 @@ def test_crash_before_publish_is_republished_on_restart(
 
 
 def test_crash_after_publish_before_mark_duplicates_but_consumers_dedupe(
-    pg_store: SqlStore, kafka_bootstrap: str, alerts_topic: str
+    pg_store: Database, kafka_bootstrap: str, alerts_topic: str
 ) -> None:
+    queries, outbox = AlertQueries(pg_store), SqlCheckpointStore(pg_store)
     seed(pg_store)
-    rows = pg_store.outbox_rows("live")
+    rows = queries.outbox_rows("live")
     publisher = KafkaPublisher(kafka_bootstrap, alerts_topic)
     try:
         with pytest.raises(SinkError):
-            OutboxRelay(pg_store, CrashAfterPublish(publisher), "live").drain()
-        assert len(pg_store.outbox_rows("live", unpublished=True)) == len(rows)  # nothing marked
-        assert OutboxRelay(pg_store, publisher, "live").drain() == len(rows)
+            OutboxRelay(outbox, CrashAfterPublish(publisher), "live").drain()
+        assert len(queries.outbox_rows("live", unpublished=True)) == len(rows)  # nothing marked
+        assert OutboxRelay(outbox, publisher, "live").drain() == len(rows)
     finally:
         publisher.close()
     got = _read(kafka_bootstrap, alerts_topic)
@@ -92,7 +94,7 @@ def test_crash_after_publish_before_mark_duplicates_but_consumers_dedupe(
     assert {m["incident"]["message_id"] for _, m in got} == {r["message_id"] for r in rows}
 
 
-def test_cli_tail_follows_the_alerts_topic(pg_store: SqlStore, kafka_bootstrap: str, alerts_topic: str) -> None:
+def test_cli_tail_follows_the_alerts_topic(pg_store: Database, kafka_bootstrap: str, alerts_topic: str) -> None:
     import typer
 
     from pipeline.alerts.cli import register
@@ -102,7 +104,7 @@ def test_cli_tail_follows_the_alerts_topic(pg_store: SqlStore, kafka_bootstrap: 
     seed(pg_store)
     publisher = KafkaPublisher(kafka_bootstrap, alerts_topic)
     try:
-        n = OutboxRelay(pg_store, publisher, "live").drain()
+        n = OutboxRelay(SqlCheckpointStore(pg_store), publisher, "live").drain()
     finally:
         publisher.close()
     res = CliRunner().invoke(

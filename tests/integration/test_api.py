@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from fastapi.testclient import TestClient
 
 from pipeline.api import create_app
-from pipeline.sinks.sql import SqlStore
+from pipeline.sinks import AlertQueries, Database
 from tests.alerts_seed import seed
+
+DOWN_URL = "postgresql+psycopg2://nobody@127.0.0.1:1/none?connect_timeout=1"  # nothing listens on port 1
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def client(request: pytest.FixtureRequest) -> TestClient:
-    store: SqlStore = request.getfixturevalue("pg_store" if request.param == "postgresql" else "sqlite_store")
-    seed(store)
-    return TestClient(create_app(store))
+    db: Database = request.getfixturevalue("pg_store" if request.param == "postgresql" else "sqlite_store")
+    seed(db)
+    return TestClient(create_app(AlertQueries(db)))
+
+
+@pytest.fixture()
+def down() -> Iterator[TestClient]:
+    """The API in front of a PostgreSQL that refuses connections."""
+    db = Database(DOWN_URL)
+    try:
+        yield TestClient(create_app(AlertQueries(db)))
+    finally:
+        db.dispose()
 
 
 def test_incidents_alerts_and_scores(client: TestClient) -> None:
@@ -54,12 +68,26 @@ def test_health_ready_metrics_and_page(client: TestClient) -> None:
     assert "plotScores" in client.get("/app.js").text
 
 
-def test_readyz_is_503_without_a_database(tmp_path: object) -> None:
-    store = SqlStore("postgresql+psycopg2://nobody@127.0.0.1:1/none?connect_timeout=1")
-    c = TestClient(create_app(store))
-    assert c.get("/readyz").status_code == 503
-    assert c.get("/healthz").status_code == 200
-    assert c.get("/metrics").status_code == 200
+def test_readyz_is_503_without_a_database(down: TestClient) -> None:
+    assert down.get("/readyz").status_code == 503
+    assert down.get("/healthz").status_code == 200
+    assert down.get("/metrics").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        ("/api/alerts", "could not query alerts: database unavailable"),
+        ("/api/alerts/1", "could not read alert 1: database unavailable"),
+        ("/api/incidents", "could not list incidents: database unavailable"),
+        ("/api/incidents/1", "could not read incident 1: database unavailable"),
+        ("/api/entities/C1/scores", "could not read score samples: database unavailable"),
+    ],
+)
+def test_reads_without_a_database_are_503_with_what_failed(down: TestClient, path: str, says: str) -> None:
+    r = down.get(path)
+    assert r.status_code == 503, r.text
+    assert r.json()["detail"].startswith(says)
 
 
 @pytest.mark.parametrize(
@@ -86,11 +114,11 @@ def test_bad_input_is_422_with_the_reason(client: TestClient, path: str, says: s
     assert says in r.text
 
 
-def test_run_id_scopes_every_endpoint(pg_store: SqlStore) -> None:
+def test_run_id_scopes_every_endpoint(pg_store: Database) -> None:
     seed(pg_store, run_id="other")
     seed(pg_store, run_id="live")
-    every = TestClient(create_app(pg_store))
-    mine = TestClient(create_app(pg_store, run_id="live"))
+    every = TestClient(create_app(AlertQueries(pg_store)))
+    mine = TestClient(create_app(AlertQueries(pg_store), run_id="live"))
     other_alerts = [a for a in every.get("/api/alerts", params={"limit": 5000}).json() if a["run_id"] == "other"]
     other_incs = [i for i in every.get("/api/incidents", params={"limit": 5000}).json() if i["run_id"] == "other"]
     assert other_alerts and other_incs
@@ -111,18 +139,13 @@ def test_run_id_scopes_every_endpoint(pg_store: SqlStore) -> None:
     assert "pipeline_open_incidents 4.0" in every.get("/metrics").text
 
 
-def test_metrics_reads_nan_without_a_database_but_does_not_hide_bugs(pg_store: SqlStore) -> None:
-    down = TestClient(create_app(SqlStore("postgresql+psycopg2://nobody@127.0.0.1:1/none?connect_timeout=1")))
+def test_metrics_reads_nan_without_a_database_but_does_not_hide_bugs(pg_store: Database, down: TestClient) -> None:
     body = down.get("/metrics").text
     assert "pipeline_open_incidents NaN" in body and "pipeline_alerts_outbox_unpublished NaN" in body
 
-    class Broken(SqlStore):
+    class Broken(AlertQueries):
         def lifecycle_stats(self, run_id: str | None = None) -> dict[str, int]:
             raise KeyError("open_incidents")  # a bug, not an outage: it must surface as a 500
 
-    broken = Broken(pg_store.engine.url.render_as_string(hide_password=False))
-    try:
-        r = TestClient(create_app(broken), raise_server_exceptions=False).get("/metrics")
-        assert r.status_code == 500
-    finally:
-        broken.dispose()
+    r = TestClient(create_app(Broken(pg_store)), raise_server_exceptions=False).get("/metrics")
+    assert r.status_code == 500

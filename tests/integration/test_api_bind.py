@@ -51,7 +51,8 @@ def test_metrics_and_api_bind_loopback_unless_told(
     kafka_bootstrap: str, pg_url: str, topic_prefix: str, tmp_path: Path, host: str | None
 ) -> None:
     try:
-        socket.socket().bind(("127.0.0.2", 0))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.2", 0))
     except OSError:
         pytest.skip("127.0.0.2 is not a loopback address here")
     mport, aport = _free_port(), _free_port()

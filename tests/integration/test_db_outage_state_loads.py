@@ -11,8 +11,17 @@ from typing import Any
 
 import pytest
 
-from pipeline.app import build_scorers, enable_incidents, ensure_models
-from pipeline.kafka.client import KafkaDeadLetterSink, KafkaSource, ensure_topics, make_producer, produce_json
+from pipeline.alerts.outbox import OutboxRelay
+from pipeline.app import build_scorers, ensure_models, incident_tracker
+from pipeline.kafka.client import (
+    KafkaDeadLetterSink,
+    KafkaPublisher,
+    KafkaSource,
+    ensure_topics,
+    make_producer,
+    produce_json,
+)
+from pipeline.processing.retry import DbRetry
 from pipeline.processor import Processor, ProcessorOptions
 from pipeline.replay.core import run_replay
 from pipeline.simulate import simulate_transactions, strip_labels
@@ -60,6 +69,8 @@ def test_database_cut_while_loading_new_entities_waits_not_ready_then_delivers(
     # no state snapshot falls due during the cut (they are staggered over the interval, one partition every
     # 2.5 s by default): else a snapshot checkpoint may hit the cut before the new payments are polled, and
     # the processor waits in the checkpoint retry instead of in the state loads this test is about
+    retry = DbRetry(max_delay_s=1.0)
+    publisher = KafkaPublisher(kafka_bootstrap, s.alerts_topic)
     proc = Processor(
         source,
         db,
@@ -68,8 +79,10 @@ def test_database_cut_while_loading_new_entities_waits_not_ready_then_delivers(
         ProcessorOptions(
             run_id="live", group_id=s.group_id, db_retry_max_s=1.0, commit_interval_ms=100, snapshot_interval_s=3600.0
         ),
+        tracker=incident_tracker(s, db, retry),  # open-incident loads go through the proxy too
+        relay=OutboxRelay(db, publisher, "live"),
+        db_retry=retry,
     )
-    publisher = enable_incidents(proc, s, db, kafka_bootstrap)  # open-incident loads go through the proxy too
     first = _payments(60, 40, seed=31, prefix="A", bursts=2)
     second = _payments(200, 12, seed=32, prefix="B", bursts=0)  # 200 customers never seen: state loads
     runner = Runner(proc).start()

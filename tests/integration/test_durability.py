@@ -112,19 +112,19 @@ def test_database_unavailable_backs_off_commits_nothing_then_delivers(
         wait_until(
             lambda: (
                 _durable(pg_store, "live", s.group_id) == len(normal)
-                and sum(proc.checkpointer.positions.committed.values()) == len(normal)
+                and sum(proc.partitions.committed.values()) == len(normal)
             ),
             60,
             "normal part durable",
         )
-        committed_before = dict(proc.checkpointer.positions.committed)
+        committed_before = dict(proc.partitions.committed)
         kafka_before = {p: probe.committed((s.sensors_topic, p)) for p in range(PARTITIONS)}
         tx = locker.begin()
         locker.execute(text("LOCK TABLE alerts, partition_checkpoints IN ACCESS EXCLUSIVE MODE"))
         produce_sensors(kafka_bootstrap, s.sensors_topic, anomalous, create=False)
         wait_until(lambda: proc.stats.db_failures >= 4, 30, "checkpoint retries")
         assert len(proc.checkpointer.pending) > 0, "alerts are waiting for the database"
-        assert proc.checkpointer.positions.committed == committed_before
+        assert proc.partitions.committed == committed_before
         assert {p: probe.committed((s.sensors_topic, p)) for p in range(PARTITIONS)} == kafka_before, (
             "offsets committed to Kafka while their alerts were not durable"
         )

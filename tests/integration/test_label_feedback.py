@@ -49,13 +49,13 @@ def _ts(value: str) -> float:
 def feedback_model() -> Any:
     spec = TransactionStream(terminal_context=True, fraud_feedback_tau_s=FEEDBACK_TAU)
     recs = strip_labels(simulate_transactions(40, 30, seed=21)[0])
-    cols = spec.columns([spec.parse(r) for r in recs])
+    cols = spec.columns([spec.parse(r) for r in recs], contexts={0: spec.new_context()})
     cfg = LSTMAEConfig(n_features=spec.n_features, window=8, hidden_size=8, latent_size=2, score_features=(0, 8))
     return train_stream_model(spec, cols, model=cfg, train=TrainConfig(epochs=1, seed=0), min_history=1)
 
 
 def _state(ctx: TerminalContext) -> dict[str, np.ndarray]:
-    return {t: np.array([getattr(ctx, a)[i] for a in TerminalContext._ARRAYS]) for t, i in ctx._slot.items()}
+    return {t: np.array([getattr(ctx, a)[i] for a in TerminalContext.ARRAYS]) for t, i in ctx.slots.items()}
 
 
 def _expected(bootstrap: str, tx_topic: str, labels_topic: str) -> dict[int, TerminalContext]:
@@ -86,6 +86,11 @@ def _expected(bootstrap: str, tx_topic: str, labels_topic: str) -> dict[int, Ter
         ctx.features(d["tt"], np.array(d["ts"]), np.array(d["amt"]))
         out[p] = ctx
     return out
+
+
+def _contexts(proc: Processor, topic: str) -> dict[int, TerminalContext]:
+    """The terminal contexts the processor holds in its partitions' states, by partition."""
+    return {st.tp[1]: st.context for st in proc.partitions.of_topic(topic) if st.context is not None}
 
 
 def _assert_same_contexts(got: dict[int, TerminalContext], expected: dict[int, TerminalContext]) -> None:
@@ -170,13 +175,11 @@ def test_labels_reach_their_partitions_terminal_context_and_survive_a_restart(
     assert n_labels == PARTITIONS * len(labels)
 
     proc, src, dlq = _processor(s, feedback_model, kafka_bootstrap, pg_store)
-    spec = proc.scorers[s.transactions_topic].spec
-    assert isinstance(spec, TransactionStream)
     _run_phase(
         proc,
         src,
         dlq,
-        lambda: sum(c.pending_labels for c in spec.contexts.values()) == n_labels,
+        lambda: sum(c.pending_labels for c in _contexts(proc, s.transactions_topic).values()) == n_labels,
         kafka_bootstrap,
         s.transactions_topic,
         first,
@@ -185,13 +188,13 @@ def test_labels_reach_their_partitions_terminal_context_and_survive_a_restart(
         len(first),
     )
     expected = _expected(kafka_bootstrap, s.transactions_topic, s.labels_topic)
-    _assert_same_contexts(spec.contexts, expected)
+    _assert_same_contexts(_contexts(proc, s.transactions_topic), expected)
     committed = _committed(pg_store, s.group_id, s.labels_topic)
     for p, ctx in expected.items():
         # the labels partition is durable exactly up to its oldest label not applied yet (the second part's)
         assert ctx.first_pending_offset is not None and committed[p] == ctx.first_pending_offset
     assert 0 < sum(committed.values()) < n_labels
-    risky = [c.fb_fraud[c._slot[compromised]] for c in expected.values() if compromised in c._slot]
+    risky = [c.fb_fraud[c.slots[compromised]] for c in expected.values() if compromised in c.slots]
     assert risky and max(risky) > 0.5  # the compromised terminal's fraud labels were folded in
     dead = read_topic(kafka_bootstrap, s.dlq_topic)
     assert {v["reason"] for _, v in dead} == {"missing_field"}
@@ -200,8 +203,6 @@ def test_labels_reach_their_partitions_terminal_context_and_survive_a_restart(
     # restart: contexts come back from the snapshot, pending labels are re-read, the rest of the payments flow
     db2 = SqlStore(pg_url)
     proc2, src2, dlq2 = _processor(s, feedback_model, kafka_bootstrap, db2)
-    spec2 = proc2.scorers[s.transactions_topic].spec
-    assert isinstance(spec2, TransactionStream)
     pending = sum(c.pending_labels for c in expected.values())
     _run_phase(
         proc2,
@@ -209,8 +210,8 @@ def test_labels_reach_their_partitions_terminal_context_and_survive_a_restart(
         dlq2,
         lambda: (
             proc2.ready.is_set()
-            and len(spec2.contexts) == len(expected)
-            and sum(c.pending_labels for c in spec2.contexts.values()) == pending
+            and len(_contexts(proc2, s.transactions_topic)) == len(expected)
+            and sum(c.pending_labels for c in _contexts(proc2, s.transactions_topic).values()) == pending
         ),
         kafka_bootstrap,
         s.transactions_topic,
@@ -221,7 +222,7 @@ def test_labels_reach_their_partitions_terminal_context_and_survive_a_restart(
     )
     # restored context + re-read labels + new payments == one uninterrupted computation over both logs
     expected = _expected(kafka_bootstrap, s.transactions_topic, s.labels_topic)
-    _assert_same_contexts(spec2.contexts, expected)
+    _assert_same_contexts(_contexts(proc2, s.transactions_topic), expected)
     committed = _committed(db2, s.group_id, s.labels_topic)
     for p, ctx in expected.items():  # the last day's labels are not due yet
         assert ctx.first_pending_offset is not None and committed[p] == ctx.first_pending_offset
@@ -368,9 +369,7 @@ def test_terminal_contexts_move_with_their_partitions_on_a_rebalance(
             60,
             "two workers, each with 2 + 2 partitions, and the first half durable",
         )
-        spec2 = w2.scorers[s.transactions_topic].spec
-        assert isinstance(spec2, TransactionStream)
-        moved = set(spec2.contexts)
+        moved = set(_contexts(w2, s.transactions_topic))
         assert len(moved) == PARTITIONS // 2  # w2 built contexts for its own partitions
         r2.stop.set()
         r2.join(30)
@@ -384,10 +383,8 @@ def test_terminal_contexts_move_with_their_partitions_on_a_rebalance(
         wait_until(lambda: durable(len(txs)), 60, "second half durable")
     finally:
         stop_workers([r1, r2], [src1, src2, dlq1, dlq2])
-    spec1 = w1.scorers[s.transactions_topic].spec
-    assert isinstance(spec1, TransactionStream)
     expected = _expected(kafka_bootstrap, s.transactions_topic, s.labels_topic)
-    _assert_same_contexts(spec1.contexts, expected)  # the moved ones continued from w2's snapshots
+    _assert_same_contexts(_contexts(w1, s.transactions_topic), expected)  # the moved ones continued from w2's snapshots
     committed = _committed(pg_store, s.group_id, s.labels_topic)
     for p, ctx in expected.items():
         assert committed[p] == ctx.first_pending_offset

@@ -60,7 +60,11 @@ def test_broker_log_reset_is_detected_logged_counted_and_read_from_the_start(
         source.close()
         dlq.close()
     assert proc.stats.scored == len(old) + len(new), "events of the new log were skipped"
-    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and r.name == "pipeline.processor"]
+    errors = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.ERROR and r.name == "pipeline.processing.recovery"
+    ]
     assert any(
         s.sensors_topic in m and "stored position" in m and "past the end" in m and "earliest" in m for m in errors
     ), errors

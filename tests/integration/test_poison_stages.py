@@ -8,19 +8,20 @@ Real broker, real SQL database, the real Processor; the failures are injected fo
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 
-import pipeline.processor as processor_module
+import pipeline.processing.alerts as alerts_module
 from pipeline.alerts.lifecycle import IncidentTracker, ScoredEvent
 from pipeline.kafka.client import read_topic
 from pipeline.processor import Processor
 from pipeline.scoring.threshold import AdaptiveThreshold
 from pipeline.sinks.sql import SqlStore
-from pipeline.state.store import EntityStateStore
+from pipeline.state.store import ScoreStats
 from tests.stream_helpers import make_processor, produce_sensors, sensor_records, settings_for
 
 STAGES = ("decode", "key", "featurize", "score", "alert", "observe")
@@ -32,11 +33,13 @@ class _Threshold(AdaptiveThreshold):
     """Raises inside StreamScorer.process (after the batch was applied to state) for poison-score; threshold 0
     (every warm event anomalous) for the FORCED devices."""
 
-    def thresholds(self, store: EntityStateStore, slots: np.ndarray) -> np.ndarray:
-        ids = store.entity_ids(slots)
+    entity_ids: Callable[[np.ndarray], list[str]] = field(kw_only=True)  # the scorer's store's
+
+    def thresholds(self, stats: ScoreStats, slots: np.ndarray) -> np.ndarray:
+        ids = self.entity_ids(slots)
         if "poison-score" in ids:
             raise RuntimeError("injected: scoring failed")
-        thr = super().thresholds(store, slots)
+        thr = super().thresholds(stats, slots)
         return np.where(np.fromiter((e in FORCED for e in ids), bool, len(ids)), 0.0, thr)
 
 
@@ -55,10 +58,10 @@ def _inject(proc: Processor) -> None:
             raise KeyError("injected: key check bug")
         return entity_of(rec)
 
-    def bad_columns(records: Any, partitions: Any = None) -> Any:
+    def bad_columns(records: Any, partitions: Any = None, contexts: Any = None, frozen: Any = None) -> Any:
         if any(r.device_id == "poison-featurize" for r in records):
             raise OverflowError("injected: featurizer bug")
-        return columns(records, partitions)
+        return columns(records, partitions, contexts, frozen)
 
     spec.decode, spec.entity_of, spec.columns = bad_decode, bad_entity_of, bad_columns  # type: ignore[method-assign]
     tracker = proc.checkpointer.tracker
@@ -74,21 +77,21 @@ def _inject(proc: Processor) -> None:
 
 
 def _bad_build_alerts(build: Any) -> Any:
-    def bad_build(run_id: str, scorer: Any, recs: Any, ts: Any, res: Any, top: int = 3, tag: Any = None) -> Any:
+    def bad_build(run_id: str, scorer: Any, recs: Any, ts: Any, res: Any, *args: Any) -> Any:
         if any(recs[i].key == b"poison-alert" for i in np.flatnonzero(res.is_anomaly)):
             raise ValueError("injected: alert building bug")
-        return build(run_id, scorer, recs, ts, res, top, tag)
+        return build(run_id, scorer, recs, ts, res, *args)
 
     return bad_build
 
 
 def _run(settings: Any, bootstrap: str, db: SqlStore, run_id: str, inject: bool) -> Processor:
-    proc, source, dlq = make_processor(settings, bootstrap, db, run_id=run_id, max_batch_records=400)
-    proc.checkpointer.enable_incidents(IncidentTracker(run_id, loader=lambda t, p: db.open_incidents(run_id, t, p)))
+    tracker = IncidentTracker(run_id, loader=lambda t, p: db.open_incidents(run_id, t, p))
+    proc, source, dlq = make_processor(settings, bootstrap, db, run_id=run_id, tracker=tracker, max_batch_records=400)
     scorer = next(iter(proc.scorers.values()))
     old = scorer.threshold
-    assert old is not None
-    scorer.threshold = _Threshold(**{f.name: getattr(old, f.name) for f in fields(old) if f.init})
+    assert isinstance(old, AdaptiveThreshold)
+    scorer.threshold = _Threshold(old.global_threshold, old.knobs, entity_ids=scorer.store.entity_ids)
     if inject:
         _inject(proc)
     try:
@@ -120,7 +123,7 @@ def test_a_record_failing_at_any_stage_is_dead_lettered_alone(
 
     s = settings_for(topic_prefix, sqlite_store.url)
     produce_sensors(kafka_bootstrap, s.sensors_topic, mixed)
-    monkeypatch.setattr(processor_module, "build_alerts", _bad_build_alerts(processor_module.build_alerts))
+    monkeypatch.setattr(alerts_module, "build_alerts", _bad_build_alerts(alerts_module.build_alerts))
     proc = _run(s, kafka_bootstrap, sqlite_store, "poisoned", inject=True)
 
     dead = [orjson.loads(r.value) for r in read_topic(kafka_bootstrap, s.dlq_topic) if r.value]

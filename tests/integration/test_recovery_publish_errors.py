@@ -34,10 +34,12 @@ def test_alerts_broker_down_after_commit_is_retried_not_fatal(
     recs = sensor_records(24, 70)  # readings 55-69 of three pumps are anomalous
     normal, anomalous = recs[: 24 * 55], recs[24 * 55 :]
     produce_sensors(kafka_bootstrap, s.sensors_topic, normal)
-    proc, source, dlq = make_processor(s, kafka_bootstrap, pg_store, commit_interval_ms=50)
     publisher = KafkaPublisher(fresh_broker.bootstrap, alerts_topic)
     tracker = IncidentTracker("live", LifecyclePolicy(), loader=lambda t, p: pg_store.open_incidents("live", t, p))
-    proc.checkpointer.enable_incidents(tracker, OutboxRelay(pg_store, publisher, "live", retry_max_s=2.0))
+    relay = OutboxRelay(pg_store, publisher, "live", retry_max_s=2.0)
+    proc, source, dlq = make_processor(
+        s, kafka_bootstrap, pg_store, tracker=tracker, relay=relay, commit_interval_ms=50
+    )
     runner = Runner(proc).start()
     try:
         wait_until(lambda: _durable(pg_store, s.group_id) == len(normal), 60, "normal part durable")

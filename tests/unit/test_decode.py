@@ -117,7 +117,7 @@ def test_duplicate_keys_are_dead_lettered(spec: TransactionStream, value: bytes)
 
 
 def test_records_without_a_key_are_dead_lettered() -> None:
-    from pipeline.processor import validate
+    from pipeline.processing.decode import validate
     from pipeline.records import RawRecord
 
     with pytest.raises(DecodeError) as err:

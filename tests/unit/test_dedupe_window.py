@@ -1,4 +1,4 @@
-"""The per-partition dedupe window (pipeline.processor.RecentIds): bounded, exact within the window, and
+"""The per-partition dedupe window (pipeline.state.partition.RecentIds): bounded, exact within the window, and
 restored from its snapshot to the same decisions."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import StateError
-from pipeline.processor import RecentIds, dedupe_key
+from pipeline.state.partition import RecentIds, dedupe_key
 
 
 def test_window_remembers_the_last_cap_ids_only() -> None:

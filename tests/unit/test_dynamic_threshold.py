@@ -8,9 +8,11 @@ import pytest
 from pipeline.scoring.threshold import DynamicThreshold, telemanom_epsilon
 from pipeline.state.store import EntityStateStore, StateLayout
 
+STATS = EntityStateStore(StateLayout(1, 1), np.zeros(1), np.ones(1)).score_stats()  # the dynamic one keeps its own
 
-def _store() -> EntityStateStore:
-    return EntityStateStore(StateLayout(1, 1), np.zeros(1), np.ones(1))
+
+def _flag(thr: DynamicThreshold, slot: np.ndarray, score: float) -> bool:
+    return bool(thr.classify(STATS, slot, np.array([score]), np.ones(1, bool), None).is_anomaly[0])
 
 
 def test_epsilon_separates_a_burst_from_noise() -> None:
@@ -47,12 +49,8 @@ def test_streaming_threshold_flags_a_burst_and_not_noise() -> None:
     scores = rng.chisquare(2, 3000)
     scores[2500:2560] += 200.0
     thr = DynamicThreshold(global_threshold=50.0, window=1000, min_errors=100, buffer=10)
-    store = _store()
     slot = np.array([0])
-    flags = np.zeros(len(scores), bool)
-    for i, sc in enumerate(scores):
-        t = thr.thresholds(store, slot)
-        flags[i] = bool(thr.smooth(store, slot, np.array([sc]))[0] > t[0])
+    flags = np.array([_flag(thr, slot, sc) for sc in scores])
     assert flags[2500:2560].mean() > 0.5
     assert flags[:2500].mean() < 0.01
 
@@ -64,11 +62,8 @@ def test_pruning_drops_weak_sequences() -> None:
     base[1400:1420] = base[:1400].max() * 1.05
     for prune, expect in ((0.13, False), (0.0, True)):
         thr = DynamicThreshold(global_threshold=100.0, window=1500, min_errors=100, buffer=2, prune=prune, alpha=1.0)
-        store, slot = _store(), np.array([0])
-        flags = []
-        for sc in base**2:  # scores are squared errors; the threshold works on their square roots
-            t = thr.thresholds(store, slot)
-            flags.append(bool(thr.smooth(store, slot, np.array([sc]))[0] > t[0]))
+        slot = np.array([0])
+        flags = [_flag(thr, slot, sc) for sc in base**2]  # squared errors; the threshold works on their roots
         assert any(flags[1400:1420]) is expect
 
 
@@ -76,15 +71,13 @@ def test_entities_are_independent_and_batched_equals_single() -> None:
     rng = np.random.default_rng(4)
     scores = rng.chisquare(2, (400, 3))
     a, b = DynamicThreshold(10.0, window=200, min_errors=50), DynamicThreshold(10.0, window=200, min_errors=50)
-    store = _store()
     slots = np.array([0, 1, 2])
+    everyone = np.ones(3, bool)
     for row in scores:
-        ta = a.thresholds(store, slots)
-        sa = a.smooth(store, slots, row)
-        tb = np.concatenate([b.thresholds(store, slots[i : i + 1]) for i in range(3)])
-        sb = np.concatenate([b.smooth(store, slots[i : i + 1], row[i : i + 1]) for i in range(3)])
-        np.testing.assert_array_equal(ta, tb)
-        np.testing.assert_array_equal(sa, sb)
+        batched = a.classify(STATS, slots, row, everyone, None)
+        single = [b.classify(STATS, slots[i : i + 1], row[i : i + 1], everyone[:1], None) for i in range(3)]
+        for got, want in zip(batched, zip(*single, strict=True), strict=True):
+            np.testing.assert_array_equal(got, np.concatenate(want))
 
 
 def test_rejects_bad_parameters() -> None:

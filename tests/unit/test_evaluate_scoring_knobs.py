@@ -8,6 +8,7 @@ import pytest
 from models.lstm_ae import LSTMAEConfig, TrainConfig, load_checkpoint, save_checkpoint, train_autoencoder
 from pipeline.features.streams import EventColumns, SensorStream, TransactionStream
 from pipeline.features.terminal import TerminalContext
+from pipeline.scoring.knobs import ThresholdKnobs
 from pipeline.scoring.scorer import StreamScorer
 from pipeline.scoring.threshold import AdaptiveThreshold
 
@@ -35,7 +36,7 @@ def test_score_features_subset_and_roundtrip(tmp_path) -> None:  # type: ignore[
 def test_learn_false_freezes_scaling_and_score_stats() -> None:
     ck = _ckpt(2)
     spec = SensorStream(["f0", "f1"])
-    scorer = StreamScorer(spec, ck, threshold=AdaptiveThreshold(ck.threshold, warmup=2), min_history=1)
+    scorer = StreamScorer(spec, ck, threshold=AdaptiveThreshold(ck.threshold, ThresholdKnobs(warmup=2)), min_history=1)
     rng = np.random.default_rng(2)
 
     def batch(n: int, t0: float) -> EventColumns:
@@ -71,7 +72,9 @@ def test_terminal_context_is_batch_invariant_and_causal() -> None:
 def test_transaction_stream_terminal_context_features() -> None:
     plain, ctx = TransactionStream(), TransactionStream(terminal_context=True)
     assert plain.n_features == 6 and ctx.n_features == 8
-    cols = ctx.columns_from_arrays(["c1", "c2"], np.array([0.0, 60.0]), np.array([10.0, 20.0]), ["T1", "T1"])
+    cols = ctx.columns_from_arrays(
+        ["c1", "c2"], np.array([0.0, 60.0]), np.array([10.0, 20.0]), ["T1", "T1"], contexts={0: ctx.new_context()}
+    )
     assert cols.base.shape == (2, 8)
     assert cols.base[1, 6] > 0
     with pytest.raises(ValueError):

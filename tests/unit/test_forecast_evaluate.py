@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.evaluate import nasa, select, skab
+from pipeline.evaluate import common, nasa, select, skab
 
 FAST = {"hidden_size": 8, "tbptt": 16, "segment": 64, "batch_size": 8}
 
@@ -53,7 +53,9 @@ def _skab(root: Path) -> Path:
 )
 def test_nasa_forecaster_on_single_column_series(tmp_path: Path, threshold: dict) -> None:
     data = _nasa_single_column(tmp_path / "nasa")
-    cfg = replace(nasa.NasaConfig(), family="lstm_forecast", forecast=FAST, epochs=2, z=3.0, **threshold)
+    cfg = common.configured(
+        nasa.NasaConfig(), {"family": "lstm_forecast", "forecast": FAST, "epochs": 2, "z": 3.0, **threshold}
+    )
     out = nasa.evaluate(data, cfg)
     assert {"f1", "precision", "recall", "tp", "fp", "fn"} <= set(out)
     assert out["tp"] + out["fn"] == 2 and 0.0 <= out["f1"] <= 1.0

@@ -23,7 +23,7 @@ from pipeline.config import Settings
 from pipeline.errors import StateError
 from pipeline.features.streams import EventColumns, SensorStream
 from pipeline.replay.core import resolve_model
-from pipeline.scoring import StreamScorer
+from pipeline.scoring.scorer import StreamScorer
 from pipeline.simulate import SENSOR_CHANNELS, simulate_sensors, strip_labels
 from pipeline.training import train_stream_forecaster, train_stream_model
 

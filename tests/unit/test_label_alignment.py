@@ -84,7 +84,11 @@ def model() -> Any:
     recs = strip_labels(simulate_transactions(20, 20, seed=2)[0])
     cfg = LSTMAEConfig(n_features=spec.n_features, window=4, hidden_size=4, latent_size=2, score_features=(0, 8))
     return train_stream_model(
-        spec, spec.columns([spec.parse(r) for r in recs]), model=cfg, train=TrainConfig(epochs=1), min_history=1
+        spec,
+        spec.columns([spec.parse(r) for r in recs], contexts={0: spec.new_context()}),
+        model=cfg,
+        train=TrainConfig(epochs=1),
+        min_history=1,
     )
 
 
@@ -124,7 +128,7 @@ def test_payments_wait_for_their_labels_then_match_the_offline_features(model: A
         label_topics=label_topics(settings, scorers),
     )
     proc.source.subscribe(["tx", "labels"], proc.on_assigned, proc.on_revoked)
-    pos = proc.checkpointer.positions
+    pos = proc.partitions
 
     proc.handle(src.poll(0, 0))
     assert proc.stats.scored == 0 and proc.holding == len(tx)  # no label read yet: every payment waits
@@ -151,12 +155,13 @@ def test_payments_wait_for_their_labels_then_match_the_offline_features(model: A
     )
     spec = scorers["tx"].spec
     assert isinstance(spec, TransactionStream)
-    got = spec.contexts[0]
-    assert got._slot.keys() == want._slot.keys() and got.fb_n[: len(want)].sum() > 0
-    for name in TerminalContext._ARRAYS:
+    got = proc.partitions[("tx", 0)].context
+    assert got is not None
+    assert got.slots.keys() == want.slots.keys() and got.fb_n[: len(want)].sum() > 0
+    for name in TerminalContext.ARRAYS:
         np.testing.assert_allclose(
             getattr(got, name)[: len(got)],
-            getattr(want, name)[: len(want)][[want._slot[t] for t in got._slot]],
+            getattr(want, name)[: len(want)][[want.slots[t] for t in got.slots]],
             rtol=1e-12,
             equal_nan=True,
         )

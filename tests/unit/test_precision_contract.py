@@ -13,7 +13,7 @@ import torch
 from models.lstm_ae import Checkpoint, bundled_checkpoint_path, cpu_supports_bf16, load_checkpoint, save_checkpoint
 from pipeline.config import Settings
 from pipeline.features.streams import make_stream
-from pipeline.scoring import StreamScorer
+from pipeline.scoring.scorer import StreamScorer
 from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels
 
 # Scores are squared Mahalanobis distances in float64; only the LSTM's reconstruction is lowered. The scale

@@ -12,6 +12,7 @@ from pipeline.checkpointing import Checkpointer
 from pipeline.checkpointing.rows import AlertRow, StateRow
 from pipeline.records import RawRecord, TopicPartition
 from pipeline.sinks.sql import SqlStore
+from pipeline.state.partition import Partitions, PartitionState
 
 TP = ("tx", 0)
 
@@ -50,7 +51,7 @@ def _alert(offset: int, tag: str = "") -> AlertRow:
     )
 
 
-def _make(store: SqlStore) -> tuple[Checkpointer, Commits, list[set[TopicPartition]]]:
+def _make(store: SqlStore) -> tuple[Checkpointer, PartitionState, Commits, list[set[TopicPartition]]]:
     source = Commits()
     snapped: list[set[TopicPartition]] = []
 
@@ -58,32 +59,33 @@ def _make(store: SqlStore) -> tuple[Checkpointer, Commits, list[set[TopicPartiti
         snapped.append(set(tps))
         return [StateRow("transactions", "C1", "tx", 0, b"x")] if tps else [], lambda: None
 
+    parts = Partitions()
     ck = Checkpointer(
         store,
-        source,
+        source,  # type: ignore[arg-type]
         NoDeadLetters(),
+        parts,
         run_id="r",
-        group_id="g",  # type: ignore[arg-type]
-        collect_states=collect,
-    )  # type: ignore[arg-type]
-    return ck, source, snapped
+        group_id="g",
+        collect_states=collect,  # type: ignore[arg-type]
+    )
+    return ck, parts.assign(TP), source, snapped
 
 
 def test_replay_checkpoints_never_move_positions_backwards(sqlite_store: SqlStore) -> None:
-    ck, source, snapped = _make(sqlite_store)
-    pos = ck.positions
-    pos.committed[TP], pos.snapshot[TP] = 100, 60  # as on_assigned restores them after a kill -9
-    pos.advance(TP, 80)  # replaying 60..99
-    assert pos.replaying(TP)
-    ck.pending = [_alert(70), _alert(90)]  # re-emitted by the replay: already durable
+    ck, st, source, snapped = _make(sqlite_store)
+    st.committed, st.snapshot = 100, 60  # as on_assigned restores them after a kill -9
+    st.advance(80)  # replaying 60..99
+    assert st.replaying
+    ck.add([_alert(70), _alert(90)])  # re-emitted by the replay: already durable
     ck.checkpoint(snapshot={TP})
     assert sqlite_store.load_offsets("r", "g").get(TP, (100, 60))[0] >= 100
     assert all(c[TP] >= 100 for c in source.commits), source.commits
     assert snapped == [], "snapshot taken of state that is behind the durable position"
     assert sqlite_store.count_alerts("r") == 0, "replayed alerts written again"
-    assert pos.committed[TP] == 100
-    pos.advance(TP, 130)  # past the durable position: normal again
-    ck.pending = [_alert(110)]
+    assert st.committed == 100
+    st.advance(130)  # past the durable position: normal again
+    ck.add([_alert(110)])
     ck.checkpoint(snapshot={TP})
     assert sqlite_store.load_offsets("r", "g")[TP] == (130, 130)
     assert snapped == [{TP}] and sqlite_store.count_alerts("r") == 1
@@ -91,18 +93,17 @@ def test_replay_checkpoints_never_move_positions_backwards(sqlite_store: SqlStor
 
 
 def test_rewind_writes_the_lower_position_with_a_snapshot(sqlite_store: SqlStore) -> None:
-    ck, source, snapped = _make(sqlite_store)
-    pos = ck.positions
-    pos.advance(TP, 700)
+    ck, st, source, snapped = _make(sqlite_store)
+    st.advance(700)
     ck.checkpoint(snapshot={TP})
     assert sqlite_store.load_offsets("r", "g")[TP] == (700, 700)
-    pos.rewind(TP, 0)  # the broker's log restarted at 0 (offset reset policy earliest)
+    st.rewind(0)  # the broker's log restarted at 0 (offset reset policy earliest)
     ck.checkpoint(snapshot=set())
     assert sqlite_store.load_offsets("r", "g")[TP] == (0, 0)
     assert snapped[-1] == {TP} and source.commits[-1][TP] == 0
     assert sqlite_store.load_epochs("r", "g") == {TP: 1}
-    ck.pending = [_alert(5, pos.tag(TP))]  # a new record at a low offset is not mistaken for a replay
-    pos.advance(TP, 10)
+    ck.add([_alert(5, st.tag)])  # a new record at a low offset is not mistaken for a replay
+    st.advance(10)
     ck.checkpoint(snapshot=set())
     assert sqlite_store.load_offsets("r", "g")[TP][0] == 10
     # the new log's alert carries the epoch suffix (given by build_alerts, see test_review_fixes.py)

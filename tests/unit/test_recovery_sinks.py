@@ -15,7 +15,7 @@ from pipeline.checkpointing.rows import LifecycleWrite, OutboxRow
 from pipeline.errors import SinkError
 from pipeline.kafka.client import KafkaDeadLetterSink
 from pipeline.records import RawRecord
-from pipeline.sinks.sql import SqlStore
+from pipeline.sinks import AlertQueries, Database, SqlCheckpointStore
 
 
 class FlakyPublisher:
@@ -32,17 +32,18 @@ class FlakyPublisher:
         pass
 
 
-def test_outbox_publish_error_after_commit_is_retried_not_raised(sqlite_store: SqlStore) -> None:
+def test_outbox_publish_error_after_commit_is_retried_not_raised(sqlite_store: Database) -> None:
     rows = [OutboxRow(message_id=f"k{i}#1", run_id="r", entity_id=f"C{i}", payload="{}") for i in range(3)]
-    sqlite_store.write_checkpoint("r", "g", [], [], [], lifecycle=LifecycleWrite(outbox=rows))
+    store, queries = SqlCheckpointStore(sqlite_store), AlertQueries(sqlite_store)
+    store.write_checkpoint("r", "g", [], [], [], lifecycle=LifecycleWrite(outbox=rows))
     pub = FlakyPublisher(failures=1)
-    relay = OutboxRelay(sqlite_store, pub, "r")
+    relay = OutboxRelay(store, pub, "r")
     assert relay.try_drain() == 0  # the client's own exception type does not escape
-    assert relay.backlog and len(sqlite_store.outbox_rows("r", unpublished=True)) == 3
+    assert relay.backlog and len(queries.outbox_rows("r", unpublished=True)) == 3
     assert relay.try_drain() == 0 and pub.published == 0  # backing off: no attempt yet
     relay._retry_at = 0.0  # the backoff has passed
     assert relay.try_drain() == 3
-    assert not relay.backlog and pub.published == 3 and not sqlite_store.outbox_rows("r", unpublished=True)
+    assert not relay.backlog and pub.published == 3 and not queries.outbox_rows("r", unpublished=True)
 
 
 class Future:

@@ -24,11 +24,13 @@ from pipeline.config import Settings
 from pipeline.errors import OffsetResetError
 from pipeline.features.streams import DAY, TransactionStream
 from pipeline.features.terminal import TerminalContext
-from pipeline.processor import Processor, ProcessorOptions, build_alerts
+from pipeline.processing.alerts import build_alerts
+from pipeline.processor import Processor, ProcessorOptions
 from pipeline.records import RawRecord, TopicPartition
 from pipeline.scoring.scorer import ScoreBatch
 from pipeline.simulate import iso, simulate_transactions, strip_labels
 from pipeline.sinks.sql import SqlStore
+from pipeline.state.partition import Partitions
 from pipeline.training import train_stream_model
 from tests.unit.test_label_alignment import ListDeadLetters, MemoryLog, _ts
 from tests.unit.test_label_alignment import model as model  # noqa: F401 - the module's fixture
@@ -92,7 +94,7 @@ def test_payments_held_for_labels_are_scored_after_a_restart(model: Any, tmp_pat
     # restart: replay from the snapshot; the held payments were never scored, so they must be now
     second = start([lab[resume_lab or 0 :] + tx[resume_tx:]])
     second.handle(second.source.poll(0, 0))
-    second._release_aligned()
+    second.release_waiting()
     assert second.stats.duplicates == 0
     assert second.stats.scored == held and second.holding == 0
 
@@ -104,7 +106,11 @@ def terminal_model() -> Any:
     recs = strip_labels(simulate_transactions(20, 20, seed=2)[0])
     cfg = LSTMAEConfig(n_features=spec.n_features, window=4, hidden_size=4, latent_size=2)
     return train_stream_model(
-        spec, spec.columns([spec.parse(r) for r in recs]), model=cfg, train=TrainConfig(epochs=1), min_history=1
+        spec,
+        spec.columns([spec.parse(r) for r in recs], contexts={0: spec.new_context()}),
+        model=cfg,
+        train=TrainConfig(epochs=1),
+        min_history=1,
     )
 
 
@@ -134,9 +140,9 @@ def test_late_and_out_of_order_payments_leave_the_terminal_context_alone(termina
     ref, _ = _run_terminal(terminal_model, [*txs[:-5], *tail], tmp_path, "ref.db")
     assert [reason for _, reason in dlq.sent] == ["out_of_order"]
     assert proc.stats.scored == len(txs) + 1  # the late one is scored, the out-of-order one is not
-    got, want = proc.scorers["tx"].spec.contexts[0], ref.scorers["tx"].spec.contexts[0]  # type: ignore[attr-defined]
-    assert isinstance(got, TerminalContext) and got._slot == want._slot
-    for name in TerminalContext._ARRAYS:
+    got, want = proc.partitions[TP].context, ref.partitions[TP].context
+    assert isinstance(got, TerminalContext) and isinstance(want, TerminalContext) and got.slots == want.slots
+    for name in TerminalContext.ARRAYS:
         np.testing.assert_array_equal(getattr(got, name)[: len(got)], getattr(want, name)[: len(want)], name)
     # and every other payment got exactly the features (so the state) of a run without the odd two
     got_store, want_store = proc.scorers["tx"].store, ref.scorers["tx"].store
@@ -160,22 +166,24 @@ def test_an_alert_built_before_a_log_reset_keeps_its_key(sqlite_store: SqlStore)
     def collect(tps: set[TopicPartition]) -> tuple[list[StateRow], object]:
         return [], lambda: None
 
+    parts = Partitions()
     ck = Checkpointer(
         sqlite_store,
-        Commits(),
+        Commits(),  # type: ignore[arg-type]
         NoDeadLetters(),
+        parts,
         run_id="r",
-        group_id="g",  # type: ignore[arg-type]
-        collect_states=collect,
-    )  # type: ignore[arg-type]
-    pos = ck.positions
-    pos.advance(TP, 700)
+        group_id="g",
+        collect_states=collect,  # type: ignore[arg-type]
+    )
+    st = parts.assign(TP)
+    st.advance(700)
     ck.checkpoint(snapshot={TP})
-    pos.advance(TP, 706)
-    ck.pending = [_alert(705, pos.tag(TP))]  # the old log's record 705, not durable yet
-    pos.rewind(TP, 0)  # the broker lost its log; the new log reaches offset 705 too
-    pos.advance(TP, 706)
-    ck.pending.append(_alert(705, pos.tag(TP)))
+    st.advance(706)
+    ck.add([_alert(705, st.tag)])  # the old log's record 705, not durable yet
+    st.rewind(0)  # the broker lost its log; the new log reaches offset 705 too
+    st.advance(706)
+    ck.add([_alert(705, st.tag)])
     ck.checkpoint(snapshot=set())
     assert sorted(a["alert_key"] for a in sqlite_store.list_alerts(run_id="r")) == ["r|tx|0|705|m", "r|tx|0|705|m~1"]
 
@@ -245,7 +253,7 @@ def test_the_reset_policy_applies_only_when_the_durable_position_left_the_log(
             proc.on_assigned([TP])
         return
     proc.on_assigned([TP])  # committed 100 is still in the log: state is rebuilt from 60, nothing skipped
-    assert src.seeks == [(TP, resumes)] and proc.checkpointer.positions.committed[TP] == committed
+    assert src.seeks == [(TP, resumes)] and proc.partitions.committed[TP] == committed
 
 
 def test_handle_skips_records_below_the_position_and_never_rewinds(terminal_model: Any, tmp_path: Path) -> None:
@@ -258,6 +266,6 @@ def test_handle_skips_records_below_the_position_and_never_rewinds(terminal_mode
     assert proc.stats.scored == len(tx)
     src.high = 3  # the log's end is below our position (the loop's _check_log_ends applies the policy)
     proc.handle(src.poll(0, 0))  # handle() alone: these were applied already, they are skipped
-    pos = proc.checkpointer.positions
+    st = proc.partitions[TP]
     assert proc.stats.scored == len(tx) and proc.stats.duplicates == 0  # not decoded or applied again
-    assert pos.epoch.get(TP, 0) == 0 and TP not in pos.rewound
+    assert st.epoch == 0 and not st.rewound

@@ -18,7 +18,8 @@ from models.lstm_ae import (
     save_checkpoint,
 )
 from pipeline.features.streams import EventColumns, SensorStream, TransactionStream
-from pipeline.scoring import StreamScorer
+from pipeline.scoring.knobs import ThresholdKnobs
+from pipeline.scoring.scorer import StreamScorer
 from pipeline.scoring.threshold import AdaptiveThreshold
 from pipeline.simulate import SENSOR_CHANNELS, simulate_sensors, simulate_transactions, strip_labels
 from pipeline.training import train_stream_model
@@ -148,7 +149,10 @@ def test_smoothed_scoring_batched_equals_one_at_a_time(sensor_model: tuple[Senso
 
     def scorer() -> StreamScorer:
         return StreamScorer(
-            spec, ckpt, min_history=4, threshold=AdaptiveThreshold(ckpt.threshold, warmup=5, smoothing=0.2)
+            spec,
+            ckpt,
+            min_history=4,
+            threshold=AdaptiveThreshold(ckpt.threshold, ThresholdKnobs(warmup=5, smoothing=0.2)),
         )
 
     batched = scorer().process(cols)
@@ -201,7 +205,7 @@ def _lateness_scorer(spec: SensorStream, ckpt: Checkpoint) -> StreamScorer:
         ckpt,
         min_history=4,
         allowed_lateness_s=30.0,
-        threshold=AdaptiveThreshold(ckpt.threshold, warmup=5, smoothing=0.3),
+        threshold=AdaptiveThreshold(ckpt.threshold, ThresholdKnobs(warmup=5, smoothing=0.3)),
     )
 
 
@@ -262,18 +266,19 @@ def test_late_and_out_of_order_events_leave_entity_state_untouched(
     assert c.store.snapshot(c.store.resolve(ids)) != a.store.snapshot(a.store.resolve(ids))
 
 
-def test_atomic_process_undoes_a_failed_batch(
+def test_savepoint_undoes_a_failed_batch(
     sensor_model: tuple[SensorStream, Checkpoint], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """atomic=True: a batch that raises after its events were applied leaves the entities' state as before, so
-    retrying (the service retries halves to isolate a poison record) never applies an event twice."""
+    """A batch that raises after its events were applied, undone by the savepoint taken before it, leaves the
+    entities' state as before, so retrying (the service retries halves to isolate a poison record) never
+    applies an event twice."""
     spec, ckpt = sensor_model
     recs, _ = simulate_sensors(4, 40, seed=25, spike_devices=1, anomaly_len=10)
     cols = _cols(spec, recs)
     first, second = _slice(cols, 0, 90), _slice(cols, 90, len(cols.ts))
     clean, flaky = _lateness_scorer(spec, ckpt), _lateness_scorer(spec, ckpt)
     clean.process(first)
-    flaky.process(first, atomic=True)
+    flaky.process(first)
     ids = sorted(set(cols.entity_ids) | {"new-device"})
     second = EventColumns(
         [*second.entity_ids, "new-device"], np.r_[second.ts, second.ts[-1]], np.r_[second.base, second.base[-1:]]
@@ -284,11 +289,13 @@ def test_atomic_process_undoes_a_failed_batch(
         raise RuntimeError("model failed after the batch was applied")
 
     monkeypatch.setattr(flaky.checkpoint, "score", boom)
+    undo = flaky.savepoint(second.entity_ids)
     with pytest.raises(RuntimeError):
-        flaky.process(second, atomic=True)
+        flaky.process(second)
+    undo()
     assert flaky.store.snapshot(flaky.store.resolve(ids)) == before
     monkeypatch.undo()
     want = clean.process(second)
-    got = flaky.process(second, atomic=True)
+    got = flaky.process(second)
     np.testing.assert_array_equal(got.scores, want.scores)
     assert flaky.store.snapshot(flaky.store.resolve(ids)) == clean.store.snapshot(clean.store.resolve(ids))

@@ -12,7 +12,7 @@ from pipeline.checkpointing.rows import AlertRow
 from pipeline.errors import ConfigError
 from pipeline.evaluate.served import records, report
 from pipeline.features.streams import LabelStream, TransactionStream
-from pipeline.sinks.sql import SqlStore
+from pipeline.sinks import AlertQueries, Database, SqlCheckpointStore
 from tests.handbook_helpers import handbook_csv
 
 
@@ -38,7 +38,7 @@ def test_report_matches_alerts_to_payments_and_counts_the_test_days(tmp_path: Pa
     test = df[df["TX_DATETIME"] >= pd.Timestamp("2018-04-09")]  # 10 days, last 20 % = days 8, 9
     fraud, legit = test[test.TX_FRAUD == 1].iloc[:2], test[test.TX_FRAUD == 0].iloc[:1]
     early = df[df["TX_DATETIME"] < pd.Timestamp("2018-04-02")].iloc[:1]
-    db = SqlStore(f"sqlite:///{tmp_path / 'a.db'}")
+    db = Database(f"sqlite:///{tmp_path / 'a.db'}")
     db.create_schema()
 
     def alert(i: int, row: pd.Series, entity: str | None = None) -> AlertRow:
@@ -61,11 +61,12 @@ def test_report_matches_alerts_to_payments_and_counts_the_test_days(tmp_path: Pa
 
     rows = [alert(i, r) for i, (_, r) in enumerate(pd.concat([fraud, legit, early]).iterrows())]
     rows.append(alert(99, legit.iloc[0], entity="nobody"))
-    db.write_checkpoint("r", "g", rows, [], [])
-    out = report(db, "r", csv)
+    SqlCheckpointStore(db).write_checkpoint("r", "g", rows, [], [])
+    queries = AlertQueries(db)
+    out = report(queries, "r", csv)
     assert out["alerts"] == 5 and out["unmatched_alerts"] == 1 and out["test_days"] == 2
     assert out["test_alerts"] == 3 and out["test_frauds_alerted"] == 2
     assert out["test_alert_precision"] == pytest.approx(2 / 3)
     assert out["test_frauds"] == int(test.TX_FRAUD.sum())
-    assert report(db, "other", csv)["alerts"] == 0
+    assert report(queries, "other", csv)["alerts"] == 0
     db.dispose()

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from pipeline.errors import StateError
-from pipeline.state.store import EntityStateStore, StateLayout
+from pipeline.scoring.knobs import ThresholdKnobs
+from pipeline.scoring.threshold import AdaptiveThreshold
+from pipeline.state.rounds import occurrence_rank, rounds
+from pipeline.state.store import RING, SLOT_ARRAYS, EntityStateStore, StateLayout
+
+THRESHOLD = AdaptiveThreshold(3.0, ThresholdKnobs(warmup=2, z=4.0, floor_ratio=0.5))
 
 
 def _store(**kw: object) -> EntityStateStore:
@@ -33,7 +38,7 @@ def test_snapshot_round_trip_restores_exactly() -> None:
         feats = rng.normal(size=(20, 2))
         s.push(slots, feats, np.full(20, float(t)))
         s.update_feature_stats(slots, feats)
-        s.update_score_stats(slots, rng.uniform(0, 5, 20))
+        THRESHOLD.observe(s.score_stats(), slots, rng.uniform(0, 5, 20), np.ones(20, bool))
     blobs = dict(zip(ids, s.snapshot(slots), strict=True))
     restored = _store(loader=lambda want: {e: blobs[e] for e in want})
     r = restored.resolve(ids)
@@ -41,7 +46,7 @@ def test_snapshot_round_trip_restores_exactly() -> None:
     for a, b in zip(restored.scaling(r), s.scaling(slots), strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(
-        restored.score_threshold(r, 3.0, 2, 4.0, 0.5), s.score_threshold(slots, 3.0, 2, 4.0, 0.5)
+        THRESHOLD.thresholds(restored.score_stats(), r), THRESHOLD.thresholds(s.score_stats(), slots)
     )
     # and they evolve identically afterwards
     feats = rng.normal(size=(20, 2))
@@ -93,8 +98,9 @@ def test_smoothed_score_survives_snapshots_and_v1_blobs_migrate() -> None:
     s = _store()
     slots = s.resolve(["a", "b"])
     s.push(slots, np.zeros((2, 2)), np.zeros(2))
-    s.smooth_scores(slots, np.array([3.0, 0.0]), 0.5)
-    out = s.smooth_scores(slots, np.array([1.0, 0.0]), 0.5)
+    halves = AdaptiveThreshold(1.0, ThresholdKnobs(smoothing=0.5))
+    halves.smooth(s.score_stats(), slots, np.array([3.0, 0.0]))
+    out = halves.smooth(s.score_stats(), slots, np.array([1.0, 0.0]))
     assert out[0] == pytest.approx(np.expm1(0.5 * np.log1p(1.0) + 0.5 * np.log1p(3.0)))
     blobs = dict(zip(["a", "b"], s.snapshot(slots), strict=True))
     restored = _store(loader=lambda want: {e: blobs[e] for e in want})
@@ -111,3 +117,34 @@ def test_smoothed_score_survives_snapshots_and_v1_blobs_migrate() -> None:
     o = old.resolve(["a"])
     assert np.isnan(old.score_ema[o][0]) and old.count[o][0] == s.count[slots][0]
     np.testing.assert_array_equal(old.windows(o), s.windows(slots[:1]))
+
+
+def test_snapshot_records_keep_their_byte_layout() -> None:
+    """Blobs already in the database must stay loadable: the table that drives the record reproduces the
+    layouts v1 and v2 field for field, with and without a stateful model's arrays."""
+    w, f, r = 4, 2, 3
+    head = [("version", "<u2"), ("window", "<u2"), ("n_features", "<u2"), ("count", "<i8"), ("last_ts", "<f8")]
+    body = [("win", "<f4", (w, f)), ("feat_n", "<f8"), ("feat_mean", "<f8", (f,)), ("feat_m2", "<f8", (f,))]
+    body += [("score_n", "<f8"), ("score_mean", "<f8"), ("score_m2", "<f8")]
+    rnn = [("rnn_h", "<f4", (r,)), ("rnn_c", "<f4", (r,)), ("rnn_pred", "<f4", (f,))]
+    assert StateLayout(w, f).dtype_of(1) == np.dtype(head + body)
+    assert StateLayout(w, f).dtype == np.dtype([*head, *body, ("score_ema", "<f8")])
+    assert StateLayout(w, f, r).dtype_of(1) == np.dtype(head + body + rnn)
+    assert StateLayout(w, f, r).dtype == np.dtype([*head, *body, ("score_ema", "<f8"), *rnn])
+
+
+def test_savepoint_restores_every_slot_array() -> None:
+    s = EntityStateStore(StateLayout(3, 2, 2), np.zeros(2), np.ones(2), capacity=2)
+    slots = s.resolve(["a", "b"], np.array([0, 1]))
+    s.push(slots, np.ones((2, 2)), np.array([1.0, 2.0]))
+    before = {a.name: getattr(s, a.name).copy() for a in SLOT_ARRAYS}
+    batch = s.resolve(["a", "c", "a"])  # "c" is new
+    undo = s.savepoint(batch)
+    for idx in rounds(occurrence_rank(batch)):  # the ring rows the batch writes
+        s.push(batch[idx], np.full((len(idx), 2), 9.0), np.full(len(idx), 3.0))
+    for a in SLOT_ARRAYS:
+        if a.name != RING:
+            getattr(s, a.name)[batch] = 7
+    undo()
+    for a in SLOT_ARRAYS:
+        np.testing.assert_array_equal(getattr(s, a.name)[slots], before[a.name][slots], err_msg=a.name)

@@ -87,36 +87,35 @@ def test_each_partition_has_its_own_context() -> None:
     parts = np.random.default_rng(6).integers(0, 3, len(ts)).astype(np.int32)
     customers = [f"C{i % 7}" for i in range(len(ts))]
     spec = TransactionStream(terminal_context=True, fraud_feedback_tau_s=DAY)
-    mixed = spec.columns_from_arrays(customers, ts, np.expm1(amount), terminals, parts).base
+    contexts = {p: spec.new_context() for p in range(3)}
+    mixed = spec.columns_from_arrays(customers, ts, np.expm1(amount), terminals, parts, contexts).base
     for p in range(3):
         idx = np.flatnonzero(parts == p)
-        alone = (
-            TransactionStream(terminal_context=True, fraud_feedback_tau_s=DAY)
-            .columns_from_arrays(
-                [customers[i] for i in idx], ts[idx], np.expm1(amount[idx]), [terminals[i] for i in idx]
-            )
-            .base
-        )
+        alone_spec = TransactionStream(terminal_context=True, fraud_feedback_tau_s=DAY)
+        alone = alone_spec.columns_from_arrays(
+            [customers[i] for i in idx],
+            ts[idx],
+            np.expm1(amount[idx]),
+            [terminals[i] for i in idx],
+            contexts={0: alone_spec.new_context()},
+        ).base
         np.testing.assert_array_equal(mixed[idx], alone)
-    assert sorted(spec.contexts) == [0, 1, 2]
-    spec.drop_partition(1)
-    assert sorted(spec.contexts) == [0, 2]
+        assert len(contexts[p]) == len({terminals[i] for i in idx})  # each context saw its partition only
+    with pytest.raises(ValueError, match="contexts"):  # stateless: the caller holds the partitions' contexts
+        spec.columns_from_arrays(customers, ts, np.expm1(amount), terminals, parts)
 
 
-def test_context_is_restored_through_the_loader_and_checked() -> None:
+def test_context_is_restored_from_its_snapshot_and_checked() -> None:
     saved = TerminalContext(feedback_tau_s=DAY)
     saved.features(["T1"], np.array([0.0]), np.array([3.0]))
     spec = TransactionStream(terminal_context=True, fraud_feedback_tau_s=DAY)
-    spec.context_loader = lambda p: saved.snapshot() if p == 2 else None
-    assert len(spec.context(2)) == 1 and len(spec.context(0)) == 0
+    assert len(spec.restore_context(saved.snapshot(), 2)) == 1 and len(spec.restore_context(None, 0)) == 0
     other = TransactionStream(terminal_context=True, fraud_feedback_tau_s=2 * DAY)
-    other.context_loader = lambda p: saved.snapshot()
     with pytest.raises(StateError, match="other parameters"):
-        other.context(0)
+        other.restore_context(saved.snapshot(), 0)
     broken = TransactionStream(terminal_context=True)
-    broken.context_loader = lambda p: b"garbage"
     with pytest.raises(StateError, match="partition 0"):
-        broken.context(0)
+        broken.restore_context(b"garbage", 0)
 
 
 def test_stream_layout_comes_from_the_model_card() -> None:
@@ -173,8 +172,8 @@ def test_idle_terminals_are_forgotten_without_changing_features() -> None:
     f_keep = keep.features(["B", "A", "OLD"], np.array([late, late + 1, late + 2]), np.array([3.0, 5.0, 2.0]))
     assert len(keep) == 3
     f_drop = drop.features(["B"], np.array([late]), np.array([3.0]))
-    assert len(drop) == 1 and "OLD" not in drop._slot  # swept: only the active terminal is kept
+    assert len(drop) == 1 and "OLD" not in drop.slots  # swept: only the active terminal is kept
     f_drop = np.vstack([f_drop, drop.features(["A", "OLD"], np.array([late + 1, late + 2]), np.array([5.0, 2.0]))])
     np.testing.assert_allclose(f_drop, f_keep, rtol=0, atol=1e-9)
     restored = TerminalContext.restore(drop.snapshot())
-    assert sorted(restored._slot) == sorted(drop._slot)
+    assert sorted(restored.slots) == sorted(drop.slots)

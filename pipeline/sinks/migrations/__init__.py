@@ -1,6 +1,6 @@
 """Alembic migrations of the alert database (SQLite and PostgreSQL).
 
-`upgrade_to_head(engine)` is what SqlStore.create_schema calls. A database created before migrations
+`upgrade_to_head(engine)` is what Database.create_schema calls. A database created before migrations
 existed (tables made by metadata.create_all, no alembic_version) is stamped at the baseline revision
 0001 first, which is exactly those tables, and then upgraded. On PostgreSQL the upgrade holds a
 transaction-scoped advisory lock, so workers starting together do not race each other.

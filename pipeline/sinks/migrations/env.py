@@ -8,7 +8,7 @@ from typing import Any
 from alembic import context
 from sqlalchemy import create_engine
 
-from pipeline.sinks.sql import metadata
+from pipeline.sinks.tables import metadata
 
 config = context.config
 target_metadata = metadata

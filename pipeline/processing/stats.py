@@ -1,0 +1,26 @@
+"""Counters of one processor run (the Prometheus metrics count the same, process-wide)."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from pipeline.processing.retry import DbRetry
+
+
+@dataclass
+class ProcessorStats:
+    db: DbRetry = field(repr=False)  # counts the database failures
+    events: int = 0
+    scored: int = 0
+    dead_letters: int = 0
+    duplicates: int = 0
+    alerts: int = 0
+    alerts_by_stream: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    checkpoints: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def db_failures(self) -> int:
+        return self.db.failures

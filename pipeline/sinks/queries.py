@@ -1,0 +1,267 @@
+"""What people read and change in the alert database, through the API and the `pipeline alerts` CLI: alerts,
+incidents, score samples, operator feedback (ack, label) and the retraining exclusions. The processing core
+never calls these; its reads and writes are pipeline.sinks.checkpoint_store."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, Table, func, select, update
+
+from pipeline.checkpointing.rows import iso_utc
+from pipeline.errors import NotFoundError
+from pipeline.sinks.database import Database
+from pipeline.sinks.tables import RUN_TABLES, alert_outbox, alerts, incidents, score_samples
+
+
+class AlertQueries:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def list_alerts(
+        self,
+        *,
+        run_id: str | None = None,
+        entity_id: str | None = None,
+        stream: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Oldest first."""
+        q = _where_common(
+            select(alerts).order_by(alerts.c.event_time, alerts.c.id),
+            alerts,
+            alerts.c.event_time,
+            run_id=run_id,
+            entity_id=entity_id,
+            stream=stream,
+            since=since,
+        )
+        if limit is not None:
+            q = q.limit(limit)
+        with self.db.reading("list alerts") as conn:
+            return [dict(m) for m in conn.execute(q).mappings()]
+
+    def query_alerts(
+        self,
+        *,
+        run_id: str | None = None,
+        entity_id: str | None = None,
+        stream: str | None = None,
+        since: datetime | None = None,
+        status: str | None = None,
+        incident_id: int | None = None,
+        limit: int = 200,
+    ) -> list[dict[str, Any]]:
+        """Newest first, with the incident's id and status. status: open|resolved (the incident's),
+        acked|unacked, tp|fp|unlabeled."""
+        q = (
+            select(alerts, incidents.c.id.label("incident_id"), incidents.c.status.label("incident_status"))
+            .select_from(alerts.outerjoin(incidents, incidents.c.incident_key == alerts.c.incident_key))
+            .order_by(alerts.c.event_time.desc(), alerts.c.id.desc())
+            .limit(limit)
+        )
+        q = _where_common(
+            q, alerts, alerts.c.event_time, run_id=run_id, entity_id=entity_id, stream=stream, since=since
+        )
+        if incident_id is not None:
+            q = q.where(incidents.c.id == incident_id)
+        if status is not None:
+            q = q.where(_alert_status_filter(status))
+        with self.db.reading("query alerts") as conn:
+            return [dict(m) for m in conn.execute(q).mappings()]
+
+    def get_alert(self, alert_id: int) -> dict[str, Any]:
+        with self.db.reading(f"read alert {alert_id}") as conn:
+            row = conn.execute(select(alerts).where(alerts.c.id == alert_id)).mappings().first()
+        if row is None:
+            raise NotFoundError(f"no alert with id {alert_id}")
+        return dict(row)
+
+    def list_incidents(
+        self,
+        *,
+        run_id: str | None = None,
+        status: str | None = None,
+        entity_id: str | None = None,
+        stream: str | None = None,
+        since: datetime | None = None,
+        limit: int = 200,
+    ) -> list[dict[str, Any]]:
+        """Newest activity first."""
+        q = select(incidents).order_by(incidents.c.last_alert_at.desc(), incidents.c.id.desc()).limit(limit)
+        q = _where_common(
+            q, incidents, incidents.c.last_alert_at, run_id=run_id, entity_id=entity_id, stream=stream, since=since
+        )
+        if status in ("open", "resolved"):
+            q = q.where(incidents.c.status == status)
+        elif status is not None:
+            q = q.where(_ack_label_filter(incidents, status))
+        with self.db.reading("list incidents") as conn:
+            return [dict(m) for m in conn.execute(q).mappings()]
+
+    def get_incident(self, incident_id: int) -> dict[str, Any]:
+        with self.db.reading(f"read incident {incident_id}") as conn:
+            row = conn.execute(select(incidents).where(incidents.c.id == incident_id)).mappings().first()
+        if row is None:
+            raise NotFoundError(f"no incident with id {incident_id}")
+        return dict(row)
+
+    def recent_scores(
+        self, run_id: str | None, stream: str | None, entity_id: str, limit: int = 500
+    ) -> list[dict[str, Any]]:
+        """The entity's newest score samples, oldest first."""
+        q = select(score_samples).where(score_samples.c.entity_id == entity_id)
+        if run_id is not None:
+            q = q.where(score_samples.c.run_id == run_id)
+        if stream is not None:
+            q = q.where(score_samples.c.stream == stream)
+        q = q.order_by(score_samples.c.id.desc()).limit(limit)
+        with self.db.reading("read score samples") as conn:
+            rows = [dict(m) for m in conn.execute(q).mappings()]
+        rows.reverse()
+        return rows
+
+    # -- operator feedback ------------------------------------------------------------------------------
+    def ack(self, *, alert_id: int | None = None, incident_id: int | None = None, by: str = "operator") -> int:
+        """Acknowledge an alert, or an incident and all its alerts. Returns rows changed (alerts + incident)."""
+        return self._feedback(alert_id, incident_id, {"acked_at": datetime.now(timezone.utc), "acked_by": by[:64]})
+
+    def label(self, label: str, *, alert_id: int | None = None, incident_id: int | None = None) -> int:
+        """Label an alert, or an incident and all its alerts, as a true (tp) or false (fp) positive."""
+        if label not in ("tp", "fp"):
+            raise ValueError("label must be 'tp' or 'fp'")
+        return self._feedback(alert_id, incident_id, {"label": label}, {"labeled_at": datetime.now(timezone.utc)})
+
+    def _feedback(
+        self,
+        alert_id: int | None,
+        incident_id: int | None,
+        values: dict[str, Any],
+        alert_only: dict[str, Any] | None = None,
+    ) -> int:
+        if (alert_id is None) == (incident_id is None):
+            raise ValueError("give exactly one of alert_id, incident_id")
+        with self.db.writing("store the operator's feedback") as conn:
+            if alert_id is not None:
+                n = conn.execute(
+                    update(alerts).where(alerts.c.id == alert_id).values(**values, **(alert_only or {}))
+                ).rowcount
+                if not n:
+                    raise NotFoundError(f"no alert with id {alert_id}")
+                return int(n)
+            key = conn.execute(select(incidents.c.incident_key).where(incidents.c.id == incident_id)).scalar()
+            if key is None:
+                raise NotFoundError(f"no incident with id {incident_id}")
+            conn.execute(update(incidents).where(incidents.c.id == incident_id).values(**values))
+            n = conn.execute(
+                update(alerts).where(alerts.c.incident_key == key).values(**values, **(alert_only or {}))
+            ).rowcount
+            return 1 + int(n)
+
+    def alert_sources(self, *, alert_id: int | None = None, incident_id: int | None = None) -> list[dict[str, Any]]:
+        """stream and source position (topic, partition, offset) of an alert, or of an incident's alerts."""
+        if (alert_id is None) == (incident_id is None):
+            raise ValueError("give exactly one of alert_id, incident_id")
+        cols = (alerts.c.id, alerts.c.stream, alerts.c.source_topic, alerts.c.source_partition, alerts.c.source_offset)
+        with self.db.reading("read alert sources") as conn:
+            if alert_id is not None:
+                q = select(*cols).where(alerts.c.id == alert_id)
+            else:
+                key = conn.execute(select(incidents.c.incident_key).where(incidents.c.id == incident_id)).scalar()
+                if key is None:
+                    raise NotFoundError(f"no incident with id {incident_id}")
+                q = select(*cols).where(alerts.c.incident_key == key).order_by(alerts.c.id)
+            return [dict(m) for m in conn.execute(q).mappings()]
+
+    def confirmed_anomalies(self, run_id: str | None = None, stream: str | None = None) -> list[dict[str, Any]]:
+        """Alerts labelled true positive: the events to keep out of retraining data."""
+        cols = (
+            alerts.c.stream,
+            alerts.c.entity_id,
+            alerts.c.event_time,
+            alerts.c.source_topic,
+            alerts.c.source_partition,
+            alerts.c.source_offset,
+        )
+        q = select(*cols).where(alerts.c.label == "tp").order_by(alerts.c.event_time)
+        if run_id is not None:
+            q = q.where(alerts.c.run_id == run_id)
+        if stream is not None:
+            q = q.where(alerts.c.stream == stream)
+        with self.db.reading("read confirmed anomalies") as conn:
+            return [dict(m) for m in conn.execute(q).mappings()]
+
+    def lifecycle_stats(self, run_id: str | None = None) -> dict[str, int]:
+        """Open incidents and unpublished alerts-topic messages (for /metrics)."""
+        q1 = select(func.count()).select_from(incidents).where(incidents.c.status == "open")
+        q2 = select(func.count()).select_from(alert_outbox).where(alert_outbox.c.published_at.is_(None))
+        if run_id is not None:
+            q1 = q1.where(incidents.c.run_id == run_id)
+            q2 = q2.where(alert_outbox.c.run_id == run_id)
+        with self.db.reading("read lifecycle stats") as conn:
+            return {
+                "open_incidents": int(conn.execute(q1).scalar_one()),
+                "outbox_unpublished": int(conn.execute(q2).scalar_one()),
+            }
+
+    def outbox_rows(self, run_id: str | None = None, *, unpublished: bool = False) -> list[dict[str, Any]]:
+        """Alerts-topic messages, oldest first."""
+        q = select(alert_outbox).order_by(alert_outbox.c.id)
+        if run_id is not None:
+            q = q.where(alert_outbox.c.run_id == run_id)
+        if unpublished:
+            q = q.where(alert_outbox.c.published_at.is_(None))
+        with self.db.reading("read the outbox") as conn:
+            return [dict(m) for m in conn.execute(q).mappings()]
+
+    def delete_run(self, run_id: str) -> None:
+        """Every row of one run, in every table (a replay's results, for one)."""
+        with self.db.writing(f"delete run {run_id!r}") as conn:
+            for t in RUN_TABLES:
+                conn.execute(t.delete().where(t.c.run_id == run_id))
+
+
+def row_to_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A result row with datetimes as ISO-8601 UTC strings (SQLite hands back naive UTC datetimes)."""
+    return {k: iso_utc(v) if isinstance(v, datetime) else v for k, v in row.items()}
+
+
+def _ack_label_filter(table: Table, status: str) -> ColumnElement[bool]:
+    c = table.c
+    filters = {
+        "acked": c.acked_at.is_not(None),
+        "unacked": c.acked_at.is_(None),
+        "tp": c.label == "tp",
+        "fp": c.label == "fp",
+        "unlabeled": c.label.is_(None),
+    }
+    if status not in filters:
+        raise ValueError(f"unknown status {status!r}: open, resolved, {', '.join(filters)}")
+    return filters[status]
+
+
+def _alert_status_filter(status: str) -> ColumnElement[bool]:
+    if status in ("open", "resolved"):
+        return incidents.c.status == status
+    return _ack_label_filter(alerts, status)
+
+
+def _where_common(
+    q: Select[Any],
+    table: Table,
+    time_col: ColumnElement[datetime],
+    *,
+    run_id: str | None,
+    entity_id: str | None,
+    stream: str | None,
+    since: datetime | None,
+) -> Select[Any]:
+    """The filters alerts and incidents share (CLI, API)."""
+    for col, value in (("run_id", run_id), ("entity_id", entity_id), ("stream", stream)):
+        if value is not None:
+            q = q.where(table.c[col] == value)
+    if since is not None:
+        q = q.where(time_col >= since)
+    return q

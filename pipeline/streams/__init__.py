@@ -1,0 +1,1 @@
+"""Streams as configuration: the stream file (config.py), its decoders (decode.py), `pipeline streams` (cli.py)."""

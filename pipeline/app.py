@@ -23,7 +23,7 @@ from pipeline.processing.retry import DbRetry
 from pipeline.processor import Processor, ProcessorOptions
 from pipeline.scoring.factory import build_scorer
 from pipeline.scoring.scorer import StreamScorer
-from pipeline.sinks.sql import SqlStore
+from pipeline.sinks import AlertQueries, Database, SqlCheckpointStore
 
 log = logging.getLogger(__name__)
 STREAMS = ("transactions", "sensors")
@@ -122,7 +122,8 @@ class Service:
     processor: Processor
     source: KafkaSource
     dlq: KafkaDeadLetterSink
-    db: SqlStore
+    db: Database
+    queries: AlertQueries  # what the API and the demo read
     alerts_publisher: KafkaPublisher | None = None
 
     def not_ready(self) -> str | None:
@@ -152,8 +153,9 @@ def build_service(settings: Settings, bootstrap: str, *, train_if_missing: bool 
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     checkpoints = ensure_models(settings, train_if_missing)
-    db = SqlStore(settings.database_url)
+    db = Database(settings.database_url)
     db.create_schema()
+    store = SqlCheckpointStore(db)
     scorers = build_scorers(settings, checkpoints)
     labels = label_topics(settings, scorers)
     ensure_topics(bootstrap, all_topics(settings) + list(labels), settings.topic_partitions)
@@ -173,10 +175,10 @@ def build_service(settings: Settings, bootstrap: str, *, train_if_missing: bool 
         tracker, relay = None, None
         if settings.alerts.incidents:
             publisher = KafkaPublisher(bootstrap, settings.alerts_topic)
-            tracker, relay = incident_tracker(settings, db, retry), OutboxRelay(db, publisher, settings.run_id)
+            tracker, relay = incident_tracker(settings, store, retry), OutboxRelay(store, publisher, settings.run_id)
         processor = Processor(
             source,
-            db,
+            store,
             dlq,
             scorers,
             options_from(settings),
@@ -190,7 +192,7 @@ def build_service(settings: Settings, bootstrap: str, *, train_if_missing: bool 
             if client is not None:
                 client.close()
         raise
-    return Service(processor, source, dlq, db, publisher)
+    return Service(processor, source, dlq, db, AlertQueries(db), publisher)
 
 
 def lifecycle_policy(settings: Settings) -> LifecyclePolicy:

@@ -87,7 +87,15 @@ def run(
 
             # in-process, so /metrics shows the processor's live counters
             api = ApiServer(
-                create_app(service.db, s, run_id=s.run_id, not_ready=service.not_ready), host=host, port=api_port
+                create_app(
+                    service.queries,
+                    s,
+                    run_id=s.run_id,
+                    not_ready=service.not_ready,
+                    drift=service.processor.drift.figures,
+                ),
+                host=host,
+                port=api_port,
             ).start()
             cleanup.callback(api.stop)
             log.info("alerts API and page on %s", api.url)

@@ -51,7 +51,18 @@ class Settings(BaseSettings):
     topic_partitions: int = 4
     group_id: str = "anomaly-pipeline"
     run_id: str = Field("live", description="namespace of state, offsets and alerts; replays use their own")
+    streams_file: Path | None = Field(
+        None,
+        description="the stream file to serve (pipeline/streams/default.toml shows the keys): its streams, "
+        "topics and models; unset = the bundled two streams on the *_topic settings with models_dir's models",
+    )
     models_dir: Path | None = Field(None, description="where checkpoints live; unset = the bundled models/")
+    model_poll_s: float = Field(
+        5.0,
+        gt=0.0,
+        description="how often (at most) a running service asks the model registry whether a version was "
+        "promoted for a stream it serves from the registry (NAME@ALIAS); one cheap query, at a checkpoint",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "int8"] = Field(
         "fp32",
@@ -87,6 +98,14 @@ class Settings(BaseSettings):
         description="an event up to this far behind its entity's latest "
         "event time is scored without updating the entity's state; further behind: "
         "dead-lettered as out_of_order",
+    )
+    score_sample_rate: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="share of scored events (champion and challenger, warm entities) whose score goes into "
+        "model_score_samples for `pipeline models drift|compare`; picked by a hash of topic, partition and "
+        "offset, so a replay picks the same events; 0 = off",
     )
     log_level: str = "INFO"
     log_json: bool = False

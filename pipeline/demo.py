@@ -64,7 +64,7 @@ def run_demo(settings: Settings, *, customers: int, devices: int, console: Conso
         finally:
             service.close()
         dlq = _read_all(boot, settings.dlq_topic)
-        alerts = service.db.list_alerts(run_id=settings.run_id)
+        alerts = service.queries.list_alerts(run_id=settings.run_id)
         streams = []
         for name, inj, n in (("transactions", tx_inj, len(tx)), ("sensors", sn_inj, len(sn))):
             ents = {a["entity_id"] for a in alerts if a["stream"] == name}

@@ -37,3 +37,30 @@ STOPPED_PARTITIONS = Gauge(
     "pipeline_partitions_stopped",
     "Partitions stopped on a batch whose compression codec this install cannot decode (see the ERROR log line)",
 )
+SHADOW_SCORED = Counter("pipeline_shadow_scored_total", "Events a challenger model scored in shadow", ["stream"])
+SHADOW_ALERTS = Counter(
+    "pipeline_shadow_alerts_total", "Would-be alerts of a challenger model (shadow_alerts; never incidents)", ["stream"]
+)
+SHADOW_ERRORS = Counter(
+    "pipeline_shadow_errors_total",
+    "Batches the challenger model failed on (logged; the champion's path is unaffected, nothing dead-lettered)",
+    ["stream"],
+)
+SCORE_PSI = Gauge(
+    "pipeline_score_psi",
+    "PSI of the champion's recent scores (warm entities) against the held-out score quantiles of its model card",
+    ["stream"],
+)
+WARMING_SHARE = Gauge(
+    "pipeline_warming_share", "Share of live entities with fewer events than min_history (no alert yet)", ["stream"]
+)
+INPUT_PSI = Gauge(
+    "pipeline_input_psi",
+    "PSI of a channel's recent inputs against the quantiles in the model card's channel_stats",
+    ["stream", "channel"],
+)
+MODEL_SWAPS = Counter(
+    "pipeline_model_swaps_total",
+    "Promoted model versions a running stream switched to (applied) or refused (see the ERROR log line)",
+    ["stream", "result"],
+)

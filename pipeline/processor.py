@@ -27,11 +27,14 @@ from pipeline.features.streams import DecodedRecord, TransactionRecord, Transact
 from pipeline.processing.dead_letters import DeadLetters
 from pipeline.processing.decode import decode
 from pipeline.processing.dedupe import Dedupe
+from pipeline.processing.drift import DriftMonitor
 from pipeline.processing.labels import LabelAlignment
 from pipeline.processing.recovery import Recovery, drop_reapplied
 from pipeline.processing.restore import PartitionRestore
 from pipeline.processing.retry import DbRetry, ProcessorStopped
+from pipeline.processing.samples import ScoreSampler
 from pipeline.processing.scoring import ScoreStage
+from pipeline.processing.shadow import ShadowScoring
 from pipeline.processing.snapshots import Snapshots
 from pipeline.processing.stats import ProcessorStats
 from pipeline.records import DeadLetterSink, RawRecord, Source, TopicPartition
@@ -80,6 +83,7 @@ class ProcessorOptions:
     db_retry_max_s: float = _setting("db_retry_max_s")
     offset_reset: str = _setting("offset_reset")  # stored position outside the log: earliest | latest | fail
     dedupe_window: int = _setting("dedupe_window")  # transaction ids remembered per partition (0 = off)
+    score_sample_rate: float = _setting("score_sample_rate")  # share of scored events in model_score_samples
     top_features: int = 3
     freeze_gc: bool = True  # see freeze_gc()
     severity_bands: tuple[float, float, float] = SEVERITY_BANDS  # as the incident lifecycle's (LifecyclePolicy)
@@ -103,10 +107,11 @@ class Processor:
         tracker: IncidentTracker | None = None,
         relay: Relay | None = None,
         db_retry: DbRetry | None = None,
+        challengers: Mapping[str, StreamScorer] | None = None,  # topic -> its stream's challenger (shadow)
     ) -> None:
         """tracker: the incident lifecycle (its outputs go into each checkpoint), relay: publishes them to the
         alerts topic; db_retry: the database-retry policy (shared with whoever else reads the database while
-        processing, e.g. the tracker's loads)."""
+        processing, e.g. the tracker's loads); challengers: score in shadow (pipeline.processing.shadow)."""
         self.source, self.dlq, self.opt = source, dlq, options
         self.scorers = dict(scorers)
         self.db_retry = db_retry or DbRetry(options.db_retry_max_s)
@@ -116,9 +121,6 @@ class Processor:
         self.restore = PartitionRestore(
             db, self.db_retry, run_id=options.run_id, group_id=options.group_id, dedupe_window=options.dedupe_window
         )
-        for scorer in self.scorers.values():
-            # TODO(#12): pass it to the scorer's constructor once build_scorers takes loaders (scoring.factory does)
-            scorer.store.loader = self.restore.entity_loader(scorer.spec.name)
         self.dead = DeadLetters(dlq, self.partitions, self.stats)
         self.dedupe = Dedupe(options.dedupe_window, self.partitions, self.restore, self.stats)
         specs = {t: s.spec for t, s in self.scorers.items() if isinstance(s.spec, TransactionStream)}
@@ -147,6 +149,21 @@ class Processor:
             tracker=tracker,
             relay=relay,
         )
+        sampler = ScoreSampler(options.score_sample_rate)
+        self.drift = DriftMonitor()  # the drift gauges; the API's /api/drift when it runs in this process
+        self.shadow = (
+            ShadowScoring(
+                challengers,
+                run_id=options.run_id,
+                partitions=self.partitions,
+                checkpointer=self.checkpointer,
+                sampler=sampler,
+                top_features=options.top_features,
+                severity_bands=options.severity_bands,
+            )
+            if challengers
+            else None
+        )
         self.scoring = ScoreStage(
             run_id=options.run_id,
             partitions=self.partitions,
@@ -156,6 +173,9 @@ class Processor:
             stats=self.stats,
             top_features=options.top_features,
             severity_bands=options.severity_bands,
+            sampler=sampler,
+            drift=self.drift,
+            shadow=self.shadow,
         )
         self._assign_error: Exception | None = None
 
@@ -195,6 +215,8 @@ class Processor:
             scorer = self.scorers.get(tp[0])
             if scorer is not None:
                 scorer.store.drop_partition(tp[1])
+            if self.shadow is not None:
+                self.shadow.drop_partition(*tp)
             self.recovery.forget(tp)
             self.partitions.revoke(tp)  # its context, labels, held payments, dedupe window, positions
         log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in tps))
@@ -270,6 +292,8 @@ class Processor:
         for scorer in self.scorers.values():
             scorer.store.evict_idle(self.scoring.latest_event_ts, self.opt.entity_ttl_s, self.opt.max_live_entities)
             metrics.LIVE_ENTITIES.labels(scorer.spec.name).set(len(scorer.store))
+        if self.shadow is not None:
+            self.shadow.evict(self.scoring.latest_event_ts, self.opt.entity_ttl_s, self.opt.max_live_entities)
 
     def run(
         self,

@@ -11,6 +11,7 @@ from pydantic_core import PydanticCustomError
 EntityId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 ChannelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_. -]{1,64}$")]
+StreamName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,64}$")]  # as a stream file declares it
 
 # Event times must lie in [1900-01-01, 2200-01-01) UTC. A wider time cannot be handled downstream: an offset
 # can push a valid local 9999-12-31 (or 0001-01-01) out of datetime's range in UTC, and pandas' nanosecond
@@ -79,7 +80,7 @@ class AlertSource(_Strict):
 class Alert(_Strict):
     alert_key: Annotated[str, StringConstraints(min_length=1, max_length=300)]
     run_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    stream: Literal["transactions", "sensors"]
+    stream: StreamName
     entity_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     event_time: datetime
     score: float

@@ -89,10 +89,10 @@ def pg_url() -> Iterator[str]:
 
 @pytest.fixture()
 def pg_store(pg_url: str) -> Iterator[object]:
-    """A SqlStore on PostgreSQL with a freshly created schema."""
-    from pipeline.sinks.sql import SqlStore
+    """A SqlTestStore on PostgreSQL with a freshly created schema."""
+    from tests.sql_helpers import SqlTestStore
 
-    store = SqlStore(pg_url)
+    store = SqlTestStore(pg_url)
     _reset(store)
     try:
         yield store
@@ -102,9 +102,9 @@ def pg_store(pg_url: str) -> Iterator[object]:
 
 @pytest.fixture()
 def sqlite_store(tmp_path: Path) -> Iterator[object]:
-    from pipeline.sinks.sql import SqlStore
+    from tests.sql_helpers import SqlTestStore
 
-    store = SqlStore(f"sqlite:///{tmp_path / 'alerts.db'}")
+    store = SqlTestStore(f"sqlite:///{tmp_path / 'alerts.db'}")
     store.create_schema()
     try:
         yield store

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from pipeline.kafka.broker import free_port
-from pipeline.sinks.sql import SqlStore
+from tests.sql_helpers import SqlTestStore
 
 
 class TcpProxy:
@@ -94,7 +94,7 @@ def db_target(url: str) -> tuple[str, int]:
     return u.host or "127.0.0.1", u.port or 5432
 
 
-def incidents_of(db: SqlStore, run_id: str) -> set[tuple[Any, ...]]:
+def incidents_of(db: SqlTestStore, run_id: str) -> set[tuple[Any, ...]]:
     """Incidents without ids, run-specific keys or wall-clock columns."""
     with db.engine.connect() as conn:
         rows = conn.execute(
@@ -107,7 +107,7 @@ def incidents_of(db: SqlStore, run_id: str) -> set[tuple[Any, ...]]:
     return {tuple(r) for r in rows}
 
 
-def outbox_of(db: SqlStore, run_id: str) -> list[tuple[str, str, str | None]]:
+def outbox_of(db: SqlTestStore, run_id: str) -> list[tuple[str, str, str | None]]:
     """(message id without the run id, event, resolved_at) per outbox row, sorted."""
     import orjson
 
@@ -118,7 +118,7 @@ def outbox_of(db: SqlStore, run_id: str) -> list[tuple[str, str, str | None]]:
     return sorted(out)
 
 
-def samples_of(db: SqlStore, run_id: str) -> list[tuple[Any, ...]]:
+def samples_of(db: SqlTestStore, run_id: str) -> list[tuple[Any, ...]]:
     """(stream, entity, event time, is_anomaly, score) per score sample, sorted (a multiset: extras show)."""
     with db.engine.connect() as conn:
         rows = conn.execute(
@@ -152,7 +152,7 @@ class OffsetWatch:
     """Samples partition_checkpoints of one run every `every` s in a thread: the committed offset of each
     partition must never decrease."""
 
-    def __init__(self, db: SqlStore, run_id: str, every: float = 0.02) -> None:
+    def __init__(self, db: SqlTestStore, run_id: str, every: float = 0.02) -> None:
         self.db, self.run_id, self.every = db, run_id, every
         self.backwards: list[tuple[Any, int, int]] = []
         self.samples = 0
@@ -186,7 +186,7 @@ class OffsetWatch:
         self._thread.join(5)
 
 
-def outbox_events_of(db: SqlStore, run_id: str) -> list[tuple[Any, ...]]:
+def outbox_events_of(db: SqlTestStore, run_id: str) -> list[tuple[Any, ...]]:
     """(entity, event, seq, opened_at, resolved_at) per outbox message, sorted: comparable across runs whose
     source offsets differ (a run that read a restarted broker's log)."""
     import orjson
@@ -198,7 +198,7 @@ def outbox_events_of(db: SqlStore, run_id: str) -> list[tuple[Any, ...]]:
     return sorted(out)
 
 
-def alert_events_of(db: SqlStore, run_id: str) -> dict[tuple[str, str, Any], float]:
+def alert_events_of(db: SqlTestStore, run_id: str) -> dict[tuple[str, str, Any], float]:
     """{(stream, entity, event time): score}; a duplicate alert for one event fails the assertion."""
     alerts = db.list_alerts(run_id=run_id)
     out = {(a["stream"], a["entity_id"], a["event_time"]): a["score"] for a in alerts}

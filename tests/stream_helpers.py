@@ -14,7 +14,7 @@ from pipeline.config import Settings
 from pipeline.kafka.client import KafkaDeadLetterSink, KafkaSource, ensure_topics, make_producer, produce_json
 from pipeline.processor import Processor, ProcessorOptions
 from pipeline.simulate import simulate_sensors, strip_labels
-from pipeline.sinks.sql import SqlStore
+from tests.sql_helpers import SqlTestStore
 
 PARTITIONS = 4
 
@@ -60,7 +60,7 @@ def produce_sensors(bootstrap: str, topic: str, recs: list[dict[str, Any]], *, c
 def make_processor(
     settings: Settings,
     bootstrap: str,
-    db: SqlStore,
+    db: SqlTestStore,
     *,
     run_id: str = "live",
     tracker: IncidentTracker | None = None,
@@ -120,7 +120,7 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str, every: float
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def alert_set(db: SqlStore, run_id: str, digits: int = 4) -> set[tuple[str, int, int, float]]:
+def alert_set(db: SqlTestStore, run_id: str, digits: int = 4) -> set[tuple[str, int, int, float]]:
     """(entity, partition, offset, score rounded to `digits` significant digits)"""
     return {
         (a["entity_id"], a["source_partition"], a["source_offset"], float(f"{a['score']:.{digits}g}"))
@@ -128,6 +128,6 @@ def alert_set(db: SqlStore, run_id: str, digits: int = 4) -> set[tuple[str, int,
     }
 
 
-def position_set(db: SqlStore, run_id: str) -> set[tuple[str, int, int]]:
+def position_set(db: SqlTestStore, run_id: str) -> set[tuple[str, int, int]]:
     alerts = db.list_alerts(run_id=run_id)
     return {(a["entity_id"], a["source_partition"], a["source_offset"]) for a in alerts}

@@ -37,16 +37,20 @@ def worker(args: argparse.Namespace) -> None:
     from pipeline.config import Settings
     from pipeline.integrations.faust import FaustScoring, scoring_agent
     from pipeline.kafka.client import KafkaDeadLetterSink
-    from pipeline.sinks.sql import SqlStore
+    from pipeline.sinks import Database, SqlCheckpointStore
 
     torch.set_num_threads(1)
     s = Settings()
     s.device, s.sensors_topic, s.database_url = "cpu", args.topic, args.db
-    db = SqlStore(s.database_url)
+    db = Database(s.database_url)
     db.create_schema()
     scorers = build_scorers(s, {"sensors": ensure_models(s)["sensors"]})
     scoring = FaustScoring(
-        scorers, db, KafkaDeadLetterSink(args.bootstrap, f"{args.topic}-dlq"), run_id="faust", group_id=args.app_id
+        scorers,
+        SqlCheckpointStore(db),
+        KafkaDeadLetterSink(args.bootstrap, f"{args.topic}-dlq"),
+        run_id="faust",
+        group_id=args.app_id,
     )
     app = faust.App(
         args.app_id,

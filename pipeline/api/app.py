@@ -59,9 +59,12 @@ def create_app(
     *,
     run_id: str | None = None,
     not_ready: Callable[[], str | None] | None = None,
+    drift: Callable[[], list[dict[str, Any]]] | None = None,
 ) -> FastAPI:
     """`run_id` None shows every run in the database; otherwise every endpoint shows only that run.
-    `not_ready`: in `pipeline run --api-port`, the processor's reason not to be ready (None: ready)."""
+    `not_ready`: in `pipeline run --api-port`, the processor's reason not to be ready (None: ready).
+    `drift`: there too, the processor's live drift figures per stream (pipeline.processing.drift); they exist
+    only in the processor's memory, so a standalone API has none."""
     settings = settings or Settings()
     app = FastAPI(title="streaming anomaly pipeline", version="0.1.0", docs_url="/docs", redoc_url=None)
     app.state.queries, app.state.settings, app.state.run_id = queries, settings, run_id
@@ -188,6 +191,13 @@ def create_app(
                 for r in rows
             ],
         }
+
+    @app.get("/api/drift")
+    def drift_figures() -> dict[str, Any]:
+        """Per stream: score PSI against the champion's card, warming-up share, per-channel input PSI."""
+        if drift is None:
+            return {"live": False, "streams": [], "note": "drift figures come from `pipeline run --api-port`"}
+        return {"live": True, "streams": drift()}
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> HTMLResponse:

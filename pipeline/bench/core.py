@@ -314,9 +314,9 @@ def _build(
     fetch_max_wait_ms: int = 500,
 ) -> tuple[Processor, TimedSource, Any, Any]:
     from pipeline.kafka.client import KafkaDeadLetterSink, KafkaSource, ensure_topics
-    from pipeline.sinks.sql import SqlStore
+    from pipeline.sinks import Database, SqlCheckpointStore
 
-    db = SqlStore(db_url)
+    db = Database(db_url)
     db.create_schema()
     ensure_topics(bootstrap, [topic, f"{topic}-dlq"], PARTITIONS)
     scorer = sensor_scorer(settings)
@@ -326,7 +326,7 @@ def _build(
         )
     )
     dlq = KafkaDeadLetterSink(bootstrap, f"{topic}-dlq")
-    proc = Processor(src, db, dlq, {topic: scorer}, opts)
+    proc = Processor(src, SqlCheckpointStore(db), dlq, {topic: scorer}, opts)
     return proc, src, dlq, db
 
 
@@ -400,7 +400,7 @@ def run_e2e(
             ]
             if duration_s:
                 cmd += ["--duration", str(duration_s), "--events", str(10**12)]
-            producer = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ})
+            producer = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ})  # noqa: S603 - our own interpreter, an argument list
             if progress:
                 progress(f"producer sending {rate:.0f}/s ...")
             next_sample = time.monotonic()

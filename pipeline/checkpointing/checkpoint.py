@@ -7,7 +7,8 @@
    so the topic never shows an incident the table does not have; see pipeline.alerts.outbox).
 
 With an IncidentTracker (pipeline.alerts.lifecycle) the incident rows, outbox messages and score samples
-it derived from the scored events go into the same transaction as the alerts and offsets.
+it derived from the scored events go into the same transaction as the alerts and offsets, and so do the
+per-model rows: a challenger's shadow alerts and the sampled scores of every model (ModelWrite).
 
 If step 1 fails nothing is committed and the caller retries with backoff; the in-memory pending
 alerts are kept, so nothing acknowledged is ever lost. Restart resumes each partition from its last
@@ -32,7 +33,7 @@ import numpy as np
 
 from pipeline import metrics
 from pipeline.checkpointing.protocols import CheckpointStore, Relay
-from pipeline.checkpointing.rows import AlertRow, OffsetRow, StateRow
+from pipeline.checkpointing.rows import AlertRow, ModelScoreRow, ModelWrite, OffsetRow, StateRow
 from pipeline.errors import CheckpointError, SinkError
 from pipeline.records import DeadLetterSink, RawRecord, Source, TopicPartition
 from pipeline.state.partition import Partitions
@@ -71,6 +72,7 @@ class Checkpointer:
         self.run_id, self.group_id = run_id, group_id
         self.collect_states = collect_states
         self.pending: list[AlertRow] = []
+        self.pending_models = ModelWrite()
         self.tracker, self.relay = tracker, relay
         self.snapshot_unit: Callable[[TopicPartition], set[TopicPartition]] = snapshot_unit or (lambda tp: {tp})
 
@@ -78,10 +80,26 @@ class Checkpointer:
         """Alerts of scored events, written by the next checkpoint."""
         self.pending.extend(alerts)
 
+    def add_shadow(self, alerts: list[AlertRow]) -> None:
+        """A challenger's would-be alerts (shadow_alerts), written by the next checkpoint; never incidents."""
+        self.pending_models.shadow_alerts.extend(alerts)
+
+    def add_samples(self, samples: list[ModelScoreRow]) -> None:
+        """Sampled scores of a model version, written by the next checkpoint."""
+        self.pending_models.score_samples.extend(samples)
+
     def forget(self, tps: Iterable[TopicPartition]) -> None:
         """Revoked partitions: their outputs not written yet are dropped (the next owner replays them)."""
         revoked = set(tps)
-        self.pending = [a for a in self.pending if (a.source_topic, a.source_partition) not in revoked]
+
+        def kept(row: AlertRow | ModelScoreRow) -> bool:
+            return (row.source_topic, row.source_partition) not in revoked
+
+        self.pending = [a for a in self.pending if kept(a)]
+        models = self.pending_models
+        self.pending_models = ModelWrite(
+            [a for a in models.shadow_alerts if kept(a)], [s for s in models.score_samples if kept(s)]
+        )
         if self.tracker is not None:
             for tp in revoked:
                 self.tracker.forget(tp)
@@ -132,16 +150,21 @@ class Checkpointer:
         # partitions whose positions are only valid with its snapshot) until it has caught up
         behind = {tp for tp, st in states_of.items() if st.replaying and not st.rewound}
         snap_tps = {tp for tp in wanted & set(consumed) if not (self.snapshot_unit(tp) & behind)}
-        if self.pending:  # replayed alerts are durable already: they are not written (nor counted) again
-            self.pending = [
-                a
-                for a in self.pending
-                if a.source_offset >= self.partitions.committed_at((a.source_topic, a.source_partition))
-                or (a.source_topic, a.source_partition) in rewound
-            ]
+
+        def new(row: AlertRow | ModelScoreRow) -> bool:
+            tp = (row.source_topic, row.source_partition)
+            return row.source_offset >= self.partitions.committed_at(tp) or tp in rewound
+
+        # outputs of replayed records are durable already: they are not written (nor counted) again
+        self.pending = [a for a in self.pending if new(a)]
+        models = self.pending_models
+        if models:
+            models = self.pending_models = ModelWrite(
+                [a for a in models.shadow_alerts if new(a)], [s for s in models.score_samples if new(s)]
+            )
         states, mark_clean = self.collect_states(snap_tps) if snap_tps else ([], _nothing)
         lifecycle = self.tracker.prepare(self.pending) if self.tracker is not None else None
-        if not changed and not self.pending and not states and not snap_tps and not lifecycle:
+        if not changed and not self.pending and not states and not snap_tps and not lifecycle and not models:
             if self.relay is not None and self.relay.backlog:
                 self.relay.try_drain()
             return 0
@@ -160,12 +183,12 @@ class Checkpointer:
         try:
             self.dlq.flush()
             inserted = self.store.write_checkpoint(
-                self.run_id, self.group_id, alerts, states, offsets, lifecycle=lifecycle or None
+                self.run_id, self.group_id, alerts, states, offsets, lifecycle=lifecycle or None, models=models or None
             )
         except SinkError as exc:
             metrics.DB_FAILURES.inc()
             raise CheckpointError(str(exc)) from exc
-        self.pending = []
+        self.pending, self.pending_models = [], ModelWrite()
         if self.tracker is not None:
             for event, n in self.tracker.written().items():
                 metrics.INCIDENT_EVENTS.labels(event).inc(n)
@@ -181,6 +204,8 @@ class Checkpointer:
         metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - started)
         for a in alerts:
             metrics.ALERTS.labels(a.stream).inc()
+        for a in models.shadow_alerts:
+            metrics.SHADOW_ALERTS.labels(a.stream).inc()
         if states:
             log.debug("snapshot: %d entity states, %d partitions", len(states), len(snap_tps))
         return inserted

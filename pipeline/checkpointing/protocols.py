@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from pipeline.checkpointing.rows import AlertRow, LifecycleWrite, OffsetRow, StateRow
+from pipeline.checkpointing.rows import AlertRow, LifecycleWrite, ModelWrite, OffsetRow, StateRow
 from pipeline.records import TopicPartition
 
 
@@ -19,9 +19,11 @@ class CheckpointStore(Protocol):
         states: Sequence[StateRow],
         offsets: Sequence[OffsetRow],
         lifecycle: LifecycleWrite | None = None,
+        models: ModelWrite | None = None,
     ) -> int:
-        """One transaction: alerts (idempotent on their key), state snapshots, partition offsets and the
-        lifecycle rows. Returns the alerts newly inserted; raises SinkError (nothing written)."""
+        """One transaction: alerts (idempotent on their key), state snapshots, partition offsets, the
+        lifecycle rows and the per-model rows (shadow alerts and score samples, both idempotent). Returns the
+        alerts newly inserted; raises SinkError (nothing written)."""
         ...
 
 

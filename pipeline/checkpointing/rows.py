@@ -124,3 +124,30 @@ class LifecycleWrite:
 
     def __bool__(self) -> bool:
         return bool(self.incidents or self.outbox or self.samples)
+
+
+@dataclass
+class ModelScoreRow:
+    """One sampled score of a model version (model_score_samples): the live score distribution that drift and
+    compare read. The source position only decides, like an alert's, whether a replay already wrote it."""
+
+    stream: str
+    model_version: str
+    entity_id: str
+    event_time: datetime
+    score: float
+    source_topic: str
+    source_partition: int
+    source_offset: int
+
+
+@dataclass
+class ModelWrite:
+    """Per-model-version outputs of one checkpoint, written in its transaction: the challengers' would-be
+    alerts (shadow_alerts, idempotent on alert_key) and the sampled scores of every model."""
+
+    shadow_alerts: list[AlertRow] = field(default_factory=list)
+    score_samples: list[ModelScoreRow] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.shadow_alerts or self.score_samples)

@@ -26,7 +26,8 @@ from schemas.types import SensorReading, Transaction, TransactionLabel
 DAY = 86400.0
 WEEK = 7 * DAY
 
-StreamName = Literal["transactions", "sensors", "transaction-labels"]
+StreamKind = Literal["transactions", "sensors", "transaction-labels"]
+WIRE_TIME_FIELD = "timestamp"
 # a decoded record: the msgspec mirror when the fast path vouches for it, else the pydantic model (same attributes)
 TransactionRecord = Transaction | fast.TransactionFast
 SensorRecord = SensorReading | fast.SensorReadingFast
@@ -88,18 +89,42 @@ def duplicate_key(value: bytes) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class StreamIdentity:
+    """A declared stream's name and its own entity/time field names (None: the kind's)."""
+
+    name: str | None = None
+    entity_key: str | None = None
+    time_field: str | None = None
+
+
 class StreamSpec(Generic[R]):
     """A stream's contract: decode one record, featurize a batch. Stateless: partition-local state (terminal
-    contexts) is held by the caller and passed in."""
+    contexts) is held by the caller and passed in.
 
-    name: ClassVar[StreamName]
-    entity_field: ClassVar[str]
+    `kind` fixes the wire rules and features; `name` is the stream's identity (metrics, entity state, alerts),
+    the kind's name unless a stream file declares another. A declared stream may call its entity and time
+    fields otherwise (`entity_key`, `time_field`): its records are renamed to the kind's fields before
+    validation, so every rule and dead-letter reason stays the kind's."""
+
+    kind: ClassVar[StreamKind]
+    entity_field: ClassVar[str]  # the kind's wire name of the entity field
     feature_names: list[str]
     _adapter: TypeAdapter[Any]
     _fast: Callable[[bytes], R | None] | None = None  # schemas.fast: None = cannot vouch, ask pydantic
 
-    def __init__(self, max_message_bytes: int = 65536) -> None:
+    def __init__(
+        self,
+        max_message_bytes: int = 65536,
+        *,
+        identity: StreamIdentity | None = None,
+    ) -> None:
         self.max_message_bytes = max_message_bytes
+        identity = identity or StreamIdentity()
+        self.name: str = identity.name or self.kind
+        self.entity_key = identity.entity_key or self.entity_field
+        wanted = {self.entity_key: self.entity_field, identity.time_field or WIRE_TIME_FIELD: WIRE_TIME_FIELD}
+        self._renames = {ours: wire for ours, wire in wanted.items() if ours != wire}
 
     @property
     def n_features(self) -> int:
@@ -112,6 +137,8 @@ class StreamSpec(Generic[R]):
             raise DecodeError("empty_value", "record has no value (tombstone)")
         if len(value) > self.max_message_bytes:
             raise DecodeError("oversize", f"{len(value)} bytes > max_message_bytes={self.max_message_bytes}")
+        if self._renames:
+            value = self._to_wire(value)
         if self._fast is not None:
             rec = self._fast(value)
             if rec is not None:
@@ -129,6 +156,24 @@ class StreamSpec(Generic[R]):
             raise DecodeError(*_reason(err, self.entity_field)) from None
         self.check(record)
         return record
+
+    def _to_wire(self, value: bytes) -> bytes:
+        """The record with the stream's own entity/time field names renamed to the kind's."""
+        dup = duplicate_key(value)
+        if dup is not None:
+            raise DecodeError("duplicate_key", f"key {dup[:80]!r} occurs twice in one object")
+        try:
+            obj = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise DecodeError("malformed_json", str(exc)) from None
+        if not isinstance(obj, dict):
+            raise DecodeError("malformed_json", f"expected a JSON object, got {type(obj).__name__}")
+        for ours, wire in self._renames.items():
+            if wire in obj:
+                raise DecodeError("schema_violation", f"{wire}: unexpected field (this stream's field is {ours!r})")
+            if ours in obj:
+                obj[wire] = obj.pop(ours)
+        return orjson.dumps(obj)
 
     def parse(self, obj: dict[str, Any]) -> R:
         """Validate an already-decoded dict (files, simulators) by exactly the wire rules of `decode`."""
@@ -158,7 +203,7 @@ class StreamSpec(Generic[R]):
 
 
 class TransactionStream(StreamSpec[TransactionRecord]):
-    name = "transactions"
+    kind = "transactions"
     entity_field = "customer_id"
 
     def __init__(
@@ -168,10 +213,11 @@ class TransactionStream(StreamSpec[TransactionRecord]):
         terminal_context: bool = False,
         terminal_tau_s: float = DAY,
         fraud_feedback_tau_s: float | None = None,
+        identity: StreamIdentity | None = None,
     ) -> None:
         """terminal_context=True adds per-terminal features (pipeline.features.terminal), one context per
         partition; fraud_feedback_tau_s adds the terminal's fraud rate from label feedback (`add_labels`)."""
-        super().__init__(max_message_bytes)
+        super().__init__(max_message_bytes, identity=identity)
         self._adapter = TypeAdapter(Transaction)
         self._fast = fast.transaction
         self.feature_names = list(BASE_TRANSACTION_FEATURES)
@@ -270,11 +316,17 @@ class TransactionStream(StreamSpec[TransactionRecord]):
 
 
 class SensorStream(StreamSpec[SensorRecord]):
-    name = "sensors"
+    kind = "sensors"
     entity_field = "device_id"
 
-    def __init__(self, channels: Sequence[str], max_message_bytes: int = 65536) -> None:
-        super().__init__(max_message_bytes)
+    def __init__(
+        self,
+        channels: Sequence[str],
+        max_message_bytes: int = 65536,
+        *,
+        identity: StreamIdentity | None = None,
+    ) -> None:
+        super().__init__(max_message_bytes, identity=identity)
         if not channels:
             raise ValueError("sensor stream needs at least one channel")
         self._adapter = TypeAdapter(SensorReading)
@@ -306,7 +358,7 @@ class LabelStream(StreamSpec[TransactionLabel]):
     """Label feedback for a customer-keyed TransactionStream (schemas/transaction_label.schema.json): decoded
     and validated like any stream, keyed by customer so a label lands in its payment's partition number."""
 
-    name = "transaction-labels"
+    kind = "transaction-labels"
     entity_field = "customer_id"
 
     def __init__(self, max_message_bytes: int = 65536) -> None:
@@ -316,7 +368,10 @@ class LabelStream(StreamSpec[TransactionLabel]):
 
 
 def transaction_stream_for(
-    feature_names: Sequence[str], card: dict[str, Any], max_message_bytes: int = 65536
+    feature_names: Sequence[str],
+    card: dict[str, Any],
+    max_message_bytes: int = 65536,
+    identity: StreamIdentity | None = None,
 ) -> TransactionStream:
     """The TransactionStream a checkpoint was trained on, read from its feature names and model card."""
     names = list(feature_names)
@@ -338,17 +393,23 @@ def transaction_stream_for(
         terminal_context=terminal,
         terminal_tau_s=tau,
         fraud_feedback_tau_s=float(fb_tau) if feedback and fb_tau is not None else None,
+        identity=identity,
     )
 
 
 def make_stream(
-    name: str, *, channels: Sequence[str] = (), max_message_bytes: int = 65536, card: dict[str, Any] | None = None
+    kind: str,
+    *,
+    channels: Sequence[str] = (),
+    max_message_bytes: int = 65536,
+    card: dict[str, Any] | None = None,
+    identity: StreamIdentity | None = None,
 ) -> TransactionStream | SensorStream:
     """card: the model card of the checkpoint the stream feeds (decides the transaction feature layout)."""
-    if name == "transactions":
+    if kind == "transactions":
         if card is not None and "feature_names" in card:
-            return transaction_stream_for(card["feature_names"], card, max_message_bytes)
-        return TransactionStream(max_message_bytes)
-    if name == "sensors":
-        return SensorStream(channels, max_message_bytes)
-    raise ValueError(f"unknown stream {name!r}")
+            return transaction_stream_for(card["feature_names"], card, max_message_bytes, identity)
+        return TransactionStream(max_message_bytes, identity=identity)
+    if kind == "sensors":
+        return SensorStream(channels, max_message_bytes, identity=identity)
+    raise ValueError(f"unknown stream kind {kind!r}")

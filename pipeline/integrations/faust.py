@@ -3,9 +3,10 @@
     app = faust.App("payments", broker="kafka://localhost:9092", web_enabled=False)
     settings = Settings()
     scorers = build_scorers(settings, ensure_models(settings))          # pipeline.app, as `pipeline run`
-    db = SqlStore(settings.database_url)
+    db = Database(settings.database_url)                               # pipeline.sinks
     db.create_schema()                                                 # migrations, as `pipeline run` does
-    scoring = FaustScoring(scorers, db, KafkaDeadLetterSink(bootstrap, settings.dlq_topic), run_id="faust")
+    scoring = FaustScoring(scorers, SqlCheckpointStore(db), KafkaDeadLetterSink(bootstrap, settings.dlq_topic),
+                           run_id="faust")
     scoring_agent(app, scoring)                                        # one agent over the scorers' topics
 
 Each `stream.take_events(batch, within)` batch goes through the same code as `pipeline run`: decode and

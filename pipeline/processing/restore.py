@@ -13,7 +13,6 @@ from pipeline.features.terminal import TerminalContext
 from pipeline.processing.retry import DbRetry
 from pipeline.records import TopicPartition
 from pipeline.state.partition import PartitionState, RecentIds, context_key, dedupe_key
-from pipeline.state.store import Loader
 
 
 class PartitionRestore:
@@ -28,15 +27,11 @@ class PartitionRestore:
         epochs = self.retry("read partition epochs", lambda: self.store.load_epochs(self.run_id, self.group_id))
         return saved, epochs
 
-    def entity_loader(self, stream: str) -> Loader:
-        """Loads the saved states of a stream's entities (seen for the first time since assignment)."""
-
-        def load(ids: Sequence[str]) -> dict[str, bytes]:
-            return self.retry(
-                f"load {len(ids)} {stream} entity states", lambda: self.store.load_states(self.run_id, stream, ids)
-            )
-
-        return load
+    def entity_states(self, stream: str, ids: Sequence[str]) -> dict[str, bytes]:
+        """The saved states of a stream's entities seen for the first time since assignment (or eviction)."""
+        return self.retry(
+            f"load {len(ids)} {stream} entity states", lambda: self.store.load_states(self.run_id, stream, ids)
+        )
 
     def _blob(self, st: PartitionState, stream: str, key: str, what: str) -> bytes | None:
         topic, partition = st.tp

@@ -20,7 +20,10 @@ from pipeline.features.streams import DecodedRecord, StreamSpec, TransactionStre
 from pipeline.features.terminal import TerminalContext
 from pipeline.processing import alerts
 from pipeline.processing.dead_letters import DeadLetters, out_of_order_detail
+from pipeline.processing.drift import DriftMonitor
 from pipeline.processing.restore import PartitionRestore
+from pipeline.processing.samples import ScoreSampler, warm_events
+from pipeline.processing.shadow import ShadowScoring
 from pipeline.processing.stats import ProcessorStats
 from pipeline.records import RawRecord
 from pipeline.scoring.scorer import ScoreBatch, StreamScorer
@@ -51,8 +54,14 @@ class ScoreStage:
         stats: ProcessorStats,
         top_features: int,
         severity_bands: Sequence[float],
+        sampler: ScoreSampler,
+        drift: DriftMonitor,
+        shadow: ShadowScoring | None = None,
     ) -> None:
+        """sampler, drift: every champion's scored events feed its score samples and drift gauges; shadow: the
+        challengers, which score what the champions scored."""
         self.run_id, self.partitions, self.restore, self.dead = run_id, partitions, restore, dead
+        self.sampler, self.drift, self.shadow = sampler, drift, shadow
         self.checkpointer, self.stats = checkpointer, stats
         self.top_features, self.severity_bands = top_features, tuple(severity_bands)
         self.latest_event_ts = 0.0  # event-time clock of idle-entity eviction
@@ -79,6 +88,13 @@ class ScoreStage:
             return None
         return {p: self.restore.context(self.partitions[(topic, p)], spec) for p in np.unique(parts).tolist()}
 
+    def _resume_entities(self, scorer: StreamScorer, entity_ids: Sequence[str]) -> None:
+        """Entities first seen since assignment (or eviction) resume from their last saved state, read here
+        (through the database-retry policy) before the scorer touches them."""
+        missing = scorer.store.unknown(entity_ids)
+        if missing:
+            scorer.store.admit(self.restore.entity_states(scorer.spec.name, missing))
+
     def _score_batch(
         self, topic: str, scorer: StreamScorer, good_recs: Sequence[RawRecord], good: Sequence[DecodedRecord]
     ) -> None:
@@ -93,6 +109,7 @@ class ScoreStage:
             undo_contexts = _savepoint(contexts)
             cols = spec.columns(good, parts, contexts)
             stage = "score"
+            self._resume_entities(scorer, cols.entity_ids)
             undo_state = scorer.savepoint(cols.entity_ids, parts)
             res = scorer.process(cols, parts)
             if res.late is not None and res.rejected is not None and contexts is not None:
@@ -118,13 +135,15 @@ class ScoreStage:
                     undo_state = scorer.savepoint(cols.entity_ids, parts)
                     res = scorer.process(cols, parts)
         except PipelineError:
-            undo_state()  # as process(atomic=True) did
+            undo_state()
             raise  # raised on purpose for the operator (state, database, stop): not one record's fault
         except Exception as exc:  # noqa: BLE001 - isolated by score()
             undo_state()
             undo_contexts()
             raise _StageFailed(stage, exc) from exc
         # the batch is applied to state now: later stages isolate failures per record and never re-score
+        if self.shadow is not None:
+            self.shadow.score(topic, good_recs, cols, parts)
         for r, t in out_of_order:
             self.dead.send(r, "out_of_order", out_of_order_detail(t, scorer.allowed_lateness_s))
         if not good_recs:
@@ -148,6 +167,9 @@ class ScoreStage:
         self._lifecycle(topic, spec.name, good_recs, parts, ts, res)
         built = self._alerts(scorer, good_recs, ts, res)
         self.checkpointer.add(built)
+        warm = warm_events(scorer, res)
+        self.checkpointer.add_samples(self.sampler.rows(scorer, good_recs, ts, res, warm))
+        self.drift.observe(scorer, res, warm)
         self.stats.alerts += len(built)
         self.stats.alerts_by_stream[spec.name] += len(built)
 

@@ -35,13 +35,13 @@ def replay(
     from pipeline.cli import _settings
     from pipeline.errors import ConfigError
     from pipeline.replay.core import default_run_id, diff_runs, parse_time, run_replay
-    from pipeline.sinks.sql import SqlStore
+    from pipeline.sinks import AlertQueries, Database
 
     s = _settings(database_url=database_url)
     if diff is not None:
-        db = SqlStore(s.database_url)
+        db = Database(s.database_url)
         try:
-            result = diff_runs(db, diff[0], diff[1])
+            result = diff_runs(AlertQueries(db), diff[0], diff[1])
         finally:
             db.dispose()
         _print_diff(result, as_json)

@@ -34,7 +34,7 @@ from pipeline.processor import Processor
 from pipeline.records import RawRecord
 from pipeline.scoring.factory import build_scorer
 from pipeline.scoring.scorer import StreamScorer
-from pipeline.sinks.sql import SqlStore
+from pipeline.sinks import AlertQueries, Database, SqlCheckpointStore
 
 log = logging.getLogger(__name__)
 REPLAY_GROUP = "replay"
@@ -180,7 +180,7 @@ def run_replay(
     seek_mode: SeekMode = "auto",
     progress: Callable[[int, int], None] | None = None,
     stop: threading.Event | None = None,
-    db: SqlStore | None = None,
+    db: Database | None = None,
 ) -> ReplayResult:
     if from_ms is not None and to_ms is not None and to_ms <= from_ms:
         raise ConfigError("--to must be after --from")
@@ -197,15 +197,15 @@ def run_replay(
             f"PIPELINE_LABELS_TOPIC ({settings.labels_topic})"
         )
     own_db = db is None
-    store = db or SqlStore(settings.database_url)
+    database = db or Database(settings.database_url)
     if own_db:
-        store.create_schema()
+        database.create_schema()
     source = ReplaySource(bootstrap, from_ms=from_ms, to_ms=to_ms, seek_mode=seek_mode)
     dlq = CountingDeadLetters()
     opts = options_from(settings)
     opts.run_id, opts.group_id = run_id, REPLAY_GROUP
     src: Any = _ProgressSource(source, progress) if progress is not None else source
-    processor = Processor(src, store, dlq, scorers, opts, label_topics=labels)
+    processor = Processor(src, SqlCheckpointStore(database), dlq, scorers, opts, label_topics=labels)
     started = time.monotonic()
     try:
         stats = processor.run(stop or threading.Event(), idle_exit_s=0.0)
@@ -214,7 +214,7 @@ def run_replay(
     finally:
         source.close()
         if own_db:
-            store.dispose()
+            database.dispose()
     return ReplayResult(
         run_id=run_id,
         topics=[*topics, *labels],
@@ -238,7 +238,7 @@ def alert_key(a: Mapping[str, Any]) -> AlertKey:
     return (a["stream"], a["entity_id"], a["source_topic"], int(a["source_partition"]), int(a["source_offset"]))
 
 
-def diff_runs(db: SqlStore, run_a: str, run_b: str, *, show: int = 20) -> dict[str, Any]:
+def diff_runs(db: AlertQueries, run_a: str, run_b: str, *, show: int = 20) -> dict[str, Any]:
     """Alerts added/removed from run A to run B, keyed by (stream, entity, source position)."""
     a = {alert_key(r): r for r in db.list_alerts(run_id=run_a)}
     b = {alert_key(r): r for r in db.list_alerts(run_id=run_b)}

@@ -12,7 +12,6 @@ from pipeline.features.streams import StreamSpec, make_stream
 from pipeline.scoring.knobs import ThresholdKnobs
 from pipeline.scoring.scorer import StreamScorer
 from pipeline.scoring.threshold import AdaptiveThreshold
-from pipeline.state.store import Loader
 
 
 def build_scorer(
@@ -25,7 +24,6 @@ def build_scorer(
     precision: str | None = None,
     allowed_lateness_s: float | None = None,
     max_message_bytes: int = 65536,
-    loader: Loader | None = None,
 ) -> StreamScorer:
     """stream: a spec, or a stream kind ("transactions", "sensors") whose spec follows the checkpoint's card
     (its feature names; `channels` only where the card names none). The adaptive threshold starts from the
@@ -50,5 +48,4 @@ def build_scorer(
         device=device,
         precision=precision,
         allowed_lateness_s=allowed_lateness_s,
-        loader=loader,
     )

@@ -19,7 +19,7 @@ from pipeline.errors import ScoringError
 from pipeline.features.streams import EventColumns, StreamSpec
 from pipeline.scoring.threshold import AdaptiveThreshold, Threshold
 from pipeline.state.rounds import occurrence_rank, rounds
-from pipeline.state.store import EntityStateStore, Loader, StateLayout
+from pipeline.state.store import EntityStateStore, StateLayout
 
 RAW_CLIP = 1e30  # finite but absurd readings stay finite in float32 windows and float64 statistics
 SCALED_CLIP = 50.0  # scaled features beyond +-50 sigma carry no more information; keeps the LSTM finite
@@ -88,7 +88,6 @@ class StreamScorer:
         threshold: Threshold | None = None,
         min_history: int = 8,
         device: str | torch.device = "cpu",
-        loader: Loader | None = None,
         prior: tuple[np.ndarray, np.ndarray] | None = None,
         window: int | None = None,
         global_features: tuple[int, ...] = (),
@@ -129,10 +128,9 @@ class StreamScorer:
         # a stateful model (models.lstm_forecast) keeps each entity's (h, c) in the state records
         recurrent = int(getattr(checkpoint, "state_size", 0)) if checkpoint is not None else 0
         self.store = EntityStateStore(
-            StateLayout(window, spec.n_features, recurrent),
+            StateLayout.of_model(window, spec.feature_names, recurrent, checkpoint.version if checkpoint else ""),
             prior[0],
             prior[1],
-            loader=loader,
             global_features=global_features,
         )
 

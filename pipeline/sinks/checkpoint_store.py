@@ -1,9 +1,11 @@
-"""The processing core's SQL side: one checkpoint (alerts, entity-state snapshots, partition offsets and the
-incident lifecycle) written in ONE transaction, and what a worker reads back when it is assigned a partition.
+"""The processing core's SQL side: one checkpoint (alerts, entity-state snapshots, partition offsets, the
+incident lifecycle and the per-model rows) written in ONE transaction, and what a worker reads back when it is
+assigned a partition.
 
 One transaction per checkpoint means the stored offsets can never run ahead of the alerts and state they
-account for. Alert inserts are idempotent (unique alert_key), which is what makes replaying from the last
-state snapshot after a crash safe.
+account for. Alert and shadow-alert inserts are idempotent (unique alert_key), and so are score samples (one
+per run, stream, version, entity and event time), which is what makes replaying from the last state snapshot
+after a crash safe.
 """
 
 from __future__ import annotations
@@ -16,9 +18,18 @@ from sqlalchemy import Table, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from pipeline.checkpointing.rows import AlertRow, LifecycleWrite, OffsetRow, StateRow
+from pipeline.checkpointing.rows import AlertRow, LifecycleWrite, ModelScoreRow, ModelWrite, OffsetRow, StateRow
 from pipeline.sinks.database import Database
-from pipeline.sinks.tables import alert_outbox, alerts, entity_state, incidents, partition_checkpoints, score_samples
+from pipeline.sinks.tables import (
+    alert_outbox,
+    alerts,
+    entity_state,
+    incidents,
+    model_score_samples,
+    partition_checkpoints,
+    score_samples,
+    shadow_alerts,
+)
 
 # incident columns a checkpoint overwrites; operator feedback (ack, label) and the identity stay as stored
 _INCIDENT_STATE_COLS = (
@@ -60,9 +71,11 @@ class SqlCheckpointStore:
         states: Sequence[StateRow],
         offsets: Sequence[OffsetRow],
         lifecycle: LifecycleWrite | None = None,
+        models: ModelWrite | None = None,
     ) -> int:
         """One transaction: alerts (idempotent), state snapshots, partition offsets and, when given, the
-        incident lifecycle (incident rows, outbox messages, score samples). Returns alerts inserted."""
+        incident lifecycle (incident rows, outbox messages, score samples) and the per-model rows (shadow
+        alerts, sampled scores; both idempotent). Returns alerts inserted."""
         now = datetime.now(timezone.utc)
         with self.db.writing("write the checkpoint") as conn:
             inserted = 0
@@ -76,6 +89,8 @@ class SqlCheckpointStore:
                 self._write_offset(conn, run_id, group_id, o, now)
             if lifecycle:
                 self._write_lifecycle(conn, run_id, lifecycle, now)
+            if models:
+                self._write_models(conn, run_id, models)
             return inserted
 
     def load_states(self, run_id: str, stream: str, entity_ids: Sequence[str]) -> dict[str, bytes]:
@@ -244,3 +259,64 @@ class SqlCheckpointStore:
                 ).scalar()
                 if cutoff is not None:
                     conn.execute(score_samples.delete().where(*where, score_samples.c.id <= cutoff))
+
+    def _write_models(self, conn: Connection, run_id: str, models: ModelWrite) -> None:
+        if models.shadow_alerts:
+            stmt = self._insert(shadow_alerts).on_conflict_do_nothing(index_elements=["alert_key"])
+            conn.execute(stmt, [a.__dict__ for a in models.shadow_alerts])
+        by_version: dict[tuple[str, str], list[ModelScoreRow]] = {}
+        for row in models.score_samples:
+            by_version.setdefault((row.stream, row.model_version), []).append(row)
+        for (stream, version), rows in by_version.items():
+            new = _new_samples(conn, run_id, stream, version, rows)
+            if new:
+                conn.execute(
+                    model_score_samples.insert(),
+                    [
+                        {
+                            "run_id": run_id,
+                            "stream": stream,
+                            "model_version": version,
+                            "entity_id": r.entity_id,
+                            "event_time": r.event_time,
+                            "score": r.score,
+                        }
+                        for r in new
+                    ],
+                )
+
+
+def _new_samples(
+    conn: Connection, run_id: str, stream: str, version: str, rows: Sequence[ModelScoreRow]
+) -> list[ModelScoreRow]:
+    """The rows not stored yet (nor repeated in `rows`): a sample is one (run, stream, version, entity, event
+    time). The table has no unique key on them (migration 0004), so the stored ones are read back first; one
+    worker owns an entity's partition at a time, so no concurrent checkpoint writes the same entity."""
+    c = model_score_samples.c
+    seen: set[tuple[str, float]] = set()
+    ids = sorted({r.entity_id for r in rows})
+    first, last = min(r.event_time for r in rows), max(r.event_time for r in rows)
+    for start in range(0, len(ids), 500):
+        stored = conn.execute(
+            select(c.entity_id, c.event_time).where(
+                c.run_id == run_id,
+                c.stream == stream,
+                c.model_version == version,
+                c.entity_id.in_(ids[start : start + 500]),
+                c.event_time >= first,
+                c.event_time <= last,
+            )
+        )
+        seen.update((r.entity_id, _utc(r.event_time).timestamp()) for r in stored)
+    new = []
+    for r in rows:
+        key = (r.entity_id, _utc(r.event_time).timestamp())
+        if key not in seen:
+            seen.add(key)
+            new.append(r)
+    return new
+
+
+def _utc(value: datetime) -> datetime:
+    """SQLite hands back naive UTC datetimes."""
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)

@@ -13,6 +13,8 @@ Tables (migration 0004):
 - model_score_samples: a sample of every scored event's score per model version (champion and challenger),
   the live score distribution for drift and compare. (score_samples holds only the scores of entities with an
   incident, far from the distribution the card describes.)
+The last two hold rows of a run, which the processor writes in its checkpoints: they live in
+pipeline.sinks.tables (RUN_TABLES).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
-    Float,
     ForeignKey,
     Index,
     Integer,
@@ -54,7 +55,7 @@ from pipeline.registry.registry import (
     RegistryError,
 )
 from pipeline.sinks.database import Database
-from pipeline.sinks.tables import alerts, metadata
+from pipeline.sinks.tables import alerts, metadata, model_score_samples, shadow_alerts
 
 BIGID = BigInteger().with_variant(Integer, "sqlite")
 TS = DateTime(timezone=True)
@@ -101,36 +102,6 @@ model_promotions = Table(
     Column("at", TS, nullable=False),
     Column("by", String(64), nullable=False),
     Index("ix_model_promotions_alias", "stream", "alias", "id"),
-)
-
-shadow_alerts = Table(
-    "shadow_alerts",
-    metadata,
-    *(
-        Column(
-            c.name,
-            c.type,
-            primary_key=c.primary_key,
-            autoincrement=c.autoincrement,
-            nullable=c.nullable,
-            unique=c.unique,
-        )
-        for c in alerts.columns
-    ),
-    Index("ix_shadow_alerts_version_time", "model_version", "event_time"),
-)
-
-model_score_samples = Table(
-    "model_score_samples",
-    metadata,
-    Column("id", BIGID, primary_key=True, autoincrement=True),
-    Column("run_id", String(64), nullable=False),
-    Column("stream", String(64), nullable=False),
-    Column("model_version", String(128), nullable=False),
-    Column("entity_id", String(64), nullable=False),
-    Column("event_time", TS, nullable=False),
-    Column("score", Float, nullable=False),
-    Index("ix_model_score_samples_version_time", "model_version", "event_time"),
 )
 
 _VERSION_COLS = tuple(c for c in model_versions.c if c.name not in ("id", "number", "blob"))

@@ -140,4 +140,45 @@ score_samples = Table(
     Index("ix_score_samples_entity", "run_id", "stream", "entity_id", "id"),
 )
 
-RUN_TABLES = (alerts, entity_state, partition_checkpoints, incidents, alert_outbox, score_samples)
+# migration 0004: a challenger's would-be alerts (the columns of `alerts`; they never open incidents) and a sample
+# of every model version's scores (drift, compare; score_samples holds only entities with an incident)
+shadow_alerts = Table(
+    "shadow_alerts",
+    metadata,
+    *(
+        Column(
+            c.name,
+            c.type,
+            primary_key=c.primary_key,
+            autoincrement=c.autoincrement,
+            nullable=c.nullable,
+            unique=c.unique,
+        )
+        for c in alerts.columns
+    ),
+    Index("ix_shadow_alerts_version_time", "model_version", "event_time"),
+)
+
+model_score_samples = Table(
+    "model_score_samples",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("run_id", String(64), nullable=False),
+    Column("stream", String(64), nullable=False),
+    Column("model_version", String(128), nullable=False),
+    Column("entity_id", String(64), nullable=False),
+    Column("event_time", DateTime(timezone=True), nullable=False),
+    Column("score", Float, nullable=False),
+    Index("ix_model_score_samples_version_time", "model_version", "event_time"),
+)
+
+RUN_TABLES = (
+    alerts,
+    entity_state,
+    partition_checkpoints,
+    incidents,
+    alert_outbox,
+    score_samples,
+    shadow_alerts,
+    model_score_samples,
+)

@@ -3,20 +3,33 @@
 Each entity owns a slot: a ring buffer of its last W raw feature vectors, Welford statistics of its
 features (shrunk towards the model's global statistics while young) and of its normal log-scores.
 Snapshots are fixed-size byte blobs (one numpy structured record) so they can be persisted and restored
-exactly; a blob whose layout does not match raises StateError instead of silently resetting the entity.
+exactly. A record names the model that wrote it: one written by another model (a promoted version took over)
+keeps what carries over to this one (CarryOver); bytes that are no state record raise StateError.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from pipeline.errors import StateError
 from pipeline.state.rounds import occurrence_rank
 
-LAYOUT_VERSION = 2  # see SLOT_ARRAYS
+LAYOUT_VERSION = 3  # see SLOT_ARRAYS; v3 added the writer's model and features to the header
+Field = tuple[str, str] | tuple[str, str, tuple[int, ...]]
+
+
+def identity(text: str) -> int:
+    """The 32-bit name a record header gives a model version or a feature list (0: unnamed)."""
+    return (zlib.crc32(text.encode()) or 1) if text else 0
+
+
+def _header(version: int) -> list[Field]:
+    head: list[Field] = [("version", "<u2"), ("window", "<u2"), ("n_features", "<u2")]
+    return head + [("model", "<u4"), ("features", "<u4")] if version >= 3 else head
 
 
 @dataclass(frozen=True)
@@ -26,13 +39,17 @@ class StateLayout:
     # floats of a stateful model's h (and of c) per entity (models.lstm_forecast); 0 = none. When > 0 the
     # record also holds h, c and the entity's last prediction of its next (scaled) reading
     recurrent: int = 0
+    # who writes the records: `identity` of the model version and of its feature names (0: unnamed, e.g. a
+    # training scorer). A record of another model is recognized at restore (CarryOver)
+    model: int = 0
+    features: int = 0
+
+    @classmethod
+    def of_model(cls, window: int, feature_names: Sequence[str], recurrent: int, version: str) -> StateLayout:
+        return cls(window, len(feature_names), recurrent, identity(version), identity("\x1f".join(feature_names)))
 
     def dtype_of(self, version: int) -> np.dtype:
-        fields: list[tuple[str, str] | tuple[str, str, tuple[int, ...]]] = [
-            ("version", "<u2"),
-            ("window", "<u2"),
-            ("n_features", "<u2"),
-        ]
+        fields = _header(version)
         fields += [(a.name, a.dtype, a.dims(self)) for a in SLOT_ARRAYS if a.persisted_in(self, version)]
         return np.dtype(fields)
 
@@ -47,12 +64,13 @@ class StateLayout:
 
 @dataclass(frozen=True)
 class SlotArray:
-    """One per-entity array of EntityStateStore: its dtype, per-slot shape and the value of an empty slot, and
-    whether (since which layout version) the snapshot record holds it."""
+    """One per-entity array of EntityStateStore: its dtype, per-slot shape and the value of an empty slot,
+    whether (since which layout version) the snapshot record holds it, and what a change of model keeps."""
 
     name: str
     dtype: str
     dims: Callable[[StateLayout], tuple[int, ...]]
+    carry: str  # ENTITY | STATS | WINDOW | OWN, see CarryOver
     fresh: float = 0.0
     persisted_since: int | None = None  # None: memory only
     recurrent: bool = False  # only stateful models persist it
@@ -79,29 +97,71 @@ def _prediction(layout: StateLayout) -> tuple[int, ...]:
 
 
 RING = "win"  # the window ring (oldest -> newest in snapshots, which restore it with pos = 0)
+# What of an entity's state another model keeps (SlotArray.carry; CarryOver decides):
+ENTITY = "entity"  # facts of the entity's events, whatever model scores them: always
+STATS = "stats"  # feature scaling and score statistics: when the features are the same
+WINDOW = "window"  # the autoencoder's input window (and its fill count): same features and window length
+OWN = "own"  # a stateful model's (h, c) and prediction: never (a new model's (h, c) are not the old one's)
 
 # The per-entity state layout, written once: it drives allocation, growth, slot reset, the undo savepoint,
 # byte accounting and the snapshot record (persisted arrays, in record order). v2 added score_ema (the
-# entity's smoothed score); v1 blobs are migrated on load (smoothing restarts).
+# entity's smoothed score); v1 blobs are migrated on load (smoothing restarts). v3 names the writing model in the
+# header: a record of another model keeps what its arrays' `carry` allows.
 SLOT_ARRAYS = (
-    SlotArray("count", "<i8", _one, persisted_since=1),
-    SlotArray("last_ts", "<f8", _one, fresh=np.nan, persisted_since=1),
-    SlotArray(RING, "<f4", lambda layout: (layout.window, layout.n_features), persisted_since=1),
-    SlotArray("feat_n", "<f8", _one, persisted_since=1),
-    SlotArray("feat_mean", "<f8", _features, persisted_since=1),
-    SlotArray("feat_m2", "<f8", _features, persisted_since=1),
-    SlotArray("score_n", "<f8", _one, persisted_since=1),
-    SlotArray("score_mean", "<f8", _one, persisted_since=1),
-    SlotArray("score_m2", "<f8", _one, persisted_since=1),
-    SlotArray("score_ema", "<f8", _one, fresh=np.nan, persisted_since=2),  # EWMA of log1p(score); NaN until scored
-    SlotArray("rnn_h", "<f4", _recurrent, persisted_since=1, recurrent=True),
-    SlotArray("rnn_c", "<f4", _recurrent, persisted_since=1, recurrent=True),
-    SlotArray("rnn_pred", "<f4", _prediction, fresh=np.nan, persisted_since=1, recurrent=True),  # NaN: no step yet
-    SlotArray("pos", "<i8", _one),  # next write index in the ring
-    SlotArray("last_seen", "<f8", _one),
-    SlotArray("dirty", "?", _one),
-    SlotArray("partition", "<i4", _one, fresh=-1),
+    SlotArray("count", "<i8", _one, WINDOW, persisted_since=1),
+    SlotArray("last_ts", "<f8", _one, ENTITY, fresh=np.nan, persisted_since=1),
+    SlotArray(RING, "<f4", lambda layout: (layout.window, layout.n_features), WINDOW, persisted_since=1),
+    SlotArray("feat_n", "<f8", _one, STATS, persisted_since=1),
+    SlotArray("feat_mean", "<f8", _features, STATS, persisted_since=1),
+    SlotArray("feat_m2", "<f8", _features, STATS, persisted_since=1),
+    SlotArray("score_n", "<f8", _one, STATS, persisted_since=1),
+    SlotArray("score_mean", "<f8", _one, STATS, persisted_since=1),
+    SlotArray("score_m2", "<f8", _one, STATS, persisted_since=1),
+    # EWMA of log1p(score); NaN until scored
+    SlotArray("score_ema", "<f8", _one, STATS, fresh=np.nan, persisted_since=2),
+    SlotArray("rnn_h", "<f4", _recurrent, OWN, persisted_since=1, recurrent=True),
+    SlotArray("rnn_c", "<f4", _recurrent, OWN, persisted_since=1, recurrent=True),
+    # NaN: no step yet
+    SlotArray("rnn_pred", "<f4", _prediction, OWN, fresh=np.nan, persisted_since=1, recurrent=True),
+    SlotArray("pos", "<i8", _one, WINDOW),  # next write index in the ring
+    SlotArray("last_seen", "<f8", _one, ENTITY),
+    SlotArray("dirty", "?", _one, ENTITY),
+    SlotArray("partition", "<i4", _one, ENTITY, fresh=-1),
 )
+
+
+@dataclass(frozen=True)
+class CarryOver:
+    """What of an entity's state saved under layout `old` the model of layout `new` keeps (SlotArray.carry).
+    Where the features differ the entity re-warms: the model's global threshold until its own score statistics
+    are back; where only the window or (h, c) go, it refills them (min_history events before any alert)."""
+
+    same_model: bool
+    stats: bool
+    window: bool
+
+    @classmethod
+    def between(cls, old: StateLayout, new: StateLayout) -> CarryOver:
+        dims = (old.window, old.n_features, old.recurrent) == (new.window, new.n_features, new.recurrent)
+        # an unnamed record (layout v1/v2) whose dimensions fit is taken as this model's, as before v3
+        same = dims and (old.model == 0 or (old.model, old.features) == (new.model, new.features))
+        unnamed = 0 in (old.features, new.features)
+        stats = old.n_features == new.n_features and (unnamed or old.features == new.features)
+        window = stats and old.window == new.window and old.recurrent == 0 == new.recurrent
+        return cls(same, stats, window)
+
+    def keeps(self, array: SlotArray) -> bool:
+        kept = {ENTITY: True, STATS: self.stats, WINDOW: self.window, OWN: False}
+        return self.same_model or kept[array.carry]
+
+    def describe(self) -> str:
+        if self.same_model:
+            return "everything kept"
+        if not self.stats:
+            return "features differ: re-warming on the global threshold"
+        return "scaling and score statistics kept; " + (
+            "window kept" if self.window else "window and recurrent state re-warm"
+        )
 
 
 @dataclass(frozen=True)
@@ -114,9 +174,6 @@ class ScoreStats:
     mean: np.ndarray
     m2: np.ndarray
     ema: np.ndarray
-
-
-Loader = Callable[[Sequence[str]], dict[str, bytes]]
 
 
 class EntityStateStore:
@@ -150,7 +207,6 @@ class EntityStateStore:
         prior_strength: float = 20.0,
         clip_sigma: float = 4.0,
         capacity: int = 1024,
-        loader: Loader | None = None,
         global_features: Sequence[int] = (),
     ) -> None:
         self.layout = layout
@@ -163,10 +219,10 @@ class EntityStateStore:
         if self.global_features.size and (self.global_features.min() < 0 or self.global_features.max() >= f):
             raise ValueError(f"global_features {list(global_features)} out of range for {f} features")
         self.clip_sigma = float(clip_sigma)
-        self.loader = loader
         self._slot_of: dict[str, int] = {}
         self._ids: list[str | None] = []
         self._free: list[int] = []
+        self.carried_over = 0  # entities resumed from another model's record: only what carries over was kept
         cap = max(16, capacity)
         for a in SLOT_ARRAYS:
             setattr(self, a.name, np.full((cap, *a.dims(layout)), a.fresh, a.dtype))
@@ -227,17 +283,34 @@ class EntityStateStore:
         for a in SLOT_ARRAYS:
             getattr(self, a.name)[slot] = a.fresh
 
-    def resolve(self, entity_ids: Sequence[str], partitions: np.ndarray | None = None) -> np.ndarray:
-        """Slots for `entity_ids` (batch order); unknown ids are loaded via `loader` or start fresh."""
+    def unknown(self, entity_ids: Sequence[str]) -> list[str]:
+        """Distinct ids without a live slot (first seen since assignment or eviction), in batch order."""
         slot_of = self._slot_of
-        missing = list(dict.fromkeys(e for e in entity_ids if e not in slot_of))
-        if missing:
-            blobs = self.loader(missing) if self.loader is not None else {}
-            for eid in missing:
-                slot = self._new_slot(eid)
-                blob = blobs.get(eid)
-                if blob is not None:
-                    self._restore_slot(slot, blob, eid)
+        return list(dict.fromkeys(e for e in entity_ids if e not in slot_of))
+
+    def admit(self, blobs: Mapping[str, bytes]) -> None:
+        """Entities not live yet resume from their saved states (the caller read them from the last checkpoint)."""
+        for eid, blob in blobs.items():
+            if eid not in self._slot_of and not self._restore_slot(self._new_slot(eid), blob, eid):
+                self.carried_over += 1
+
+    def adopt(self, old: EntityStateStore) -> CarryOver:
+        """Take over the live entities of `old`, the store of the model this one replaces, with what carries over
+        to this model; all dirty, so the next snapshot writes them under this layout."""
+        carry = CarryOver.between(old.layout, self.layout)
+        src = old.live_slots()
+        dst = np.fromiter((self._new_slot(e) for e in old.entity_ids(src)), np.int64, len(src))
+        for a in SLOT_ARRAYS:
+            if carry.keeps(a):
+                getattr(self, a.name)[dst] = getattr(old, a.name)[src]
+        self.dirty[dst] = True
+        return carry
+
+    def resolve(self, entity_ids: Sequence[str], partitions: np.ndarray | None = None) -> np.ndarray:
+        """Slots for `entity_ids` (batch order); ids without one start fresh (saved states come in by `admit`)."""
+        slot_of = self._slot_of
+        for eid in self.unknown(entity_ids):
+            self._new_slot(eid)
         slots = np.fromiter((slot_of[e] for e in entity_ids), dtype=np.int64, count=len(entity_ids))
         if partitions is not None:
             self.partition[slots] = partitions
@@ -245,6 +318,10 @@ class EntityStateStore:
 
     def entity_ids(self, slots: Iterable[int]) -> list[str]:
         return [self._ids[s] or "" for s in slots]
+
+    def live(self) -> dict[str, int]:
+        """entity id -> slot of every live entity (a copy: for inspection, tests and tools)."""
+        return dict(self._slot_of)
 
     def live_slots(self) -> np.ndarray:
         return np.fromiter(self._slot_of.values(), dtype=np.int64, count=len(self._slot_of))
@@ -306,6 +383,8 @@ class EntityStateStore:
         rec["version"] = LAYOUT_VERSION
         rec["window"] = layout.window
         rec["n_features"] = layout.n_features
+        rec["model"] = layout.model
+        rec["features"] = layout.features
         for a in SLOT_ARRAYS:
             if a.persisted_in(layout, LAYOUT_VERSION):
                 rec[a.name] = self.windows(slots) if a.name == RING else getattr(self, a.name)[slots]
@@ -313,27 +392,17 @@ class EntityStateStore:
         size = layout.blob_size
         return [buf[i * size : (i + 1) * size] for i in range(len(slots))]
 
-    def _restore_slot(self, slot: int, blob: bytes, entity_id: str) -> None:
-        """Into a fresh slot: arrays the blob's version lacks keep their fresh values, the ring starts at 0."""
-        layout = self.layout
-        version = int(np.frombuffer(blob[:2], "<u2")[0]) if len(blob) >= 2 else -1
-        if version not in (1, LAYOUT_VERSION) or len(blob) != layout.dtype_of(version).itemsize:
-            raise StateError(
-                f"state of {entity_id!r}: {len(blob)} bytes of layout v{version}; this model needs "
-                f"v{LAYOUT_VERSION} with {layout.blob_size} bytes (window={layout.window} "
-                f"features={layout.n_features}). Migrate or start a new run_id."
-            )
-        rec = np.frombuffer(blob, layout.dtype_of(version))[0]
-        if (int(rec["window"]), int(rec["n_features"])) != (layout.window, layout.n_features):
-            raise StateError(
-                f"state of {entity_id!r} was saved with layout v{rec['version']} window={rec['window']} "
-                f"features={rec['n_features']}; this model needs window={layout.window} "
-                f"features={layout.n_features}. Migrate or start a new run_id."
-            )
+    def _restore_slot(self, slot: int, blob: bytes, entity_id: str) -> bool:
+        """Into a fresh slot: arrays the blob's version lacks keep their fresh values, the ring starts at 0. A
+        record of another model keeps what carries over (CarryOver); then False."""
+        version, saved = saved_layout(blob, entity_id)
+        carry = CarryOver.between(saved, self.layout)
+        rec = np.frombuffer(blob, saved.dtype_of(version))[0]
         for a in SLOT_ARRAYS:
-            if a.persisted_in(layout, version):
+            if a.persisted_in(saved, version) and carry.keeps(a):
                 getattr(self, a.name)[slot] = rec[a.name]
         self.last_seen[slot] = rec["last_ts"]
+        return carry.same_model
 
     def dirty_slots(self, partition: int | None = None) -> np.ndarray:
         live = self.live_slots()
@@ -379,3 +448,23 @@ class EntityStateStore:
     def nbytes_per_entity(self) -> float:
         """Array bytes per slot (excludes the id map; bench measures the whole process)."""
         return sum(getattr(self, a.name).nbytes for a in SLOT_ARRAYS) / max(1, self.capacity)
+
+
+def saved_layout(blob: bytes, entity_id: str) -> tuple[int, StateLayout]:
+    """The layout version and layout a state record was written with: its header, and its size for a stateful
+    model's arrays (h, c: `recurrent` floats each). StateError for bytes that are no state record."""
+    version = int(np.frombuffer(blob[:2], "<u2")[0]) if len(blob) >= 2 else -1
+    head = np.dtype(_header(version))
+    if version in range(1, LAYOUT_VERSION + 1) and len(blob) >= head.itemsize:
+        h = np.frombuffer(blob, head, count=1)[0]
+        names = (int(h["model"]), int(h["features"])) if version >= 3 else (0, 0)
+        plain = StateLayout(int(h["window"]), int(h["n_features"]), 0, *names)
+        size = [replace(plain, recurrent=r).dtype_of(version).itemsize for r in (0, 1, 2)]
+        per_unit = size[2] - size[1]
+        extra = len(blob) - size[0] - (size[1] - size[0] - per_unit)  # the bytes of h and c
+        layout = replace(plain, recurrent=max(0, extra // per_unit)) if len(blob) > size[0] else plain
+        if layout.dtype_of(version).itemsize == len(blob):
+            return version, layout
+    raise StateError(
+        f"state of {entity_id!r}: {len(blob)} bytes are no entity state record (layout v1-v{LAYOUT_VERSION})"
+    )

@@ -81,18 +81,27 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 @dataclass(frozen=True)
 class ModelRef:
-    """Where a stream's model comes from: the registry (NAME@ALIAS), a checkpoint file, or a bundled model."""
+    """Where a stream's model comes from: the registry (NAME@ALIAS or a version id NAME-vN), a checkpoint
+    file, or a bundled model."""
 
     source: Literal["registry", "path", "bundled"]
     name: str  # registry: model name; path: the file; bundled: the bundled stream's name
-    alias: str | None = None  # registry only
+    alias: str | None = None  # registry: NAME@ALIAS
+    version: str | None = None  # registry: a version id
+
+    @property
+    def registry_ref(self) -> str:
+        """What the registry resolves: the version id, or NAME@ALIAS."""
+        return self.version or f"{self.name}@{self.alias}"
 
 
 _REGISTRY_REF = re.compile(r"([a-z0-9_-]{1,64})@([a-z0-9_-]{1,64})")
+_VERSION_ID = re.compile(r"([a-z0-9_-]{1,64})-v[0-9]+")  # pipeline.registry numbers a stream's versions so
 
 
 def parse_model_ref(text: str) -> ModelRef:
-    """NAME@ALIAS, a path ending in .pt, or bundled:sensors / bundled:transactions; ValueError otherwise."""
+    """NAME@ALIAS, a registry version id (NAME-vN), a path ending in .pt, or bundled:sensors /
+    bundled:transactions; ValueError otherwise."""
     if text.startswith(BUNDLED_PREFIX):
         kind = text.removeprefix(BUNDLED_PREFIX)
         if kind not in KINDS:
@@ -100,9 +109,15 @@ def parse_model_ref(text: str) -> ModelRef:
         return ModelRef("bundled", kind)
     if text.endswith(".pt"):
         return ModelRef("path", text)
+    version = _VERSION_ID.fullmatch(text)
+    if version is not None:
+        return ModelRef("registry", version.group(1), version=text)
     m = _REGISTRY_REF.fullmatch(text)
     if m is None:
-        raise ValueError(f"must be NAME@ALIAS (registry), a path to a .pt file, or bundled:KIND (got {text!r})")
+        raise ValueError(
+            f"must be NAME@ALIAS or a version id NAME-vN (registry), a path to a .pt file, or bundled:KIND "
+            f"(got {text!r})"
+        )
     return ModelRef("registry", m.group(1), m.group(2))
 
 

@@ -1,53 +1,46 @@
 """A declared stream's records through the wire rules of its kind (pipeline.features.streams).
 
 Records keep the layout of their kind (sensors: `{entity, time, "values": {channel: float}}`); the stream
-file only names the entity and time fields. Where those differ from the kind's wire names, the record is
-renamed before validation, so every other rule (and every dead-letter reason) stays the kind's.
+file only names the entity and time fields. Where those differ from the kind's wire names, the spec renames
+the record before validation, so every other rule (and every dead-letter reason) stays the kind's.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
-from pipeline.errors import DecodeError
-from pipeline.features.streams import SensorStream, StreamSpec, TransactionStream, duplicate_key
+from pipeline.features.streams import SensorStream, StreamIdentity, StreamSpec, TransactionStream, make_stream
 from pipeline.streams.config import Stream
 
-WIRE_TIME_FIELD = "timestamp"
+
+def identity(stream: Stream) -> StreamIdentity:
+    return StreamIdentity(stream.name, stream.entity_key, stream.time_field)
 
 
-def stream_spec(stream: Stream, max_message_bytes: int = 65536) -> StreamSpec[Any]:
-    """The kind's decoder for the declared channels. Transactions: the base layout; the served layout
-    (terminal context, label feedback) comes from the model card (app.build_scorers)."""
-    if stream.kind == "sensors":
-        return SensorStream(stream.channel_names, max_message_bytes)
-    return TransactionStream(max_message_bytes)
+def stream_spec(stream: Stream, max_message_bytes: int = 65536, card: dict[str, Any] | None = None) -> StreamSpec[Any]:
+    """The kind's decoder for the declared stream. Without a model card: the declared channels (sensors) or
+    the base layout (transactions). With the card of the model that serves the stream: the model's feature
+    order (sensors; pipeline.streams.serving checks that the channels are the declared ones) or the
+    model's layout (transactions: terminal context, label feedback)."""
+    if card is None:
+        if stream.kind == "sensors":
+            return SensorStream(stream.channel_names, max_message_bytes, identity=identity(stream))
+        return TransactionStream(max_message_bytes, identity=identity(stream))
+    return make_stream(
+        stream.kind,
+        channels=card.get("feature_names", stream.channel_names),
+        max_message_bytes=max_message_bytes,
+        card=card,
+        identity=identity(stream),
+    )
 
 
 class StreamDecoder:
+    """Decodes a declared stream's records outside the service (training on a topic range)."""
+
     def __init__(self, stream: Stream, max_message_bytes: int = 65536) -> None:
         self.spec = stream_spec(stream, max_message_bytes)
-        wanted = {stream.entity_key: self.spec.entity_field, stream.time_field: WIRE_TIME_FIELD}
-        self.renames = {ours: wire for ours, wire in wanted.items() if ours != wire}
 
     def decode(self, value: bytes | None) -> Any:
         """The decoded record (the kind's attributes), or DecodeError with the dead-letter reason."""
-        if not self.renames or value is None or len(value) > self.spec.max_message_bytes:
-            return self.spec.decode(value)
-        dup = duplicate_key(value)
-        if dup is not None:
-            raise DecodeError("duplicate_key", f"key {dup[:80]!r} occurs twice in one object")
-        try:
-            obj = orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
-            raise DecodeError("malformed_json", str(exc)) from None
-        if not isinstance(obj, dict):
-            raise DecodeError("malformed_json", f"expected a JSON object, got {type(obj).__name__}")
-        for ours, wire in self.renames.items():
-            if wire in obj:
-                raise DecodeError("schema_violation", f"{wire}: unexpected field (this stream's field is {ours!r})")
-            if ours in obj:
-                obj[wire] = obj.pop(ours)
-        return self.spec.parse(obj)
+        return self.spec.decode(value)

@@ -131,6 +131,38 @@ async function select(inc) {
   document.body.dataset.selected = String(inc.id);
 }
 
+// Live drift of each stream's model (served by `pipeline run --api-port` only): one row per figure.
+function renderDrift(data) {
+  const body = document.querySelector("#drift tbody");
+  body.innerHTML = "";
+  const rows = [];
+  for (const s of data.streams) {
+    rows.push([s.stream, s.model_version, "warming share", s.live_entities, null, fmt(100 * s.warming_share) + " %"]);
+    if (s.score) rows.push([s.stream, s.model_version, "score", s.score.n, s.score.psi, s.score.reading]);
+    for (const c of s.inputs) rows.push([s.stream, s.model_version, "input " + c.channel, c.n, c.psi, c.reading]);
+  }
+  for (const r of rows) {
+    const tr = document.createElement("tr");
+    r.forEach((c, i) => {
+      const td = document.createElement("td");
+      td.textContent = i === 4 ? fmt(c) : c;
+      tr.appendChild(td);
+    });
+    body.appendChild(tr);
+  }
+  const none = document.getElementById("no-drift");
+  none.hidden = rows.length > 0;
+  none.textContent = data.live ? "No scored events yet." : data.note;
+}
+
+async function loadDrift() {
+  try {
+    renderDrift(await getJSON("api/drift"));
+  } catch (e) {
+    renderDrift({ live: false, streams: [], note: "drift unavailable: " + e.message });
+  }
+}
+
 async function load() {
   try {
     const items = await getJSON("api/incidents?status=open&limit=200");
@@ -148,4 +180,6 @@ async function load() {
 }
 
 load();
+loadDrift();
 setInterval(load, 15000);
+setInterval(loadDrift, 15000);

@@ -25,7 +25,6 @@ from pipeline.kafka.broker import free_port
 from pipeline.kafka.client import ensure_topics
 from pipeline.kafka.client import read_topic as read_log
 from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels
-from pipeline.sinks.sql import SqlStore
 from tests.recovery_helpers import (
     TcpProxy,
     alert_events_of,
@@ -37,9 +36,10 @@ from tests.recovery_helpers import (
     samples_of,
 )
 from tests.service_helpers import produce, run_processor, start_processor, topic_env
+from tests.sql_helpers import SqlTestStore
 
 
-def _positions(store: SqlStore, run_id: str) -> dict[tuple[str, int], int]:
+def _positions(store: SqlTestStore, run_id: str) -> dict[tuple[str, int], int]:
     try:
         return {tp: c for tp, (c, _) in store.load_offsets(run_id, f"{run_id}-group").items()}
     except Exception:  # noqa: BLE001 - a cut database reads as "unknown"
@@ -86,7 +86,7 @@ def _split(records: list[tuple[str, Any]], share: float) -> tuple[list[tuple[str
 
 
 def test_kill_9_database_cut_and_broker_restart_in_one_stream(
-    fresh_broker: Any, pg_store: SqlStore, pg_url: str, topic_prefix: str, tmp_path: Path
+    fresh_broker: Any, pg_store: SqlTestStore, pg_url: str, topic_prefix: str, tmp_path: Path
 ) -> None:
     boot = fresh_broker.bootstrap
     tx, _ = simulate_transactions(400, 60, seed=41, burst_customers=4)

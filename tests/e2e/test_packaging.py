@@ -62,8 +62,8 @@ def test_installed_package_works_outside_the_repo(wheel: Path, tmp_path: Path) -
         "for s in ('transaction', 'sensor_reading', 'alert'): load_schema(s)\n"
         "for s in ('transactions', 'sensors'):\n"
         "    c = load_checkpoint(bundled_checkpoint_path(s)); assert c.threshold > 0\n"
-        "from pipeline.sinks.sql import SqlStore\n"
-        "st = SqlStore('sqlite:///' + sys.argv[2]); st.create_schema(); assert st.list_alerts() == []\n"
+        "from pipeline.sinks import AlertQueries, Database\n"
+        "db = Database('sqlite:///' + sys.argv[2]); db.create_schema(); assert AlertQueries(db).list_alerts() == []\n"
         "print('ok')\n"
     )
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
@@ -153,7 +153,7 @@ def test_no_extras_install_has_the_run_path_and_none_of_the_extras(bare_venv: Pa
     code = (
         "import importlib.util as u, sys\n"
         "import pipeline, pipeline.app, pipeline.processor, pipeline.kafka.client, pipeline.kafka.broker\n"
-        "import pipeline.sinks.sql, pipeline.checkpointing\n"
+        "import pipeline.sinks, pipeline.checkpointing\n"
         "assert pipeline.__file__.startswith(sys.prefix), pipeline.__file__\n"
         f"print(sorted(m for m in {OPTIONAL!r} if u.find_spec(m) is not None))\n"
     )

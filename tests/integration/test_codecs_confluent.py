@@ -16,8 +16,8 @@ import pytest
 
 from pipeline.kafka.client import ensure_topics
 from pipeline.simulate import simulate_transactions, strip_labels
-from pipeline.sinks.sql import SqlStore
 from tests.service_helpers import run_processor, start_processor, topic_env
+from tests.sql_helpers import SqlTestStore
 from tests.stream_helpers import alert_set, event_ms
 
 confluent_kafka = pytest.importorskip("confluent_kafka", reason="confluent-kafka is a dev dependency")
@@ -59,7 +59,7 @@ def produce_confluent(bootstrap: str, topic: str, recs: list[dict[str, Any]], co
 
 
 def test_every_codec_gives_the_same_alerts(
-    kafka_bootstrap: str, pg_store: SqlStore, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, pg_store: SqlTestStore, topic_prefix: str, tmp_path: Path
 ) -> None:
     recs = payments()
     results = {}
@@ -76,7 +76,7 @@ def test_every_codec_gives_the_same_alerts(
 
 
 def test_an_undecodable_codec_stops_the_partition_with_one_error(
-    kafka_bootstrap: str, pg_store: SqlStore, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, pg_store: SqlTestStore, topic_prefix: str, tmp_path: Path
 ) -> None:
     """lz4 made unavailable in the processor (a sitecustomize turns kafka-python's check off): the lz4
     partition stops, /readyz is 503 with the position, the log has one ERROR for it and no traceback, and the

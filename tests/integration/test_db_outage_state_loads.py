@@ -25,8 +25,8 @@ from pipeline.processing.retry import DbRetry
 from pipeline.processor import Processor, ProcessorOptions
 from pipeline.replay.core import run_replay
 from pipeline.simulate import simulate_transactions, strip_labels
-from pipeline.sinks.sql import SqlStore
 from tests.recovery_helpers import TcpProxy, db_target, proxied_url
+from tests.sql_helpers import SqlTestStore
 from tests.stream_helpers import PARTITIONS, Runner, alert_set, settings_for, wait_until
 
 
@@ -47,7 +47,7 @@ def _produce(bootstrap: str, topic: str, recs: list[dict[str, Any]]) -> None:
         producer.close()
 
 
-def _durable(db: SqlStore, run_id: str, group: str) -> int:
+def _durable(db: SqlTestStore, run_id: str, group: str) -> int:
     try:
         return sum(c for c, _ in db.load_offsets(run_id, group).values())
     except Exception:  # noqa: BLE001 - unavailable reads as "not yet"
@@ -55,14 +55,14 @@ def _durable(db: SqlStore, run_id: str, group: str) -> int:
 
 
 def test_database_cut_while_loading_new_entities_waits_not_ready_then_delivers(
-    kafka_bootstrap: str, pg_store: SqlStore, pg_url: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
+    kafka_bootstrap: str, pg_store: SqlTestStore, pg_url: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     s = settings_for(topic_prefix, pg_url)
     s.alerts_topic = f"{topic_prefix}-alerts"
     ensure_topics(kafka_bootstrap, [s.transactions_topic, s.dlq_topic, s.alerts_topic], PARTITIONS)
     proxy = TcpProxy(*db_target(pg_url)).start()
-    db = SqlStore(proxied_url(pg_url, proxy))
+    db = SqlTestStore(proxied_url(pg_url, proxy))
     scorers = build_scorers(s, {"transactions": ensure_models(s)["transactions"]})
     source = KafkaSource(kafka_bootstrap, s.group_id, session_timeout_ms=6000, heartbeat_interval_ms=1000)
     dlq = KafkaDeadLetterSink(kafka_bootstrap, s.dlq_topic)

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.simulate import simulate_transactions, strip_labels
-from pipeline.sinks.sql import SqlStore
 from tests.service_helpers import produce, run_processor, start_processor, topic_env
+from tests.sql_helpers import SqlTestStore
 
 
 def _stream() -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -35,12 +35,12 @@ def _dropped(log: Path) -> list[int]:
     return [int(n) for n in re.findall(r"(\d+) duplicates dropped", log.read_text())]
 
 
-def _alerts_of(db: SqlStore, run_id: str, entity: str) -> list[dict[str, Any]]:
+def _alerts_of(db: SqlTestStore, run_id: str, entity: str) -> list[dict[str, Any]]:
     return [a for a in db.list_alerts(run_id=run_id) if a["entity_id"] == entity]
 
 
 def test_a_resent_payment_is_scored_once_across_crash_and_restart(
-    kafka_bootstrap: str, pg_store: SqlStore, pg_url: str, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, pg_store: SqlTestStore, pg_url: str, topic_prefix: str, tmp_path: Path
 ) -> None:
     stream, big = _stream()
     env = topic_env(topic_prefix, kafka_bootstrap, pg_url, run_id="dedupe", snapshot_interval_s=3600)

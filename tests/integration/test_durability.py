@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 
 from pipeline.kafka.client import KafkaSource, ensure_topics
 from pipeline.replay.core import run_replay
-from pipeline.sinks.sql import SqlStore
+from tests.sql_helpers import SqlTestStore
 from tests.stream_helpers import (
     PARTITIONS,
     Runner,
@@ -29,20 +29,20 @@ from tests.stream_helpers import (
 )
 
 
-def _durable(db: SqlStore, run_id: str, group: str) -> int:
+def _durable(db: SqlTestStore, run_id: str, group: str) -> int:
     try:
         return sum(c for c, _ in db.load_offsets(run_id, group).values())
     except Exception:  # noqa: BLE001 - a locked/unavailable database reads as "not yet"
         return -1
 
 
-def _no_duplicates(db: SqlStore, run_id: str) -> None:
+def _no_duplicates(db: SqlTestStore, run_id: str) -> None:
     keys = Counter((a["source_partition"], a["source_offset"]) for a in db.list_alerts(run_id=run_id))
     assert keys and max(keys.values()) == 1
 
 
 def test_broker_restart_mid_stream_reconnects_and_loses_nothing(
-    fresh_broker: Any, sqlite_store: SqlStore, topic_prefix: str, caplog: pytest.LogCaptureFixture
+    fresh_broker: Any, sqlite_store: SqlTestStore, topic_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The bundled Tansu only has memory storage (its sqlite/postgres engines are not compiled in), so a
     restart empties the log. What survives a real broker restart is modelled by re-producing the same
@@ -92,13 +92,13 @@ def test_broker_restart_mid_stream_reconnects_and_loses_nothing(
 
 
 def test_database_unavailable_backs_off_commits_nothing_then_delivers(
-    kafka_bootstrap: str, pg_store: SqlStore, pg_url: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
+    kafka_bootstrap: str, pg_store: SqlTestStore, pg_url: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     s = settings_for(topic_prefix, pg_url)
     ensure_topics(kafka_bootstrap, [s.sensors_topic], PARTITIONS)
     # statements waiting on a lock give up after 300 ms: to the processor the database is down
-    db = SqlStore(pg_url + "%20-clock_timeout%3D300")
+    db = SqlTestStore(pg_url + "%20-clock_timeout%3D300")
     proc, source, dlq = make_processor(s, kafka_bootstrap, db)
     runner = Runner(proc).start()
     locker = create_engine(pg_url).connect()
@@ -150,13 +150,13 @@ def test_database_unavailable_backs_off_commits_nothing_then_delivers(
 
 
 def test_rebalance_moves_entities_with_their_state(
-    kafka_bootstrap: str, pg_store: SqlStore, pg_url: str, topic_prefix: str
+    kafka_bootstrap: str, pg_store: SqlTestStore, pg_url: str, topic_prefix: str
 ) -> None:
     s = settings_for(topic_prefix, pg_url)
     recs = sensor_records(24, 80)
     first, second = recs[: len(recs) // 2], recs[len(recs) // 2 :]
     produce_sensors(kafka_bootstrap, s.sensors_topic, first)
-    db1, db2 = SqlStore(pg_url), SqlStore(pg_url)
+    db1, db2 = SqlTestStore(pg_url), SqlTestStore(pg_url)
     w1, src1, dlq1 = make_processor(s, kafka_bootstrap, db1)
     w2, src2, dlq2 = make_processor(s, kafka_bootstrap, db2)
     r1, r2 = Runner(w1).start(), Runner(w2).start()
@@ -170,7 +170,7 @@ def test_rebalance_moves_entities_with_their_state(
             60,
             "two workers sharing the partitions and the first half durable",
         )
-        moved = set(w2.scorers[s.sensors_topic].store._slot_of)
+        moved = set(w2.scorers[s.sensors_topic].store.live())
         assert moved, "the stopped worker owned entities"
         r2.stop.set()
         r2.join(30)
@@ -184,7 +184,7 @@ def test_rebalance_moves_entities_with_their_state(
     per_entity = Counter(r["device_id"] for r in recs)
     store = w1.scorers[s.sensors_topic].store
     for e in moved:
-        assert int(store.count[store._slot_of[e]]) == per_entity[e]
+        assert int(store.count[store.live()[e]]) == per_entity[e]
     _no_duplicates(pg_store, "live")
     run_replay(s, kafka_bootstrap, [s.sensors_topic], run_id="reference", db=pg_store)
     assert alert_set(pg_store, "live") == alert_set(pg_store, "reference")
@@ -193,14 +193,14 @@ def test_rebalance_moves_entities_with_their_state(
 
 
 def test_database_down_at_assignment_is_waited_out(
-    kafka_bootstrap: str, pg_store: SqlStore, pg_url: str, topic_prefix: str
+    kafka_bootstrap: str, pg_store: SqlTestStore, pg_url: str, topic_prefix: str
 ) -> None:
     """Without its stored positions a worker would restart state from the wrong offset: it waits instead."""
     s = settings_for(topic_prefix, pg_url)
     ensure_topics(kafka_bootstrap, [s.sensors_topic], PARTITIONS)
     recs = sensor_records(8, 40)
     produce_sensors(kafka_bootstrap, s.sensors_topic, recs, create=False)
-    db = SqlStore(pg_url + "%20-clock_timeout%3D300")
+    db = SqlTestStore(pg_url + "%20-clock_timeout%3D300")
     proc, source, dlq = make_processor(s, kafka_bootstrap, db)
     locker = create_engine(pg_url).connect()
     tx = locker.begin()

@@ -43,7 +43,7 @@ def worker_main(argv: list[str]) -> None:
     from pipeline.config import Settings
     from pipeline.integrations.faust import FaustScoring, scoring_agent
     from pipeline.kafka.client import KafkaDeadLetterSink
-    from pipeline.sinks.sql import SqlStore
+    from pipeline.sinks import Database, SqlCheckpointStore
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--bootstrap", required=True)
@@ -53,11 +53,15 @@ def worker_main(argv: list[str]) -> None:
     ap.add_argument("--batch", type=int, default=1000)
     args = ap.parse_args(argv)
     settings = Settings()  # topics, database, thresholds from the same PIPELINE_* environment as `pipeline run`
-    db = SqlStore(settings.database_url)
+    db = Database(settings.database_url)
     db.create_schema()
     dlq = KafkaDeadLetterSink(args.bootstrap, settings.dlq_topic)
     scoring = FaustScoring(
-        build_scorers(settings, ensure_models(settings)), db, dlq, run_id=args.run_id, group_id=args.app_id
+        build_scorers(settings, ensure_models(settings)),
+        SqlCheckpointStore(db),
+        dlq,
+        run_id=args.run_id,
+        group_id=args.app_id,
     )
     app = faust.App(args.app_id, **faust_settings(args.bootstrap))  # type: ignore[arg-type]
     scoring_agent(app, scoring, batch=args.batch)
@@ -82,8 +86,8 @@ pytest.importorskip("faust", reason="faust-streaming not installed (the `faust` 
 
 from pipeline.kafka.client import ensure_topics  # noqa: E402
 from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels  # noqa: E402
-from pipeline.sinks.sql import SqlStore  # noqa: E402
 from tests.service_helpers import produce, read_topic, run_processor, topic_env  # noqa: E402
+from tests.sql_helpers import SqlTestStore  # noqa: E402
 from tests.stream_helpers import alert_set, wait_until  # noqa: E402
 
 BAD = [("pump-x", b"{oops"), ("pump-y", b'{"device_id": "pump-y", "timestamp": "2020-03-09T10:00:00Z", "values": {}}')]
@@ -128,7 +132,7 @@ def run_faust_worker(
 
 
 def test_faust_worker_alerts_equal_pipeline_run(
-    kafka_bootstrap: str, pg_store: SqlStore, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, pg_store: SqlTestStore, topic_prefix: str, tmp_path: Path
 ) -> None:
     db_url = pg_store.url  # type: ignore[attr-defined]
     env = topic_env(topic_prefix, kafka_bootstrap, db_url)

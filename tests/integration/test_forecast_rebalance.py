@@ -16,8 +16,8 @@ from models.lstm_forecast import ForecastConfig, ForecastTrainConfig, save_forec
 from pipeline.features.streams import SensorStream
 from pipeline.replay.core import run_replay
 from pipeline.simulate import SENSOR_CHANNELS, simulate_sensors, strip_labels
-from pipeline.sinks.sql import SqlStore
 from pipeline.training import train_stream_forecaster
+from tests.sql_helpers import SqlTestStore
 from tests.stream_helpers import (
     PARTITIONS,
     Runner,
@@ -50,14 +50,14 @@ def forecast_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_rebalance_moves_forecaster_state(
-    kafka_bootstrap: str, pg_store: SqlStore, pg_url: str, topic_prefix: str, forecast_models: Path
+    kafka_bootstrap: str, pg_store: SqlTestStore, pg_url: str, topic_prefix: str, forecast_models: Path
 ) -> None:
     s = settings_for(topic_prefix, pg_url)
     s.models_dir = forecast_models
     recs = sensor_records(24, 80)
     first, second = recs[: len(recs) // 2], recs[len(recs) // 2 :]
     produce_sensors(kafka_bootstrap, s.sensors_topic, first)
-    db1, db2 = SqlStore(pg_url), SqlStore(pg_url)
+    db1, db2 = SqlTestStore(pg_url), SqlTestStore(pg_url)
     w1, src1, dlq1 = make_processor(s, kafka_bootstrap, db1)
     w2, src2, dlq2 = make_processor(s, kafka_bootstrap, db2)
     assert w1.scorers[s.sensors_topic].store.layout.recurrent == 32
@@ -79,9 +79,9 @@ def test_rebalance_moves_forecaster_state(
             "two workers sharing the partitions, first half durable",
         )
         store2 = w2.scorers[s.sensors_topic].store
-        moved = set(store2._slot_of)
+        moved = set(store2.live())
         assert moved, "the stopped worker owned entities"
-        assert np.abs(store2.rnn_h[list(store2._slot_of.values())]).sum() > 0  # (h, c) really evolved
+        assert np.abs(store2.rnn_h[list(store2.live().values())]).sum() > 0  # (h, c) really evolved
         r2.stop.set()
         r2.join(30)
         src2.close()
@@ -93,7 +93,7 @@ def test_rebalance_moves_forecaster_state(
     per_entity = Counter(r["device_id"] for r in recs)
     store = w1.scorers[s.sensors_topic].store
     for e in moved:
-        assert int(store.count[store._slot_of[e]]) == per_entity[e]
+        assert int(store.count[store.live()[e]]) == per_entity[e]
     keys = Counter((a["source_partition"], a["source_offset"]) for a in pg_store.list_alerts(run_id="live"))
     assert keys and max(keys.values()) == 1  # alerts were raised, none twice
     run_replay(s, kafka_bootstrap, [s.sensors_topic], run_id="reference", db=pg_store)

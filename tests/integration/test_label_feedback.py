@@ -33,9 +33,9 @@ from pipeline.kafka.client import read_topic as read_topic_raw
 from pipeline.processor import Processor, ProcessorOptions
 from pipeline.replay.core import run_replay
 from pipeline.simulate import iso, simulate_transactions, strip_labels
-from pipeline.sinks.sql import SqlStore
 from pipeline.training import train_stream_model
 from tests.service_helpers import read_topic
+from tests.sql_helpers import SqlTestStore
 from tests.stream_helpers import PARTITIONS, Runner, settings_for, stop_workers, wait_until
 
 FEEDBACK_TAU = 3 * DAY
@@ -103,7 +103,7 @@ def _assert_same_contexts(got: dict[int, TerminalContext], expected: dict[int, T
 
 
 def _processor(
-    settings: Any, ckpt: Any, bootstrap: str, db: SqlStore
+    settings: Any, ckpt: Any, bootstrap: str, db: SqlTestStore
 ) -> tuple[Processor, KafkaSource, KafkaDeadLetterSink]:
     scorers = build_scorers(settings, {"transactions": ckpt})
     labels = label_topics(settings, scorers)
@@ -122,7 +122,7 @@ def _run_phase(
     bootstrap: str,
     topic: str,
     payments: list[dict[str, Any]],
-    db: SqlStore,
+    db: SqlTestStore,
     group: str,
     durable: int,
 ) -> None:
@@ -141,12 +141,12 @@ def _run_phase(
         stop_workers([runner], [src, dlq])
 
 
-def _committed(db: SqlStore, group: str, topic: str) -> dict[int, int]:
+def _committed(db: SqlTestStore, group: str, topic: str) -> dict[int, int]:
     return {p: c for (t, p), (c, _) in db.load_offsets("live", group).items() if t == topic}
 
 
 def test_labels_reach_their_partitions_terminal_context_and_survive_a_restart(
-    kafka_bootstrap: str, pg_store: SqlStore, pg_url: str, topic_prefix: str, feedback_model: Any, tmp_path: Path
+    kafka_bootstrap: str, pg_store: SqlTestStore, pg_url: str, topic_prefix: str, feedback_model: Any, tmp_path: Path
 ) -> None:
     s = settings_for(topic_prefix, pg_url)
     s.labels_topic = f"{topic_prefix}-labels"
@@ -201,7 +201,7 @@ def test_labels_reach_their_partitions_terminal_context_and_survive_a_restart(
     assert {v["source"]["topic"] for _, v in dead} == {s.labels_topic}
 
     # restart: contexts come back from the snapshot, pending labels are re-read, the rest of the payments flow
-    db2 = SqlStore(pg_url)
+    db2 = SqlTestStore(pg_url)
     proc2, src2, dlq2 = _processor(s, feedback_model, kafka_bootstrap, db2)
     pending = sum(c.pending_labels for c in expected.values())
     _run_phase(
@@ -254,7 +254,7 @@ def test_service_refuses_a_labels_topic_with_another_partition_count(
 
 
 def test_analyst_verdict_is_published_as_label_feedback(
-    kafka_bootstrap: str, pg_store: SqlStore, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+    kafka_bootstrap: str, pg_store: SqlTestStore, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import typer
     from typer.testing import CliRunner
@@ -329,7 +329,7 @@ def test_analyst_verdict_is_published_as_label_feedback(
 
 
 def test_terminal_contexts_move_with_their_partitions_on_a_rebalance(
-    kafka_bootstrap: str, pg_store: SqlStore, pg_url: str, topic_prefix: str, feedback_model: Any
+    kafka_bootstrap: str, pg_store: SqlTestStore, pg_url: str, topic_prefix: str, feedback_model: Any
 ) -> None:
     s = settings_for(topic_prefix, pg_url)
     s.labels_topic = f"{topic_prefix}-labels"
@@ -353,7 +353,7 @@ def test_terminal_contexts_move_with_their_partitions_on_a_rebalance(
         produce_json(producer, s.transactions_topic, [(r["customer_id"], r) for r in first])
     finally:
         producer.close()
-    db1, db2 = SqlStore(pg_url), SqlStore(pg_url)
+    db1, db2 = SqlTestStore(pg_url), SqlTestStore(pg_url)
     w1, src1, dlq1 = _processor(s, feedback_model, kafka_bootstrap, db1)
     w2, src2, dlq2 = _processor(s, feedback_model, kafka_bootstrap, db2)
     r1, r2 = Runner(w1).start(), Runner(w2).start()

@@ -16,11 +16,11 @@ import pytest
 from prometheus_client import REGISTRY
 
 from pipeline.simulate import simulate_sensors, strip_labels
-from pipeline.sinks.sql import SqlStore
+from tests.sql_helpers import SqlTestStore
 from tests.stream_helpers import Runner, make_processor, produce_sensors, settings_for, wait_until
 
 
-def _durable(db: SqlStore, run_id: str, group: str) -> int:
+def _durable(db: SqlTestStore, run_id: str, group: str) -> int:
     try:
         return sum(c for c, _ in db.load_offsets(run_id, group).values())
     except Exception:  # noqa: BLE001
@@ -32,7 +32,7 @@ def _resets(topic: str) -> float:
 
 
 def test_broker_log_reset_is_detected_logged_counted_and_read_from_the_start(
-    fresh_broker: Any, sqlite_store: SqlStore, topic_prefix: str, caplog: pytest.LogCaptureFixture
+    fresh_broker: Any, sqlite_store: SqlTestStore, topic_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     boot = fresh_broker.bootstrap
@@ -79,7 +79,7 @@ def test_broker_log_reset_is_detected_logged_counted_and_read_from_the_start(
 
 
 def test_offset_reset_fail_policy_stops_with_a_clear_error(
-    fresh_broker: Any, sqlite_store: SqlStore, topic_prefix: str
+    fresh_broker: Any, sqlite_store: SqlTestStore, topic_prefix: str
 ) -> None:
     from pipeline.errors import OffsetResetError
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels
-from pipeline.sinks.sql import SqlStore
 from tests.service_helpers import produce, read_topic, run_processor, topic_env
+from tests.sql_helpers import SqlTestStore
 
 POISON_TIMES = ("9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59")
 
@@ -38,7 +38,7 @@ def _poison(
     return pay, read
 
 
-def _alerts(db: SqlStore, run_id: str) -> set[tuple[str, str, str, float]]:
+def _alerts(db: SqlTestStore, run_id: str) -> set[tuple[str, str, str, float]]:
     return {
         (a["stream"], a["entity_id"], str(a["event_time"]), float(f"{a['score']:.5g}"))
         for a in db.list_alerts(run_id=run_id)
@@ -46,7 +46,7 @@ def _alerts(db: SqlStore, run_id: str) -> set[tuple[str, str, str, float]]:
 
 
 def test_out_of_range_timestamps_are_dead_lettered_and_the_service_keeps_scoring(
-    kafka_bootstrap: str, pg_store: SqlStore, pg_url: str, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, pg_store: SqlTestStore, pg_url: str, topic_prefix: str, tmp_path: Path
 ) -> None:
     payments, readings = _valid()
     bad_pay, bad_read = _poison(payments, readings)

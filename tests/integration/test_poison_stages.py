@@ -20,8 +20,8 @@ from pipeline.alerts.lifecycle import IncidentTracker, ScoredEvent
 from pipeline.kafka.client import read_topic
 from pipeline.processor import Processor
 from pipeline.scoring.threshold import AdaptiveThreshold
-from pipeline.sinks.sql import SqlStore
 from pipeline.state.store import ScoreStats
+from tests.sql_helpers import SqlTestStore
 from tests.stream_helpers import make_processor, produce_sensors, sensor_records, settings_for
 
 STAGES = ("decode", "key", "featurize", "score", "alert", "observe")
@@ -85,7 +85,7 @@ def _bad_build_alerts(build: Any) -> Any:
     return bad_build
 
 
-def _run(settings: Any, bootstrap: str, db: SqlStore, run_id: str, inject: bool) -> Processor:
+def _run(settings: Any, bootstrap: str, db: SqlTestStore, run_id: str, inject: bool) -> Processor:
     tracker = IncidentTracker(run_id, loader=lambda t, p: db.open_incidents(run_id, t, p))
     proc, source, dlq = make_processor(settings, bootstrap, db, run_id=run_id, tracker=tracker, max_batch_records=400)
     scorer = next(iter(proc.scorers.values()))
@@ -102,12 +102,12 @@ def _run(settings: Any, bootstrap: str, db: SqlStore, run_id: str, inject: bool)
     return proc
 
 
-def _alerts(db: SqlStore, run_id: str) -> set[tuple[str, str, float]]:
+def _alerts(db: SqlTestStore, run_id: str) -> set[tuple[str, str, float]]:
     return {(a["entity_id"], str(a["event_time"]), float(f"{a['score']:.5g}")) for a in db.list_alerts(run_id=run_id)}
 
 
 def test_a_record_failing_at_any_stage_is_dead_lettered_alone(
-    kafka_bootstrap: str, sqlite_store: SqlStore, topic_prefix: str, monkeypatch: Any
+    kafka_bootstrap: str, sqlite_store: SqlTestStore, topic_prefix: str, monkeypatch: Any
 ) -> None:
     recs = sensor_records(12, 40)
     template = [r for r in recs if r["device_id"] == recs[0]["device_id"]][:12]

@@ -13,11 +13,11 @@ import pytest
 from pipeline.alerts.lifecycle import IncidentTracker, LifecyclePolicy
 from pipeline.alerts.outbox import OutboxRelay
 from pipeline.kafka.client import KafkaPublisher, ensure_topics, read_topic
-from pipeline.sinks.sql import SqlStore
+from tests.sql_helpers import SqlTestStore
 from tests.stream_helpers import Runner, make_processor, produce_sensors, sensor_records, settings_for, wait_until
 
 
-def _durable(db: SqlStore, group: str) -> int:
+def _durable(db: SqlTestStore, group: str) -> int:
     try:
         return sum(c for c, _ in db.load_offsets("live", group).values())
     except Exception:  # noqa: BLE001
@@ -25,7 +25,7 @@ def _durable(db: SqlStore, group: str) -> int:
 
 
 def test_alerts_broker_down_after_commit_is_retried_not_fatal(
-    kafka_bootstrap: str, fresh_broker: Any, pg_store: SqlStore, topic_prefix: str, caplog: pytest.LogCaptureFixture
+    kafka_bootstrap: str, fresh_broker: Any, pg_store: SqlTestStore, topic_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     s = settings_for(topic_prefix, pg_store.url)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pipeline.kafka.client import KafkaSource
 from pipeline.replay.core import diff_runs, run_replay
-from pipeline.sinks.sql import SqlStore
+from tests.sql_helpers import SqlTestStore
 from tests.stream_helpers import (
     Runner,
     alert_set,
@@ -19,7 +19,7 @@ from tests.stream_helpers import (
 
 
 def test_replay_equals_live_run_is_isolated_and_deterministic(
-    kafka_bootstrap: str, sqlite_store: SqlStore, topic_prefix: str
+    kafka_bootstrap: str, sqlite_store: SqlTestStore, topic_prefix: str
 ) -> None:
     s = settings_for(topic_prefix, sqlite_store.url)
     recs = sensor_records(24, 70)
@@ -51,7 +51,7 @@ def test_replay_equals_live_run_is_isolated_and_deterministic(
 
 
 def test_time_range_is_exact_by_record_timestamp(
-    kafka_bootstrap: str, sqlite_store: SqlStore, topic_prefix: str
+    kafka_bootstrap: str, sqlite_store: SqlTestStore, topic_prefix: str
 ) -> None:
     s = settings_for(topic_prefix, sqlite_store.url)
     recs = sensor_records(24, 70)

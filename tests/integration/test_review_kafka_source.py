@@ -94,8 +94,8 @@ def test_a_revoked_stopped_partition_no_longer_makes_the_member_unready(
     try:
         _wait(lambda: first.assigned == [(topic, 0), (topic, 1)])
         # what poll() does when partition 1's batch cannot be decompressed
-        first.source._stop_undecodable(UndecodableBatchError(topic, 1, 0, "lz4 library missing"))
-        service = Service(SimpleNamespace(ready=threading.Event()), first.source, None, None)  # type: ignore[arg-type]
+        first.source._stop_undecodable(UndecodableBatchError(topic, 1, 0, "lz4 library missing"))  # noqa: SLF001 - what poll() does on an undecodable batch
+        service = Service(SimpleNamespace(ready=threading.Event()), first.source, None, None, None)  # type: ignore[arg-type]
         service.processor.ready.set()
         assert (service.not_ready() or "").startswith("partitions stopped: topic ")
         second = Member(kafka_bootstrap, group, topic)

@@ -194,7 +194,7 @@ def _outcome(spec: StreamSpec, value: bytes) -> tuple[Any, ...]:
 
 def _pair(make: Any) -> tuple[StreamSpec, StreamSpec]:
     fast, ref = make(), make()
-    ref._fast = None
+    ref._fast = None  # noqa: SLF001 - the pydantic-only reference decoder
     return fast, ref
 
 
@@ -228,14 +228,14 @@ def processor() -> Iterator[Any]:
     from pipeline.app import build_scorers, ensure_models
     from pipeline.config import Settings
     from pipeline.processor import Processor, ProcessorOptions
-    from pipeline.sinks.sql import SqlStore
+    from tests.sql_helpers import SqlTestStore
 
     # events of the few fuzzed entities jump back and forth in time: a huge allowed lateness scores them (late,
     # state untouched) instead of dead-lettering most as out_of_order, so the scorer is reached often
     s = Settings(device="cpu", models_dir=None, allowed_lateness_s=1e12)
     s.transactions_topic, s.sensors_topic = "tx", "sn"
     with tempfile.TemporaryDirectory() as tmp:
-        db = SqlStore(f"sqlite:///{Path(tmp) / 'fuzz.db'}")
+        db = SqlTestStore(f"sqlite:///{Path(tmp) / 'fuzz.db'}")
         db.create_schema()
         proc = Processor(
             object(),

@@ -18,7 +18,7 @@ CHANNELS = ["Current", "Pressure", "Volume Flow RateRMS"]
 
 def _specs(make: Any) -> tuple[StreamSpec, StreamSpec]:
     with_fast, pydantic_only = make(), make()
-    pydantic_only._fast = None
+    pydantic_only._fast = None  # noqa: SLF001 - the pydantic-only reference decoder
     return with_fast, pydantic_only
 
 
@@ -225,9 +225,9 @@ def _outcome(spec: StreamSpec, value: bytes | None) -> tuple[Any, ...]:
 
 def _fast_accepts(spec: StreamSpec, value: bytes | None) -> bool:
     """What decode() takes from the fast path without asking pydantic."""
-    if value is None or len(value) > spec.max_message_bytes or spec._fast is None:
+    if value is None or len(value) > spec.max_message_bytes or spec._fast is None:  # noqa: SLF001 - what the fast path vouches for
         return False
-    rec = spec._fast(value)
+    rec = spec._fast(value)  # noqa: SLF001
     if rec is None:
         return False
     try:

@@ -131,7 +131,7 @@ def test_installs_on_this_kafka_python() -> None:
     try:
         assert fast_fetch.self_test() is None, fast_fetch.self_test()
         assert install(consumer)
-        assert consumer._fetcher.PartitionRecords is FastPartitionRecords
+        assert consumer._fetcher.PartitionRecords is FastPartitionRecords  # noqa: SLF001 - the fetcher internals fast_fetch hooks
     finally:
         consumer.close()
 
@@ -150,7 +150,7 @@ def test_falls_back_to_stock_parsing_with_one_warning_if_a_private_name_is_gone(
         with caplog.at_level(logging.WARNING, logger="pipeline.kafka.fast_fetch"):
             assert not install(consumer)
             assert not install(consumer)
-        assert consumer._fetcher.PartitionRecords is Fetcher.PartitionRecords
+        assert consumer._fetcher.PartitionRecords is Fetcher.PartitionRecords  # noqa: SLF001 - as above
         warnings = [
             r.getMessage()
             for r in caplog.records

@@ -15,7 +15,7 @@ from pipeline.errors import ConfigError
 from pipeline.integrations.faust import FaustScoring
 from pipeline.records import RawRecord
 from pipeline.simulate import simulate_sensors, strip_labels
-from pipeline.sinks.sql import SqlStore
+from tests.sql_helpers import SqlTestStore
 
 
 class RecordingDeadLetters:
@@ -44,10 +44,10 @@ def _records(topic: str) -> list[RawRecord]:
     return out
 
 
-def _scoring(tmp_path: Path, name: str) -> tuple[FaustScoring, SqlStore, RecordingDeadLetters]:
+def _scoring(tmp_path: Path, name: str) -> tuple[FaustScoring, SqlTestStore, RecordingDeadLetters]:
     s = Settings()
     s.device = "cpu"
-    db = SqlStore(f"sqlite:///{tmp_path / name}.db")
+    db = SqlTestStore(f"sqlite:///{tmp_path / name}.db")
     db.create_schema()
     dlq = RecordingDeadLetters()
     scorers = build_scorers(s, {"sensors": load_checkpoint(bundled_checkpoint_path("sensors"))})
@@ -68,7 +68,7 @@ def test_batches_redelivery_and_dead_letters(tmp_path: Path) -> None:
     assert many.stats.skipped_redelivered == 100
     assert [reason for _, reason in dlq.sent] == ["malformed_json"] and dlq.flushes == many.stats.batches
 
-    def alerts(db: SqlStore, run: str) -> set[tuple[str, int, int, float]]:
+    def alerts(db: SqlTestStore, run: str) -> set[tuple[str, int, int, float]]:
         return {
             (a["entity_id"], a["source_partition"], a["source_offset"], round(a["score"], 6))
             for a in db.list_alerts(run_id=run)

@@ -80,7 +80,8 @@ def test_snapshot_restore_round_trip_gives_same_scores(model: tuple[SensorStream
     blobs = dict(zip(live.store.entity_ids(slots), live.store.snapshot(slots), strict=True))
     assert all(len(b) == live.store.layout.blob_size for b in blobs.values())
     expected = live.process(rest)
-    resumed = StreamScorer(spec, ckpt, min_history=4, loader=lambda ids: {i: blobs[i] for i in ids if i in blobs})
+    resumed = StreamScorer(spec, ckpt, min_history=4)
+    resumed.store.admit(blobs)
     got = resumed.process(rest)
     np.testing.assert_array_equal(expected.scores, got.scores)
     np.testing.assert_array_equal(expected.is_anomaly, got.is_anomaly)
@@ -89,15 +90,25 @@ def test_snapshot_restore_round_trip_gives_same_scores(model: tuple[SensorStream
     assert not np.allclose(fresh.scores, expected.scores)
 
 
-def test_autoencoder_state_does_not_load_into_a_stateful_layout(model: tuple[SensorStream, ForecastCheckpoint]) -> None:
+def test_autoencoder_state_loads_into_a_stateful_layout_without_its_window(
+    model: tuple[SensorStream, ForecastCheckpoint],
+) -> None:
+    """A record of another model (a promoted version took over): its statistics carry over, the stateful model
+    starts its (h, c) fresh and refills (count 0: min_history events before any alert)."""
     spec, ckpt = model
     recs, _ = simulate_sensors(1, 10, seed=1)
     cols = _cols(spec, recs)
     ae = StreamScorer(spec, None, prior=(np.zeros(8), np.ones(8)), window=1)
     ae.prepare(cols)
-    blobs = dict(zip(ae.store.entity_ids(ae.store.live_slots()), ae.store.snapshot(ae.store.live_slots()), strict=True))
+    live = ae.store.live_slots()
+    blobs = dict(zip(ae.store.entity_ids(live), ae.store.snapshot(live), strict=True))
+    stateful = StreamScorer(spec, ckpt).store
+    stateful.admit(blobs)
+    s = stateful.resolve(list(blobs))
+    np.testing.assert_array_equal(stateful.feat_mean[s], ae.store.feat_mean[live])
+    assert (stateful.count[s] == 0).all() and (stateful.rnn_h[s] == 0).all() and np.isnan(stateful.rnn_pred[s]).all()
     with pytest.raises(StateError):
-        StreamScorer(spec, ckpt, loader=lambda ids: {i: blobs[i] for i in ids if i in blobs}).process(cols)
+        stateful.admit({"other": b"\x03\x00 no state record"})
 
 
 def test_save_load_round_trip_weights_only(model: tuple[SensorStream, ForecastCheckpoint], tmp_path: Path) -> None:

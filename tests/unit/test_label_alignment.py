@@ -21,8 +21,8 @@ from pipeline.features.terminal import TerminalContext
 from pipeline.processor import Processor, ProcessorOptions
 from pipeline.records import AssignCallback, RawRecord, TopicPartition
 from pipeline.simulate import iso, simulate_transactions, strip_labels
-from pipeline.sinks.sql import SqlStore
 from pipeline.training import train_stream_model
+from tests.sql_helpers import SqlTestStore
 
 
 class MemoryLog:
@@ -117,7 +117,7 @@ def test_payments_wait_for_their_labels_then_match_the_offline_features(model: A
     src = MemoryLog({("tx", 0): len(tx), ("labels", 0): len(lab)}, [tx, lab[:half], lab[half:]])
     settings = Settings(device="cpu", transactions_topic="tx", labels_topic="labels")
     scorers = build_scorers(settings, {"transactions": model})
-    db = SqlStore(f"sqlite:///{tmp_path / 'a.db'}")
+    db = SqlTestStore(f"sqlite:///{tmp_path / 'a.db'}")
     db.create_schema()
     proc = Processor(
         src,

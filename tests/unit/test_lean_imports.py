@@ -24,10 +24,10 @@ API = """
 import sys
 from pipeline.api.app import create_app
 from pipeline.config import Settings
-from pipeline.sinks.sql import SqlStore
-db = SqlStore("sqlite:///" + sys.argv[1])
+from pipeline.sinks import AlertQueries, Database
+db = Database("sqlite:///" + sys.argv[1])
 db.create_schema()
-create_app(db, Settings(), run_id="live")
+create_app(AlertQueries(db), Settings(), run_id="live")
 print("torch" in sys.modules, file=sys.stderr)
 """
 

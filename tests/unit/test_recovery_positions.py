@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 from pipeline.checkpointing import Checkpointer
 from pipeline.checkpointing.rows import AlertRow, StateRow
 from pipeline.records import RawRecord, TopicPartition
-from pipeline.sinks.sql import SqlStore
 from pipeline.state.partition import Partitions, PartitionState
+from tests.sql_helpers import SqlTestStore
 
 TP = ("tx", 0)
 
@@ -51,7 +51,7 @@ def _alert(offset: int, tag: str = "") -> AlertRow:
     )
 
 
-def _make(store: SqlStore) -> tuple[Checkpointer, PartitionState, Commits, list[set[TopicPartition]]]:
+def _make(store: SqlTestStore) -> tuple[Checkpointer, PartitionState, Commits, list[set[TopicPartition]]]:
     source = Commits()
     snapped: list[set[TopicPartition]] = []
 
@@ -72,7 +72,7 @@ def _make(store: SqlStore) -> tuple[Checkpointer, PartitionState, Commits, list[
     return ck, parts.assign(TP), source, snapped
 
 
-def test_replay_checkpoints_never_move_positions_backwards(sqlite_store: SqlStore) -> None:
+def test_replay_checkpoints_never_move_positions_backwards(sqlite_store: SqlTestStore) -> None:
     ck, st, source, snapped = _make(sqlite_store)
     st.committed, st.snapshot = 100, 60  # as on_assigned restores them after a kill -9
     st.advance(80)  # replaying 60..99
@@ -92,7 +92,7 @@ def test_replay_checkpoints_never_move_positions_backwards(sqlite_store: SqlStor
     assert [c[TP] for c in source.commits] == sorted(c[TP] for c in source.commits)
 
 
-def test_rewind_writes_the_lower_position_with_a_snapshot(sqlite_store: SqlStore) -> None:
+def test_rewind_writes_the_lower_position_with_a_snapshot(sqlite_store: SqlTestStore) -> None:
     ck, st, source, snapped = _make(sqlite_store)
     st.advance(700)
     ck.checkpoint(snapshot={TP})

@@ -41,7 +41,7 @@ def test_outbox_publish_error_after_commit_is_retried_not_raised(sqlite_store: D
     assert relay.try_drain() == 0  # the client's own exception type does not escape
     assert relay.backlog and len(queries.outbox_rows("r", unpublished=True)) == 3
     assert relay.try_drain() == 0 and pub.published == 0  # backing off: no attempt yet
-    relay._retry_at = 0.0  # the backoff has passed
+    relay._retry_at = 0.0  # noqa: SLF001 - the backoff has passed
     assert relay.try_drain() == 3
     assert not relay.backlog and pub.published == 3 and not queries.outbox_rows("r", unpublished=True)
 

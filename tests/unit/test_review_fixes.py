@@ -29,9 +29,9 @@ from pipeline.processor import Processor, ProcessorOptions
 from pipeline.records import RawRecord, TopicPartition
 from pipeline.scoring.scorer import ScoreBatch
 from pipeline.simulate import iso, simulate_transactions, strip_labels
-from pipeline.sinks.sql import SqlStore
 from pipeline.state.partition import Partitions
 from pipeline.training import train_stream_model
+from tests.sql_helpers import SqlTestStore
 from tests.unit.test_label_alignment import ListDeadLetters, MemoryLog, _ts
 from tests.unit.test_label_alignment import model as model  # noqa: F401 - the module's fixture
 from tests.unit.test_recovery_positions import Commits, NoDeadLetters, _alert
@@ -43,8 +43,8 @@ def _tx_records(txs: list[dict[str, Any]], topic: str = "tx") -> list[RawRecord]
     return [RawRecord(topic, 0, i, r["customer_id"].encode(), orjson.dumps(r), 0) for i, r in enumerate(txs)]
 
 
-def _db(tmp_path: Path, name: str = "a.db") -> SqlStore:
-    db = SqlStore(f"sqlite:///{tmp_path / name}")
+def _db(tmp_path: Path, name: str = "a.db") -> SqlTestStore:
+    db = SqlTestStore(f"sqlite:///{tmp_path / name}")
     db.create_schema()
     return db
 
@@ -162,7 +162,7 @@ def test_terminal_context_savepoint_restores_the_label_queue() -> None:
 
 
 # -- finding 3: the log-epoch suffix is part of the key when the alert is built ---------------------------
-def test_an_alert_built_before_a_log_reset_keeps_its_key(sqlite_store: SqlStore) -> None:
+def test_an_alert_built_before_a_log_reset_keeps_its_key(sqlite_store: SqlTestStore) -> None:
     def collect(tps: set[TopicPartition]) -> tuple[list[StateRow], object]:
         return [], lambda: None
 
@@ -229,7 +229,7 @@ class LogWithBounds(MemoryLog):
         return self.high
 
 
-def _bounded(model: Any, db: SqlStore, src: LogWithBounds, policy: str) -> Processor:
+def _bounded(model: Any, db: SqlTestStore, src: LogWithBounds, policy: str) -> Processor:
     settings = Settings(device="cpu", transactions_topic="tx")
     return Processor(
         src,

@@ -87,7 +87,10 @@ def _variants(base: dict[str, Any], name: str) -> list[tuple[dict[str, Any], boo
         ]
     if name == "alert":
         out += [
-            ({**base, "stream": "other"}, False),
+            ({**base, "stream": "pumps_2"}, True),
+            ({**base, "stream": "Pumps"}, False),
+            ({**base, "stream": ""}, False),
+            ({**base, "stream": "p" * 65}, False),
             ({**base, "source": {"topic": "t", "partition": -1, "offset": 0}}, False),
         ]
     return out

@@ -14,8 +14,8 @@ from pipeline.state.store import RING, SLOT_ARRAYS, EntityStateStore, StateLayou
 THRESHOLD = AdaptiveThreshold(3.0, ThresholdKnobs(warmup=2, z=4.0, floor_ratio=0.5))
 
 
-def _store(**kw: object) -> EntityStateStore:
-    return EntityStateStore(StateLayout(4, 2), np.zeros(2), np.ones(2), capacity=2, **kw)  # type: ignore[arg-type]
+def _store() -> EntityStateStore:
+    return EntityStateStore(StateLayout(4, 2), np.zeros(2), np.ones(2), capacity=2)
 
 
 def test_window_is_ordered_oldest_to_newest_and_prefilled() -> None:
@@ -40,7 +40,8 @@ def test_snapshot_round_trip_restores_exactly() -> None:
         s.update_feature_stats(slots, feats)
         THRESHOLD.observe(s.score_stats(), slots, rng.uniform(0, 5, 20), np.ones(20, bool))
     blobs = dict(zip(ids, s.snapshot(slots), strict=True))
-    restored = _store(loader=lambda want: {e: blobs[e] for e in want})
+    restored = _store()
+    restored.admit(blobs)
     r = restored.resolve(ids)
     np.testing.assert_array_equal(restored.windows(r), s.windows(slots))
     for a, b in zip(restored.scaling(r), s.scaling(slots), strict=True):
@@ -55,12 +56,19 @@ def test_snapshot_round_trip_restores_exactly() -> None:
     np.testing.assert_array_equal(restored.windows(r), s.windows(slots))
 
 
-def test_incompatible_snapshot_raises_instead_of_resetting() -> None:
+def test_snapshot_of_another_window_keeps_statistics_and_bytes_of_no_record_raise() -> None:
     s = _store()
-    blob = s.snapshot(s.resolve(["a"]))[0]
-    other = EntityStateStore(StateLayout(8, 2), np.zeros(2), np.ones(2), loader=lambda ids: {"a": blob})
+    slots = s.resolve(["a"])
+    s.push(slots, np.ones((1, 2)), np.array([5.0]))
+    s.update_feature_stats(slots, np.ones((1, 2)))
+    blob = s.snapshot(slots)[0]
+    other = EntityStateStore(StateLayout(8, 2), np.zeros(2), np.ones(2))
+    other.admit({"a": blob})
+    o = other.resolve(["a"])
+    assert other.feat_n[o][0] == 1 and other.last_ts[o][0] == 5.0 and other.carried_over == 1
+    assert other.count[o][0] == 0, "a window of another length is refilled, not reused"
     with pytest.raises(StateError):
-        other.resolve(["a"])
+        other.admit({"b": blob[:-3]})
 
 
 def test_eviction_only_takes_clean_idle_entities_and_reuses_slots() -> None:
@@ -103,7 +111,8 @@ def test_smoothed_score_survives_snapshots_and_v1_blobs_migrate() -> None:
     out = halves.smooth(s.score_stats(), slots, np.array([1.0, 0.0]))
     assert out[0] == pytest.approx(np.expm1(0.5 * np.log1p(1.0) + 0.5 * np.log1p(3.0)))
     blobs = dict(zip(["a", "b"], s.snapshot(slots), strict=True))
-    restored = _store(loader=lambda want: {e: blobs[e] for e in want})
+    restored = _store()
+    restored.admit(blobs)
     r = restored.resolve(["a", "b"])
     np.testing.assert_array_equal(restored.score_ema[r], s.score_ema[slots])
     # a snapshot written before smoothing existed (layout v1) loads with everything but the average
@@ -113,7 +122,8 @@ def test_smoothed_score_survives_snapshots_and_v1_blobs_migrate() -> None:
     for name in v1.names:
         rec[name] = full[name]
     rec["version"] = 1
-    old = _store(loader=lambda want: {"a": rec.tobytes()})
+    old = _store()
+    old.admit({"a": rec.tobytes()})
     o = old.resolve(["a"])
     assert np.isnan(old.score_ema[o][0]) and old.count[o][0] == s.count[slots][0]
     np.testing.assert_array_equal(old.windows(o), s.windows(slots[:1]))
@@ -121,16 +131,19 @@ def test_smoothed_score_survives_snapshots_and_v1_blobs_migrate() -> None:
 
 def test_snapshot_records_keep_their_byte_layout() -> None:
     """Blobs already in the database must stay loadable: the table that drives the record reproduces the
-    layouts v1 and v2 field for field, with and without a stateful model's arrays."""
+    layouts v1, v2 and v3 field for field, with and without a stateful model's arrays."""
     w, f, r = 4, 2, 3
     head = [("version", "<u2"), ("window", "<u2"), ("n_features", "<u2"), ("count", "<i8"), ("last_ts", "<f8")]
     body = [("win", "<f4", (w, f)), ("feat_n", "<f8"), ("feat_mean", "<f8", (f,)), ("feat_m2", "<f8", (f,))]
     body += [("score_n", "<f8"), ("score_mean", "<f8"), ("score_m2", "<f8")]
     rnn = [("rnn_h", "<f4", (r,)), ("rnn_c", "<f4", (r,)), ("rnn_pred", "<f4", (f,))]
+    names = [("model", "<u4"), ("features", "<u4")]  # v3: the writing model
     assert StateLayout(w, f).dtype_of(1) == np.dtype(head + body)
-    assert StateLayout(w, f).dtype == np.dtype([*head, *body, ("score_ema", "<f8")])
+    assert StateLayout(w, f).dtype_of(2) == np.dtype([*head, *body, ("score_ema", "<f8")])
     assert StateLayout(w, f, r).dtype_of(1) == np.dtype(head + body + rnn)
-    assert StateLayout(w, f, r).dtype == np.dtype([*head, *body, ("score_ema", "<f8"), *rnn])
+    assert StateLayout(w, f, r).dtype_of(2) == np.dtype([*head, *body, ("score_ema", "<f8"), *rnn])
+    v3 = [*head[:3], *names, *head[3:], *body, ("score_ema", "<f8")]
+    assert StateLayout(w, f, r).dtype == np.dtype([*v3, *rnn])
 
 
 def test_savepoint_restores_every_slot_array() -> None:

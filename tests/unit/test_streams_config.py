@@ -187,7 +187,8 @@ BAD_FILES = [
     ),
     pytest.param(
         _variant('model = "pumps@champion"', 'model = "pumps"'),
-        "streams[0].model: must be NAME@ALIAS (registry), a path to a .pt file, or bundled:KIND (got 'pumps')",
+        "streams[0].model: must be NAME@ALIAS or a version id NAME-vN (registry), a path to a .pt file, "
+        "or bundled:KIND (got 'pumps')",
         id="model ref",
     ),
     pytest.param(

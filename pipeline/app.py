@@ -16,14 +16,18 @@ from pipeline.alerts.lifecycle import IncidentTracker, LifecyclePolicy
 from pipeline.alerts.outbox import OutboxRelay
 from pipeline.checkpointing import IncidentLoads
 from pipeline.config import Settings
-from pipeline.errors import ConfigError
-from pipeline.features.streams import TransactionStream
+from pipeline.errors import ConfigError, ScoringError
+from pipeline.features.streams import StreamSpec, TransactionStream
 from pipeline.kafka.client import KafkaDeadLetterSink, KafkaPublisher, KafkaSource, ensure_topics
 from pipeline.processing.retry import DbRetry
+from pipeline.processing.swap import ModelWatcher, watched
 from pipeline.processor import Processor, ProcessorOptions
+from pipeline.registry import ModelRegistry
 from pipeline.scoring.factory import build_scorer
 from pipeline.scoring.scorer import StreamScorer
-from pipeline.sinks import AlertQueries, Database, SqlCheckpointStore
+from pipeline.sinks import AlertQueries, Database, SqlCheckpointStore, SqlRegistryStore
+from pipeline.streams.config import load_streams, parse_model_ref
+from pipeline.streams.serving import ServedStream, resolve_model, serve
 
 log = logging.getLogger(__name__)
 STREAMS = ("transactions", "sensors")
@@ -56,29 +60,85 @@ def ensure_models(settings: Settings, train_if_missing: bool = True) -> dict[str
 def build_scorers(
     settings: Settings, checkpoints: dict[str, Checkpoint | ForecastCheckpoint]
 ) -> dict[str, StreamScorer]:
-    """topic -> scorer"""
+    """topic -> scorer of the bundled streams (no stream file): topics from the *_topic settings, each
+    model's channels from its card (settings.sensor_channels where the card names none)."""
     topics = {"transactions": settings.transactions_topic, "sensors": settings.sensors_topic}
-    return {
-        topics[stream]: build_scorer(
-            stream,
-            ckpt,
-            channels=settings.sensor_channels,
-            knobs=settings.threshold,
-            device=settings.device,
-            precision=settings.precision,
-            allowed_lateness_s=settings.allowed_lateness_s,
-            max_message_bytes=settings.max_message_bytes,
-        )
-        for stream, ckpt in checkpoints.items()
-    }
+    return {topics[stream]: scorer_for(settings, stream, ckpt) for stream, ckpt in checkpoints.items()}
+
+
+def served_streams(streams_file: Path, db: Database) -> list[ServedStream]:
+    """The streams of a stream file, each with its model (registry references resolve in `db`)."""
+    return serve(load_streams(streams_file).streams, ModelRegistry(SqlRegistryStore(db)))
+
+
+def stream_scorers(settings: Settings, served: list[ServedStream]) -> dict[str, StreamScorer]:
+    """topic -> scorer of each stream of a stream file, named as the file names it."""
+    return {s.stream.topic: stream_scorer(settings, s) for s in served}
+
+
+def stream_scorer(settings: Settings, served: ServedStream) -> StreamScorer:
+    return scorer_for(settings, served.spec(settings.max_message_bytes), served.model.checkpoint)
+
+
+def challenger_scorers(settings: Settings, served: list[ServedStream], db: Database) -> dict[str, StreamScorer]:
+    """topic -> the scorer of each stream's challenger (shadow scoring). It scores the champion's featurized
+    columns, so it must read the champion's features in the same order."""
+    registry = ModelRegistry(SqlRegistryStore(db))
+    out: dict[str, StreamScorer] = {}
+    for s in served:
+        if s.stream.challenger is None:
+            continue
+        ref = parse_model_ref(s.stream.challenger)
+        if ref.alias is not None and registry.current(ref.name, ref.alias) is None:
+            # declared ahead of time: shadow scoring starts with the next start after a promote --challenger
+            log.info("stream %s: no version is promoted to %s yet; no shadow scoring", s.stream.name, ref.alias)
+            continue
+        challenger = resolve_model(s.stream, registry, s.stream.challenger)
+        try:
+            out[s.stream.topic] = scorer_for(settings, s.spec(settings.max_message_bytes), challenger.checkpoint)
+        except ScoringError as exc:
+            raise ConfigError(f"stream {s.stream.name!r}: challenger {challenger.version}: {exc}") from None
+        log.info("stream %s: challenger %s scores in shadow", s.stream.name, challenger.version)
+    return out
+
+
+def model_watcher(settings: Settings, served: list[ServedStream], db: Database) -> ModelWatcher | None:
+    """Switches the streams served from a registry alias to versions promoted while running (None: none is)."""
+    streams = {s.stream.topic: s.stream for s in served}
+    if not watched(streams):
+        return None
+
+    def build(s: ServedStream) -> StreamScorer:
+        return stream_scorer(settings, s)
+
+    return ModelWatcher(ModelRegistry(SqlRegistryStore(db)), streams, build, poll_s=settings.model_poll_s)
+
+
+def scorer_for(
+    settings: Settings, stream: str | StreamSpec, checkpoint: Checkpoint | ForecastCheckpoint
+) -> StreamScorer:
+    return build_scorer(
+        stream,
+        checkpoint,
+        channels=settings.sensor_channels,
+        knobs=settings.threshold,
+        device=settings.device,
+        precision=settings.precision,
+        allowed_lateness_s=settings.allowed_lateness_s,
+        max_message_bytes=settings.max_message_bytes,
+    )
 
 
 def label_topics(settings: Settings, scorers: dict[str, StreamScorer]) -> dict[str, str]:
-    """labels topic -> transactions topic, when the transactions model reads label feedback."""
-    scorer = scorers.get(settings.transactions_topic)
-    if scorer is not None and isinstance(scorer.spec, TransactionStream) and scorer.spec.label_feedback:
-        return {settings.labels_topic: settings.transactions_topic}
-    return {}
+    """labels topic -> the transactions topic whose model reads label feedback (one labels topic: one such
+    stream)."""
+    fed = [t for t, s in scorers.items() if isinstance(s.spec, TransactionStream) and s.spec.label_feedback]
+    if len(fed) > 1:
+        raise ConfigError(
+            f"the models of {', '.join(fed)} all read label feedback, but one labels topic "
+            f"({settings.labels_topic}) feeds one transactions stream"
+        )
+    return {settings.labels_topic: fed[0]} if fed else {}
 
 
 def check_partitioning(
@@ -89,27 +149,29 @@ def check_partitioning(
 ) -> None:
     """Terminal context is per partition, so a model trained on one split of the customers must be served
     on the same split (else its terminal features shift: train/serve skew); labels must be co-partitioned."""
-    scorer = scorers.get(settings.transactions_topic)
-    if scorer is None or not (isinstance(scorer.spec, TransactionStream) and scorer.spec.terminal_context):
-        return
-    have = len(partitions_for(settings.transactions_topic))
-    card = scorer.checkpoint.card if scorer.checkpoint is not None else {}
-    trained = int(card.get("terminal_context_partitions", 1))
-    if have != trained:
-        raise ConfigError(
-            f"transactions model {scorer.model_version} computed terminal context over {trained} "
-            f"partition(s); topic {settings.transactions_topic!r} has {have}. Serve it on a topic with "
-            f"{trained}, or retrain: pipeline evaluate --format transactions --partitions {have} "
-            "--save-model ..."
-        )
-    for topic, fed in labels.items():
-        n = len(partitions_for(topic))
-        if n != have:
+    for served, scorer in scorers.items():
+        if not (isinstance(scorer.spec, TransactionStream) and scorer.spec.terminal_context):
+            continue
+        have = len(partitions_for(served))
+        card = scorer.checkpoint.card if scorer.checkpoint is not None else {}
+        trained = int(card.get("terminal_context_partitions", 1))
+        if have != trained:
             raise ConfigError(
-                f"labels topic {topic!r} has {n} partitions and {fed!r} {have}: "
-                "label feedback needs both keyed by customer with the same partition count"
+                f"{scorer.spec.name} model {scorer.model_version} computed terminal context over {trained} "
+                f"partition(s); topic {served!r} has {have}. Serve it on a topic with "
+                f"{trained}, or retrain: pipeline evaluate --format transactions --partitions {have} "
+                "--save-model ..."
             )
-        log.info("label feedback: %s -> terminal fraud risk of %s", topic, fed)
+        for topic, fed in labels.items():
+            if fed != served:
+                continue
+            n = len(partitions_for(topic))
+            if n != have:
+                raise ConfigError(
+                    f"labels topic {topic!r} has {n} partitions and {fed!r} {have}: "
+                    "label feedback needs both keyed by customer with the same partition count"
+                )
+            log.info("label feedback: %s -> terminal fraud risk of %s", topic, fed)
 
 
 def options_from(settings: Settings) -> ProcessorOptions:
@@ -152,13 +214,19 @@ def build_service(settings: Settings, bootstrap: str, *, train_if_missing: bool 
 
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
-    checkpoints = ensure_models(settings, train_if_missing)
     db = Database(settings.database_url)
     db.create_schema()
     store = SqlCheckpointStore(db)
-    scorers = build_scorers(settings, checkpoints)
+    models, challengers = None, None
+    if settings.streams_file is None:  # the bundled streams on the *_topic settings, models from models_dir
+        scorers = build_scorers(settings, ensure_models(settings, train_if_missing))
+    else:
+        served = served_streams(settings.streams_file, db)
+        scorers = stream_scorers(settings, served)
+        models = model_watcher(settings, served, db)
+        challengers = challenger_scorers(settings, served, db)
     labels = label_topics(settings, scorers)
-    ensure_topics(bootstrap, all_topics(settings) + list(labels), settings.topic_partitions)
+    ensure_topics(bootstrap, [*scorers, settings.dlq_topic, settings.alerts_topic, *labels], settings.topic_partitions)
     source = KafkaSource(
         bootstrap,
         settings.group_id,
@@ -186,6 +254,8 @@ def build_service(settings: Settings, bootstrap: str, *, train_if_missing: bool 
             tracker=tracker,
             relay=relay,
             db_retry=retry,
+            models=models,
+            challengers=challengers,
         )
     except BaseException:
         for client in (publisher, dlq, source):

@@ -1,5 +1,6 @@
 """The stream processor: Source -> decode/validate -> (labels alignment) -> featurize with the partition's
-state -> score -> threshold -> alerts -> incident lifecycle -> checkpoint -> commit. Knows Kafka only through
+state -> score -> threshold -> alerts -> incident lifecycle -> checkpoint -> commit (-> a promoted model version
+takes over its stream: pipeline.processing.swap). Knows Kafka only through
 pipeline.records.Source and the database only through the pipeline.checkpointing protocols.
 
 `Processor` runs the loop and the rebalance callbacks; each stage is its own unit in pipeline.processing
@@ -37,6 +38,7 @@ from pipeline.processing.scoring import ScoreStage
 from pipeline.processing.shadow import ShadowScoring
 from pipeline.processing.snapshots import Snapshots
 from pipeline.processing.stats import ProcessorStats
+from pipeline.processing.swap import ModelWatcher
 from pipeline.records import DeadLetterSink, RawRecord, Source, TopicPartition
 from pipeline.scoring.scorer import StreamScorer
 from pipeline.state.partition import Partitions
@@ -108,11 +110,12 @@ class Processor:
         relay: Relay | None = None,
         db_retry: DbRetry | None = None,
         challengers: Mapping[str, StreamScorer] | None = None,  # topic -> its stream's challenger (shadow)
+        models: ModelWatcher | None = None,  # switches streams to promoted versions (pipeline.processing.swap)
     ) -> None:
         """tracker: the incident lifecycle (its outputs go into each checkpoint), relay: publishes them to the
         alerts topic; db_retry: the database-retry policy (shared with whoever else reads the database while
         processing, e.g. the tracker's loads); challengers: score in shadow (pipeline.processing.shadow)."""
-        self.source, self.dlq, self.opt = source, dlq, options
+        self.source, self.dlq, self.opt, self.models = source, dlq, options, models
         self.scorers = dict(scorers)
         self.db_retry = db_retry or DbRetry(options.db_retry_max_s)
         self.ready = self.db_retry.ready  # partitions assigned and the database reachable (/readyz)
@@ -288,6 +291,14 @@ class Processor:
                     time.sleep(delay)
                 delay = min(delay * 2, self.opt.db_retry_max_s)
 
+    def swap_models(self, now: float) -> None:
+        """At a checkpoint boundary: streams whose promoted version can serve them switch to it."""
+        if self.models is None:
+            return
+        for topic, scorer in self.models.poll(self.scorers, now).items():
+            self.scorers[topic] = scorer
+            self.snapshots.force(topic)
+
     def _evict(self) -> None:
         for scorer in self.scorers.values():
             scorer.store.evict_idle(self.scoring.latest_event_ts, self.opt.entity_ttl_s, self.opt.max_live_entities)
@@ -337,6 +348,7 @@ class Processor:
                 # a checkpoint boundary: every output of the scorers so far is durable (where a stream's scorer
                 # can be swapped for another model without mixing two models' outputs in one checkpoint)
                 self.snapshots.taken(snap, last_commit, self.opt.snapshot_interval_s)
+                self.swap_models(last_commit)
                 if last_commit - last_housekeeping >= self.opt.snapshot_interval_s:  # eviction, lag gauge
                     last_housekeeping = last_commit
                     self._evict()

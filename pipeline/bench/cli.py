@@ -35,6 +35,13 @@ def bench(
     ] = 20,
     torch_threads: Annotated[int, typer.Option(help="torch intra-op threads (0 = torch default)")] = 1,
     peers: Annotated[bool, typer.Option(help="run the River and naive-loop peers")] = True,
+    shadow: Annotated[
+        bool,
+        typer.Option(
+            help="also run the e2e drain and paced runs with a challenger (a second copy of the model scoring "
+            "every event in shadow); targets: >= 50% of the single-model events/s, p99 <= 250 ms at --rate"
+        ),
+    ] = True,
     precisions: Annotated[
         str | None,
         typer.Option(
@@ -112,6 +119,8 @@ def bench(
             result["p50_latency_ms"] = paced.latency_ms.get("p50")
             result["p99_latency_ms"] = paced.latency_ms.get("p99")
             result["paced_rate_events_per_s"] = paced_rate
+        if shadow:
+            result["shadow"] = _shadow_runs(e2e, drain, result.get("p99_latency_ms"), events, rate, paced_seconds)
         result["load_avg_after_e2e"] = [round(x, 2) for x in os.getloadavg()]
         load = core.SensorLoad(entities, seed=1)
         cpu = core.bench_scorer(s, load, device="cpu", batch=batch)
@@ -211,6 +220,7 @@ def bench(
             "e2e_events_per_s",
             "p50_latency_ms",
             "p99_latency_ms",
+            "shadow",
             "scorer_windows_per_s",
             "naive_events_per_s",
             "peer_river_events_per_s",
@@ -218,6 +228,32 @@ def bench(
         )
         for k in keys:
             out.print(f"{k}: {result.get(k)}")
+
+
+def _shadow_runs(
+    e2e: Any, single: Any, single_p99: float | None, events: int, rate: float, paced_seconds: float
+) -> dict[str, Any]:
+    """The drain and paced runs again with a challenger scoring every event in shadow, against the single model."""
+    drain = e2e(events=events, rate=None, shadow=True)
+    ratio = drain.events_per_s / max(single.events_per_s, 1e-9)
+    console.print(
+        f"e2e drain with a challenger: {drain.events_per_s:,.0f} events/s = {ratio:.0%} of the single model's "
+        f"(target >= 50%); the challenger scored {drain.extra.get('shadow_scored')} events"
+    )
+    out: dict[str, Any] = {
+        "e2e_events_per_s": round(drain.events_per_s, 1),
+        "vs_single_model": round(ratio, 3),
+        "single_model_p99_latency_ms": single_p99,
+        "drain": drain.__dict__,
+    }
+    if rate > 0:
+        paced = e2e(events=int(rate * paced_seconds), rate=rate, shadow=True)
+        p99 = paced.latency_ms.get("p99")
+        console.print(
+            f"e2e paced at {rate:,.0f}/s with a challenger: latency ms {paced.latency_ms} (target p99 <= 250)"
+        )
+        out.update(p99_latency_ms=p99, paced=paced.__dict__)
+    return out
 
 
 def register(app: typer.Typer) -> None:

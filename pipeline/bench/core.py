@@ -17,7 +17,7 @@ import time
 import tracemalloc
 import uuid
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +66,17 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def sensor_scorer(settings: Settings, device: str = "cpu") -> StreamScorer:
-    """The service's sensors scorer (its model, knobs and precision) on `device`."""
+def sensor_scorer(settings: Settings, device: str = "cpu", *, version_suffix: str = "") -> StreamScorer:
+    """The service's sensors scorer (its model, knobs and precision) on `device`. version_suffix: a copy of the
+    model loaded on its own, reporting its own version (the shadow run's challenger)."""
     from pipeline.app import ensure_models
 
+    checkpoint = ensure_models(settings)["sensors"]
+    if version_suffix:
+        checkpoint = replace(checkpoint, card={**checkpoint.card, "version": checkpoint.version + version_suffix})
     return build_scorer(
         "sensors",
-        ensure_models(settings)["sensors"],
+        checkpoint,
         channels=settings.sensor_channels,
         knobs=settings.threshold,
         device=device,
@@ -312,6 +316,7 @@ def _build(
     group: str,
     opts: ProcessorOptions,
     fetch_max_wait_ms: int = 500,
+    shadow: bool = False,
 ) -> tuple[Processor, TimedSource, Any, Any]:
     from pipeline.kafka.client import KafkaDeadLetterSink, KafkaSource, ensure_topics
     from pipeline.sinks import Database, SqlCheckpointStore
@@ -326,7 +331,8 @@ def _build(
         )
     )
     dlq = KafkaDeadLetterSink(bootstrap, f"{topic}-dlq")
-    proc = Processor(src, SqlCheckpointStore(db), dlq, {topic: scorer}, opts)
+    challengers = {topic: sensor_scorer(settings, version_suffix="-challenger")} if shadow else None
+    proc = Processor(src, SqlCheckpointStore(db), dlq, {topic: scorer}, opts, challengers=challengers)
     return proc, src, dlq, db
 
 
@@ -344,12 +350,14 @@ def run_e2e(
     commit_interval_ms: int = 200,
     snapshot_interval_s: float = 10.0,
     fetch_max_wait_ms: int = 500,
+    shadow: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> E2EResult:
     """rate=None: 'drain' -- produce everything first, then time the processor from its first record to
     the durable commit covering the last event (capacity). rate=R: 'paced' -- a producer process sends
     R events/s while the processor runs; per-event latency = durable-commit time - producer timestamp.
-    duration_s (paced) turns it into a soak: RSS sampled every soak_sample_s."""
+    duration_s (paced) turns it into a soak: RSS sampled every soak_sample_s. shadow: a second copy of the
+    model scores every event as the stream's challenger (shadow alerts and samples in each checkpoint)."""
     from pipeline.bench.load import produce
 
     topic = f"bench-{uuid.uuid4().hex[:8]}-sensors"
@@ -363,7 +371,7 @@ def run_e2e(
         snapshot_interval_s=snapshot_interval_s,
         entity_ttl_s=3600.0,
     )
-    proc, src, dlq, db = _build(settings, bootstrap, topic, db_url, group, opts, fetch_max_wait_ms)
+    proc, src, dlq, db = _build(settings, bootstrap, topic, db_url, group, opts, fetch_max_wait_ms, shadow)
     load = SensorLoad(entities, seed=1, anomalous_every=50)
     producer: subprocess.Popen[bytes] | None = None
     stop = threading.Event()
@@ -437,7 +445,10 @@ def run_e2e(
         "snapshot_interval_s": snapshot_interval_s,
         "fetch_max_wait_ms": fetch_max_wait_ms,
         "group_join_s": round(begin - t_start, 2),
+        "score_sample_rate": opts.score_sample_rate,
     }
+    if proc.shadow is not None:
+        extra["shadow_scored"] = proc.shadow.scored
     if rss_samples:
         t0 = rss_samples[0][0]
         extra["rss_samples"] = [(round(t - t0, 1), round(r / 2**20, 1), n) for t, r, n in rss_samples]

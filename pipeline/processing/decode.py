@@ -20,13 +20,13 @@ def validate(spec: StreamSpec[R], r: RawRecord) -> R:
 def require_key(spec: StreamSpec[R], r: RawRecord) -> bytes | None:
     """The record's value, if the record has a key."""
     if r.key is None:
-        raise DecodeError("missing_key", f"records must be keyed by {spec.entity_field}")
+        raise DecodeError("missing_key", f"records must be keyed by {spec.entity_key}")
     return r.value
 
 
 def check_key(spec: StreamSpec[R], r: RawRecord, rec: R) -> None:
     if r.key is None or r.key.decode("utf-8", "replace") != spec.entity_of(rec):
-        raise DecodeError("key_mismatch", f"key {(r.key or b'')[:80]!r} != {spec.entity_field}")
+        raise DecodeError("key_mismatch", f"key {(r.key or b'')[:80]!r} != {spec.entity_key}")
 
 
 def decode(spec: StreamSpec[R], r: RawRecord, dead: DeadLetters) -> R | None:

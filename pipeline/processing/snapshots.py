@@ -1,5 +1,6 @@
-"""State snapshots: which partitions a checkpoint snapshots (staggered, one per checkpoint) and the rows
-that hold their state (entity slots, terminal context, dedupe window)."""
+"""State snapshots: which partitions a checkpoint snapshots (staggered, one per checkpoint, plus every partition
+of a stream whose model was swapped) and the rows that hold their state (entity slots, terminal context, dedupe
+window)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 from pipeline.checkpointing.rows import StateRow
 from pipeline.records import TopicPartition
 from pipeline.scoring.scorer import StreamScorer
-from pipeline.state.partition import Partitions, context_key, dedupe_key
+from pipeline.state.partition import Partitions, PartitionState, context_key, dedupe_key
 
 
 class Snapshots:
@@ -21,6 +22,7 @@ class Snapshots:
         snapshot_unit: Callable[[TopicPartition], set[TopicPartition]],
     ) -> None:
         self.scorers, self.partitions, self.snapshot_unit = scorers, partitions, snapshot_unit
+        self.forced: set[TopicPartition] = set()  # at the next checkpoint that may snapshot them (see force)
 
     def stagger(self, tps: list[TopicPartition], now: float, every: float) -> None:
         """Spread the partitions' snapshots over the interval: one partition's entities per checkpoint, not
@@ -28,24 +30,40 @@ class Snapshots:
         for i, tp in enumerate(sorted(tps)):
             self.partitions[tp].snapshot_due = now + every * (i + 1) / len(tps)
 
-    def due(self, now: float) -> set[TopicPartition]:
-        """At most one partition per checkpoint: the most overdue one that has consumed records (with the
-        partitions whose positions are only valid snapshotted together with it)."""
+    def force(self, topic: str) -> None:
+        """Snapshot every partition of `topic` as soon as it may be: its entities changed model (a promoted
+        version took over), and a restart must resume them as the new model keeps them."""
+        self.forced.update(st.tp for st in self.partitions.of_topic(topic))
+
+    def may_snapshot(self, st: PartitionState) -> bool:
+        """Consumed records, and none of the partitions snapshotted with it is replaying (their state is behind
+        their durable position)."""
         parts = self.partitions
+        return st.consumed is not None and not any(
+            (u in parts and parts[u].replaying) for u in self.snapshot_unit(st.tp)
+        )
+
+    def due(self, now: float) -> set[TopicPartition]:
+        """The most overdue partition that has consumed records (with the partitions whose positions are only
+        valid snapshotted together with it), and the forced ones that may be snapshotted."""
+        parts = self.partitions
+        self.forced = {tp for tp in self.forced if tp in parts}
+        chosen: set[TopicPartition] = set()
+        for tp in self.forced:
+            if self.may_snapshot(parts[tp]):
+                chosen |= self.snapshot_unit(tp)
         due = [
             (st.snapshot_due, st.tp)
             for st in parts
-            if st.snapshot_due is not None
-            and st.snapshot_due <= now
-            and st.consumed is not None
-            and not any((u in parts and parts[u].replaying) for u in self.snapshot_unit(st.tp))
+            if st.snapshot_due is not None and st.snapshot_due <= now and self.may_snapshot(st)
         ]
-        if not due:
-            return set()
-        return self.snapshot_unit(min(due)[1])
+        if due:
+            chosen |= self.snapshot_unit(min(due)[1])
+        return chosen
 
     def taken(self, tps: set[TopicPartition], now: float, every: float) -> None:
         """The snapshot of `tps` is durable: the next is due one interval later."""
+        self.forced -= tps
         for tp in tps:
             st = self.partitions.get(tp)
             if st is not None and st.snapshot_due is not None:  # not the labels partitions that came along

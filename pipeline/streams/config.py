@@ -146,7 +146,7 @@ class Stream(_Strict):
     entity_key: FieldName  # the record field (training data: the column) holding the entity id
     time_field: FieldName  # the record field (training data: the column) holding the event time
     model: str
-    challenger: str | None = None  # shadow-scored next to the model (not yet run by the service)
+    challenger: str | None = None  # shadow-scored next to the model (read at start; see docs/shadow-and-drift.md)
     channels: list[Channel] = []
 
     @field_validator("model", "challenger")

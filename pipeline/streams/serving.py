@@ -43,8 +43,8 @@ def resolve_model(stream: Stream, registry: ModelRegistry | None, ref: str | Non
             resolved = registry.resolve(model_ref.registry_ref)
             version = resolved.model.version
             checkpoint = served_as(checkpoint_from_bytes(resolved.blob, version), version)
-        except RegistryError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+        except RegistryError as exc:  # names the reference or the version
+            raise ConfigError(f"stream {stream.name!r}: {exc}") from None
     else:
         path = bundled_checkpoint_path(model_ref.name) if model_ref.source == "bundled" else Path(model_ref.name)
         try:

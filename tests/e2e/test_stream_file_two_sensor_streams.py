@@ -11,6 +11,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -24,55 +25,63 @@ from tests.sql_helpers import SqlTestStore
 UNITS = [f"unit-{i}" for i in range(1, 5)]
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 HISTORY, LIVE = 400, 240  # readings per unit: the CSV export, then the live stream
-FAULT_AT, FAULT_LEN = 200, 6  # live readings of the faulty unit with an injected fault
+FAULT_AT = 200
+FAULT_STEPS = range(FAULT_AT, FAULT_AT + 6)  # live readings of the faulty unit with an injected fault
 
 
-class Plant:
-    """Two device types: channel sets, field names and the faulty unit of each."""
+@dataclass(frozen=True)
+class DeviceType:
+    entity: str  # the records' entity field ...
+    time: str  # ... and time field
+    channels: list[str]
+    faulty_unit: str
+    fault_channel: str
 
-    streams = {
-        "pumps": {"entity": "pump_id", "time": "at", "channels": ["flow", "pressure", "vibration"]},
-        "chillers": {
-            "entity": "chiller",
-            "time": "ts",
-            "channels": ["supply_temp", "return_temp", "current", "condenser_pressure", "oil_temp"],
-        },
-    }
-    faulty = {"pumps": ("unit-2", "vibration"), "chillers": ("unit-3", "oil_temp")}
+
+PLANT = {
+    "pumps": DeviceType("pump_id", "at", ["flow", "pressure", "vibration"], "unit-2", "vibration"),
+    "chillers": DeviceType(
+        "chiller",
+        "ts",
+        ["supply_temp", "return_temp", "current", "condenser_pressure", "oil_temp"],
+        "unit-3",
+        "oil_temp",
+    ),
+}
 
 
 def reading(stream: str, unit: int, i: int, rng: np.random.Generator, fault: bool = False) -> dict[str, Any]:
-    spec = Plant.streams[stream]
+    device = PLANT[stream]
     values = {
         c: 10.0 * (j + 1) + math.sin(i / (4.0 + j) + unit) + 0.05 * float(rng.standard_normal())
-        for j, c in enumerate(spec["channels"])
+        for j, c in enumerate(device.channels)
     }
     if fault:
-        values[Plant.faulty[stream][1]] += 25.0
-    return {spec["entity"]: UNITS[unit], spec["time"]: (T0 + timedelta(seconds=30 * i)).isoformat(), "values": values}
+        values[device.fault_channel] += 25.0
+    return {device.entity: UNITS[unit], device.time: (T0 + timedelta(seconds=30 * i)).isoformat(), "values": values}
 
 
 def write_history(stream: str, path: Path) -> Path:
-    spec = Plant.streams[stream]
+    device = PLANT[stream]
     rng = np.random.default_rng(1)
     with path.open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow([spec["entity"], spec["time"], *spec["channels"]])
+        out.writerow([device.entity, device.time, *device.channels])
         for u in range(len(UNITS)):
             for i in range(HISTORY):
                 r = reading(stream, u, i, rng)
-                out.writerow([r[spec["entity"]], r[spec["time"]], *(r["values"][c] for c in spec["channels"])])
+                out.writerow([r[device.entity], r[device.time], *(r["values"][c] for c in device.channels)])
     return path
 
 
-def write_stream_file(folder: Path, prefix: str) -> Path:
-    models = {"pumps": "pumps@champion", "chillers": "models/chillers.pt"}
+def write_stream_file(folder: Path, prefix: str, chillers_model: str) -> Path:
+    models = {"pumps": "pumps@champion", "chillers": chillers_model}
     parts = []
-    for name, spec in Plant.streams.items():
+    for name, device in PLANT.items():
         parts.append(
             f'[[streams]]\nname = "{name}"\ntopic = "{prefix}.{name}"\nkind = "sensors"\n'
-            f'entity_key = "{spec["entity"]}"\ntime_field = "{spec["time"]}"\nmodel = "{models[name]}"\n'
-            + "".join(f'[[streams.channels]]\nname = "{c}"\n' for c in spec["channels"])
+            f'entity_key = "{device.entity}"\ntime_field = "{device.time}"\nmodel = "{models[name]}"\n'
+            + "".join(f'[[streams.channels]]\nname = "{c}"\n' for c in device.channels)
         )
     path = folder / "plant.toml"
     path.write_text("\n".join(parts))
@@ -100,7 +109,8 @@ def test_two_sensor_streams_of_a_stream_file_each_with_its_own_model_and_state(
     kafka_bootstrap: str, pg_store: SqlTestStore, topic_prefix: str, tmp_path: Path
 ) -> None:
     env = {**topic_env(topic_prefix, kafka_bootstrap, pg_store.url), "PIPELINE_STREAMS_FILE": ""}
-    streams_file = write_stream_file(tmp_path, topic_prefix)
+    # a model file named by the stream file must exist: chillers name theirs once it is trained
+    streams_file = write_stream_file(tmp_path, topic_prefix, chillers_model="chillers@champion")
     (tmp_path / "models").mkdir()
     train = ["train", "--streams-file", str(streams_file), "--epochs", "2"]
     out = pipeline_cli(
@@ -132,30 +142,35 @@ def test_two_sensor_streams_of_a_stream_file_each_with_its_own_model_and_state(
     )
     chillers_version = json.loads((tmp_path / "models" / "chillers.card.json").read_text())["version"]
     assert pumps_version == "pumps-v1" and chillers_version.startswith("chillers-lstm-ae@")
+    write_stream_file(tmp_path, topic_prefix, chillers_model="models/chillers.pt")
 
     rng = np.random.default_rng(2)
-    for name, spec in Plant.streams.items():
-        unit, _channel = Plant.faulty[name]
+    for name, device in PLANT.items():
         live = [
-            reading(name, u, HISTORY + i, rng, fault=UNITS[u] == unit and FAULT_AT <= i < FAULT_AT + FAULT_LEN)
+            reading(name, u, HISTORY + i, rng, fault=UNITS[u] == device.faulty_unit and i in FAULT_STEPS)
             for i in range(LIVE)
             for u in range(len(UNITS))
         ]
-        produce(kafka_bootstrap, f"{topic_prefix}.{name}", ((r[spec["entity"]], r) for r in live))
+        produce(kafka_bootstrap, f"{topic_prefix}.{name}", ((r[device.entity], r) for r in live))
     run_processor({**env, "PIPELINE_STREAMS_FILE": str(streams_file)}, log_path=tmp_path / "proc.log")
 
     alerts = pg_store.list_alerts(run_id="live")
     versions = {"pumps": pumps_version, "chillers": chillers_version}
-    for name in Plant.streams:
+    fault_start = T0 + timedelta(seconds=30 * (HISTORY + FAULT_AT))
+    for name, device in PLANT.items():
         mine = [a for a in alerts if a["stream"] == name]
-        unit, channel = Plant.faulty[name]
         assert {a["model_version"] for a in mine} == {versions[name]}, name
         assert {a["source_topic"] for a in mine} == {f"{topic_prefix}.{name}"}
-        faults = [a for a in mine if a["entity_id"] == unit]
-        assert faults, f"{name}: the fault of {unit} was not caught"
-        assert faults[0]["top_features"][0]["feature"] == channel
-        assert len(mine) <= 2 * FAULT_LEN + 4, f"{name}: {len(mine)} alerts for one fault of {FAULT_LEN} readings"
-    # the faulty pump is a healthy chiller and vice versa: each stream's alerts name only its own fault
-    assert {a["entity_id"] for a in alerts if a["stream"] == "pumps"} <= {Plant.faulty["pumps"][0]}
-    assert {a["entity_id"] for a in alerts if a["stream"] == "chillers"} <= {Plant.faulty["chillers"][0]}
+        unit = device.faulty_unit
+        caught = [a for a in mine if a["entity_id"] == unit and a["event_time"] >= fault_start]
+        assert caught, f"{name}: the fault of {unit} was not caught"
+        assert caught[0]["event_time"] == fault_start
+        assert caught[0]["top_features"][0]["feature"] == device.fault_channel
+        others = [a for a in mine if a["entity_id"] != unit]
+        assert len(others) <= 2, (
+            f"{name}: alerts on healthy units {[(a['entity_id'], a['event_time']) for a in others]}"
+        )
+        # the other stream's faulty unit is healthy here: its fault must not leak into this stream's state
+        other_unit = next(d.faulty_unit for s, d in PLANT.items() if s != name)
+        assert not [a for a in mine if a["entity_id"] == other_unit and a["event_time"] >= fault_start], name
     assert entity_states(pg_store) == {"pumps": set(UNITS), "chillers": set(UNITS)}

@@ -7,20 +7,22 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
-from models.lstm_ae import Checkpoint
-from pipeline import metrics
-from pipeline.app import build_scorers, ensure_models
-from pipeline.checkpointing.rows import ModelScoreRow, ModelWrite
+from models.lstm_ae import Checkpoint, save_checkpoint
+from pipeline.app import build_scorers, challenger_scorers, ensure_models, served_streams, stream_scorers
+from pipeline.checkpointing.rows import AlertRow, ModelScoreRow, ModelWrite
 from pipeline.config import Settings
+from pipeline.errors import ConfigError
 from pipeline.processing.samples import ScoreSampler, uniform_hash, warm_events
 from pipeline.processor import Processor, ProcessorOptions
 from pipeline.records import RawRecord
@@ -59,7 +61,7 @@ def records() -> list[RawRecord]:
     """Simulated readings (spikes and a drift), keyed by device onto PARTS partitions, offsets per partition."""
     out: list[RawRecord] = []
     next_offset = [0] * PARTS
-    for r in sensor_records(8, 60):
+    for r in sensor_records(8, 120):
         p = zlib.crc32(r["device_id"].encode()) % PARTS
         out.append(RawRecord(TOPIC, p, next_offset[p], r["device_id"].encode(), orjson.dumps(r), 0))
         next_offset[p] += 1
@@ -123,7 +125,11 @@ def _rows(db: SqlTestStore, table: Any, version: str) -> list[dict[str, Any]]:
 
 
 def test_shadow_alerts_and_samples_equal_an_offline_run_of_the_challenger(
-    settings: Settings, champion_model: Checkpoint, challenger_model: Checkpoint, records: list[RawRecord], tmp_path: Path
+    settings: Settings,
+    champion_model: Checkpoint,
+    challenger_model: Checkpoint,
+    records: list[RawRecord],
+    tmp_path: Path,
 ) -> None:
     db = _db(tmp_path)
     polls = _polls(records)
@@ -179,13 +185,12 @@ def test_a_failing_challenger_leaves_the_champion_path_alone(
         return res
 
     monkeypatch.setattr(challenger, "process", every_other_batch_fails)
-    errors = metrics.SHADOW_ERRORS.labels("sensors")
-    before = errors._value.get()  # noqa: SLF001 - prometheus_client has no public reader of one child
+    before = _shadow_errors()
     broken, dead = _processor(settings, broken_db, records, list(polls), challenger, champion_model)
     _run(broken, len(polls))
 
     assert not dead.sent  # nothing dead-lettered for the challenger's failures
-    assert errors._value.get() - before == len(polls) // 2  # noqa: SLF001
+    assert _shadow_errors() - before == len(polls) // 2
     key = ("entity_id", "source_partition", "source_offset", "score", "model_version")
     assert [tuple(a[k] for k in key) for a in broken_db.list_alerts(run_id="live")] == [
         tuple(a[k] for k in key) for a in clean_db.list_alerts(run_id="live")
@@ -202,7 +207,11 @@ def test_a_failing_challenger_leaves_the_champion_path_alone(
 
 
 def test_samples_are_deterministic_and_idempotent_across_a_replay(
-    settings: Settings, champion_model: Checkpoint, challenger_model: Checkpoint, records: list[RawRecord], tmp_path: Path
+    settings: Settings,
+    champion_model: Checkpoint,
+    challenger_model: Checkpoint,
+    records: list[RawRecord],
+    tmp_path: Path,
 ) -> None:
     db = _db(tmp_path)
     polls = _polls(records)
@@ -224,9 +233,7 @@ def test_samples_are_deterministic_and_idempotent_across_a_replay(
     assert all(once.values())
     # a restart: the new worker resumes from the snapshot and replays the second half up to the committed end
     replay = [r for batch in polls[half:] for r in batch]
-    second, _ = _processor(
-        settings, db, records, _polls(replay), _scorer(settings, challenger_model), champion_model
-    )
+    second, _ = _processor(settings, db, records, _polls(replay), _scorer(settings, challenger_model), champion_model)
     _run(second, len(_polls(replay)))
     assert second.stats.scored == len(replay)
     assert stored() == once
@@ -257,14 +264,45 @@ def test_sampling_is_a_fixed_share_picked_by_position() -> None:
         ScoreSampler(1.5)
 
 
-def _utc(ts: float) -> Any:
-    from datetime import datetime, timezone
-
+def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
-def _alert_row(a: dict[str, Any]) -> Any:
-    from pipeline.checkpointing.rows import AlertRow
+def _alert_row(stored: dict[str, Any]) -> AlertRow:
+    names = {f.name for f in fields(AlertRow)}
+    return AlertRow(**{k: v for k, v in stored.items() if k in names})
 
-    fields = AlertRow.__dataclass_fields__
-    return AlertRow(**{k: v for k, v in a.items() if k in fields})
+
+def _shadow_errors() -> float:
+    return REGISTRY.get_sample_value("pipeline_shadow_errors_total", {"stream": "sensors"}) or 0.0
+
+
+def _stream_file(tmp_path: Path, challenger: Path) -> Path:
+    """The bundled stream file's sensors stream with a challenger checkpoint file."""
+    bundled = (Path(__file__).parents[2] / "pipeline" / "streams" / "default.toml").read_text()
+    sensors = bundled[bundled.index('[[streams]]\nname = "sensors"') :]
+    path = tmp_path / "streams.toml"
+    path.write_text(
+        sensors.replace('model = "bundled:sensors"', f'model = "bundled:sensors"\nchallenger = "{challenger}"')
+    )
+    return path
+
+
+def test_the_service_builds_a_challenger_that_reads_the_champions_features(
+    settings: Settings, challenger_model: Checkpoint, tmp_path: Path
+) -> None:
+    db = _db(tmp_path)
+    ok = save_checkpoint(challenger_model, tmp_path / "challenger.pt")
+    served = served_streams(_stream_file(tmp_path, ok), db)
+    (scorer,) = challenger_scorers(settings, served, db).values()
+    assert scorer.model_version == challenger_model.version
+    assert scorer.spec.feature_names == stream_scorers(settings, served)[served[0].stream.topic].spec.feature_names
+
+    # the same channels in another order: the stream accepts it as a model, but not as this champion's challenger
+    names = list(reversed(challenger_model.card["feature_names"]))
+    reordered = save_checkpoint(
+        replace(challenger_model, card={**challenger_model.card, "feature_names": names}), tmp_path / "reordered.pt"
+    )
+    served = served_streams(_stream_file(tmp_path, reordered), db)
+    with pytest.raises(ConfigError, match="stream 'sensors': challenger"):
+        challenger_scorers(settings, served, db)

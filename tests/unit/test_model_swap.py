@@ -1,0 +1,195 @@
+"""A promoted model taking over a stream's entities (pipeline.state.store.CarryOver, EntityStateStore.adopt and
+the restore of another model's snapshot): scaling and score statistics carry over where the features are the
+same, the autoencoder window where its length is the same too, a stateful model's (h, c) never; and the swapped
+stream's partitions are snapshotted at the next checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.lstm_ae import load_blob
+from pipeline.processing.snapshots import Snapshots
+from pipeline.processing.swap import ModelWatcher
+from pipeline.registry.registry import ModelRegistry
+from pipeline.scoring.factory import build_scorer
+from pipeline.scoring.knobs import ThresholdKnobs
+from pipeline.scoring.scorer import StreamScorer
+from pipeline.scoring.threshold import AdaptiveThreshold
+from pipeline.sinks import Database
+from pipeline.sinks.registry import SqlRegistryStore
+from pipeline.state.partition import Partitions
+from pipeline.state.store import SLOT_ARRAYS, STATS, WINDOW, EntityStateStore, StateLayout
+from pipeline.streams.config import parse_streams
+from pipeline.streams.serving import ServedStream, resolve_model
+
+BUNDLED = Path(__file__).resolve().parents[2] / "models" / "checkpoints" / "sensors.pt"
+FEATURES = ["a", "b"]
+THRESHOLD = AdaptiveThreshold(3.0, ThresholdKnobs(warmup=2, z=4.0))
+
+
+def _store(version: str, window: int = 4, features: list[str] = FEATURES, recurrent: int = 0) -> EntityStateStore:
+    layout = StateLayout.of_model(window, features, recurrent, version)
+    return EntityStateStore(layout, np.zeros(len(features)), np.ones(len(features)))
+
+
+def _served(store: EntityStateStore, ids: list[str], events: int = 6) -> np.ndarray:
+    """`events` events of each entity, applied as the scorer applies them; a step of (h, c) where it has one."""
+    rng = np.random.default_rng(1)
+    slots = store.resolve(ids, np.arange(len(ids), dtype=np.int32) % 2)
+    for t in range(events):
+        feats = rng.normal(size=(len(ids), store.layout.n_features))
+        store.push(slots, feats, np.full(len(ids), float(t)))
+        store.update_feature_stats(slots, feats)
+        THRESHOLD.observe(store.score_stats(), slots, rng.uniform(0, 5, len(ids)), np.ones(len(ids), bool))
+        THRESHOLD.smooth(store.score_stats(), slots, rng.uniform(0, 5, len(ids)))
+        if store.layout.recurrent:
+            store.rnn_h[slots] = store.rnn_c[slots] = rng.normal(size=(len(ids), store.layout.recurrent))
+            store.rnn_pred[slots] = feats
+    store.mark_clean(slots)
+    return slots
+
+
+def _arrays(store: EntityStateStore, slots: np.ndarray, carry: str) -> dict[str, np.ndarray]:
+    return {a.name: getattr(store, a.name)[slots] for a in SLOT_ARRAYS if a.carry == carry}
+
+
+def test_a_new_autoencoder_version_keeps_statistics_and_window() -> None:
+    old, new = _store("pumps-v1"), _store("pumps-v2")
+    ids = ["p1", "p2", "p3"]
+    src = _served(old, ids)
+    carry = new.adopt(old)
+    assert not carry.same_model and carry.stats and carry.window
+    dst = new.resolve(ids)
+    for carried in (STATS, WINDOW):
+        for name, values in _arrays(old, src, carried).items():
+            np.testing.assert_array_equal(_arrays(new, dst, carried)[name], values, err_msg=name)
+    np.testing.assert_array_equal(new.windows(dst), old.windows(src))
+    np.testing.assert_array_equal(new.partition[dst], old.partition[src])
+    np.testing.assert_array_equal(
+        THRESHOLD.thresholds(new.score_stats(), dst), THRESHOLD.thresholds(old.score_stats(), src)
+    )
+    assert new.dirty[dst].all(), "the next snapshot must write them under the new layout"
+
+
+def test_a_new_stateful_version_resets_h_c_and_rewarms_but_keeps_statistics() -> None:
+    old, new = _store("pumps-v1", 1, recurrent=3), _store("pumps-v2", 1, recurrent=3)
+    ids = ["p1", "p2"]
+    src = _served(old, ids)
+    carry = new.adopt(old)
+    assert carry.stats and not carry.window
+    dst = new.resolve(ids)
+    for name, values in _arrays(old, src, STATS).items():
+        np.testing.assert_array_equal(getattr(new, name)[dst], values, err_msg=name)
+    assert (new.rnn_h[dst] == 0).all() and (new.rnn_c[dst] == 0).all() and np.isnan(new.rnn_pred[dst]).all()
+    assert (new.count[dst] == 0).all(), "min_history events before the new model's first alert"
+    np.testing.assert_array_equal(new.last_ts[dst], old.last_ts[src])
+
+
+def test_other_features_rewarm_on_the_global_threshold() -> None:
+    old, new = _store("pumps-v1"), _store("pumps-v2", features=["b", "a"])
+    ids = ["p1", "p2"]
+    src = _served(old, ids)
+    carry = new.adopt(old)
+    assert not carry.stats and not carry.window and "global threshold" in carry.describe()
+    dst = new.resolve(ids)
+    assert (new.feat_n[dst] == 0).all() and (new.score_n[dst] == 0).all() and (new.count[dst] == 0).all()
+    np.testing.assert_array_equal(THRESHOLD.thresholds(new.score_stats(), dst), [3.0, 3.0])
+    np.testing.assert_array_equal(new.last_ts[dst], old.last_ts[src])
+
+
+@pytest.mark.parametrize(
+    ("window", "features", "recurrent", "stats", "window_kept"),
+    [
+        (4, FEATURES, 0, True, True),
+        (8, FEATURES, 0, True, False),
+        (4, ["b", "a"], 0, False, False),
+        (4, FEATURES, 2, True, False),
+    ],
+)
+def test_a_snapshot_of_another_model_restores_what_carries_over(
+    window: int, features: list[str], recurrent: int, stats: bool, window_kept: bool
+) -> None:
+    """An entity evicted (or on a partition not yet read) when the version changed comes back from a snapshot
+    the old model wrote: the same rules as for the live entities, counted, never a crash."""
+    old = _store("pumps-v1")
+    src = _served(old, ["p1"])
+    blob = old.snapshot(src)[0]
+    new = _store("pumps-v2", window, features, recurrent)
+    new.admit({"p1": blob})
+    dst = new.resolve(["p1"])
+    assert new.carried_over == 1
+    assert (new.feat_n[dst] == old.feat_n[src]).all() == stats
+    assert (new.score_mean[dst] == old.score_mean[src]).all() == stats
+    assert (new.count[dst] == old.count[src]).all() == window_kept
+    assert new.last_ts[dst][0] == old.last_ts[src][0]
+    # and the same model's own snapshot restores everything, uncounted
+    same = _store("pumps-v1")
+    same.admit({"p1": blob})
+    np.testing.assert_array_equal(same.windows(same.resolve(["p1"])), old.windows(src))
+    assert same.carried_over == 0
+
+
+def test_a_swapped_stream_is_snapshotted_whole_at_the_next_checkpoint() -> None:
+    parts = Partitions()
+    for p in range(3):
+        parts.assign(("pumps", p)).advance(10)
+    parts.assign(("fans", 0)).advance(5)
+    replaying = parts.assign(("pumps", 3))
+    replaying.consumed, replaying.committed = 2, 9
+    snaps = Snapshots({}, parts, lambda tp: {tp})
+    snaps.stagger([st.tp for st in parts], now=0.0, every=100.0)
+    assert snaps.due(1.0) == set()
+    snaps.force("pumps")
+    due = snaps.due(1.0)
+    assert due == {("pumps", 0), ("pumps", 1), ("pumps", 2)}, "replaying partitions wait until they caught up"
+    snaps.taken(due, 1.0, 100.0)
+    assert snaps.due(2.0) == set()
+    replaying.consumed = 9
+    assert snaps.due(3.0) == {("pumps", 3)}
+
+
+def test_the_watcher_asks_once_per_interval_and_reports_entities_resumed_from_another_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real (SQLite) registry: a promote is seen at the first poll after the interval, not before; entities
+    that came back from the old model's snapshots are reported as one line per stream and poll."""
+    caplog.set_level(logging.INFO, logger="pipeline.processing.swap")
+    db = Database(f"sqlite:///{tmp_path / 'registry.db'}")
+    db.create_schema()
+    registry = ModelRegistry(SqlRegistryStore(db))
+    channels = json.loads(BUNDLED.with_suffix(".card.json").read_text())["feature_names"]
+    v1 = registry.register(BUNDLED, "pumps")
+    blob = load_blob(BUNDLED)
+    blob["threshold"] *= 0.5
+    torch.save(blob, tmp_path / "v2.pt")
+    v2 = registry.register(tmp_path / "v2.pt", "pumps")
+    registry.promote(v1, "pumps", expected_channels=channels)
+    text = "".join(f'[[streams.channels]]\nname = "{c}"\n' for c in channels)
+    stream = parse_streams(
+        '[[streams]]\nname = "pumps"\ntopic = "p"\nkind = "sensors"\nentity_key = "device_id"\n'
+        f'time_field = "timestamp"\nmodel = "pumps@champion"\n{text}'
+    ).streams[0]
+
+    def build(served: ServedStream) -> StreamScorer:
+        return build_scorer(served.spec(), served.model.checkpoint)
+
+    serving = build(ServedStream(stream, resolve_model(stream, registry)))
+    watcher = ModelWatcher(registry, {"p": stream}, build, poll_s=5.0)
+    assert watcher.poll({"p": serving}, 100.0) == {}
+    registry.promote(v2, "pumps", expected_channels=channels)
+    assert watcher.poll({"p": serving}, 104.9) == {}, "asked again before the interval"
+    new = watcher.poll({"p": serving}, 105.0)["p"]
+    assert new.model_version == v2 and new.threshold is not None
+    old_state = serving.store.snapshot(serving.store.resolve(["pump-9"]))[0]
+    new.store.admit({"pump-9": old_state})
+    assert watcher.poll({"p": new}, 110.0) == {}
+    lines = [r.getMessage() for r in caplog.records if "resumed from snapshots of another model" in r.getMessage()]
+    assert lines == [
+        f"stream 'pumps': 1 entities resumed from snapshots of another model ({v2} kept what carries over)"
+    ]

@@ -136,15 +136,21 @@ def drop_reapplied(partitions: Partitions, recs: list[RawRecord]) -> list[RawRec
     makes the consumer reset to an earlier offset; those records are skipped, loudly (the offset-reset policy
     is applied before, by Recovery.check_log_ends, when the log's end shows a reset)."""
     keep = None
+    nxt: dict[TopicPartition, int] = {}  # the hot loop works on a local dict; the states are updated once
     for i, r in enumerate(recs):
-        st = partitions[(r.topic, r.partition)]
-        if r.offset < st.next_offset:
+        tp = (r.topic, r.partition)
+        expected = nxt.get(tp)
+        if expected is None:
+            expected = partitions[tp].next_offset
+        if r.offset < expected:
             if keep is None:
                 keep = recs[:i]
             continue
-        st.next_offset = r.offset + 1
+        nxt[tp] = r.offset + 1
         if keep is not None:
             keep.append(r)
+    for tp, offset in nxt.items():
+        partitions[tp].next_offset = offset
     if keep is None:
         return recs
     log.warning(

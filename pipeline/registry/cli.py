@@ -21,11 +21,10 @@ from rich.table import Table
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
-from pipeline.registry import compare as comparison
-from pipeline.registry import drift
 from pipeline.registry.registry import CHALLENGER, CHAMPION, ModelRegistry, ModelVersion, RegistryError
 
 if TYPE_CHECKING:
+    from pipeline.registry import compare as comparison
     from pipeline.sinks.registry import SqlRegistryStore
     from pipeline.streams.config import Stream
 
@@ -247,7 +246,9 @@ def delete_cmd(
 @models_app.command("drift")
 def drift_cmd(
     stream: Annotated[str, typer.Option("--stream", help="the stream (registry name)")],
-    limit: Annotated[float, typer.Option("--limit", help="PSI above which the command exits 1")] = drift.SHIFT_ABOVE,
+    limit: Annotated[
+        float | None, typer.Option("--limit", help="PSI above which the command exits 1 (default: a shift, > 0.25)")
+    ] = None,
     since: SinceOpt = "24h",
     bootstrap: Annotated[
         str | None, typer.Option("--bootstrap", help="Kafka bootstrap: also measure input drift on the topic's tail")
@@ -265,7 +266,9 @@ def drift_cmd(
     """Live scores (and, with --bootstrap, inputs) of the stream against its champion's card: PSI and the
     standardized mean shift per channel. Exit 1 when a PSI is above --limit, 0 otherwise, 2 on errors."""
     from pipeline.alerts.cli import parse_since
+    from pipeline.registry import drift
 
+    limit = drift.SHIFT_ABOVE if limit is None else limit
     t0 = parse_since(since)
     with _store(database_url) as store:
         registry = ModelRegistry(store)
@@ -325,6 +328,7 @@ def _input_figures(
 ) -> list[dict[str, Any]]:
     """Per-channel drift of the topic's last `records` sensor readings ({"values": {channel: number}})."""
     from pipeline.kafka.tail import follow
+    from pipeline.registry import drift
 
     stats = card.get("channel_stats")
     if not stats:
@@ -375,6 +379,7 @@ def compare_cmd(
     """Two versions on the same events: alert rates, overlap of alerted entities and events, precision on
     operator-labelled events, score quantiles side by side (and a PNG with the `plot` extra)."""
     from pipeline.alerts.cli import parse_since
+    from pipeline.registry import compare as comparison
 
     if champion == challenger:
         raise ConfigError("compare needs two different versions")
@@ -408,6 +413,8 @@ def compare_cmd(
 
 
 def _alert_ref(row: dict[str, Any]) -> comparison.AlertRef:
+    from pipeline.registry import compare as comparison
+
     key = f"{row['source_topic']}|{row['source_partition']}|{row['source_offset']}"
     return comparison.AlertRef(row["entity_id"], key, row["label"])
 
@@ -431,6 +438,8 @@ def _comparison_json(c: comparison.Comparison) -> dict[str, Any]:
 
 
 def _print_comparison(c: comparison.Comparison) -> None:
+    from pipeline.registry import compare as comparison
+
     def fmt(x: float | None, spec: str = ".3g") -> str:
         return "" if x is None else format(x, spec)
 

@@ -14,7 +14,6 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from pipeline.errors import SinkError
-from pipeline.sinks.migrations import upgrade_to_head
 from pipeline.sinks.tables import metadata
 
 
@@ -38,6 +37,8 @@ class Database:
         """Bring the schema to head with the Alembic migrations. Never `create_all`: a database made that way
         is stamped at 0001 by the next start and its later migrations then fail."""
         try:
+            from pipeline.sinks.migrations import upgrade_to_head  # Alembic: only when a schema is made
+
             upgrade_to_head(self.engine)
         except OperationalError as exc:  # unreachable or refusing: one line for the operator, not a traceback
             url = self.engine.url.render_as_string(hide_password=True)

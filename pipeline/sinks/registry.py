@@ -24,17 +24,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Column,
-    DateTime,
-    ForeignKey,
-    Index,
-    Integer,
-    LargeBinary,
-    String,
-    Table,
-    UniqueConstraint,
     delete,
     func,
     insert,
@@ -55,54 +44,16 @@ from pipeline.registry.registry import (
     RegistryError,
 )
 from pipeline.sinks.database import Database
-from pipeline.sinks.tables import alerts, metadata, model_score_samples, shadow_alerts
+from pipeline.sinks.tables import (
+    alerts,
+    model_aliases,
+    model_promotions,
+    model_score_samples,
+    model_versions,
+    shadow_alerts,
+)
 
-BIGID = BigInteger().with_variant(Integer, "sqlite")
-TS = DateTime(timezone=True)
 ADD_VERSION_TRIES = 5  # concurrent registrations of one stream race for the next number; the loser retries
-
-model_versions = Table(
-    "model_versions",
-    metadata,
-    Column("id", BIGID, primary_key=True, autoincrement=True),
-    Column("version", String(128), nullable=False, unique=True),
-    Column("stream", String(64), nullable=False),
-    Column("number", Integer, nullable=False),
-    Column("family", String(32), nullable=False),
-    Column("created_at", TS, nullable=False),
-    Column("content_hash", String(64), nullable=False),
-    Column("card", JSON, nullable=False),
-    Column("blob", LargeBinary, nullable=False),
-    Column("size", BigInteger, nullable=False),
-    UniqueConstraint("stream", "number", name="uq_model_versions_stream_number"),
-    UniqueConstraint("stream", "content_hash", name="uq_model_versions_stream_hash"),
-)
-
-model_aliases = Table(
-    "model_aliases",
-    metadata,
-    Column("stream", String(64), primary_key=True),
-    Column("alias", String(16), primary_key=True),
-    Column(
-        "version", String(128), ForeignKey("model_versions.version", name="fk_model_aliases_version"), nullable=False
-    ),
-    Column("generation", BigInteger, nullable=False),
-    Column("updated_at", TS, nullable=False),
-)
-
-model_promotions = Table(
-    "model_promotions",
-    metadata,
-    Column("id", BIGID, primary_key=True, autoincrement=True),
-    Column("stream", String(64), nullable=False),
-    Column("alias", String(16), nullable=False),
-    Column("action", String(16), nullable=False),  # promote | rollback | clear
-    Column("version", String(128), nullable=True),  # None: the alias was cleared
-    Column("previous_version", String(128), nullable=True),
-    Column("at", TS, nullable=False),
-    Column("by", String(64), nullable=False),
-    Index("ix_model_promotions_alias", "stream", "alias", "id"),
-)
 
 _VERSION_COLS = tuple(c for c in model_versions.c if c.name not in ("id", "number", "blob"))
 

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Float,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData()
@@ -181,4 +183,48 @@ RUN_TABLES = (
     score_samples,
     shadow_alerts,
     model_score_samples,
+)
+
+# migration 0004: the model registry (pipeline.registry; SQL side pipeline/sinks/registry.py)
+model_versions = Table(
+    "model_versions",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("version", String(128), nullable=False, unique=True),
+    Column("stream", String(64), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("family", String(32), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("card", JSON, nullable=False),
+    Column("blob", LargeBinary, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    UniqueConstraint("stream", "number", name="uq_model_versions_stream_number"),
+    UniqueConstraint("stream", "content_hash", name="uq_model_versions_stream_hash"),
+)
+
+model_aliases = Table(
+    "model_aliases",
+    metadata,
+    Column("stream", String(64), primary_key=True),
+    Column("alias", String(16), primary_key=True),
+    Column(
+        "version", String(128), ForeignKey("model_versions.version", name="fk_model_aliases_version"), nullable=False
+    ),
+    Column("generation", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+model_promotions = Table(
+    "model_promotions",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("stream", String(64), nullable=False),
+    Column("alias", String(16), nullable=False),
+    Column("action", String(16), nullable=False),  # promote | rollback | clear
+    Column("version", String(128), nullable=True),  # None: the alias was cleared
+    Column("previous_version", String(128), nullable=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("by", String(64), nullable=False),
+    Index("ix_model_promotions_alias", "stream", "alias", "id"),
 )

@@ -259,8 +259,11 @@ class Processor:
                 ready_recs, ready = self.labels.hold(topic, recs, good_recs, cast(list[TransactionRecord], good))
                 self.scoring.score(topic, scorer, ready_recs, ready)
                 continue
+            last: dict[int, int] = {}  # partition -> its last offset in this poll (one state update each)
             for r in recs:
-                self.partitions[(r.topic, r.partition)].advance(r.offset + 1)
+                last[r.partition] = r.offset
+            for p, offset in last.items():
+                self.partitions[(topic, p)].advance(offset + 1)
             self.scoring.score(topic, scorer, good_recs, good)
         self.release_waiting()
         self.labels.advance_label_positions()

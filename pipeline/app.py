@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError, ScoringError
 from pipeline.features.streams import StreamSpec, TransactionStream
 from pipeline.kafka.client import KafkaDeadLetterSink, KafkaPublisher, KafkaSource, ensure_topics
 from pipeline.processing.retry import DbRetry
-from pipeline.processing.swap import ModelWatcher, watched
+from pipeline.processing.swap import ModelWatcher, challenged, watched
 from pipeline.processor import Processor, ProcessorOptions
 from pipeline.registry import ModelRegistry
 from pipeline.scoring.factory import build_scorer
@@ -103,9 +103,10 @@ def challenger_scorers(settings: Settings, served: list[ServedStream], db: Datab
 
 
 def model_watcher(settings: Settings, served: list[ServedStream], db: Database) -> ModelWatcher | None:
-    """Switches the streams served from a registry alias to versions promoted while running (None: none is)."""
+    """Switches the streams served from a registry alias (champion or challenger) to versions promoted while running
+    (None: no stream names an alias)."""
     streams = {s.stream.topic: s.stream for s in served}
-    if not watched(streams):
+    if not watched(streams) and not challenged(streams):
         return None
 
     def build(s: ServedStream) -> StreamScorer:

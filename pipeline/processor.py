@@ -154,18 +154,14 @@ class Processor:
         )
         sampler = ScoreSampler(options.score_sample_rate)
         self.drift = DriftMonitor()  # the drift gauges; the API's /api/drift when it runs in this process
-        self.shadow = (
-            ShadowScoring(
-                challengers,
-                run_id=options.run_id,
-                partitions=self.partitions,
-                checkpointer=self.checkpointer,
-                sampler=sampler,
-                top_features=options.top_features,
-                severity_bands=options.severity_bands,
-            )
-            if challengers
-            else None
+        self.shadow = ShadowScoring(  # challengers may also start (and stop) later: pipeline.processing.swap
+            challengers or {},
+            run_id=options.run_id,
+            partitions=self.partitions,
+            checkpointer=self.checkpointer,
+            sampler=sampler,
+            top_features=options.top_features,
+            severity_bands=options.severity_bands,
         )
         self.scoring = ScoreStage(
             run_id=options.run_id,
@@ -218,8 +214,7 @@ class Processor:
             scorer = self.scorers.get(tp[0])
             if scorer is not None:
                 scorer.store.drop_partition(tp[1])
-            if self.shadow is not None:
-                self.shadow.drop_partition(*tp)
+            self.shadow.drop_partition(*tp)
             self.recovery.forget(tp)
             self.partitions.revoke(tp)  # its context, labels, held payments, dedupe window, positions
         log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in tps))
@@ -298,16 +293,18 @@ class Processor:
         """At a checkpoint boundary: streams whose promoted version can serve them switch to it."""
         if self.models is None:
             return
-        for topic, scorer in self.models.poll(self.scorers, now).items():
+        swaps = self.models.poll(self.scorers, now, self.shadow.challengers)
+        for topic, scorer in swaps.champions.items():
             self.scorers[topic] = scorer
             self.snapshots.force(topic)
+        for topic, challenger in swaps.challengers.items():
+            self.shadow.replace(topic, challenger)
 
     def _evict(self) -> None:
         for scorer in self.scorers.values():
             scorer.store.evict_idle(self.scoring.latest_event_ts, self.opt.entity_ttl_s, self.opt.max_live_entities)
             metrics.LIVE_ENTITIES.labels(scorer.spec.name).set(len(scorer.store))
-        if self.shadow is not None:
-            self.shadow.evict(self.scoring.latest_event_ts, self.opt.entity_ttl_s, self.opt.max_live_entities)
+        self.shadow.evict(self.scoring.latest_event_ts, self.opt.entity_ttl_s, self.opt.max_live_entities)
 
     def run(
         self,

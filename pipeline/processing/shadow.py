@@ -7,9 +7,11 @@ incident lifecycle, the outbox or the alerts topic. A failure of the challenger 
 path: the batch's challenger state is undone, the error logged and counted (pipeline_shadow_errors_total),
 nothing dead-lettered.
 
-The challenger keeps its own per-entity state, in memory only: it is never snapshotted, so after a restart
-(or a rebalance) its entities re-warm from their next events (min_history events before a shadow alert), and
-the comparison with the champion is only like for like once they have.
+Challengers come in at start and, when the stream names a registry alias, follow it while running
+(pipeline.processing.swap). A challenger keeps its own per-entity state, in memory only: it is never
+snapshotted, so after a restart (or a rebalance, or when it starts) its entities re-warm from their next
+events (min_history events before a shadow alert), and the comparison with the champion is only like for like
+once they have.
 """
 
 from __future__ import annotations
@@ -84,6 +86,13 @@ class ShadowScoring:
         self.checkpointer.add_samples(samples)
         self.scored += len(recs)
         metrics.SHADOW_SCORED.labels(stream).inc(len(recs))
+
+    def replace(self, topic: str, challenger: StreamScorer | None) -> None:
+        """At a checkpoint boundary: another challenger (its entities warm up from here), or none."""
+        if challenger is None:
+            self.challengers.pop(topic, None)
+        else:
+            self.challengers[topic] = challenger
 
     def drop_partition(self, topic: str, partition: int) -> None:
         """A revoked partition: its entities leave the challenger's memory (its next owner re-warms them)."""

@@ -7,12 +7,17 @@ a restart resumes state consistent with the new version.
 
 A version that cannot serve the stream (other channels, unreadable) is refused: one ERROR line naming stream,
 version and the difference, pipeline_model_swaps_total{result="refused"}, and the old version keeps serving.
+
+A stream whose challenger is a registry alias (NAME@challenger) follows it the same way: a challenger promoted
+while running starts shadow scoring at the next boundary (its entities warm up from there), one promoted to
+champion or cleared stops it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from pipeline import metrics
 from pipeline.errors import ConfigError, PipelineError, ScoringError
@@ -27,6 +32,14 @@ log = logging.getLogger(__name__)
 ScorerBuilder = Callable[[ServedStream], StreamScorer]  # as the service builds a stream's scorer at start
 
 
+@dataclass
+class Swaps:
+    """What changed at one poll: topic -> the new champion scorer; topic -> the new challenger (None: stop)."""
+
+    champions: dict[str, StreamScorer] = field(default_factory=dict)
+    challengers: dict[str, StreamScorer | None] = field(default_factory=dict)
+
+
 class ModelWatcher:
     def __init__(
         self, registry: ModelRegistry, streams: Mapping[str, Stream], build: ScorerBuilder, *, poll_s: float
@@ -34,31 +47,69 @@ class ModelWatcher:
         """streams: topic -> the stream file's stream; those served from a registry alias (NAME@ALIAS) are
         watched (see `watched`)."""
         self.registry, self.streams, self.build, self.poll_s = registry, watched(streams), build, poll_s
+        self.challenged = challenged(streams)
         self.next_poll = 0.0  # monotonic time of the next registry query
         self.generation: int | None = None  # the registry's generation last seen; None: compare every stream
         self.carried_seen: dict[str, tuple[int, int]] = {}  # topic -> (id of its store, carried_over logged)
 
-    def poll(self, scorers: Mapping[str, StreamScorer], now: float) -> dict[str, StreamScorer]:
-        """topic -> the scorer of a newly promoted version, its live entities taken over from the serving one.
-        At most one generation query per poll_s; the streams' aliases only when it moved."""
+    def poll(
+        self,
+        scorers: Mapping[str, StreamScorer],
+        now: float,
+        challengers: Mapping[str, StreamScorer] | None = None,
+    ) -> Swaps:
+        """The champions of newly promoted versions (their live entities taken over from the serving ones) and
+        the challengers that changed (`challengers`: the ones scoring now). At most one generation query per
+        poll_s; the streams' aliases only when it moved."""
+        swaps = Swaps()
         if now < self.next_poll:
-            return {}
+            return swaps
         self.next_poll = now + self.poll_s
         self.log_carried_over(scorers)
-        swaps: dict[str, StreamScorer] = {}
         try:
             generation = self.registry.generation()
             if generation != self.generation:
                 for topic, stream in self.streams.items():
                     scorer = self.promoted(stream, scorers[topic])
                     if scorer is not None:
-                        swaps[topic] = scorer
+                        swaps.champions[topic] = scorer
+                for topic, stream in self.challenged.items():
+                    champion = swaps.champions.get(topic, scorers[topic])
+                    current = (challengers or {}).get(topic)
+                    change = self.challenger(stream, champion, current)
+                    if change is not current:
+                        swaps.challengers[topic] = change
                 self.generation = generation
         except PipelineError as exc:  # the database, not the version: ask again at the next poll
             log.warning(
                 "model registry not readable (%s); the serving versions stay, next try in %gs", exc, self.poll_s
             )
         return swaps
+
+    def challenger(self, stream: Stream, champion: StreamScorer, current: StreamScorer | None) -> StreamScorer | None:
+        """The challenger that should score in the shadow now: `current` when its alias did not move (or the
+        new one cannot shadow this champion), a new scorer, or None (cleared, or promoted to champion)."""
+        ref = stream.challenger_ref
+        state = None if ref is None or ref.alias is None else self.registry.current(ref.name, ref.alias)
+        if state is None or state.version == champion.model_version:
+            if current is not None:
+                log.info("stream %r: challenger %s stops shadow scoring", stream.name, current.model_version)
+            return None
+        if current is not None and state.version == current.model_version:
+            return current
+        try:
+            scorer = self.build(ServedStream(stream, resolve_model(stream, self.registry, stream.challenger)))
+            if scorer.spec.feature_names != champion.spec.feature_names:
+                raise ConfigError(
+                    f"it reads {', '.join(scorer.spec.feature_names)}; the champion's columns are "
+                    f"{', '.join(champion.spec.feature_names)} (a challenger scores the champion's features)"
+                )
+        except (ConfigError, ScoringError) as exc:
+            log.error("stream %r: challenger %s refused: %s", stream.name, state.version, exc)
+            metrics.MODEL_SWAPS.labels(stream.name, "refused").inc()
+            return current
+        log.info("stream %r: challenger %s scores in the shadow from this checkpoint", stream.name, state.version)
+        return scorer
 
     def promoted(self, stream: Stream, serving: StreamScorer) -> StreamScorer | None:
         """The scorer of the version stream's alias points at now, when it is another one and can serve."""
@@ -115,6 +166,16 @@ class ModelWatcher:
 def watched(streams: Mapping[str, Stream]) -> dict[str, Stream]:
     """The streams whose model is a registry alias (NAME@ALIAS): a pinned version id or a file never moves."""
     return {t: s for t, s in streams.items() if s.model_ref.source == "registry" and s.model_ref.alias is not None}
+
+
+def challenged(streams: Mapping[str, Stream]) -> dict[str, Stream]:
+    """The streams whose challenger is a registry alias (NAME@challenger): followed while running."""
+    out = {}
+    for topic, stream in streams.items():
+        ref = stream.challenger_ref
+        if ref is not None and ref.source == "registry" and ref.alias is not None:
+            out[topic] = stream
+    return out
 
 
 def check_partition_state(serving: StreamScorer, new: StreamScorer) -> None:

@@ -146,7 +146,7 @@ class Stream(_Strict):
     entity_key: FieldName  # the record field (training data: the column) holding the entity id
     time_field: FieldName  # the record field (training data: the column) holding the event time
     model: str
-    challenger: str | None = None  # shadow-scored next to the model (read at start; see docs/shadow-and-drift.md)
+    challenger: str | None = None  # shadow-scored next to the model (a registry alias is followed while running)
     channels: list[Channel] = []
 
     @field_validator("model", "challenger")
@@ -205,6 +205,10 @@ class Stream(_Strict):
     @property
     def model_ref(self) -> ModelRef:
         return parse_model_ref(self.model)
+
+    @property
+    def challenger_ref(self) -> ModelRef | None:
+        return None if self.challenger is None else parse_model_ref(self.challenger)
 
 
 def _other_kind(kind: str) -> str:

@@ -15,7 +15,7 @@ import torch
 
 from models.lstm_ae import load_blob
 from pipeline.processing.snapshots import Snapshots
-from pipeline.processing.swap import ModelWatcher
+from pipeline.processing.swap import ModelWatcher, Swaps
 from pipeline.registry.registry import ModelRegistry
 from pipeline.scoring.factory import build_scorer
 from pipeline.scoring.knobs import ThresholdKnobs
@@ -181,15 +181,50 @@ def test_the_watcher_asks_once_per_interval_and_reports_entities_resumed_from_an
 
     serving = build(ServedStream(stream, resolve_model(stream, registry)))
     watcher = ModelWatcher(registry, {"p": stream}, build, poll_s=5.0)
-    assert watcher.poll({"p": serving}, 100.0) == {}
+    assert watcher.poll({"p": serving}, 100.0) == Swaps()
     registry.promote(v2, "pumps", expected_channels=channels)
-    assert watcher.poll({"p": serving}, 104.9) == {}, "asked again before the interval"
-    new = watcher.poll({"p": serving}, 105.0)["p"]
+    assert watcher.poll({"p": serving}, 104.9) == Swaps(), "asked again before the interval"
+    new = watcher.poll({"p": serving}, 105.0).champions["p"]
     assert new.model_version == v2 and new.threshold is not None
     old_state = serving.store.snapshot(serving.store.resolve(["pump-9"]))[0]
     new.store.admit({"pump-9": old_state})
-    assert watcher.poll({"p": new}, 110.0) == {}
+    assert watcher.poll({"p": new}, 110.0) == Swaps()
     lines = [r.getMessage() for r in caplog.records if "resumed from snapshots of another model" in r.getMessage()]
     assert lines == [
         f"stream 'pumps': 1 entities resumed from snapshots of another model ({v2} kept what carries over)"
     ]
+
+
+def test_the_watcher_follows_a_challenger_alias_while_running(tmp_path: Path) -> None:
+    """A challenger promoted while running starts shadow scoring at the next poll; promoted to champion (the
+    registry clears its challenger alias) it stops."""
+    db = Database(f"sqlite:///{tmp_path / 'registry.db'}")
+    db.create_schema()
+    registry = ModelRegistry(SqlRegistryStore(db))
+    channels = json.loads(BUNDLED.with_suffix(".card.json").read_text())["feature_names"]
+    v1 = registry.register(BUNDLED, "pumps")
+    blob = load_blob(BUNDLED)
+    blob["threshold"] *= 0.5
+    torch.save(blob, tmp_path / "v2.pt")
+    v2 = registry.register(tmp_path / "v2.pt", "pumps")
+    registry.promote(v1, "pumps", expected_channels=channels)
+    text = "".join(f'[[streams.channels]]\nname = "{c}"\n' for c in channels)
+    stream = parse_streams(
+        '[[streams]]\nname = "pumps"\ntopic = "p"\nkind = "sensors"\nentity_key = "device_id"\n'
+        f'time_field = "timestamp"\nmodel = "pumps@champion"\nchallenger = "pumps@challenger"\n{text}'
+    ).streams[0]
+
+    def build(served: ServedStream) -> StreamScorer:
+        return build_scorer(served.spec(), served.model.checkpoint)
+
+    champion = build(ServedStream(stream, resolve_model(stream, registry)))
+    watcher = ModelWatcher(registry, {"p": stream}, build, poll_s=1.0)
+    assert watcher.poll({"p": champion}, 0.0, {}) == Swaps(), "no challenger promoted: nothing to shadow"
+    registry.promote(v2, "pumps", alias="challenger", expected_channels=channels)
+    challenger = watcher.poll({"p": champion}, 1.0, {}).challengers["p"]
+    assert challenger is not None and challenger.model_version == v2
+    assert watcher.poll({"p": champion}, 2.0, {"p": challenger}) == Swaps(), "unchanged alias: same challenger"
+    registry.promote(v2, "pumps", expected_channels=channels)  # the challenger becomes the champion
+    swaps = watcher.poll({"p": champion}, 3.0, {"p": challenger})
+    assert swaps.champions["p"].model_version == v2
+    assert swaps.challengers == {"p": None}, "promoted to champion: no longer shadowed"

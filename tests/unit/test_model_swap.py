@@ -25,7 +25,7 @@ from pipeline.sinks import Database
 from pipeline.sinks.registry import SqlRegistryStore
 from pipeline.state.partition import Partitions
 from pipeline.state.store import SLOT_ARRAYS, STATS, WINDOW, EntityStateStore, StateLayout
-from pipeline.streams.config import parse_streams
+from pipeline.streams.config import Stream, parse_streams
 from pipeline.streams.serving import ServedStream, resolve_model
 
 BUNDLED = Path(__file__).resolve().parents[2] / "models" / "checkpoints" / "sensors.pt"
@@ -154,12 +154,13 @@ def test_a_swapped_stream_is_snapshotted_whole_at_the_next_checkpoint() -> None:
     assert snaps.due(3.0) == {("pumps", 3)}
 
 
-def test_the_watcher_asks_once_per_interval_and_reports_entities_resumed_from_another_model(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A real (SQLite) registry: a promote is seen at the first poll after the interval, not before; entities
-    that came back from the old model's snapshots are reported as one line per stream and poll."""
-    caplog.set_level(logging.INFO, logger="pipeline.processing.swap")
+def _build(served: ServedStream) -> StreamScorer:
+    return build_scorer(served.spec(), served.model.checkpoint)
+
+
+def _pumps_registry(tmp_path: Path, *, challenger: bool = False) -> tuple[ModelRegistry, Stream, list[str], str, str]:
+    """A real (SQLite) registry with two versions of the bundled sensor model (v2: half the threshold), v1 the
+    champion, and the stream "pumps" served from its champion alias (and challenger alias, if asked)."""
     db = Database(f"sqlite:///{tmp_path / 'registry.db'}")
     db.create_schema()
     registry = ModelRegistry(SqlRegistryStore(db))
@@ -171,16 +172,24 @@ def test_the_watcher_asks_once_per_interval_and_reports_entities_resumed_from_an
     v2 = registry.register(tmp_path / "v2.pt", "pumps")
     registry.promote(v1, "pumps", expected_channels=channels)
     text = "".join(f'[[streams.channels]]\nname = "{c}"\n' for c in channels)
+    shadow = 'challenger = "pumps@challenger"\n' if challenger else ""
     stream = parse_streams(
         '[[streams]]\nname = "pumps"\ntopic = "p"\nkind = "sensors"\nentity_key = "device_id"\n'
-        f'time_field = "timestamp"\nmodel = "pumps@champion"\n{text}'
+        f'time_field = "timestamp"\nmodel = "pumps@champion"\n{shadow}{text}'
     ).streams[0]
+    return registry, stream, channels, v1, v2
 
-    def build(served: ServedStream) -> StreamScorer:
-        return build_scorer(served.spec(), served.model.checkpoint)
 
-    serving = build(ServedStream(stream, resolve_model(stream, registry)))
-    watcher = ModelWatcher(registry, {"p": stream}, build, poll_s=5.0)
+def test_the_watcher_asks_once_per_interval_and_reports_entities_resumed_from_another_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real (SQLite) registry: a promote is seen at the first poll after the interval, not before; entities
+    that came back from the old model's snapshots are reported as one line per stream and poll."""
+    caplog.set_level(logging.INFO, logger="pipeline.processing.swap")
+    registry, stream, channels, v1, v2 = _pumps_registry(tmp_path)
+
+    serving = _build(ServedStream(stream, resolve_model(stream, registry)))
+    watcher = ModelWatcher(registry, {"p": stream}, _build, poll_s=5.0)
     assert watcher.poll({"p": serving}, 100.0) == Swaps()
     registry.promote(v2, "pumps", expected_channels=channels)
     assert watcher.poll({"p": serving}, 104.9) == Swaps(), "asked again before the interval"
@@ -217,8 +226,8 @@ def test_the_watcher_follows_a_challenger_alias_while_running(tmp_path: Path) ->
     def build(served: ServedStream) -> StreamScorer:
         return build_scorer(served.spec(), served.model.checkpoint)
 
-    champion = build(ServedStream(stream, resolve_model(stream, registry)))
-    watcher = ModelWatcher(registry, {"p": stream}, build, poll_s=1.0)
+    champion = _build(ServedStream(stream, resolve_model(stream, registry)))
+    watcher = ModelWatcher(registry, {"p": stream}, _build, poll_s=1.0)
     assert watcher.poll({"p": champion}, 0.0, {}) == Swaps(), "no challenger promoted: nothing to shadow"
     registry.promote(v2, "pumps", alias="challenger", expected_channels=channels)
     challenger = watcher.poll({"p": champion}, 1.0, {}).challengers["p"]

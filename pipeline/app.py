@@ -77,7 +77,9 @@ def stream_scorers(settings: Settings, served: list[ServedStream]) -> dict[str, 
 
 
 def stream_scorer(settings: Settings, served: ServedStream) -> StreamScorer:
-    return scorer_for(settings, served.spec(settings.max_message_bytes), served.model.checkpoint)
+    return scorer_for(
+        settings, served.spec(settings.max_message_bytes), served.model.checkpoint, served.stream.context_gap_s
+    )
 
 
 def challenger_scorers(settings: Settings, served: list[ServedStream], db: Database) -> dict[str, StreamScorer]:
@@ -95,7 +97,9 @@ def challenger_scorers(settings: Settings, served: list[ServedStream], db: Datab
             continue
         challenger = resolve_model(s.stream, registry, s.stream.challenger)
         try:
-            out[s.stream.topic] = scorer_for(settings, s.spec(settings.max_message_bytes), challenger.checkpoint)
+            out[s.stream.topic] = scorer_for(
+                settings, s.spec(settings.max_message_bytes), challenger.checkpoint, s.stream.context_gap_s
+            )
         except ScoringError as exc:
             raise ConfigError(f"stream {s.stream.name!r}: challenger {challenger.version}: {exc}") from None
         log.info("stream %s: challenger %s scores in shadow", s.stream.name, challenger.version)
@@ -116,7 +120,10 @@ def model_watcher(settings: Settings, served: list[ServedStream], db: Database) 
 
 
 def scorer_for(
-    settings: Settings, stream: str | StreamSpec, checkpoint: Checkpoint | ForecastCheckpoint
+    settings: Settings,
+    stream: str | StreamSpec,
+    checkpoint: Checkpoint | ForecastCheckpoint,
+    context_gap_s: float | None = None,
 ) -> StreamScorer:
     return build_scorer(
         stream,
@@ -126,6 +133,7 @@ def scorer_for(
         device=settings.device,
         precision=settings.precision,
         allowed_lateness_s=settings.allowed_lateness_s,
+        context_gap_s=context_gap_s,
         max_message_bytes=settings.max_message_bytes,
     )
 

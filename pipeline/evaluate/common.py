@@ -203,6 +203,13 @@ def stream(
     return Scored(scores, thresholds, alerts)
 
 
+def restart_at_test(scorer: StreamScorer, test: EventColumns, cfg: object) -> None:
+    """A format whose test part is a separate recording (`restart_at_test`): its entities start a new sequence
+    context there, keeping the scaling and score statistics the training part gave them."""
+    if getattr(cfg, "restart_at_test", False):
+        scorer.restart_context(list(dict.fromkeys(test.entity_ids)))
+
+
 class SeriesProtocolConfig(Protocol):
     """The knobs of benchmarks whose protocol is 'train part warms each entity, test part is frozen'."""
 
@@ -311,6 +318,7 @@ def _train_then_score(
     thr = make_threshold(ckpt.threshold, cfg)
     scorer = make_scorer(spec, ckpt, thr, min_history=cfg.threshold.min_history, device=device, precision=precision)
     stream(scorer, train, learn=True, batch_size=cfg.batch_size, desc=f"{name} train part")
+    restart_at_test(scorer, test, cfg)
     return stream(
         scorer,
         test,

@@ -116,6 +116,7 @@ def _stream(spec: Any, ckpt: Any, train: Any, test: Any, cfg: Any) -> common.Sco
         spec, ckpt, common.make_threshold(ckpt.threshold, cfg), min_history=cfg.threshold.min_history
     )
     common.stream(scorer, train, learn=True, batch_size=cfg.batch_size)
+    common.restart_at_test(scorer, test, cfg)
     return common.stream(
         scorer,
         test,

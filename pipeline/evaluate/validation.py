@@ -8,6 +8,14 @@ write folders in the benchmark's own format, so `pipeline evaluate` runs on them
     python -m pipeline.evaluate.validation skab ../shared/data/skab /tmp/skab-val
     python -m pipeline.evaluate.validation skab-train ../shared/data/skab /tmp/skab-val2   # train_rows=250
     python -m pipeline.evaluate.validation nasa ../shared/data/nasa_msl /tmp/nasa-val
+
+Univariate sets in the NASA layout with one column (the value, no command flags), fitted and scored on
+themselves (train/X.npy == test/X.npy, the Orion protocol for univariate benchmarks), so the NASA
+format's defaults are chosen for single-column series too:
+
+    python -m pipeline.evaluate.validation msl-uni ../shared/data/nasa_msl /tmp/msl-uni     # MSL training series
+    python -m pipeline.evaluate.validation skab-uni ../shared/data/skab /tmp/skab-uni       # anomaly-free channels
+    python -m pipeline.evaluate.validation tep-uni /tmp/tep-late /tmp/tep-uni               # real TEP faults
 """
 
 from __future__ import annotations
@@ -118,7 +126,127 @@ def nasa_set(nasa_dir: Path, out: Path, *, test_fraction: float = 0.4, seed: int
     return out
 
 
+UNI_KINDS = ("spike", "shift", "drift", "noise")
+
+
+def _uni_fault(x: np.ndarray, start: int, end: int, std: float, kind: str, rng: np.random.Generator) -> None:
+    """One fault on a 1-D series, in place: a spike (a few points far out), a level shift, a drift or a
+    noise burst. Magnitudes in units of the series' own spread."""
+    n = end - start
+    sign = rng.choice([-1.0, 1.0])
+    if kind == "spike":
+        x[start:end] += sign * rng.uniform(3.0, 6.0) * std
+    elif kind == "shift":
+        x[start:end] += sign * rng.uniform(1.0, 3.0) * std
+    elif kind == "drift":
+        x[start:end] += sign * rng.uniform(1.0, 3.0) * std * np.linspace(0.2, 1.5, n)
+    else:
+        x[start:end] += rng.normal(0.0, rng.uniform(1.0, 3.0) * std, n)
+
+
+def inject_univariate(x: np.ndarray, rng: np.random.Generator, *, max_faults: int = 3) -> list[list[int]]:
+    """1-`max_faults` faults (in place), one per disjoint slot of the series after its first tenth (a model
+    needs a normal start); returns the labelled [first, last] index pairs. Spikes last 1-5 points, the other
+    kinds 1/40-1/10 of the series."""
+    n = len(x)
+    std = max(float(np.std(x)), 1e-3 * (abs(float(np.mean(x))) + 1.0))
+    k = int(rng.integers(1, max_faults + 1))
+    lo0 = n // 10
+    slot = (n - lo0) // k
+    seqs = []
+    for j in range(k):
+        kind = str(rng.choice(UNI_KINDS))
+        length = int(rng.integers(1, 6)) if kind == "spike" else int(rng.integers(max(5, n // 40), max(10, n // 10)))
+        length = min(length, slot - 1)
+        lo = lo0 + j * slot
+        start = int(rng.integers(lo, max(lo + 1, lo + slot - length)))
+        end = min(n, start + length)
+        _uni_fault(x, start, end, std, kind, rng)
+        seqs.append([start, end - 1])
+    return seqs
+
+
+def write_univariate(series: dict[str, tuple[np.ndarray, list[list[int]]]], out: Path, spacecraft: str) -> Path:
+    """NASA layout, one column per series, train == test (fitted and scored on itself)."""
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    (out / "test").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, (x, seqs) in series.items():
+        arr = np.asarray(x, np.float64).reshape(-1, 1)
+        np.save(out / "train" / f"{name}.npy", arr)
+        np.save(out / "test" / f"{name}.npy", arr)
+        rows.append(
+            {
+                "chan_id": name,
+                "spacecraft": spacecraft,
+                "anomaly_sequences": str(seqs),
+                "class": "[]",
+                "num_values": len(arr),
+            }
+        )
+    pd.DataFrame(rows).to_csv(out / "labeled_anomalies.csv", index=False)
+    return out
+
+
+def msl_univariate_set(nasa_dir: Path, out: Path, *, seed: int = 0) -> Path:
+    """Each MSL channel's *training* series, value column only, with injected faults."""
+    rng = np.random.default_rng(seed)
+    series: dict[str, tuple[np.ndarray, list[list[int]]]] = {}
+    for chan in pd.read_csv(nasa_dir / "labeled_anomalies.csv")["chan_id"]:
+        f = nasa_dir / "train" / f"{chan}.npy"
+        if f.exists() and chan not in series:
+            x = np.load(f)[:, 0].astype(np.float64)
+            series[chan] = (x, inject_univariate(x, rng))
+    return write_univariate(series, out, "VAL-MSL")
+
+
+def skab_univariate_set(skab_dir: Path, out: Path, *, chunk: int = 2300, seed: int = 0) -> Path:
+    """SKAB's anomaly-free experiment: every channel, cut into `chunk`-row series, with injected faults."""
+    df = pd.read_csv(skab_dir / "anomaly-free" / "anomaly-free.csv", sep=";", index_col="datetime")
+    rng = np.random.default_rng(seed)
+    chans = [c for c in df.columns if c not in ("anomaly", "changepoint")]
+    series: dict[str, tuple[np.ndarray, list[list[int]]]] = {}
+    for i in range(len(df) // chunk):
+        for j, c in enumerate(chans):
+            x = df[c].to_numpy(np.float64)[i * chunk : (i + 1) * chunk].copy()
+            series[f"skab-{i}-{j}"] = (x, inject_univariate(x, rng))
+    return write_univariate(series, out, "VAL-SKAB")
+
+
+def tep_univariate_set(tep_dir: Path, out: Path, *, per_run: int = 3, min_sigma: float = 3.0) -> Path:
+    """Real faults: TEP fault runs (pipeline.evaluate.tep, SKAB layout; generate them with a late onset, e.g.
+    --horizon 72 --onset 60, so most of each series is normal). Per run, the `per_run` channels whose mean
+    after the onset moves most, in pre-onset standard deviations, if at least `min_sigma`; labelled from the
+    onset to the end. Normal runs contribute their first `per_run` channels with no label (false-alarm check)."""
+    from pipeline.evaluate.skab import find_files, read
+
+    series: dict[str, tuple[np.ndarray, list[list[int]]]] = {}
+    for f in find_files(tep_dir):
+        df = read(f)
+        y = df["anomaly"].to_numpy() > 0
+        chans = [c for c in df.columns if c not in ("anomaly", "changepoint")]
+        x = df[chans].to_numpy(np.float64)
+        if not y.any():
+            for c in range(per_run):
+                series[f"{f.stem}-{c}"] = (x[:, c], [])
+            continue
+        onset = int(np.flatnonzero(y)[0])
+        pre, post = x[:onset], x[onset:]
+        move = np.abs(post.mean(axis=0) - pre.mean(axis=0)) / (pre.std(axis=0) + 1e-9)
+        for c in np.argsort(-move)[:per_run]:
+            if move[c] >= min_sigma:
+                series[f"{f.stem}-{c}"] = (x[:, c], [[onset, len(x) - 1]])
+    return write_univariate(series, out, "VAL-TEP")
+
+
 if __name__ == "__main__":
     kind, src, dst = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    makers: dict[str, Callable[[Path, Path], Path]] = {"skab": skab_set, "skab-train": skab_train_set, "nasa": nasa_set}
+    makers: dict[str, Callable[[Path, Path], Path]] = {
+        "skab": skab_set,
+        "skab-train": skab_train_set,
+        "nasa": nasa_set,
+        "msl-uni": msl_univariate_set,
+        "skab-uni": skab_univariate_set,
+        "tep-uni": tep_univariate_set,
+    }
     print(makers[kind](src, dst))

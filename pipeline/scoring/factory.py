@@ -23,6 +23,7 @@ def build_scorer(
     device: str = "cpu",
     precision: str | None = None,
     allowed_lateness_s: float | None = None,
+    context_gap_s: float | None = None,
     max_message_bytes: int = 65536,
 ) -> StreamScorer:
     """stream: a spec, or a stream kind ("transactions", "sensors") whose spec follows the checkpoint's card
@@ -48,4 +49,5 @@ def build_scorer(
         device=device,
         precision=precision,
         allowed_lateness_s=allowed_lateness_s,
+        context_gap_s=context_gap_s,
     )

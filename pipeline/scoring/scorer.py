@@ -93,14 +93,18 @@ class StreamScorer:
         global_features: tuple[int, ...] = (),
         precision: str | None = None,
         allowed_lateness_s: float | None = None,
+        context_gap_s: float | None = None,
     ) -> None:
         """Without a checkpoint (training), `prior`, `window` and `global_features` come from the caller.
         precision (fp32 | bf16 | int8; None = as the checkpoint is) converts a copy of the model at load.
         allowed_lateness_s: an event whose time is behind its entity's latest by at most this much is scored
         without updating the entity's state; one further behind is rejected (not scored, see ScoreBatch).
-        None (offline evaluation, training) = no policy: every event is the entity's next step."""
+        None (offline evaluation, training) = no policy: every event is the entity's next step.
+        context_gap_s: an event more than this far after its entity's previous one starts a new sequence
+        context (EntityStateStore.restart_context: scaling and score statistics kept). None = never."""
         self.spec = spec
         self.allowed_lateness_s = allowed_lateness_s
+        self.context_gap_s = context_gap_s
         self.checkpoint = checkpoint
         if checkpoint is not None:
             card = checkpoint.card
@@ -173,6 +177,10 @@ class StreamScorer:
                     rejected[r] = True
                     windows[r], raw[r], mean[r], std[r], count[r] = 0.0, feats[rej], 0.0, 1.0, 0
                     idx, s, feats = idx[~back], s[~back], feats[~back]
+            if self.context_gap_s is not None:
+                gap = cols.ts[idx] - store.last_ts[s] > self.context_gap_s  # NaN (first event): False
+                if gap.any():
+                    store.restart_context(s[gap])
             store.push(s, feats, cols.ts[idx])
             m, sd = store.scaling(s)
             scaled = (store.windows(s) - m[:, None, :]) / sd[:, None, :]
@@ -200,6 +208,10 @@ class StreamScorer:
         win = np.concatenate([store.windows(s)[:, 1:], feats[:, None, :].astype(np.float32)], axis=1)
         windows[idx] = np.clip((win - m[:, None, :]) / sd[:, None, :], -SCALED_CLIP, SCALED_CLIP)
         raw[idx], mean[idx], std[idx], count[idx] = feats, m, sd, store.count[s] + 1
+
+    def restart_context(self, entity_ids: list[str]) -> None:
+        """These entities' next events start a new sequence (see EntityStateStore.restart_context)."""
+        self.store.restart_context(self.store.resolve(entity_ids))
 
     def savepoint(self, entity_ids: list[str], partitions: np.ndarray | None = None) -> Callable[[], None]:
         """Undo for a batch of these entities about to be processed: if processing raises, the caller restores

@@ -283,6 +283,16 @@ class EntityStateStore:
         for a in SLOT_ARRAYS:
             getattr(self, a.name)[slot] = a.fresh
 
+    def restart_context(self, slots: np.ndarray) -> None:
+        """Forget the entities' sequence context (window, fill count, a stateful model's (h, c) and prediction)
+        but keep their scaling and score statistics: after a gap in the stream (a restarted machine, a new
+        recording) the next reading does not follow the last one, so the model must not read it as if it did.
+        The entities refill their context (min_history events without alerts), not their thresholds."""
+        for a in SLOT_ARRAYS:
+            if a.carry in (WINDOW, OWN):
+                getattr(self, a.name)[slots] = a.fresh
+        self.dirty[slots] = True
+
     def unknown(self, entity_ids: Sequence[str]) -> list[str]:
         """Distinct ids without a live slot (first seen since assignment or eviction), in batch order."""
         slot_of = self._slot_of

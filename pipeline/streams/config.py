@@ -148,6 +148,9 @@ class Stream(_Strict):
     model: str
     challenger: str | None = None  # shadow-scored next to the model (a registry alias is followed while running)
     channels: list[Channel] = []
+    # seconds of silence after which an entity's next event starts a new sequence context (window, LSTM state;
+    # scaling and thresholds kept): a machine restarted after a stop. None: the context always continues
+    context_gap_s: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
 
     @field_validator("model", "challenger")
     @classmethod

@@ -323,3 +323,32 @@ def test_terminal_context_partitions_travel_with_the_model(tmp_path: Path) -> No
         args = ["evaluate", "--format", "transactions", "--data", str(data), *bad]
         res = CliRunner().invoke(_app(), args)
         assert isinstance(res.exception, ConfigError) and "--partitions" in str(res.exception)
+
+
+def test_univariate_validation_sets_are_single_column_self_fitted_and_labelled(tmp_path: Path) -> None:
+    """The NASA-layout univariate sets: one column, train == test (Orion's fit-and-score-on-itself), labels
+    exactly where the injected faults changed the series, readable by the NASA format unchanged."""
+    from pipeline.evaluate import nasa
+    from pipeline.evaluate.validation import inject_univariate, skab_univariate_set
+
+    rng = np.random.default_rng(3)
+    clean = np.sin(np.arange(2000) / 7.0) + rng.normal(0, 0.1, 2000)
+    x = clean.copy()
+    seqs = inject_univariate(x, np.random.default_rng(0))
+    changed = np.flatnonzero(x != clean)
+    labelled = np.concatenate([np.arange(a, b + 1) for a, b in seqs])
+    assert 1 <= len(seqs) <= 3 and set(changed) <= set(labelled) and changed.size > 0
+    assert all(b < 2000 and a >= 200 for a, b in seqs)  # the first tenth stays normal
+
+    src = tmp_path / "skab"
+    (src / "anomaly-free").mkdir(parents=True)
+    idx = pd.date_range("2020-02-08 13:30:47", periods=500, freq="s", name="datetime")
+    pd.DataFrame(rng.normal(0, 1, (500, 2)), index=idx, columns=["a", "b"]).to_csv(
+        src / "anomaly-free" / "anomaly-free.csv", sep=";"
+    )
+    out = skab_univariate_set(src, tmp_path / "uni", chunk=250)
+    chans, train, test, labeled, lengths = nasa.load(out)
+    assert sorted(chans) == ["skab-0-0", "skab-0-1", "skab-1-0", "skab-1-1"]
+    for c in chans:
+        a, b = np.load(out / "train" / f"{c}.npy"), np.load(out / "test" / f"{c}.npy")
+        assert a.shape == (250, 1) and np.array_equal(a, b) and labeled[c] and lengths[c] == 250

@@ -172,3 +172,38 @@ def test_injected_spikes_outscore_normal_readings(model: tuple[SensorStream, For
     res = StreamScorer(spec, ckpt, min_history=4).process(_cols(spec, recs))
     labels = np.array([r["label"] for r in recs], bool)
     assert np.median(res.scores[labels]) > np.quantile(res.scores[~labels], 0.9)
+
+
+def test_a_gap_restarts_the_sequence_context_and_keeps_the_statistics(
+    model: tuple[SensorStream, ForecastCheckpoint],
+) -> None:
+    """context_gap_s: after a gap an entity's (h, c), prediction and window start again (no alert for
+    min_history events, first event unscored as for a new entity) while its scaling and score statistics stay;
+    the same as restarting the context by hand at the gap, batched or not."""
+    spec, ckpt = model
+    recs, _ = simulate_sensors(3, 60, seed=21)
+    cols = _cols(spec, recs)
+    late = EventColumns(cols.entity_ids, cols.ts + 10_000.0, cols.base)  # the same readings, much later
+    auto = StreamScorer(spec, ckpt, min_history=4, context_gap_s=1_000.0)
+    auto.process(cols)
+    s = auto.store.resolve(sorted(set(cols.entity_ids)))
+    before = {k: getattr(auto.store, k)[s].copy() for k in ("feat_mean", "feat_m2", "score_n", "score_mean")}
+    after = auto.process(late)
+    by_hand = StreamScorer(spec, ckpt, min_history=4)
+    by_hand.process(cols)
+    by_hand.restart_context(sorted(set(cols.entity_ids)))
+    for k, v in before.items():  # the restart keeps scaling and score statistics as they were
+        np.testing.assert_array_equal(getattr(by_hand.store, k)[s], v)
+    assert (by_hand.store.count[s] == 0).all() and np.isnan(by_hand.store.rnn_pred[s]).all()
+    assert not by_hand.store.rnn_h[s].any()
+    expected = by_hand.process(late)
+    np.testing.assert_allclose(after.scores, expected.scores, rtol=1e-5, atol=1e-6)
+    ids = np.asarray(late.entity_ids)
+    for e in set(late.entity_ids):
+        first = np.flatnonzero(ids == e)
+        assert after.raw_scores[first[0]] == 0.0  # no prediction yet: a fresh context
+        assert not after.is_anomaly[first[:3]].any()  # refilling: min_history events without alerts
+    assert np.isfinite(after.scores).all()
+    never = StreamScorer(spec, ckpt, min_history=4)  # without the knob the gap changes nothing
+    never.process(cols)
+    assert never.process(late).raw_scores[np.flatnonzero(ids == ids[0])[0]] > 0.0

@@ -101,6 +101,20 @@ def test_the_bundled_default_serves_todays_streams_under_their_names() -> None:
         assert (spec.name, spec.kind) == (name, name)
 
 
+def test_a_streams_context_gap_reaches_its_scorer(pumps_model: Path) -> None:
+    from pipeline.app import stream_scorers
+
+    text = pumps_file(pumps_model.parent.parent, "models/pumps.pt").read_text()
+    gapped = pumps_model.parent.parent / "gapped.toml"
+    gapped.write_text(text.replace('kind = "sensors"', 'kind = "sensors"\ncontext_gap_s = 600', 1))
+    for path, gap in ((gapped, 600.0), (pumps_model.parent.parent / "plant.toml", None)):
+        stream = load_streams(path).stream("pumps")
+        scorer = next(
+            iter(stream_scorers(Settings(device="cpu"), [ServedStream(stream, resolve_model(stream, None))]).values())
+        )
+        assert stream.context_gap_s == gap and scorer.context_gap_s == gap
+
+
 def test_a_model_file_is_relative_to_the_stream_file(pumps_model: Path) -> None:
     stream = load_streams(pumps_file(pumps_model.parent.parent, "models/pumps.pt")).stream("pumps")
     model = resolve_model(stream, registry=None)

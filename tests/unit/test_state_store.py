@@ -29,6 +29,22 @@ def test_window_is_ordered_oldest_to_newest_and_prefilled() -> None:
     assert int(s.count[slots[0]]) == 6
 
 
+def test_restart_context_refills_the_window_and_keeps_the_scaling() -> None:
+    s = _store()
+    slots = s.resolve(["a", "b"])
+    for v in (1.0, 2.0, 3.0):
+        feats = np.array([[v, -v], [10 * v, 0.0]])
+        s.push(slots, feats, np.array([v, v]))
+        s.update_feature_stats(slots, feats)
+    scaling = s.scaling(slots)
+    s.restart_context(slots[:1])
+    assert s.count[slots].tolist() == [0, 3] and bool(s.dirty[slots[0]])
+    np.testing.assert_array_equal(s.scaling(slots)[0], scaling[0])
+    s.push(slots, np.array([[9.0, -9.0], [40.0, 0.0]]), np.array([9.0, 9.0]))
+    assert s.windows(slots)[0, :, 0].tolist() == [9, 9, 9, 9]  # a fresh context: prefilled, as a new entity
+    assert s.windows(slots)[1, :, 0].tolist() == [10, 20, 30, 40]
+
+
 def test_snapshot_round_trip_restores_exactly() -> None:
     s = _store()
     rng = np.random.default_rng(0)

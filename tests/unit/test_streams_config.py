@@ -211,6 +211,11 @@ BAD_FILES = [
         "streams[0]: a transactions stream's channels are the transactions model's features",
         id="transactions channels",
     ),
+    pytest.param(
+        _variant('kind = "sensors"', 'kind = "sensors"\ncontext_gap_s = 0'),
+        "streams[0].context_gap_s: input should be greater than 0",
+        id="context gap",
+    ),
     pytest.param("", "streams: required key is missing", id="no streams"),
     pytest.param("streams = []", "streams: declare at least one [[streams]]", id="empty streams"),
     pytest.param("[[streams]\nname =", "not valid TOML", id="not TOML"),

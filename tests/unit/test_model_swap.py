@@ -207,25 +207,7 @@ def test_the_watcher_asks_once_per_interval_and_reports_entities_resumed_from_an
 def test_the_watcher_follows_a_challenger_alias_while_running(tmp_path: Path) -> None:
     """A challenger promoted while running starts shadow scoring at the next poll; promoted to champion (the
     registry clears its challenger alias) it stops."""
-    db = Database(f"sqlite:///{tmp_path / 'registry.db'}")
-    db.create_schema()
-    registry = ModelRegistry(SqlRegistryStore(db))
-    channels = json.loads(BUNDLED.with_suffix(".card.json").read_text())["feature_names"]
-    v1 = registry.register(BUNDLED, "pumps")
-    blob = load_blob(BUNDLED)
-    blob["threshold"] *= 0.5
-    torch.save(blob, tmp_path / "v2.pt")
-    v2 = registry.register(tmp_path / "v2.pt", "pumps")
-    registry.promote(v1, "pumps", expected_channels=channels)
-    text = "".join(f'[[streams.channels]]\nname = "{c}"\n' for c in channels)
-    stream = parse_streams(
-        '[[streams]]\nname = "pumps"\ntopic = "p"\nkind = "sensors"\nentity_key = "device_id"\n'
-        f'time_field = "timestamp"\nmodel = "pumps@champion"\nchallenger = "pumps@challenger"\n{text}'
-    ).streams[0]
-
-    def build(served: ServedStream) -> StreamScorer:
-        return build_scorer(served.spec(), served.model.checkpoint)
-
+    registry, stream, channels, _, v2 = _pumps_registry(tmp_path, challenger=True)
     champion = _build(ServedStream(stream, resolve_model(stream, registry)))
     watcher = ModelWatcher(registry, {"p": stream}, _build, poll_s=1.0)
     assert watcher.poll({"p": champion}, 0.0, {}) == Swaps(), "no challenger promoted: nothing to shadow"

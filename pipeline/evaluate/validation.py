@@ -95,10 +95,8 @@ def skab_train_set(skab_dir: Path, out: Path, *, rows: int = 400, train_rows: in
 def nasa_set(nasa_dir: Path, out: Path, *, test_fraction: float = 0.4, seed: int = 0) -> Path:
     """Split each channel's training series: head -> train/, tail (+ injected segment) -> test/."""
     rng = np.random.default_rng(seed)
-    (out / "train").mkdir(parents=True, exist_ok=True)
-    (out / "test").mkdir(parents=True, exist_ok=True)
     labels = pd.read_csv(nasa_dir / "labeled_anomalies.csv")
-    rows = []
+    channels: dict[str, tuple[np.ndarray, np.ndarray, list[list[int]]]] = {}
     for chan in labels["chan_id"]:
         f = nasa_dir / "train" / f"{chan}.npy"
         if not f.exists():
@@ -117,10 +115,26 @@ def nasa_set(nasa_dir: Path, out: Path, *, test_fraction: float = 0.4, seed: int
             _fault(v, start, end, np.array([max(float(tr[:, 0].std()), 0.05)]), rng)
             te[:, 0] = np.clip(v[:, 0], -1.5, 1.5)
             seqs.append([start, end - 1])
-        np.save(out / "train" / f"{chan}.npy", tr)
-        np.save(out / "test" / f"{chan}.npy", te)
+        channels[chan] = (tr, te, seqs)
+    return write_nasa(channels, out, "VAL")
+
+
+def write_nasa(channels: dict[str, tuple[np.ndarray, np.ndarray, list[list[int]]]], out: Path, spacecraft: str) -> Path:
+    """The telemanom layout: train/<chan>.npy, test/<chan>.npy and labeled_anomalies.csv (test indices)."""
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    (out / "test").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for chan, (train, test, seqs) in channels.items():
+        np.save(out / "train" / f"{chan}.npy", train)
+        np.save(out / "test" / f"{chan}.npy", test)
         rows.append(
-            {"chan_id": chan, "spacecraft": "VAL", "anomaly_sequences": str(seqs), "class": "[]", "num_values": len(te)}
+            {
+                "chan_id": chan,
+                "spacecraft": spacecraft,
+                "anomaly_sequences": str(seqs),
+                "class": "[]",
+                "num_values": len(test),
+            }
         )
     pd.DataFrame(rows).to_csv(out / "labeled_anomalies.csv", index=False)
     return out
@@ -168,24 +182,10 @@ def inject_univariate(x: np.ndarray, rng: np.random.Generator, *, max_faults: in
 
 def write_univariate(series: dict[str, tuple[np.ndarray, list[list[int]]]], out: Path, spacecraft: str) -> Path:
     """NASA layout, one column per series, train == test (fitted and scored on itself)."""
-    (out / "train").mkdir(parents=True, exist_ok=True)
-    (out / "test").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name, (x, seqs) in series.items():
-        arr = np.asarray(x, np.float64).reshape(-1, 1)
-        np.save(out / "train" / f"{name}.npy", arr)
-        np.save(out / "test" / f"{name}.npy", arr)
-        rows.append(
-            {
-                "chan_id": name,
-                "spacecraft": spacecraft,
-                "anomaly_sequences": str(seqs),
-                "class": "[]",
-                "num_values": len(arr),
-            }
-        )
-    pd.DataFrame(rows).to_csv(out / "labeled_anomalies.csv", index=False)
-    return out
+    columns = {name: np.asarray(x, np.float64).reshape(-1, 1) for name, (x, _) in series.items()}
+    return write_nasa(
+        {name: (columns[name], columns[name], seqs) for name, (_, seqs) in series.items()}, out, spacecraft
+    )
 
 
 def msl_univariate_set(nasa_dir: Path, out: Path, *, seed: int = 0) -> Path:

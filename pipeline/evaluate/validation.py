@@ -20,6 +20,7 @@ format's defaults are chosen for single-column series too:
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -239,14 +240,29 @@ def tep_univariate_set(tep_dir: Path, out: Path, *, per_run: int = 3, min_sigma:
     return write_univariate(series, out, "VAL-TEP")
 
 
+MAKERS: dict[str, Callable[[Path, Path], Path]] = {
+    "skab": skab_set,
+    "skab-train": skab_train_set,
+    "nasa": nasa_set,
+    "msl-uni": msl_univariate_set,
+    "skab-uni": skab_univariate_set,
+    "tep-uni": tep_univariate_set,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate.validation", description=__doc__.splitlines()[0])
+    ap.add_argument("kind", choices=sorted(MAKERS))
+    ap.add_argument("source", type=Path, help="the benchmark folder (tep-uni: a folder of TEP runs)")
+    ap.add_argument("out", type=Path)
+    args = ap.parse_args(argv)
+    try:
+        print(MAKERS[args.kind](args.source, args.out))
+    except (OSError, KeyError, ValueError) as exc:  # a missing file, a CSV without the expected columns
+        print(f"error: {args.kind} from {args.source}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    kind, src, dst = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    makers: dict[str, Callable[[Path, Path], Path]] = {
-        "skab": skab_set,
-        "skab-train": skab_train_set,
-        "nasa": nasa_set,
-        "msl-uni": msl_univariate_set,
-        "skab-uni": skab_univariate_set,
-        "tep-uni": tep_univariate_set,
-    }
-    print(makers[kind](src, dst))
+    sys.exit(main())

@@ -352,3 +352,16 @@ def test_univariate_validation_sets_are_single_column_self_fitted_and_labelled(t
     for c in chans:
         a, b = np.load(out / "train" / f"{c}.npy"), np.load(out / "test" / f"{c}.npy")
         assert a.shape == (250, 1) and np.array_equal(a, b) and labeled[c] and lengths[c] == 250
+
+
+def test_validation_command_bad_kind_or_missing_source_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.evaluate.validation import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["nope", str(tmp_path), str(tmp_path / "out")])
+    assert exit_.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+    assert main(["skab-uni", str(tmp_path / "absent"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: skab-uni from ") and "anomaly-free.csv" in err and "\n" not in err

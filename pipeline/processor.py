@@ -87,6 +87,7 @@ class ProcessorOptions:
     dedupe_window: int = _setting("dedupe_window")  # transaction ids remembered per partition (0 = off)
     score_sample_rate: float = _setting("score_sample_rate")  # share of scored events in model_score_samples
     top_features: int = 3
+    shadow_max_in_flight: int = 8  # batches a challenger may fall behind before the champion waits for it
     freeze_gc: bool = True  # see freeze_gc()
     severity_bands: tuple[float, float, float] = SEVERITY_BANDS  # as the incident lifecycle's (LifecyclePolicy)
 
@@ -140,6 +141,16 @@ class Processor:
         )
         self.recovery = Recovery(source, self.partitions, self.restore, options.offset_reset)
         self.snapshots = Snapshots(self.scorers, self.partitions, self.labels.snapshot_unit)
+        sampler = ScoreSampler(options.score_sample_rate)
+        self.shadow = ShadowScoring(  # challengers may also start (and stop) later: pipeline.processing.swap
+            challengers or {},
+            run_id=options.run_id,
+            partitions=self.partitions,
+            sampler=sampler,
+            top_features=options.top_features,
+            severity_bands=options.severity_bands,
+            max_in_flight=options.shadow_max_in_flight,
+        )
         self.checkpointer = Checkpointer(
             db,
             source,
@@ -151,18 +162,9 @@ class Processor:
             snapshot_unit=self.labels.snapshot_unit,
             tracker=tracker,
             relay=relay,
+            collect_models=self.shadow.collect,
         )
-        sampler = ScoreSampler(options.score_sample_rate)
         self.drift = DriftMonitor()  # the drift gauges; the API's /api/drift when it runs in this process
-        self.shadow = ShadowScoring(  # challengers may also start (and stop) later: pipeline.processing.swap
-            challengers or {},
-            run_id=options.run_id,
-            partitions=self.partitions,
-            checkpointer=self.checkpointer,
-            sampler=sampler,
-            top_features=options.top_features,
-            severity_bands=options.severity_bands,
-        )
         self.scoring = ScoreStage(
             run_id=options.run_id,
             partitions=self.partitions,
@@ -203,6 +205,7 @@ class Processor:
     def on_revoked(self, tps: Sequence[TopicPartition]) -> None:
         if not tps:
             return
+        self.shadow.settle()  # the challengers' rows of the revoked partitions go with this checkpoint
         try:
             self.checkpointer.checkpoint(snapshot=True)
         except CheckpointError as exc:
@@ -322,6 +325,8 @@ class Processor:
         except ProcessorStopped as exc:  # mid-batch: nothing of it is committed, a restart replays it
             log.warning("%s; exiting without a final checkpoint", exc)
             return self.stats
+        finally:
+            self.shadow.close()
         self.final_checkpoint()
         return self.stats
 

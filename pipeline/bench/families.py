@@ -97,9 +97,12 @@ def e2e_families(
     drain_events: int = 100_000,
     batch: int = 1000,
     hidden: int = 64,
+    shadow: bool = False,
 ) -> dict[str, Any]:
     """The whole service path (embedded broker, processor, SQLite) with each family as the sensors model:
-    drain events/s and the latency percentiles of a run paced at `rate` (the same knobs as `pipeline bench`)."""
+    drain events/s and the latency percentiles of a run paced at `rate` (the same knobs as `pipeline bench`).
+    shadow: both runs again with a challenger of the same family scoring every event (issue 14's targets:
+    >= 50 % of the single-model events/s, p99 <= 250 ms at `rate`)."""
     import shutil
     import tempfile
     from pathlib import Path
@@ -130,14 +133,22 @@ def e2e_families(
                     snapshot_interval_s=10.0,
                     fetch_max_wait_ms=20,
                 )
-                drain = run_e2e(s, boot, db, events=drain_events, rate=None, **kw)  # type: ignore[arg-type]
-                paced = run_e2e(s, boot, db, events=int(rate * seconds), rate=rate, **kw)  # type: ignore[arg-type]
-                out[family] = {
-                    "drain_events_per_s": round(drain.events_per_s, 1),
-                    "paced_latency_ms": paced.latency_ms,
-                    "paced_events": paced.events,
-                    "load_avg_after": [round(x, 2) for x in os.getloadavg()],
-                }
+                runs: dict[str, Any] = {}
+                for with_challenger in (False, True) if shadow else (False,):
+                    kw["shadow"] = with_challenger
+                    drain = run_e2e(s, boot, db, events=drain_events, rate=None, **kw)  # type: ignore[arg-type]
+                    paced = run_e2e(s, boot, db, events=int(rate * seconds), rate=rate, **kw)  # type: ignore[arg-type]
+                    runs["with_challenger" if with_challenger else "single"] = {
+                        "drain_events_per_s": round(drain.events_per_s, 1),
+                        "paced_latency_ms": paced.latency_ms,
+                        "paced_events_per_s": round(paced.events_per_s, 1),
+                        "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+                    }
+                if shadow:
+                    runs["challenger_vs_single"] = round(
+                        runs["with_challenger"]["drain_events_per_s"] / runs["single"]["drain_events_per_s"], 3
+                    )
+                out[family] = runs
     finally:
         if broker is not None:
             broker.stop()
@@ -161,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="also run the service path with each family (drain, then paced at this events/s)",
     )
+    ap.add_argument("--shadow", action="store_true", help="--e2e-rate runs again with a challenger of the same family")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
     s = _settings()
@@ -168,7 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.e2e_rate > 0:
         print(
             json.dumps(
-                e2e_families(s, entities=args.entities, rate=args.e2e_rate, batch=args.batch, hidden=args.hidden)
+                e2e_families(
+                    s,
+                    entities=args.entities,
+                    rate=args.e2e_rate,
+                    batch=args.batch,
+                    hidden=args.hidden,
+                    shadow=args.shadow,
+                )
             )
         )
         return 0

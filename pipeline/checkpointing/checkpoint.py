@@ -8,7 +8,10 @@
 
 With an IncidentTracker (pipeline.alerts.lifecycle) the incident rows, outbox messages and score samples
 it derived from the scored events go into the same transaction as the alerts and offsets, and so do the
-per-model rows: a challenger's shadow alerts and the sampled scores of every model (ModelWrite).
+per-model rows: a challenger's shadow alerts and the sampled scores of every model (ModelWrite). A challenger
+scores on a thread of its own (pipeline.processing.shadow), so its rows go with the first checkpoint after it
+finished their batch, which may be after their events' positions were committed; they are idempotent (unique
+alert key; samples read back before insert), so they skip the replay filter below.
 
 If step 1 fails nothing is committed and the caller retries with backoff; the in-memory pending
 alerts are kept, so nothing acknowledged is ever lost. Restart resumes each partition from its last
@@ -62,31 +65,37 @@ class Checkpointer:
         snapshot_unit: Callable[[TopicPartition], set[TopicPartition]] | None = None,
         tracker: IncidentTracker | None = None,
         relay: Relay | None = None,
+        collect_models: Callable[[], ModelWrite] | None = None,
     ) -> None:
         """snapshot_unit(tp): the partitions whose positions are only valid snapshotted together (a transactions
         partition and the labels partition whose labels its terminal context holds); default {tp}.
         tracker: derives incidents from the scored events (written with each checkpoint); relay publishes
-        them to the alerts topic after the database commit."""
+        them to the alerts topic after the database commit. collect_models: per-model rows produced off the
+        processor's thread (the challengers' shadow rows), gathered before a checkpoint writes or forgets."""
         self.store, self.source, self.dlq = store, source, dlq
         self.partitions = partitions
         self.run_id, self.group_id = run_id, group_id
         self.collect_states = collect_states
         self.pending: list[AlertRow] = []
-        self.pending_models = ModelWrite()
+        self.pending_models = ModelWrite()  # the champions' score samples
+        self.pending_shadow = ModelWrite()  # rows from collect_models, not written yet
         self.tracker, self.relay = tracker, relay
+        self.collect_models = collect_models
         self.snapshot_unit: Callable[[TopicPartition], set[TopicPartition]] = snapshot_unit or (lambda tp: {tp})
 
     def add(self, alerts: list[AlertRow]) -> None:
         """Alerts of scored events, written by the next checkpoint."""
         self.pending.extend(alerts)
 
-    def add_shadow(self, alerts: list[AlertRow]) -> None:
-        """A challenger's would-be alerts (shadow_alerts), written by the next checkpoint; never incidents."""
-        self.pending_models.shadow_alerts.extend(alerts)
-
     def add_samples(self, samples: list[ModelScoreRow]) -> None:
         """Sampled scores of a model version, written by the next checkpoint."""
         self.pending_models.score_samples.extend(samples)
+
+    def _gather(self) -> None:
+        if self.collect_models is not None:
+            rows = self.collect_models()
+            self.pending_shadow.shadow_alerts.extend(rows.shadow_alerts)
+            self.pending_shadow.score_samples.extend(rows.score_samples)
 
     def forget(self, tps: Iterable[TopicPartition]) -> None:
         """Revoked partitions: their outputs not written yet are dropped (the next owner replays them)."""
@@ -95,11 +104,11 @@ class Checkpointer:
         def kept(row: AlertRow | ModelScoreRow) -> bool:
             return (row.source_topic, row.source_partition) not in revoked
 
+        def keep(rows: ModelWrite) -> ModelWrite:
+            return ModelWrite([a for a in rows.shadow_alerts if kept(a)], [s for s in rows.score_samples if kept(s)])
+
         self.pending = [a for a in self.pending if kept(a)]
-        models = self.pending_models
-        self.pending_models = ModelWrite(
-            [a for a in models.shadow_alerts if kept(a)], [s for s in models.score_samples if kept(s)]
-        )
+        self.pending_models, self.pending_shadow = keep(self.pending_models), keep(self.pending_shadow)
         if self.tracker is not None:
             for tp in revoked:
                 self.tracker.forget(tp)
@@ -162,6 +171,11 @@ class Checkpointer:
             models = self.pending_models = ModelWrite(
                 [a for a in models.shadow_alerts if new(a)], [s for s in models.score_samples if new(s)]
             )
+        self._gather()
+        models = ModelWrite(
+            [*models.shadow_alerts, *self.pending_shadow.shadow_alerts],
+            [*models.score_samples, *self.pending_shadow.score_samples],
+        )
         states, mark_clean = self.collect_states(snap_tps) if snap_tps else ([], _nothing)
         lifecycle = self.tracker.prepare(self.pending) if self.tracker is not None else None
         if not changed and not self.pending and not states and not snap_tps and not lifecycle and not models:
@@ -188,7 +202,7 @@ class Checkpointer:
         except SinkError as exc:
             metrics.DB_FAILURES.inc()
             raise CheckpointError(str(exc)) from exc
-        self.pending, self.pending_models = [], ModelWrite()
+        self.pending, self.pending_models, self.pending_shadow = [], ModelWrite(), ModelWrite()
         if self.tracker is not None:
             for event, n in self.tracker.written().items():
                 metrics.INCIDENT_EVENTS.labels(event).inc(n)

@@ -5,6 +5,8 @@ real broker and PostgreSQL: tests/integration/test_shadow_rows.py."""
 
 from __future__ import annotations
 
+import threading
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import fields, replace
@@ -79,6 +81,7 @@ def _processor(
     polls: list[list[RawRecord]],
     challenger: StreamScorer | None,
     champion: Checkpoint,
+    max_in_flight: int = 8,
 ) -> tuple[Processor, ListDeadLetters]:
     ends = {(TOPIC, p): sum(1 for r in records if r.partition == p) for p in range(PARTS)}
     dead = ListDeadLetters()
@@ -87,7 +90,7 @@ def _processor(
         db,
         dead,
         {TOPIC: _scorer(settings, champion)},
-        ProcessorOptions(max_batch_records=50, score_sample_rate=RATE),
+        ProcessorOptions(max_batch_records=50, score_sample_rate=RATE, shadow_max_in_flight=max_in_flight),
         challengers=None if challenger is None else {TOPIC: challenger},
     )
     proc.source.subscribe([TOPIC], proc.on_assigned, proc.on_revoked)
@@ -95,8 +98,10 @@ def _processor(
 
 
 def _run(proc: Processor, polls: int) -> None:
+    """The polls, then a checkpoint after the challenger finished them (as a graceful stop makes one)."""
     for _ in range(polls):
         proc.handle(proc.source.poll(0, 0))
+    proc.shadow.settle()
     proc.checkpointer.checkpoint(snapshot=True)
 
 
@@ -160,6 +165,74 @@ def test_shadow_alerts_and_samples_equal_an_offline_run_of_the_challenger(
     assert len(_rows(db, model_score_samples, champion_model.version)) == len(picked)
 
 
+def _gated(challenger: StreamScorer, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """The challenger's batches wait until the returned event is set (a challenger slower than the champion)."""
+    gate = threading.Event()
+    real = challenger.process
+
+    def waits_for_the_gate(*args: Any, **kwargs: Any) -> ScoreBatch:
+        assert gate.wait(30), "the test never opened the gate"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(challenger, "process", waits_for_the_gate)
+    return gate
+
+
+def test_a_checkpoint_does_not_wait_for_the_challenger_and_its_late_rows_are_written(
+    settings: Settings,
+    champion_model: Checkpoint,
+    challenger_model: Checkpoint,
+    records: list[RawRecord],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = _db(tmp_path)
+    polls = _polls(records)
+    n_polls = len(polls)
+    challenger = _scorer(settings, challenger_model)
+    gate = _gated(challenger, monkeypatch)
+    proc, dead = _processor(settings, db, records, polls, challenger, champion_model)
+    for _ in range(3):
+        proc.handle(proc.source.poll(0, 0))
+    proc.checkpointer.checkpoint(snapshot=True)  # the challenger has not finished a batch yet
+    assert proc.partitions.committed == proc.partitions.consumed and sum(proc.partitions.committed.values()) == 150
+    assert not _rows(db, shadow_alerts, challenger_model.version)
+
+    gate.set()
+    for _ in range(3, n_polls):
+        proc.handle(proc.source.poll(0, 0))
+    proc.shadow.settle()
+    proc.checkpointer.checkpoint(snapshot=True)
+    # the rows of the first batches came after their events' positions were committed, and none was dropped
+    res, _ = _offline(_scorer(settings, challenger_model), records)
+    want = {(records[i].partition, records[i].offset) for i in np.flatnonzero(res.is_anomaly)}
+    got = {(a["source_partition"], a["source_offset"]) for a in _rows(db, shadow_alerts, challenger_model.version)}
+    assert not dead.sent and proc.shadow.scored == len(records) and want and got == want
+    assert {(p, o) for p, o in want if o < 75} & got  # some of them from the first three polls
+
+
+def test_the_champion_waits_only_when_the_challenger_is_max_in_flight_batches_behind(
+    settings: Settings,
+    champion_model: Checkpoint,
+    challenger_model: Checkpoint,
+    records: list[RawRecord],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    challenger = _scorer(settings, challenger_model)
+    gate = _gated(challenger, monkeypatch)
+    proc, _ = _processor(settings, _db(tmp_path), records, _polls(records), challenger, champion_model, max_in_flight=2)
+    for _ in range(2):  # two batches behind: the champion goes on
+        proc.handle(proc.source.poll(0, 0))
+    assert not gate.is_set() and proc.shadow.scored == 0
+    opener = threading.Timer(0.5, gate.set)
+    opener.start()
+    started = time.monotonic()
+    proc.handle(proc.source.poll(0, 0))  # a third: it waits for the oldest
+    assert time.monotonic() - started >= 0.4 and proc.shadow.scored == 50
+    opener.join()
+
+
 def test_a_failing_challenger_leaves_the_champion_path_alone(
     settings: Settings,
     champion_model: Checkpoint,
@@ -220,6 +293,7 @@ def test_samples_are_deterministic_and_idempotent_across_a_replay(
     _run(first, half)  # a checkpoint with a state snapshot at half the log
     for batch in polls[half:]:
         first.handle(batch)
+    first.shadow.settle()
     first.checkpointer.checkpoint(snapshot=False)  # committed at the end, the snapshot stays at half
 
     def stored() -> dict[str, list[tuple[str, str, float]]]:

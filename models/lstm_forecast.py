@@ -110,6 +110,12 @@ class ForecastCheckpoint:
     def state_size(self) -> int:
         return self.config.state_size
 
+    @property
+    def burn_in(self) -> int:
+        """Steps of an entity before its prediction errors count: training left the earlier ones (a fresh
+        state) out of the error model and threshold, so serving does not judge them either."""
+        return int(self.card.get("training", {}).get("burn_in", ForecastTrainConfig.burn_in))
+
     def with_precision(self, precision: str, device: torch.device | str = "cpu") -> ForecastCheckpoint:
         """int8: dynamic quantization of the LSTM and head (CPU); bf16 is not worth it for one step of a
         64-unit LSTM, so it scores in fp32 (logged)."""

@@ -45,7 +45,10 @@ def build_scorer(
         spec,
         checkpoint,
         threshold=AdaptiveThreshold(checkpoint.threshold, knobs),
-        min_history=knobs.min_history,
+        # a forecaster's first predictions for an entity come from a state that has not seen it yet
+        min_history=max(knobs.min_history, checkpoint.burn_in)
+        if isinstance(checkpoint, ForecastCheckpoint)
+        else knobs.min_history,
         device=device,
         precision=precision,
         allowed_lateness_s=allowed_lateness_s,

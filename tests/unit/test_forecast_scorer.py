@@ -207,3 +207,27 @@ def test_a_gap_restarts_the_sequence_context_and_keeps_the_statistics(
     never = StreamScorer(spec, ckpt, min_history=4)  # without the knob the gap changes nothing
     never.process(cols)
     assert never.process(late).raw_scores[np.flatnonzero(ids == ids[0])[0]] > 0.0
+
+
+def test_the_service_judges_an_entity_only_after_the_models_burn_in(
+    model: tuple[SensorStream, ForecastCheckpoint],
+) -> None:
+    """Training left errors before burn_in out of the threshold, so the served scorer waits for them too
+    (never for less than the min_history knob); an autoencoder keeps the knob."""
+    from dataclasses import replace
+
+    from pipeline.scoring.factory import build_scorer
+    from pipeline.scoring.knobs import ThresholdKnobs
+
+    spec, ckpt = model
+    assert ckpt.burn_in == SMALL.burn_in == 16
+    assert build_scorer(spec, ckpt, knobs=ThresholdKnobs(min_history=8)).min_history == 16
+    assert build_scorer(spec, ckpt, knobs=ThresholdKnobs(min_history=40)).min_history == 40
+    older = replace(ckpt, card={k: v for k, v in ckpt.card.items() if k != "training"})
+    assert older.burn_in == ForecastTrainConfig.burn_in  # a card without it: the training default
+    recs, _ = simulate_sensors(4, 16, seed=21, spike_devices=4, anomaly_len=8)  # faults in readings 8-15
+    cols = _cols(spec, recs)
+    knob_only = StreamScorer(spec, ckpt, min_history=4).process(cols)
+    served = build_scorer(spec, ckpt, knobs=ThresholdKnobs(min_history=4)).process(_cols(spec, recs))
+    np.testing.assert_allclose(served.scores, knob_only.scores, rtol=1e-6)
+    assert knob_only.is_anomaly.any() and not served.is_anomaly.any()

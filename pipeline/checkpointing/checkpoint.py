@@ -71,13 +71,13 @@ class Checkpointer:
         partition and the labels partition whose labels its terminal context holds); default {tp}.
         tracker: derives incidents from the scored events (written with each checkpoint); relay publishes
         them to the alerts topic after the database commit. collect_models: per-model rows produced off the
-        processor's thread (the challengers' shadow rows), gathered before a checkpoint writes or forgets."""
+        processor's thread (the challengers' shadow rows), gathered when a checkpoint writes."""
         self.store, self.source, self.dlq = store, source, dlq
         self.partitions = partitions
         self.run_id, self.group_id = run_id, group_id
         self.collect_states = collect_states
         self.pending: list[AlertRow] = []
-        self.pending_models = ModelWrite()  # the champions' score samples
+        self.pending_samples: list[ModelScoreRow] = []  # the champions' score samples
         self.pending_shadow = ModelWrite()  # rows from collect_models, not written yet
         self.tracker, self.relay = tracker, relay
         self.collect_models = collect_models
@@ -89,7 +89,7 @@ class Checkpointer:
 
     def add_samples(self, samples: list[ModelScoreRow]) -> None:
         """Sampled scores of a model version, written by the next checkpoint."""
-        self.pending_models.score_samples.extend(samples)
+        self.pending_samples.extend(samples)
 
     def _gather(self) -> None:
         if self.collect_models is not None:
@@ -104,11 +104,12 @@ class Checkpointer:
         def kept(row: AlertRow | ModelScoreRow) -> bool:
             return (row.source_topic, row.source_partition) not in revoked
 
-        def keep(rows: ModelWrite) -> ModelWrite:
-            return ModelWrite([a for a in rows.shadow_alerts if kept(a)], [s for s in rows.score_samples if kept(s)])
-
         self.pending = [a for a in self.pending if kept(a)]
-        self.pending_models, self.pending_shadow = keep(self.pending_models), keep(self.pending_shadow)
+        self.pending_samples = [s for s in self.pending_samples if kept(s)]
+        shadow = self.pending_shadow
+        self.pending_shadow = ModelWrite(
+            [a for a in shadow.shadow_alerts if kept(a)], [s for s in shadow.score_samples if kept(s)]
+        )
         if self.tracker is not None:
             for tp in revoked:
                 self.tracker.forget(tp)
@@ -166,16 +167,10 @@ class Checkpointer:
 
         # outputs of replayed records are durable already: they are not written (nor counted) again
         self.pending = [a for a in self.pending if new(a)]
-        models = self.pending_models
-        if models:
-            models = self.pending_models = ModelWrite(
-                [a for a in models.shadow_alerts if new(a)], [s for s in models.score_samples if new(s)]
-            )
+        self.pending_samples = [s for s in self.pending_samples if new(s)]
         self._gather()
-        models = ModelWrite(
-            [*models.shadow_alerts, *self.pending_shadow.shadow_alerts],
-            [*models.score_samples, *self.pending_shadow.score_samples],
-        )
+        shadow = self.pending_shadow
+        models = ModelWrite(list(shadow.shadow_alerts), [*self.pending_samples, *shadow.score_samples])
         states, mark_clean = self.collect_states(snap_tps) if snap_tps else ([], _nothing)
         lifecycle = self.tracker.prepare(self.pending) if self.tracker is not None else None
         if not changed and not self.pending and not states and not snap_tps and not lifecycle and not models:
@@ -202,7 +197,7 @@ class Checkpointer:
         except SinkError as exc:
             metrics.DB_FAILURES.inc()
             raise CheckpointError(str(exc)) from exc
-        self.pending, self.pending_models, self.pending_shadow = [], ModelWrite(), ModelWrite()
+        self.pending, self.pending_samples, self.pending_shadow = [], [], ModelWrite()
         if self.tracker is not None:
             for event, n in self.tracker.written().items():
                 metrics.INCIDENT_EVENTS.labels(event).inc(n)

@@ -93,9 +93,7 @@ class Checkpointer:
 
     def _gather(self) -> None:
         if self.collect_models is not None:
-            rows = self.collect_models()
-            self.pending_shadow.shadow_alerts.extend(rows.shadow_alerts)
-            self.pending_shadow.score_samples.extend(rows.score_samples)
+            self.pending_shadow.extend(self.collect_models())
 
     def forget(self, tps: Iterable[TopicPartition]) -> None:
         """Revoked partitions: their outputs not written yet are dropped (the next owner replays them)."""
@@ -162,8 +160,7 @@ class Checkpointer:
         snap_tps = {tp for tp in wanted & set(consumed) if not (self.snapshot_unit(tp) & behind)}
 
         def new(row: AlertRow | ModelScoreRow) -> bool:
-            tp = (row.source_topic, row.source_partition)
-            return row.source_offset >= self.partitions.committed_at(tp) or tp in rewound
+            return row.source_offset >= self.partitions.replay_floor((row.source_topic, row.source_partition))
 
         # outputs of replayed records are durable already: they are not written (nor counted) again
         self.pending = [a for a in self.pending if new(a)]

@@ -151,3 +151,7 @@ class ModelWrite:
 
     def __bool__(self) -> bool:
         return bool(self.shadow_alerts or self.score_samples)
+
+    def extend(self, other: ModelWrite) -> None:
+        self.shadow_alerts.extend(other.shadow_alerts)
+        self.score_samples.extend(other.score_samples)

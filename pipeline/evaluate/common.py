@@ -203,10 +203,10 @@ def stream(
     return Scored(scores, thresholds, alerts)
 
 
-def restart_at_test(scorer: StreamScorer, test: EventColumns, cfg: object) -> None:
+def restart_at_test(scorer: StreamScorer, test: EventColumns, cfg: SeriesProtocolConfig) -> None:
     """A format whose test part is a separate recording (`restart_at_test`): its entities start a new sequence
     context there, keeping the scaling and score statistics the training part gave them."""
-    if getattr(cfg, "restart_at_test", False):
+    if cfg.restart_at_test:
         scorer.restart_context(list(dict.fromkeys(test.entity_ids)))
 
 
@@ -230,6 +230,9 @@ class SeriesProtocolConfig(Protocol):
 
     @property
     def learn_scores_in_test(self) -> bool: ...
+
+    @property
+    def restart_at_test(self) -> bool: ...
 
 
 def train_then_score(

@@ -45,6 +45,7 @@ class SkabConfig:
     threshold: ThresholdKnobs = ThresholdKnobs(z=2.5, floor_ratio=0.0, smoothing=0.3, min_history=8)
     learn_in_test: bool = False  # the protocol's scaler is fitted on the training rows only
     learn_scores_in_test: bool = True  # thresholds follow slow drift of normal scores (label-free)
+    restart_at_test: bool = False  # the test rows continue the training rows' recording
     batch_size: int = 2000
     # one model per experiment, trained on its own training rows (as SKAB's notebooks refit theirs per
     # file); on the validation sets it tied the shared model (docs/results/evaluation.md), so it stays off

@@ -89,10 +89,8 @@ class ShadowScoring:
         tags: dict[TopicPartition, str] = {}
         floors: dict[int, int] = {}  # records below their partition's durable position are replays
         for p in np.unique(parts).tolist():
-            tp = (topic, p)
-            st = self.partitions.get(tp)
-            tags[tp] = self.partitions.tag(tp)
-            floors[p] = 0 if st is None or st.rewound else self.partitions.committed_at(tp)
+            tags[(topic, p)] = self.partitions.tag((topic, p))
+            floors[p] = self.partitions.replay_floor((topic, p))
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
         batch = _Batch(challenger, list(recs), cols, parts, tags, floors)
@@ -144,8 +142,7 @@ class ShadowScoring:
         if outcome is None:
             return
         stream, n, rows = outcome
-        self._finished.shadow_alerts.extend(rows.shadow_alerts)
-        self._finished.score_samples.extend(rows.score_samples)
+        self._finished.extend(rows)
         self.scored += n
         metrics.SHADOW_SCORED.labels(stream).inc(n)
 

@@ -160,10 +160,11 @@ class Partitions:
         st = self.states.get(tp)
         return st.tag if st is not None else ""
 
-    def committed_at(self, tp: TopicPartition) -> int:
-        """The durable position (0 when none): records below it are replays."""
+    def replay_floor(self, tp: TopicPartition) -> int:
+        """Records below it are replays (their outputs are durable already): the durable position; 0 when
+        there is none, or when the log was rewound (its records are new ones that reuse old offsets)."""
         st = self.states.get(tp)
-        return st.committed if st is not None and st.committed is not None else 0
+        return 0 if st is None or st.rewound or st.committed is None else st.committed
 
     # read-only views by position kind (the incident tracker, tests)
     @property

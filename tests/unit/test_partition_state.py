@@ -31,7 +31,7 @@ def test_revoking_a_partition_drops_all_of_its_state() -> None:
     parts.assign(("tx", 1))
     parts.revoke(TP)
     assert TP not in parts and [s.tp for s in parts] == [("tx", 1)]
-    assert parts.committed == {} and parts.committed_at(TP) == 0 and parts.tag(TP) == ""
+    assert parts.committed == {} and parts.replay_floor(TP) == 0 and parts.tag(TP) == ""
     assert parts[TP].context is None  # a partition seen again starts from its checkpoint, not from memory
 
 

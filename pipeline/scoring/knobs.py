@@ -16,14 +16,20 @@ class ThresholdKnobs:
     z: a warm entity's threshold is exp(mean + z*std) - 1 of its normal log1p-scores.
     floor_ratio: an entity's threshold never goes below floor_ratio * the global threshold.
     smoothing: EWMA alpha of each entity's log-scores before the comparison, in (0, 1]; 1 = none.
-    min_history: events an entity needs before any alert (its window has filled)."""
+    min_history: events an entity needs before any alert (its window has filled).
+    z_release: hysteresis for a warm entity: once an event alerts, the entity's next events alert while their
+    score stays above exp(mean + z_release*std) - 1 (z_release <= z), so a fault whose score hovers around the
+    threshold is one alert run, not a flicker of many; None = no hysteresis (every event judged at z)."""
 
     warmup: int = 30
     z: float = 4.0
     floor_ratio: float = 1.0
     smoothing: float = 1.0
     min_history: int = 8
+    z_release: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.smoothing <= 1.0:
             raise ValueError(f"smoothing must be in (0, 1]; got {self.smoothing}")
+        if self.z_release is not None and self.z_release > self.z:
+            raise ValueError(f"z_release must be <= z ({self.z}); got {self.z_release}")

@@ -8,6 +8,11 @@ its normal log1p-scores (Welford statistics that anomalous scores never update),
 With `smoothing` < 1 the decision is made on an EWMA of the entity's log-scores (alpha = smoothing), and
 the statistics are those of the smoothed scores: persistent faults (a closed valve, a drifting bearing)
 accumulate evidence over several events while a single noisy reading fades. 1 = no smoothing.
+
+With `z_release` (< z) the threshold has hysteresis, as a Schmitt trigger: a warm entity enters an alert when
+its score passes the z threshold and stays in it while the score stays above the lower z_release one, so a
+fault whose score hovers around the threshold is reported as one run rather than a flicker. Whether the
+entity's last judged event alerted is part of its state (`ScoreStats.alerting`, snapshotted).
 """
 
 from __future__ import annotations
@@ -54,14 +59,23 @@ class AdaptiveThreshold:
     ) -> Verdict:
         thresholds = self.thresholds(stats, slots)
         judged = self.smooth(stats, slots, scores, held)
-        return Verdict(judged, thresholds, eligible & (judged > thresholds))
+        z_release = self.knobs.z_release
+        if z_release is None:
+            return Verdict(judged, thresholds, eligible & (judged > thresholds))
+        # hysteresis: an entity in an alert is judged at its release threshold (young ones: the global one)
+        thresholds = np.where(stats.alerting[slots], self.thresholds(stats, slots, z_release), thresholds)
+        anomalous = eligible & (judged > thresholds)
+        kept = slots if held is None else slots[~held]  # late events leave the entity's alert state alone
+        stats.alerting[kept] = anomalous if held is None else anomalous[~held]
+        return Verdict(judged, thresholds, anomalous)
 
-    def thresholds(self, stats: ScoreStats, slots: np.ndarray) -> np.ndarray:
-        """The model's global threshold while an entity is young, then its own (floored)."""
+    def thresholds(self, stats: ScoreStats, slots: np.ndarray, z: float | None = None) -> np.ndarray:
+        """The model's global threshold while an entity is young, then its own at z (default: the knobs')
+        (floored)."""
         k = self.knobs
         n = stats.n[slots]
         std = np.sqrt(stats.m2[slots] / np.maximum(n - 1, 1))
-        own = np.expm1(stats.mean[slots] + k.z * std)
+        own = np.expm1(stats.mean[slots] + (k.z if z is None else z) * std)
         own = np.maximum(own, k.floor_ratio * self.global_threshold)
         return np.where(n >= k.warmup, own, self.global_threshold)
 

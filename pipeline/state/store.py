@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.errors import StateError
 from pipeline.state.rounds import occurrence_rank
 
-LAYOUT_VERSION = 3  # see SLOT_ARRAYS; v3 added the writer's model and features to the header
+LAYOUT_VERSION = 4  # see SLOT_ARRAYS; v3 added the writer's model and features to the header, v4 `alerting`
 Field = tuple[str, str] | tuple[str, str, tuple[int, ...]]
 
 
@@ -106,7 +106,8 @@ OWN = "own"  # a stateful model's (h, c) and prediction: never (a new model's (h
 # The per-entity state layout, written once: it drives allocation, growth, slot reset, the undo savepoint,
 # byte accounting and the snapshot record (persisted arrays, in record order). v2 added score_ema (the
 # entity's smoothed score); v1 blobs are migrated on load (smoothing restarts). v3 names the writing model in the
-# header: a record of another model keeps what its arrays' `carry` allows.
+# header: a record of another model keeps what its arrays' `carry` allows. v4 added `alerting` (older records
+# load with it off).
 SLOT_ARRAYS = (
     SlotArray("count", "<i8", _one, WINDOW, persisted_since=1),
     SlotArray("last_ts", "<f8", _one, ENTITY, fresh=np.nan, persisted_since=1),
@@ -119,6 +120,8 @@ SLOT_ARRAYS = (
     SlotArray("score_m2", "<f8", _one, STATS, persisted_since=1),
     # EWMA of log1p(score); NaN until scored
     SlotArray("score_ema", "<f8", _one, STATS, fresh=np.nan, persisted_since=2),
+    # the entity's last judged event alerted (the threshold's hysteresis, ThresholdKnobs.z_release)
+    SlotArray("alerting", "?", _one, STATS, fresh=False, persisted_since=4),
     SlotArray("rnn_h", "<f4", _recurrent, OWN, persisted_since=1, recurrent=True),
     SlotArray("rnn_c", "<f4", _recurrent, OWN, persisted_since=1, recurrent=True),
     # NaN: no step yet
@@ -167,13 +170,15 @@ class CarryOver:
 @dataclass(frozen=True)
 class ScoreStats:
     """A view (the store's own arrays, not copies) of the per-entity score statistics a threshold reads and
-    updates: Welford n, mean and m2 of the normal log1p-scores, and the smoothed log-score. Take it after the
-    batch's entities are resolved: resolving can grow (replace) the arrays."""
+    updates: Welford n, mean and m2 of the normal log1p-scores, the smoothed log-score and whether the last
+    judged event alerted. Take it after the batch's entities are resolved: resolving can grow (replace) the
+    arrays."""
 
     n: np.ndarray
     mean: np.ndarray
     m2: np.ndarray
     ema: np.ndarray
+    alerting: np.ndarray
 
 
 class EntityStateStore:
@@ -190,6 +195,7 @@ class EntityStateStore:
     score_mean: np.ndarray
     score_m2: np.ndarray
     score_ema: np.ndarray
+    alerting: np.ndarray
     rnn_h: np.ndarray
     rnn_c: np.ndarray
     rnn_pred: np.ndarray
@@ -387,7 +393,7 @@ class EntityStateStore:
         return self.win[slots[:, None], idx]
 
     def score_stats(self) -> ScoreStats:
-        return ScoreStats(self.score_n, self.score_mean, self.score_m2, self.score_ema)
+        return ScoreStats(self.score_n, self.score_mean, self.score_m2, self.score_ema, self.alerting)
 
     # -- snapshots -----------------------------------------------------------------------------------
     def snapshot(self, slots: np.ndarray) -> list[bytes]:

@@ -170,6 +170,24 @@ def test_smoothed_scoring_batched_equals_one_at_a_time(sensor_model: tuple[Senso
     np.testing.assert_allclose(batched.scores[ent], np.expm1(ema), rtol=1e-9)
 
 
+def test_hysteresis_batched_equals_one_at_a_time(sensor_model: tuple[SensorStream, Checkpoint]) -> None:
+    """The alert state lives in entity state, so micro-batching cannot change which events alert."""
+    spec, ckpt = sensor_model
+    recs, _ = simulate_sensors(4, 60, seed=19, spike_devices=2, anomaly_len=12)
+    cols = _cols(spec, recs)
+
+    def scorer() -> StreamScorer:
+        knobs = ThresholdKnobs(warmup=5, z=3.0, z_release=1.0, smoothing=0.5)
+        return StreamScorer(spec, ckpt, min_history=4, threshold=AdaptiveThreshold(ckpt.threshold, knobs))
+
+    batched = scorer().process(cols)
+    single = scorer()
+    one = [single.process(_slice(cols, i, i + 1)) for i in range(len(cols.ts))]
+    assert batched.is_anomaly.any()
+    assert batched.is_anomaly.tolist() == np.concatenate([o.is_anomaly for o in one]).tolist()
+    np.testing.assert_allclose(batched.thresholds, np.concatenate([o.thresholds for o in one]), rtol=1e-6)
+
+
 def test_no_smoothing_keeps_raw_scores(sensor_model: tuple[SensorStream, Checkpoint]) -> None:
     spec, ckpt = sensor_model
     recs, _ = simulate_sensors(2, 30, seed=21)

@@ -147,7 +147,7 @@ def test_smoothed_score_survives_snapshots_and_v1_blobs_migrate() -> None:
 
 def test_snapshot_records_keep_their_byte_layout() -> None:
     """Blobs already in the database must stay loadable: the table that drives the record reproduces the
-    layouts v1, v2 and v3 field for field, with and without a stateful model's arrays."""
+    layouts v1, v2, v3 and v4 field for field, with and without a stateful model's arrays."""
     w, f, r = 4, 2, 3
     head = [("version", "<u2"), ("window", "<u2"), ("n_features", "<u2"), ("count", "<i8"), ("last_ts", "<f8")]
     body = [("win", "<f4", (w, f)), ("feat_n", "<f8"), ("feat_mean", "<f8", (f,)), ("feat_m2", "<f8", (f,))]
@@ -159,7 +159,8 @@ def test_snapshot_records_keep_their_byte_layout() -> None:
     assert StateLayout(w, f, r).dtype_of(1) == np.dtype(head + body + rnn)
     assert StateLayout(w, f, r).dtype_of(2) == np.dtype([*head, *body, ("score_ema", "<f8"), *rnn])
     v3 = [*head[:3], *names, *head[3:], *body, ("score_ema", "<f8")]
-    assert StateLayout(w, f, r).dtype == np.dtype([*v3, *rnn])
+    assert StateLayout(w, f, r).dtype_of(3) == np.dtype([*v3, *rnn])
+    assert StateLayout(w, f, r).dtype == np.dtype([*v3, ("alerting", "?"), *rnn])  # v4: the alert state
 
 
 def test_savepoint_restores_every_slot_array() -> None:

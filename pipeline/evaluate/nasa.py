@@ -46,7 +46,8 @@ class NasaConfig:
     )
     epochs: int = 15
     seed: int = 0
-    threshold: ThresholdKnobs = ThresholdKnobs(z=2.0, floor_ratio=0.0, smoothing=1.0, min_history=16)
+    # z_release 1.5: hysteresis, chosen by the same mean rank (docs/results/evaluation.md, 2026-12-01 round)
+    threshold: ThresholdKnobs = ThresholdKnobs(z=2.0, floor_ratio=0.0, smoothing=1.0, min_history=16, z_release=1.5)
     learn_in_test: bool = False
     learn_scores_in_test: bool = False
     merge_gap: int = 100

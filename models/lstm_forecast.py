@@ -69,6 +69,9 @@ class ForecastTrainConfig:
     clip: float = 1.0  # gradient-norm clipping
     val_fraction: float = 0.2  # tail of every entity's sequence that fits the error model and threshold
     burn_in: int = 16  # steps of an entity before its prediction errors count (fresh state)
+    # an entity's early life after burn_in, whose errors (its scaling statistics still settling, its state young)
+    # calibrate the threshold a new entity is judged by until it has its own statistics (serving's warmup, 30)
+    young_steps: int = 32
     threshold_quantile: float = 0.995
     threshold_margin: float = 2.0
     seed: int = 0
@@ -115,6 +118,13 @@ class ForecastCheckpoint:
         """Steps of an entity before its prediction errors count: training left the earlier ones (a fresh
         state) out of the error model and threshold, so serving does not judge them either."""
         return int(self.card.get("training", {}).get("burn_in", ForecastTrainConfig.burn_in))
+
+    @property
+    def young_threshold(self) -> float:
+        """The threshold for an entity still warming up: calibrated like `threshold` but on the errors of the
+        entities' early life (steps burn_in .. burn_in + young_steps), which run higher than the settled tails'
+        while an entity's scaling statistics settle; never below `threshold`. Cards without it: `threshold`."""
+        return max(float(self.card.get("young_threshold", self.threshold)), self.threshold)
 
     def with_precision(self, precision: str, device: torch.device | str = "cpu") -> ForecastCheckpoint:
         """int8: dynamic quantization of the LSTM and head (CPU); bf16 is not worth it for one step of a
@@ -189,14 +199,16 @@ def _errors(
     burn_in: int,
     scored: list[int],
     device: torch.device | str,
+    stop: int | None = None,
 ) -> np.ndarray:
-    """Prediction errors (scored features) of steps >= max(start_i, burn_in), state carried from step 0."""
+    """Prediction errors (scored features) of steps >= max(start_i, burn_in) (and < stop, if given), state
+    carried from step 0."""
     out = []
     model.eval()
     with torch.inference_mode():
         for s, a in zip(seqs, start, strict=True):
-            pred, _ = model(torch.from_numpy(np.ascontiguousarray(s, np.float32)).unsqueeze(0).to(device))
-            err = s[1:] - pred[0, :-1].float().cpu().numpy()  # err[t-1] = error of step t
+            pred, _ = model(torch.from_numpy(np.ascontiguousarray(s[:stop], np.float32)).unsqueeze(0).to(device))
+            err = s[1:stop] - pred[0, :-1].float().cpu().numpy()  # err[t-1] = error of step t
             first = max(a, burn_in, 1)
             out.append(err[first - 1 :, scored])
     return np.concatenate(out) if out else np.empty((0, len(scored)))
@@ -279,6 +291,12 @@ def train_forecaster(
     ckpt = ForecastCheckpoint(config, model, ErrorModel.fit(val_err, diagonal=config.diagonal_error), 0.0)
     val_scores, _ = ckpt.score_errors(val_err)
     ckpt.threshold = train.threshold_margin * float(np.quantile(val_scores, train.threshold_quantile))
+    # early life: every entity's steps burn_in .. burn_in + young_steps, with the state carried from its step 0
+    young_err = _errors(model, seqs, [0] * len(seqs), train.burn_in, scored, "cpu", train.burn_in + train.young_steps)
+    young = ckpt.threshold
+    if len(young_err):
+        young_scores, _ = ckpt.score_errors(young_err.astype(np.float64))
+        young = max(young, train.threshold_margin * float(np.quantile(young_scores, train.threshold_quantile)))
     ckpt.card = {
         "name": name,
         "family": FAMILY,
@@ -290,6 +308,7 @@ def train_forecaster(
         "window": config.window,
         "threshold": ckpt.threshold,
         "threshold_method": f"{train.threshold_margin} x quantile {train.threshold_quantile} of held-out normal scores",
+        "young_threshold": young,
         "score": "squared Mahalanobis distance of the one-step prediction error (LSTM-DT)",
         "training_data_sha256": digest,
         "n_sequences": len(seqs),

@@ -41,14 +41,15 @@ def build_scorer(
             )
         except ValueError as exc:
             raise ConfigError(f"{stream} model {checkpoint.version}: {exc}") from None
+    forecaster = checkpoint if isinstance(checkpoint, ForecastCheckpoint) else None
+    young = forecaster.young_threshold if forecaster else None
     return StreamScorer(
         spec,
         checkpoint,
-        threshold=AdaptiveThreshold(checkpoint.threshold, knobs),
+        # a forecaster's young entities: the threshold its card calibrated on early-life errors
+        threshold=AdaptiveThreshold(checkpoint.threshold, knobs, young_threshold=young),
         # a forecaster's first predictions for an entity come from a state that has not seen it yet
-        min_history=max(knobs.min_history, checkpoint.burn_in)
-        if isinstance(checkpoint, ForecastCheckpoint)
-        else knobs.min_history,
+        min_history=max(knobs.min_history, forecaster.burn_in) if forecaster else knobs.min_history,
         device=device,
         precision=precision,
         allowed_lateness_s=allowed_lateness_s,

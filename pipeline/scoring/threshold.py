@@ -51,8 +51,12 @@ class Threshold(Protocol):
 
 @dataclass(frozen=True)
 class AdaptiveThreshold:
+    """young_threshold: what a young entity is judged by, where the model calibrated one for early life
+    (a forecaster's card); None = the global threshold. The floor stays floor_ratio x the global threshold."""
+
     global_threshold: float
     knobs: ThresholdKnobs = ThresholdKnobs()
+    young_threshold: float | None = None
 
     def classify(
         self, stats: ScoreStats, slots: np.ndarray, scores: np.ndarray, eligible: np.ndarray, held: np.ndarray | None
@@ -70,14 +74,15 @@ class AdaptiveThreshold:
         return Verdict(judged, thresholds, anomalous)
 
     def thresholds(self, stats: ScoreStats, slots: np.ndarray, z: float | None = None) -> np.ndarray:
-        """The model's global threshold while an entity is young, then its own at z (default: the knobs')
-        (floored)."""
+        """The model's threshold for young entities while an entity is young, then its own at z (default: the
+        knobs') (floored)."""
         k = self.knobs
         n = stats.n[slots]
         std = np.sqrt(stats.m2[slots] / np.maximum(n - 1, 1))
         own = np.expm1(stats.mean[slots] + (k.z if z is None else z) * std)
         own = np.maximum(own, k.floor_ratio * self.global_threshold)
-        return np.where(n >= k.warmup, own, self.global_threshold)
+        young = self.global_threshold if self.young_threshold is None else self.young_threshold
+        return np.where(n >= k.warmup, own, young)
 
     def smooth(
         self, stats: ScoreStats, slots: np.ndarray, scores: np.ndarray, held: np.ndarray | None = None

@@ -231,3 +231,25 @@ def test_the_service_judges_an_entity_only_after_the_models_burn_in(
     served = build_scorer(spec, ckpt, knobs=ThresholdKnobs(min_history=4)).process(_cols(spec, recs))
     np.testing.assert_allclose(served.scores, knob_only.scores, rtol=1e-6)
     assert knob_only.is_anomaly.any() and not served.is_anomaly.any()
+
+
+def test_a_young_entity_is_judged_by_the_early_life_threshold_of_the_card(
+    model: tuple[SensorStream, ForecastCheckpoint],
+) -> None:
+    """Training calibrates a second threshold on every entity's early life (burn_in .. burn_in + young_steps),
+    where errors run higher while the entity's scaling settles; the service judges entities by it until they
+    are warm. Never below the settled threshold; a card without it falls back to that."""
+    from dataclasses import replace
+
+    from pipeline.scoring.factory import build_scorer
+    from pipeline.scoring.knobs import ThresholdKnobs
+
+    spec, ckpt = model
+    assert ckpt.card["young_threshold"] >= ckpt.threshold
+    assert ckpt.young_threshold == ckpt.card["young_threshold"]
+    served = build_scorer(spec, ckpt, knobs=ThresholdKnobs())
+    assert served.threshold.young_threshold == ckpt.young_threshold  # type: ignore[union-attr]
+    older = replace(ckpt, card={k: v for k, v in ckpt.card.items() if k != "young_threshold"})
+    assert older.young_threshold == ckpt.threshold
+    below = replace(ckpt, card={**ckpt.card, "young_threshold": ckpt.threshold / 2})
+    assert below.young_threshold == ckpt.threshold

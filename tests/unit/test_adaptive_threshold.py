@@ -1,5 +1,5 @@
-"""The adaptive threshold's hysteresis (ThresholdKnobs.z_release): enter an alert at z, leave it below z_release;
-the alert state is entity state (snapshotted, left alone by late events)."""
+"""The adaptive threshold's state: hysteresis (ThresholdKnobs.z_release: enter an alert at z, leave it below
+z_release; the alert state is entity state, snapshotted, left alone by late events) and the young-entity threshold."""
 
 from __future__ import annotations
 
@@ -96,3 +96,15 @@ def test_the_service_reads_the_release_from_its_environment(monkeypatch: pytest.
     assert Settings().threshold.z_release is None
     monkeypatch.setenv("PIPELINE_THRESHOLD_Z_RELEASE", "1.5")
     assert Settings().threshold.z_release == 1.5
+
+
+def test_young_entities_are_judged_by_the_young_threshold_warm_ones_by_their_own() -> None:
+    s = EntityStateStore(StateLayout(4, 2), np.zeros(2), np.ones(2), capacity=4)
+    slots = s.resolve(["young", "warm"])
+    s.score_n[slots[1]], s.score_mean[slots[1]], s.score_m2[slots[1]] = 101.0, 0.0, 100.0  # own: e^3 - 1 = 19.1
+    thr = AdaptiveThreshold(10.0, ThresholdKnobs(z=3.0, floor_ratio=0.0), young_threshold=30.0)
+    v = thr.classify(s.score_stats(), slots, np.array([25.0, 25.0]), np.ones(2, bool), None)
+    assert v.thresholds.tolist() == pytest.approx([30.0, np.expm1(3.0)])
+    assert v.is_anomaly.tolist() == [False, True]
+    floored = AdaptiveThreshold(10.0, ThresholdKnobs(z=0.0, floor_ratio=1.0), young_threshold=30.0)
+    assert floored.thresholds(s.score_stats(), slots)[1] == 10.0  # the floor is the settled global threshold

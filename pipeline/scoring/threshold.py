@@ -66,7 +66,7 @@ class AdaptiveThreshold:
         z_release = self.knobs.z_release
         if z_release is None:
             return Verdict(judged, thresholds, eligible & (judged > thresholds))
-        # hysteresis: an entity in an alert is judged at its release threshold (young ones: the global one)
+        # hysteresis: an entity in an alert is judged at its release threshold (a young one: its young threshold)
         thresholds = np.where(stats.alerting[slots], self.thresholds(stats, slots, z_release), thresholds)
         anomalous = eligible & (judged > thresholds)
         kept = slots if held is None else slots[~held]  # late events leave the entity's alert state alone
@@ -74,8 +74,8 @@ class AdaptiveThreshold:
         return Verdict(judged, thresholds, anomalous)
 
     def thresholds(self, stats: ScoreStats, slots: np.ndarray, z: float | None = None) -> np.ndarray:
-        """The model's threshold for young entities while an entity is young, then its own at z (default: the
-        knobs') (floored)."""
+        """While an entity is young, the model's threshold for young entities (the global one unless the model
+        calibrated one); then its own at z (default: the knobs'), floored."""
         k = self.knobs
         n = stats.n[slots]
         std = np.sqrt(stats.m2[slots] / np.maximum(n - 1, 1))

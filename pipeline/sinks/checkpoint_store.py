@@ -18,9 +18,10 @@ from sqlalchemy import Table, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from pipeline.checkpointing.rows import AlertRow, LifecycleWrite, ModelScoreRow, ModelWrite, OffsetRow, StateRow
+from pipeline.checkpointing.rows import AlertRow, LifecycleWrite, ModelWrite, OffsetRow, StateRow
 from pipeline.sinks.database import Database
 from pipeline.sinks.tables import (
+    SAMPLE_KEY,
     alert_outbox,
     alerts,
     entity_state,
@@ -264,59 +265,19 @@ class SqlCheckpointStore:
         if models.shadow_alerts:
             stmt = self._insert(shadow_alerts).on_conflict_do_nothing(index_elements=["alert_key"])
             conn.execute(stmt, [a.__dict__ for a in models.shadow_alerts])
-        by_version: dict[tuple[str, str], list[ModelScoreRow]] = {}
-        for row in models.score_samples:
-            by_version.setdefault((row.stream, row.model_version), []).append(row)
-        for (stream, version), rows in by_version.items():
-            new = _new_samples(conn, run_id, stream, version, rows)
-            if new:
-                conn.execute(
-                    model_score_samples.insert(),
-                    [
-                        {
-                            "run_id": run_id,
-                            "stream": stream,
-                            "model_version": version,
-                            "entity_id": r.entity_id,
-                            "event_time": r.event_time,
-                            "score": r.score,
-                        }
-                        for r in new
-                    ],
-                )
-
-
-def _new_samples(
-    conn: Connection, run_id: str, stream: str, version: str, rows: Sequence[ModelScoreRow]
-) -> list[ModelScoreRow]:
-    """The rows not stored yet (nor repeated in `rows`): a sample is one (run, stream, version, entity, event
-    time). The table has no unique key on them (migration 0004), so the stored ones are read back first; one
-    worker owns an entity's partition at a time, so no concurrent checkpoint writes the same entity."""
-    c = model_score_samples.c
-    seen: set[tuple[str, float]] = set()
-    ids = sorted({r.entity_id for r in rows})
-    first, last = min(r.event_time for r in rows), max(r.event_time for r in rows)
-    for start in range(0, len(ids), 500):
-        stored = conn.execute(
-            select(c.entity_id, c.event_time).where(
-                c.run_id == run_id,
-                c.stream == stream,
-                c.model_version == version,
-                c.entity_id.in_(ids[start : start + 500]),
-                c.event_time >= first,
-                c.event_time <= last,
+        if models.score_samples:
+            stmt = self._insert(model_score_samples).on_conflict_do_nothing(index_elements=list(SAMPLE_KEY))
+            conn.execute(
+                stmt,
+                [
+                    {
+                        "run_id": run_id,
+                        "stream": r.stream,
+                        "model_version": r.model_version,
+                        "entity_id": r.entity_id,
+                        "event_time": r.event_time,
+                        "score": r.score,
+                    }
+                    for r in models.score_samples
+                ],
             )
-        )
-        seen.update((r.entity_id, _utc(r.event_time).timestamp()) for r in stored)
-    new = []
-    for r in rows:
-        key = (r.entity_id, _utc(r.event_time).timestamp())
-        if key not in seen:
-            seen.add(key)
-            new.append(r)
-    return new
-
-
-def _utc(value: datetime) -> datetime:
-    """SQLite hands back naive UTC datetimes."""
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)

@@ -161,6 +161,9 @@ shadow_alerts = Table(
     Index("ix_shadow_alerts_version_time", "model_version", "event_time"),
 )
 
+# what makes a score sample one sample (its unique index; writes skip one stored already)
+SAMPLE_KEY = ("run_id", "stream", "model_version", "entity_id", "event_time")
+
 model_score_samples = Table(
     "model_score_samples",
     metadata,
@@ -172,6 +175,7 @@ model_score_samples = Table(
     Column("event_time", DateTime(timezone=True), nullable=False),
     Column("score", Float, nullable=False),
     Index("ix_model_score_samples_version_time", "model_version", "event_time"),
+    Index("uq_model_score_samples_sample", *SAMPLE_KEY, unique=True),  # migration 0006
 )
 
 RUN_TABLES = (

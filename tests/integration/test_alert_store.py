@@ -137,3 +137,37 @@ def test_score_samples_are_a_bounded_ring(sqlite_store: Database, tmp_path: Path
     samples = AlertQueries(sqlite_store).recent_scores("live", "sensors", "D1")
     last = samples[-1]["event_time"]
     assert len(samples) == 10 and last.replace(tzinfo=timezone.utc).timestamp() == pytest.approx(T0 + 39)
+
+
+def test_score_samples_stored_twice_before_their_key_are_deduplicated_by_the_upgrade(db: Database) -> None:
+    """Migration 0006: duplicates written before the unique key (the old read-back check could race a replay)
+    are removed, the oldest row of each sample kept; afterwards a sample written again is skipped."""
+    from datetime import datetime
+
+    from alembic import command
+    from sqlalchemy import func, select
+
+    from pipeline.checkpointing.rows import ModelScoreRow, ModelWrite
+
+    samples = tables.model_score_samples
+    db.drop_schema()
+    with db.engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0005")
+    t = datetime(2026, 12, 1, 3, 0, tzinfo=timezone.utc)
+    row = {"run_id": "live", "stream": "sensors", "model_version": "v1", "entity_id": "P1", "event_time": t}
+    with db.engine.begin() as conn:
+        dupes = [{**row, "score": 1.0}, {**row, "score": 2.0}, {**row, "entity_id": "P2", "score": 3.0}]
+        conn.execute(samples.insert(), dupes)
+    db.create_schema()  # upgrades to head
+    assert _diff(db) == []
+    with db.engine.connect() as conn:
+        kept = conn.execute(select(samples.c.entity_id, samples.c.score).order_by(samples.c.id)).all()
+    assert [tuple(r) for r in kept] == [("P1", 1.0), ("P2", 3.0)]
+    store = SqlCheckpointStore(db)
+    again = ModelWrite(
+        [], [ModelScoreRow("sensors", "v1", e, t, 9.0, "sensors", 0, i) for i, e in enumerate(["P1", "P3"])]
+    )
+    for _ in range(2):
+        store.write_checkpoint("live", "g", [], [], [], models=again)
+    with db.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(samples)).scalar_one() == 3

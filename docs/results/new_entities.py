@@ -8,12 +8,14 @@ reading index, and faulty pumps alerted inside their fault. `--no-young` drops t
 (the behaviour before it existed).
 
     OMP_NUM_THREADS=1 python docs/results/new_entities.py [--readings 100] [--anomaly-len 20] [--no-young]
+        [--served-knobs]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -32,6 +34,9 @@ def main() -> None:
     ap.add_argument("--readings", type=int, default=100, help="readings per new pump")
     ap.add_argument("--anomaly-len", type=int, default=20, help="faulty pumps: the fault spans the last N readings")
     ap.add_argument("--no-young", action="store_true", help="serve without the card's young_threshold")
+    ap.add_argument(
+        "--served-knobs", action="store_true", help="the knobs `pipeline train` writes into the card (SkabConfig's)"
+    )
     ap.add_argument("--tbptt", type=int, default=256)
     ap.add_argument("--segment", type=int, default=1024)
     args = ap.parse_args()
@@ -49,6 +54,8 @@ def main() -> None:
         220, args.readings, seed=99, spike_devices=10, drift_devices=10, anomaly_len=args.anomaly_len
     )
     c = cols(new)
+    if args.served_knobs:
+        ckpt.card["threshold_knobs"] = asdict(SkabConfig().threshold)
     res = build_scorer(spec, ckpt, knobs=ThresholdKnobs()).process(c)
     ids = np.asarray(c.entity_ids, dtype=object)
     seen: dict[str, int] = {}

@@ -41,6 +41,10 @@ def build_scorer(
             )
         except ValueError as exc:
             raise ConfigError(f"{stream} model {checkpoint.version}: {exc}") from None
+    try:  # the card's knobs (its family's, chosen on validation) unless the configuration sets its own
+        knobs = ThresholdKnobs.served(knobs, checkpoint.card.get("threshold_knobs"))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{spec.name} model {checkpoint.version}: threshold knobs: {exc}") from None
     forecaster = checkpoint if isinstance(checkpoint, ForecastCheckpoint) else None
     young = forecaster.young_threshold if forecaster else None
     return StreamScorer(

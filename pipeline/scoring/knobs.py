@@ -7,7 +7,9 @@ stay light.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -33,3 +35,17 @@ class ThresholdKnobs:
             raise ValueError(f"smoothing must be in (0, 1]; got {self.smoothing}")
         if self.z_release is not None and self.z_release > self.z:
             raise ValueError(f"z_release must be <= z ({self.z}); got {self.z_release}")
+
+    @classmethod
+    def served(cls, configured: ThresholdKnobs, card_knobs: Mapping[str, Any] | None) -> ThresholdKnobs:
+        """The knobs a model is served with: those its card names (chosen with its family on validation), except
+        where the configuration (PIPELINE_THRESHOLD_*) sets a knob away from its default: the operator's word
+        wins. A card without knobs: the configuration's. Keys a newer card may add are ignored."""
+        if not card_knobs:
+            return configured
+        default = cls()
+        merged = {}
+        for f in fields(cls):
+            mine = getattr(configured, f.name)
+            merged[f.name] = mine if mine != getattr(default, f.name) else card_knobs.get(f.name, mine)
+        return cls(**merged)

@@ -7,7 +7,8 @@ its normal log1p-scores (Welford statistics that anomalous scores never update),
 
 With `smoothing` < 1 the decision is made on an EWMA of the entity's log-scores (alpha = smoothing), and
 the statistics are those of the smoothed scores: persistent faults (a closed valve, a drifting bearing)
-accumulate evidence over several events while a single noisy reading fades. 1 = no smoothing.
+accumulate evidence over several events while a single noisy reading fades. 1 = no smoothing. A young
+entity is judged by its raw score, as the model's (global, young) thresholds were calibrated on raw scores.
 
 With `z_release` (< z) the threshold has hysteresis, as a Schmitt trigger: a warm entity enters an alert when
 its score passes the z threshold and stays in it while the score stays above the lower z_release one, so a
@@ -63,6 +64,8 @@ class AdaptiveThreshold:
     ) -> Verdict:
         thresholds = self.thresholds(stats, slots)
         judged = self.smooth(stats, slots, scores, held)
+        if self.knobs.smoothing < 1.0:  # a young entity's raw score meets the model's threshold, calibrated on raw
+            judged = np.where(stats.n[slots] >= self.knobs.warmup, judged, scores)
         z_release = self.knobs.z_release
         if z_release is None:
             return Verdict(judged, thresholds, eligible & (judged > thresholds))
@@ -104,11 +107,12 @@ class AdaptiveThreshold:
         return np.asarray(np.expm1(smoothed))
 
     def observe(self, stats: ScoreStats, slots: np.ndarray, scores: np.ndarray, normal: np.ndarray) -> None:
-        """Welford update of the entities' normal log1p-scores."""
+        """Welford update of the entities' normal log1p-scores; with smoothing, of the smoothed ones (the EWMA of
+        the event just judged, also where a young entity was judged by its raw score)."""
         if not normal.any():
             return
         s = slots[normal]
-        x = np.log1p(np.maximum(scores[normal], 0.0))
+        x = stats.ema[s] if self.knobs.smoothing < 1.0 else np.log1p(np.maximum(scores[normal], 0.0))
         n = stats.n[s] + 1
         m = stats.mean[s]
         delta = x - m

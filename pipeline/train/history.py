@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,8 @@ def train_on_history(
     spec = stream_spec(stream)
     cols = EventColumns(t.entity_ids.tolist(), t.ts, t.values)
     card = data_card(stream, rows, labels_checked=labelled is not None)
+    if forecaster:  # the threshold knobs chosen with these parameters on validation; the service serves them
+        card["threshold_knobs"] = asdict(SENSORS.threshold)
     ckpt: Checkpoint | ForecastCheckpoint
     if forecaster:
         ckpt = train_stream_forecaster(

@@ -108,3 +108,18 @@ def test_young_entities_are_judged_by_the_young_threshold_warm_ones_by_their_own
     assert v.is_anomaly.tolist() == [False, True]
     floored = AdaptiveThreshold(10.0, ThresholdKnobs(z=0.0, floor_ratio=1.0), young_threshold=30.0)
     assert floored.thresholds(s.score_stats(), slots)[1] == 10.0  # the floor is the settled global threshold
+
+
+def test_a_smoothed_young_entity_is_judged_by_its_raw_score_and_learns_the_smoothed_one() -> None:
+    """The model's thresholds (global, young) were calibrated on raw scores, so a young entity's raw score meets
+    them; the entity's own statistics stay those of its smoothed scores."""
+    s = EntityStateStore(StateLayout(4, 2), np.zeros(2), np.ones(2), capacity=4)
+    slots = s.resolve(["a"])
+    thr = AdaptiveThreshold(10.0, ThresholdKnobs(warmup=3, smoothing=0.5, floor_ratio=0.0))
+    one = np.ones(1, bool)
+    first = thr.classify(s.score_stats(), slots, np.array([1.0]), one, None)
+    thr.observe(s.score_stats(), slots, first.scores, ~first.is_anomaly)
+    spike = thr.classify(s.score_stats(), slots, np.array([20.0]), one, None)
+    assert spike.scores[0] == 20.0 and spike.is_anomaly[0]  # raw 20 > 10; the smoothed score would not be
+    assert np.expm1(s.score_ema[slots][0]) < 10.0
+    assert s.score_mean[slots][0] == pytest.approx(np.log1p(1.0))  # learned: the first event's smoothed score

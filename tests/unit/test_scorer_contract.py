@@ -157,17 +157,27 @@ def test_smoothed_scoring_batched_equals_one_at_a_time(sensor_model: tuple[Senso
 
     batched = scorer().process(cols)
     single = scorer()
-    one = [single.process(_slice(cols, i, i + 1)) for i in range(len(cols.ts))]
+    young = np.zeros(len(cols.ts), bool)  # the entity had fewer than `warmup` normal scores before the event
+    one = []
+    for i in range(len(cols.ts)):
+        known = cols.entity_ids[i] in single.store
+        slot = single.store.resolve([cols.entity_ids[i]])[0] if known else None
+        young[i] = slot is None or single.store.score_n[slot] < 5
+        one.append(single.process(_slice(cols, i, i + 1)))
     np.testing.assert_allclose(batched.scores, np.concatenate([o.scores for o in one]), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(batched.raw_scores, np.concatenate([o.raw_scores for o in one]), rtol=1e-5, atol=1e-6)
     assert batched.is_anomaly.tolist() == np.concatenate([o.is_anomaly for o in one]).tolist()
-    # the smoothed score is the EWMA (alpha 0.2) of the entity's log1p raw scores
+    # a warm entity's score is the EWMA (alpha 0.2) of its log1p raw scores; a young one is judged by its raw
+    # score (the model's threshold was calibrated on raw scores), while the average keeps running
     ent = np.asarray(cols.entity_ids) == cols.entity_ids[0]
     x = np.log1p(batched.raw_scores[ent])
     ema = [x[0]]
     for v in x[1:]:
         ema.append(0.2 * v + 0.8 * ema[-1])
-    np.testing.assert_allclose(batched.scores[ent], np.expm1(ema), rtol=1e-9)
+    warm = ~young[ent]
+    assert warm.any() and (~warm).any()
+    np.testing.assert_allclose(batched.scores[ent][warm], np.expm1(ema)[warm], rtol=1e-9)
+    np.testing.assert_allclose(batched.scores[ent][~warm], batched.raw_scores[ent][~warm], rtol=1e-9)
 
 
 def test_hysteresis_batched_equals_one_at_a_time(sensor_model: tuple[SensorStream, Checkpoint]) -> None:

@@ -64,3 +64,22 @@ def test_format_overrides_name_the_knobs_flat() -> None:
     }
     with pytest.raises(TypeError):
         common.configured(skab.SkabConfig(), {"zz": 1})
+
+
+def test_a_models_card_knobs_are_served_unless_the_configuration_sets_its_own() -> None:
+    card = {"z": 2.5, "smoothing": 0.3, "floor_ratio": 0.0, "some_future_knob": 1}
+    assert ThresholdKnobs.served(ThresholdKnobs(), None) == ThresholdKnobs()
+    assert ThresholdKnobs.served(ThresholdKnobs(), card) == ThresholdKnobs(z=2.5, smoothing=0.3, floor_ratio=0.0)
+    operator = ThresholdKnobs.served(ThresholdKnobs(z=5.0, warmup=10), card)  # set away from the defaults: theirs
+    assert operator == ThresholdKnobs(z=5.0, warmup=10, smoothing=0.3, floor_ratio=0.0)
+
+
+def test_a_card_with_impossible_knobs_is_a_clear_error() -> None:
+    from dataclasses import replace
+
+    from pipeline.errors import ConfigError
+
+    ckpt = load_checkpoint(bundled_checkpoint_path("sensors"))
+    bad = replace(ckpt, card={**ckpt.card, "threshold_knobs": {"z": 2.0, "z_release": 3.0}})
+    with pytest.raises(ConfigError, match="threshold knobs: z_release"):
+        build_scorer("sensors", bad, channels=SENSOR_CHANNELS)

@@ -114,6 +114,15 @@ def test_train_from_csv_writes_model_and_card(tmp_path: Path) -> None:
     assert model.card["feature_names"] == ["vibration_rms", "pressure", "bearing_temp"]
     assert model.config.scored() == [0, 1]
     assert content_hash(model) == card["content_sha256"]
+    # the card names the threshold knobs chosen with the family on validation, and the service serves them
+    from pipeline.evaluate.skab import SkabConfig
+    from pipeline.scoring.factory import build_scorer
+    from pipeline.scoring.knobs import ThresholdKnobs
+
+    assert ThresholdKnobs(**card["threshold_knobs"]) == SkabConfig().threshold
+    served = build_scorer("sensors", model, knobs=ThresholdKnobs())
+    assert served.threshold.knobs == SkabConfig().threshold  # type: ignore[union-attr]
+    assert served.threshold.knobs.z == 2.5 and served.threshold.knobs.smoothing == 0.3  # type: ignore[union-attr]
 
 
 def test_autoencoder_family_calibrates_on_the_held_out_tail(tmp_path: Path) -> None:
@@ -125,6 +134,7 @@ def test_autoencoder_family_calibrates_on_the_held_out_tail(tmp_path: Path) -> N
     # training windows: each entity's head rows that have min_history events (160 - 7 per entity)
     assert card["n_windows"] == 3 * (160 - 7) and window == 32
     assert set(card["metrics"]["val_score_quantiles"]) == {str(q) for q in SCORE_QUANTILES}
+    assert "threshold_knobs" not in card  # chosen for the forecaster; an autoencoder is served the configured knobs
 
 
 def test_files_folders_parquet_and_order_give_the_same_rows(tmp_path: Path) -> None:

@@ -62,23 +62,26 @@ class AdaptiveThreshold:
     def classify(
         self, stats: ScoreStats, slots: np.ndarray, scores: np.ndarray, eligible: np.ndarray, held: np.ndarray | None
     ) -> Verdict:
-        thresholds = self.thresholds(stats, slots)
+        k = self.knobs
+        z: float | np.ndarray = k.z
+        alerting = None
+        # hysteresis: an entity in an alert is judged at its release z (a young one: its young threshold either way)
+        if k.z_release is not None:
+            alerting = stats.alerting[slots]
+            z = np.where(alerting, k.z_release, k.z)
+        thresholds = self.thresholds(stats, slots, z)
         judged = self.smooth(stats, slots, scores, held)
-        if self.knobs.smoothing < 1.0:  # a young entity's raw score meets the model's threshold, calibrated on raw
-            judged = np.where(stats.n[slots] >= self.knobs.warmup, judged, scores)
-        z_release = self.knobs.z_release
-        if z_release is None:
-            return Verdict(judged, thresholds, eligible & (judged > thresholds))
-        # hysteresis: an entity in an alert is judged at its release threshold (a young one: its young threshold)
-        thresholds = np.where(stats.alerting[slots], self.thresholds(stats, slots, z_release), thresholds)
+        if k.smoothing < 1.0:  # a young entity's raw score meets the model's threshold, calibrated on raw scores
+            judged = np.where(stats.n[slots] >= k.warmup, judged, scores)
         anomalous = eligible & (judged > thresholds)
-        kept = slots if held is None else slots[~held]  # late events leave the entity's alert state alone
-        stats.alerting[kept] = anomalous if held is None else anomalous[~held]
+        if alerting is not None:
+            kept = slots if held is None else slots[~held]  # late events leave the entity's alert state alone
+            stats.alerting[kept] = anomalous if held is None else anomalous[~held]
         return Verdict(judged, thresholds, anomalous)
 
-    def thresholds(self, stats: ScoreStats, slots: np.ndarray, z: float | None = None) -> np.ndarray:
+    def thresholds(self, stats: ScoreStats, slots: np.ndarray, z: float | np.ndarray | None = None) -> np.ndarray:
         """While an entity is young, the model's threshold for young entities (the global one unless the model
-        calibrated one); then its own at z (default: the knobs'), floored."""
+        calibrated one); then its own at z (default: the knobs'; or one z per entity), floored."""
         k = self.knobs
         n = stats.n[slots]
         std = np.sqrt(stats.m2[slots] / np.maximum(n - 1, 1))

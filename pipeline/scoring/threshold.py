@@ -63,13 +63,13 @@ class AdaptiveThreshold:
         self, stats: ScoreStats, slots: np.ndarray, scores: np.ndarray, eligible: np.ndarray, held: np.ndarray | None
     ) -> Verdict:
         k = self.knobs
-        z: float | np.ndarray = k.z
-        alerting = None
         # hysteresis: an entity in an alert is judged at its release z (a young one: its young threshold either way)
-        if k.z_release is not None:
+        alerting = None
+        if k.z_release is None:
+            thresholds = self.thresholds(stats, slots)
+        else:
             alerting = stats.alerting[slots]
-            z = np.where(alerting, k.z_release, k.z)
-        thresholds = self.thresholds(stats, slots, z)
+            thresholds = self.thresholds(stats, slots, np.where(alerting, k.z_release, k.z))
         judged = self.smooth(stats, slots, scores, held)
         if k.smoothing < 1.0:  # a young entity's raw score meets the model's threshold, calibrated on raw scores
             judged = np.where(stats.n[slots] >= k.warmup, judged, scores)

@@ -11,6 +11,12 @@ Rule: per source, candidates are ranked by F1, with point-wise candidates over `
 all that meet it; the mean rank over sources decides (ties: higher mean F1). One JSON line per (source,
 candidate), then one line per candidate with its ranks, sorted best first.
 
+`--seeds 0 1 2` trains every model candidate once per model seed; a candidate's F1 and FAR on a source are
+then its means over the seeds (the per-seed F1s are listed), and the ranking line gives `seed_spread`, the
+mean over sources of each candidate's max - min F1 across seeds. Why: on these sources a change of seed
+moves F1 by up to 0.1, more than most differences between candidates (docs/results/evaluation.md, sixth
+round), so a default changes only when it wins over seeds by more than that spread.
+
     python -m pipeline.evaluate.select --source skab:/tmp/tep --source skab:/tmp/skab-val2:250 \\
         --source nasa:/tmp/nasa-val --model '{"family": "lstm_ae"}' --model '{"family": "lstm_forecast"}' \\
         --threshold '{"z": 3}' --threshold '{"threshold_method": "dynamic"}'
@@ -31,6 +37,8 @@ from models.lstm_ae import TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.evaluate import common
 from pipeline.evaluate.sweep import parse_overrides
+
+REPORTED = ("f1", "far", "precision", "recall", "tp", "fp", "fn")
 
 
 def _merged(default: Any, over: dict[str, Any]) -> dict[str, Any]:
@@ -126,11 +134,23 @@ def _stream(spec: Any, ckpt: Any, train: Any, test: Any, cfg: Any) -> common.Sco
     )
 
 
+def over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One candidate's metrics on one source at several model seeds -> means of F1 (and FAR), with the
+    per-seed F1s; a single run is returned as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    out: dict[str, Any] = {"f1": float(np.mean([r["f1"] for r in runs])), "f1_seeds": [r["f1"] for r in runs]}
+    if all(r.get("far") is not None for r in runs):
+        out["far"] = float(np.mean([r["far"] for r in runs]))
+    return out
+
+
 def rank(table: dict[str, dict[str, dict[str, Any]]], max_far: float) -> list[dict[str, Any]]:
     """table[source][candidate] = metrics -> candidates with per-source ranks (1 = best), best first."""
     cands = list(next(iter(table.values())).keys())
     ranks: dict[str, list[float]] = {c: [] for c in cands}
     f1s: dict[str, list[float]] = {c: [] for c in cands}
+    spreads: dict[str, list[float]] = {c: [] for c in cands}
     for rows in table.values():
         keys = []
         for c in cands:
@@ -138,11 +158,18 @@ def rank(table: dict[str, dict[str, dict[str, Any]]], max_far: float) -> list[di
             ok = m.get("far") is None or m["far"] <= max_far
             keys.append((1.0 if ok else 0.0) * 10.0 + float(m["f1"]))
             f1s[c].append(float(m["f1"]))
+            spreads[c].append(float(np.ptp(m["f1_seeds"])) if m.get("f1_seeds") else 0.0)
         r = scipy.stats.rankdata([-k for k in keys], method="average")
         for c, v in zip(cands, r, strict=True):
             ranks[c].append(float(v))
     out = [
-        {"candidate": c, "mean_rank": float(np.mean(ranks[c])), "ranks": ranks[c], "mean_f1": float(np.mean(f1s[c]))}
+        {
+            "candidate": c,
+            "mean_rank": float(np.mean(ranks[c])),
+            "ranks": ranks[c],
+            "mean_f1": float(np.mean(f1s[c])),
+            "seed_spread": float(np.mean(spreads[c])),
+        }
         for c in cands
     ]
     return sorted(out, key=lambda d: (d["mean_rank"], -d["mean_f1"]))
@@ -169,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skab-set", action="append", default=[], metavar="KEY=JSON")
     ap.add_argument("--max-far", type=float, default=0.15)
+    ap.add_argument(
+        "--seeds", nargs="+", type=int, default=None, help="train each model candidate at these seeds; rank the means"
+    )
     args = ap.parse_args(argv)
     if args.rank_logs:
         pooled: dict[str, dict[str, dict[str, Any]]] = {}
@@ -203,14 +233,19 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--source {src!r}: expected skab:PATH[:ROWS] or nasa:PATH")
             table[src] = {}
             for m in models:
-                if fmt == "skab":
-                    res = _skab_runs(Path(path), int(rows) if rows else None, m, thresholds, per["skab"])
-                else:
-                    res = _nasa_runs(Path(path), m, thresholds, per["nasa"])
-                for t, r in zip(thresholds, res, strict=True):
+                per_seed = []  # [seed][threshold] -> metrics
+                for seed in args.seeds or [None]:
+                    ms = m if seed is None else {**m, "seed": seed}
+                    if fmt == "skab":
+                        train_rows = int(rows) if rows else None
+                        per_seed.append(_skab_runs(Path(path), train_rows, ms, thresholds, per["skab"]))
+                    else:
+                        per_seed.append(_nasa_runs(Path(path), ms, thresholds, per["nasa"]))
+                for i, t in enumerate(thresholds):
+                    r = over_seeds([runs[i] for runs in per_seed])
                     cand = json.dumps({**m, **t}, sort_keys=True)
                     table[src][cand] = r
-                    keep = {k: r[k] for k in ("f1", "far", "precision", "recall", "tp", "fp", "fn") if k in r}
+                    keep = {k: r[k] for k in (*REPORTED, "f1_seeds") if k in r}
                     print(json.dumps({"source": src, "candidate": cand, **keep}), flush=True)
         for row in rank(table, args.max_far):
             print(json.dumps(row), flush=True)

@@ -100,3 +100,30 @@ def test_rank_puts_candidates_over_the_far_bound_last() -> None:
     # a beats b on F1 in s1 but is over the FAR bound there: ranked last; equal mean ranks -> higher mean F1
     assert {r["candidate"]: r["ranks"] for r in out} == {"a": [2.0, 1.0], "b": [1.0, 2.0]}
     assert [r["candidate"] for r in out] == ["a", "b"]
+
+
+def test_select_over_seeds_ranks_the_mean_and_reports_the_spread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--seeds trains each model candidate once per seed; its row is the mean over seeds (the same as the
+    single-seed runs averaged), and the ranking line carries the seed spread."""
+    src = ["--source", f"nasa:{_nasa_single_column(tmp_path / 'n')}"]
+    model = json.dumps({"family": "lstm_forecast", "forecast": FAST, "epochs": 1})
+    singles = []
+    for seed in (0, 1):
+        m = json.dumps({"family": "lstm_forecast", "forecast": FAST, "epochs": 1, "seed": seed})
+        assert select.main([*src, "--model", m, "--threshold", '{"z": 2}']) == 0
+        singles.append([json.loads(x) for x in capsys.readouterr().out.splitlines() if '"source"' in x][-1]["f1"])
+    assert select.main([*src, "--model", model, "--threshold", '{"z": 2}', "--seeds", "0", "1"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    row = next(x for x in lines if "source" in x)
+    assert row["f1_seeds"] == singles and row["f1"] == pytest.approx(np.mean(singles))
+    assert "seed" not in json.loads(row["candidate"])  # one candidate over the seeds
+    ranked = next(x for x in lines if "mean_rank" in x)
+    assert ranked["seed_spread"] == pytest.approx(abs(singles[0] - singles[1]))
+
+
+def test_over_seeds_averages_f1_and_far() -> None:
+    out = select.over_seeds([{"f1": 0.5, "far": 0.1, "tp": 3}, {"f1": 0.7, "far": 0.3, "tp": 5}])
+    assert out == {"f1": pytest.approx(0.6), "far": pytest.approx(0.2), "f1_seeds": [0.5, 0.7]}
+    assert select.over_seeds([{"f1": 0.5}]) == {"f1": 0.5}

@@ -20,8 +20,20 @@ def replay(
         str | None, typer.Option("--from", help="ISO time (UTC if naive) or epoch ms; inclusive")
     ] = None,
     to_time: Annotated[str | None, typer.Option("--to", help="ISO time or epoch ms; exclusive")] = None,
-    model: Annotated[str | None, typer.Option(help="model checkpoint: a .pt path or a card version/name")] = None,
-    stream: Annotated[str | None, typer.Option(help="transactions | sensors (default: from topic or model)")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="model: a .pt path or a card version/name; with PIPELINE_STREAMS_FILE as a stream file names one "
+            "(registry version or NAME@ALIAS, .pt, bundled:KIND)"
+        ),
+    ] = None,
+    stream: Annotated[
+        str | None,
+        typer.Option(
+            help="with PIPELINE_STREAMS_FILE: the declared stream a topic carries (default: the one declaring the "
+            "topic); else transactions | sensors (default: from topic or model)"
+        ),
+    ] = None,
     run_id: Annotated[
         str | None, typer.Option(help="namespace of the replay's alerts/state (default generated)")
     ] = None,

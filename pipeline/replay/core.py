@@ -25,16 +25,19 @@ from typing import Any
 
 from models.lstm_ae import Checkpoint, bundled_checkpoint_path
 from models.lstm_forecast import ForecastCheckpoint, load_model
-from pipeline.app import ensure_models, options_from
+from pipeline.app import ensure_models, options_from, stream_scorer
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.features.streams import TransactionStream
 from pipeline.kafka.replay_source import ReplaySource, SeekMode
 from pipeline.processor import Processor
 from pipeline.records import RawRecord
+from pipeline.registry import ModelRegistry
 from pipeline.scoring.factory import build_scorer
 from pipeline.scoring.scorer import StreamScorer
-from pipeline.sinks import AlertQueries, Database, SqlCheckpointStore
+from pipeline.sinks import AlertQueries, Database, SqlCheckpointStore, SqlRegistryStore
+from pipeline.streams import serving
+from pipeline.streams.config import load_streams, parse_model_ref
 
 log = logging.getLogger(__name__)
 REPLAY_GROUP = "replay"
@@ -138,9 +141,14 @@ class _ProgressSource:
 
 
 def scorers_for(
-    settings: Settings, topics: Sequence[str], stream: str | None, model: str | None
+    settings: Settings, topics: Sequence[str], stream: str | None, model: str | None, db: Database | None = None
 ) -> dict[str, StreamScorer]:
-    """topic -> scorer, built as the live service builds its scorers (app.build_scorers)."""
+    """topic -> scorer, built as the live service builds its scorers: from the stream file where
+    PIPELINE_STREAMS_FILE names one (`declared_scorers`), else the bundled streams (app.build_scorers)."""
+    if settings.streams_file is not None:
+        if db is None:
+            raise ConfigError("a replay of declared streams needs the database (model registry)")
+        return declared_scorers(settings, topics, stream, model, db)
     by_topic = {settings.transactions_topic: "transactions", settings.sensors_topic: "sensors"}
     checkpoint = resolve_model(model, settings) if model else None
     wanted: dict[str, str] = {}
@@ -167,6 +175,41 @@ def scorers_for(
     }
 
 
+def declared_scorers(
+    settings: Settings, topics: Sequence[str], stream: str | None, model: str | None, db: Database
+) -> dict[str, StreamScorer]:
+    """topic -> scorer of the stream file's streams, as `pipeline run` serves them: each topic's declared stream
+    (or the stream `stream` names, e.g. to replay an archive topic), with its model, or with `model` in the
+    stream file's syntax (a registry version or NAME@ALIAS, a .pt file, bundled:KIND): a candidate version is
+    replayed over history before it is promoted. A model whose channels differ is refused as at start."""
+    where = settings.streams_file
+    if where is None:
+        raise ConfigError("no stream file: set PIPELINE_STREAMS_FILE")
+    declared = load_streams(where).streams
+    by_name, by_topic = {s.name: s for s in declared}, {s.topic: s for s in declared}
+    if stream is not None and stream not in by_name:
+        raise ConfigError(f"--stream {stream!r} is not declared in {where} (have: {', '.join(by_name)})")
+    if model is not None:
+        try:
+            parse_model_ref(model)
+        except ValueError as exc:
+            raise ConfigError(f"--model {exc}") from None
+    registry = ModelRegistry(SqlRegistryStore(db))
+    out: dict[str, StreamScorer] = {}
+    for t in topics:
+        declared_stream = by_name[stream] if stream is not None else by_topic.get(t)
+        if declared_stream is None:
+            raise ConfigError(
+                f"topic {t!r} is not a declared stream's topic in {where}: pass --stream NAME "
+                f"(one of {', '.join(by_name)})"
+            )
+        if model is not None:
+            declared_stream = declared_stream.model_copy(update={"model": model})
+        served = serving.ServedStream(declared_stream, serving.resolve_model(declared_stream, registry))
+        out[t] = stream_scorer(settings, served)
+    return out
+
+
 def run_replay(
     settings: Settings,
     bootstrap: str,
@@ -187,19 +230,24 @@ def run_replay(
     run_id = run_id or default_run_id()
     if run_id == settings.run_id:
         raise ConfigError(f"run id {run_id!r} is the live run's namespace; pick another")
-    scorers = scorers_for(settings, topics, stream, model)
-    # a transactions model that reads label feedback replays the labels topic's same range alongside
-    fed = [t for t, sc in scorers.items() if isinstance(sc.spec, TransactionStream) and sc.spec.label_feedback]
-    labels = {settings.labels_topic: fed[0]} if fed else {}
-    if len(fed) > 1 or (fed and settings.labels_topic in topics):
-        raise ConfigError(
-            "label feedback: replay one transactions topic at a time; its labels come from "
-            f"PIPELINE_LABELS_TOPIC ({settings.labels_topic})"
-        )
     own_db = db is None
     database = db or Database(settings.database_url)
     if own_db:
         database.create_schema()
+    try:
+        scorers = scorers_for(settings, topics, stream, model, database)
+        # a transactions model that reads label feedback replays the labels topic's same range alongside
+        fed = [t for t, sc in scorers.items() if isinstance(sc.spec, TransactionStream) and sc.spec.label_feedback]
+        labels = {settings.labels_topic: fed[0]} if fed else {}
+        if len(fed) > 1 or (fed and settings.labels_topic in topics):
+            raise ConfigError(
+                "label feedback: replay one transactions topic at a time; its labels come from "
+                f"PIPELINE_LABELS_TOPIC ({settings.labels_topic})"
+            )
+    except BaseException:
+        if own_db:
+            database.dispose()
+        raise
     source = ReplaySource(bootstrap, from_ms=from_ms, to_ms=to_ms, seek_mode=seek_mode)
     dlq = CountingDeadLetters()
     opts = options_from(settings)

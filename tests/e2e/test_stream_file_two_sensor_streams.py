@@ -2,7 +2,8 @@
 different channel sets and entity keys, a model for each trained by `pipeline train --stream` on a CSV export
 (pumps: registered and promoted, served as pumps@champion; chillers: a checkpoint file next to the stream file),
 then `pipeline run` with PIPELINE_STREAMS_FILE on the real broker and PostgreSQL. Both streams use the same
-entity ids, so any state shared between them would show."""
+entity ids, so any state shared between them would show. Then `pipeline replay` of both topics through the same
+stream file reproduces the live alerts, and a replay with a model whose channels differ is refused."""
 
 from __future__ import annotations
 
@@ -174,3 +175,49 @@ def test_two_sensor_streams_of_a_stream_file_each_with_its_own_model_and_state(
         other_unit = next(d.faulty_unit for s, d in PLANT.items() if s != name)
         assert not [a for a in mine if a["entity_id"] == other_unit and a["event_time"] >= fault_start], name
     assert entity_states(pg_store) == {"pumps": set(UNITS), "chillers": set(UNITS)}
+
+    # history replayed through the same stream file: the declared streams, their models, the live alerts
+    served_env = {**env, "PIPELINE_STREAMS_FILE": str(streams_file)}
+    topics = [f"{topic_prefix}.{name}" for name in PLANT]
+    out = pipeline_cli(
+        "replay", *(a for t in topics for a in ("--topic", t)), "--run-id", "replay-a", "--json", env=served_env
+    )
+    assert json.loads(out)["model_versions"] == {f"{topic_prefix}.{n}": v for n, v in versions.items()}
+
+    def keyed(run_id: str) -> set[tuple[Any, ...]]:
+        return {
+            (
+                a["stream"],
+                a["entity_id"],
+                a["source_topic"],
+                a["source_offset"],
+                a["model_version"],
+                round(a["score"], 3),
+            )
+            for a in pg_store.list_alerts(run_id=run_id)
+        }
+
+    assert keyed("replay-a") == keyed("live") and keyed("live")
+    # a model that does not fit the stream is refused with both channel lists, nothing replayed
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "replay",
+            "--topic",
+            topics[0],
+            "--model",
+            str(tmp_path / "models" / "chillers.pt"),
+            "--run-id",
+            "replay-b",
+        ],
+        env=served_env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "stream 'pumps' cannot be served" in refused.stderr and "flow, pressure, vibration" in refused.stderr
+    assert not pg_store.list_alerts(run_id="replay-b")

@@ -17,23 +17,26 @@ out = Console()
 
 
 def bench(
-    events: Annotated[int, typer.Option(help="events for the end-to-end drain run")] = 200_000,
-    entities: Annotated[int, typer.Option(help="distinct entities (pumps)")] = 10_000,
+    events: Annotated[int, typer.Option(min=1, help="events for the end-to-end drain run")] = 200_000,
+    entities: Annotated[int, typer.Option(min=1, help="distinct entities (pumps)")] = 10_000,
     rate: Annotated[
-        float, typer.Option(help="paced latency run: events/s sent by a producer process; 0 skips it")
+        float, typer.Option(min=0.0, help="paced latency run: events/s sent by a producer process; 0 skips it")
     ] = 20000.0,
-    paced_seconds: Annotated[float, typer.Option(help="length of the paced latency run")] = 20.0,
-    soak: Annotated[float | None, typer.Option(help="also run a paced soak for this many seconds (RSS trend)")] = None,
-    soak_rate: Annotated[float, typer.Option(help="events/s during the soak")] = 5000.0,
+    paced_seconds: Annotated[float, typer.Option(min=0.1, help="length of the paced latency run")] = 20.0,
+    soak: Annotated[
+        float | None, typer.Option(min=0.1, help="also run a paced soak for this many seconds (RSS trend)")
+    ] = None,
+    soak_rate: Annotated[float, typer.Option(min=1.0, help="events/s during the soak")] = 5000.0,
     database_url: Annotated[str | None, typer.Option(help="default: a fresh SQLite file in a temp dir")] = None,
     bootstrap: Annotated[str | None, typer.Option(help="default KAFKA_BOOTSTRAP, else an embedded Tansu")] = None,
-    batch: Annotated[int, typer.Option(help="processor max_batch_records")] = 1000,
-    commit_interval_ms: Annotated[int, typer.Option(help="processor commit interval")] = 100,
-    snapshot_interval_s: Annotated[float, typer.Option(help="processor state snapshot interval")] = 10.0,
+    batch: Annotated[int, typer.Option(min=1, help="processor max_batch_records")] = 1000,
+    commit_interval_ms: Annotated[int, typer.Option(min=1, help="processor commit interval")] = 100,
+    snapshot_interval_s: Annotated[float, typer.Option(min=0.1, help="processor state snapshot interval")] = 10.0,
     fetch_max_wait_ms: Annotated[
-        int, typer.Option(help="consumer fetch_max_wait_ms (Tansu holds a fetch this long when no data is there)")
+        int,
+        typer.Option(min=0, help="consumer fetch_max_wait_ms (Tansu holds a fetch this long when no data is there)"),
     ] = 20,
-    torch_threads: Annotated[int, typer.Option(help="torch intra-op threads (0 = torch default)")] = 1,
+    torch_threads: Annotated[int, typer.Option(min=0, help="torch intra-op threads (0 = torch default)")] = 1,
     peers: Annotated[bool, typer.Option(help="run the River and naive-loop peers")] = True,
     shadow: Annotated[
         bool,
@@ -49,7 +52,9 @@ def bench(
             "drain events/s per precision, interleaved)"
         ),
     ] = None,
-    precision_repeats: Annotated[int, typer.Option(help="interleaved rounds of the precision table (best kept)")] = 2,
+    precision_repeats: Annotated[
+        int, typer.Option(min=1, help="interleaved rounds of the precision table (best kept)")
+    ] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")] = False,
     output: Annotated[Path | None, typer.Option(help="also write the JSON result here")] = None,
 ) -> None:

@@ -151,6 +151,11 @@ def scorers_for(
         return declared_scorers(settings, topics, stream, model, db)
     by_topic = {settings.transactions_topic: "transactions", settings.sensors_topic: "sensors"}
     checkpoint = resolve_model(model, settings) if model else None
+    if stream is not None and stream not in ("transactions", "sensors"):
+        raise ConfigError(
+            f"--stream {stream!r}: without a stream file (PIPELINE_STREAMS_FILE) a replay serves the bundled "
+            "streams, transactions or sensors"
+        )
     wanted: dict[str, str] = {}
     for t in topics:
         s = stream or (checkpoint.card.get("stream") if checkpoint else None) or by_topic.get(t)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -87,3 +89,43 @@ def test_scorer_bench_reports_batch_fill_of_the_model_calls() -> None:
     assert res["model_chunk"] == 1024
     assert res["batch_fill"] == pytest.approx(1536 / 2048)  # 1536 windows = one full + one half chunk
     assert res["windows_per_s"] > 0 and 0 < res["model_share_of_time"] <= 1
+
+
+def test_replay_names_what_is_wrong_with_its_stream_and_model_options(tmp_path: Path) -> None:
+    """Without a stream file --stream is a bundled stream's name; with one (PIPELINE_STREAMS_FILE) it is a declared
+    stream's, a topic no stream declares needs it, and --model takes what a stream file's `model` takes."""
+    from pipeline.replay.core import scorers_for
+    from pipeline.sinks import Database
+
+    with pytest.raises(ConfigError, match="without a stream file"):
+        scorers_for(Settings(), ["archive"], "pumps", None)
+    s = Settings()
+    s.streams_file = Path(__file__).resolve().parents[2] / "pipeline" / "streams" / "default.toml"
+    db = Database(f"sqlite:///{tmp_path}/replay.db")
+    db.create_schema()
+    try:
+        with pytest.raises(ConfigError, match=r"'pumps' is not declared .*\(have: transactions, sensors\)"):
+            scorers_for(s, ["archive"], "pumps", None, db)
+        with pytest.raises(ConfigError, match="topic 'archive' is not a declared stream's topic"):
+            scorers_for(s, ["archive"], None, None, db)
+        with pytest.raises(ConfigError, match="--model must be NAME@ALIAS"):
+            scorers_for(s, ["archive"], "sensors", "not a model", db)
+        with pytest.raises(ConfigError, match="no version|registry|pumps"):
+            scorers_for(s, ["archive"], "sensors", "pumps@champion", db)
+        served = scorers_for(s, ["archive"], "sensors", None, db)
+        assert served["archive"].spec.name == "sensors"
+    finally:
+        db.dispose()
+
+
+def test_bench_refuses_counts_out_of_range() -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from pipeline.bench.cli import register
+
+    app = typer.Typer()
+    register(app)
+    for args in (["--events", "-5"], ["--entities", "0"], ["--batch", "0"], ["--rate", "-1"]):
+        res = CliRunner().invoke(app, ["bench", *args], env={"COLUMNS": "200"})
+        assert res.exit_code == 2 and "Invalid value" in res.output and args[0] in res.output, (args, res.output)

@@ -23,7 +23,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Streaming anomaly detection: Kafka in, per-entity LSTM scoring (autoencoder or stateful forecaster), alerts out.",
+    help="Streaming anomaly detection: Kafka in, per-entity LSTM scoring (autoencoder or stateful forecaster), "
+    "alerts out.",
 )
 console = Console(stderr=True)
 out = Console()

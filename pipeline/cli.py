@@ -56,11 +56,17 @@ def _stop_on_signals() -> threading.Event:
 def run(
     bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap; default KAFKA_BOOTSTRAP or embedded")] = None,
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL; default DATABASE_URL")] = None,
-    idle_exit: Annotated[float | None, typer.Option(help="exit after this many idle seconds with no lag")] = None,
-    max_events: Annotated[int | None, typer.Option(help="exit after this many events")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus /metrics on this port")] = None,
+    idle_exit: Annotated[
+        float | None, typer.Option(min=0.0, help="exit after this many idle seconds with no lag")
+    ] = None,
+    max_events: Annotated[int | None, typer.Option(min=1, help="exit after this many events")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="serve Prometheus /metrics on this port")
+    ] = None,
     group_id: Annotated[str | None, typer.Option()] = None,
-    api_port: Annotated[int | None, typer.Option(help="also serve the alerts API and page on this port")] = None,
+    api_port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="also serve the alerts API and page on this port")
+    ] = None,
     host: Annotated[
         str, typer.Option("--host", "--api-host", help="listen address of --metrics-port and --api-port (0.0.0.0: all)")
     ] = "127.0.0.1",
@@ -133,7 +139,7 @@ def train(
             "--out", help="where to write <stream>.pt and its card (default models/checkpoints; --stream: var/models)"
         ),
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="training epochs (default 8; --stream: 30)")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="training epochs (default 8; --stream: 30)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     family: Annotated[str | None, typer.Option(help="--stream: lstm_forecast (default) or lstm_ae")] = None,
     holdout: Annotated[float, typer.Option(help="--stream: last share of each entity's rows held out")] = 0.2,
@@ -196,9 +202,9 @@ def train(
 def produce(
     stream: Annotated[str, typer.Argument(help="transactions | sensors")],
     bootstrap: Annotated[str | None, typer.Option()] = None,
-    entities: Annotated[int, typer.Option()] = 100,
-    events_per_entity: Annotated[int, typer.Option()] = 50,
-    anomalous: Annotated[int, typer.Option(help="entities with injected anomalies")] = 1,
+    entities: Annotated[int, typer.Option(min=1)] = 100,
+    events_per_entity: Annotated[int, typer.Option(min=1)] = 50,
+    anomalous: Annotated[int, typer.Option(min=0, help="entities with injected anomalies")] = 1,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Produce simulated events (with injected anomalies) to the stream's topic."""
@@ -225,7 +231,7 @@ def produce(
 
 
 @app.command()
-def broker(port: Annotated[int, typer.Option()] = 9092) -> None:
+def broker(port: Annotated[int, typer.Option(min=1, max=65535)] = 9092) -> None:
     """Run the embedded Tansu broker in the foreground (memory storage) until Ctrl-C."""
     from pipeline.kafka.broker import TansuBroker
 
@@ -239,8 +245,8 @@ def broker(port: Annotated[int, typer.Option()] = 9092) -> None:
 
 @app.command()
 def demo(
-    customers: Annotated[int, typer.Option()] = 300,
-    devices: Annotated[int, typer.Option()] = 20,
+    customers: Annotated[int, typer.Option(min=1)] = 300,
+    devices: Annotated[int, typer.Option(min=1)] = 20,
     database_url: Annotated[str, typer.Option()] = "sqlite:///var/demo.db",
 ) -> None:
     """End to end on the embedded broker and SQLite: simulate, stream, score, alert, summarize."""

@@ -91,7 +91,7 @@ def list_cmd(
     status: Annotated[str | None, typer.Option("--status", help="|".join(STATUSES))] = None,
     stream: Annotated[str | None, typer.Option("--stream")] = None,
     incidents: Annotated[bool, typer.Option("--incidents", help="list incidents instead of alerts")] = False,
-    limit: Annotated[int, typer.Option("--limit")] = 100,
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON array on stdout")] = False,
     database_url: DbOpt = None,
     run_id: RunOpt = None,

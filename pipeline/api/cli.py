@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
 
 
 def api(
-    port: Annotated[int, typer.Option(help="listen port")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="listen port")] = 8000,
     host: Annotated[str, typer.Option(help="listen address")] = "127.0.0.1",
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL; default DATABASE_URL")] = None,
     run_id: Annotated[str | None, typer.Option(help="only this run (default: all runs)")] = None,

@@ -68,6 +68,10 @@ def replay(
     rid = run_id or default_run_id()
     if rid == s.run_id:
         raise ConfigError(f"run id {rid!r} is the live run's namespace; pick another")
+    from_ms = parse_time(from_time) if from_time else None
+    to_ms = parse_time(to_time) if to_time else None
+    if from_ms is not None and to_ms is not None and to_ms <= from_ms:
+        raise ConfigError("--to must be after --from")
     console.print(f"replay run id: [bold]{rid}[/bold]")
     from tqdm import tqdm
 
@@ -82,8 +86,8 @@ def replay(
             s,
             boot,
             topic,
-            from_ms=parse_time(from_time) if from_time else None,
-            to_ms=parse_time(to_time) if to_time else None,
+            from_ms=from_ms,
+            to_ms=to_ms,
             model=model,
             stream=stream,
             run_id=rid,

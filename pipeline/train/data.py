@@ -151,7 +151,7 @@ def _missing(path: Path, have: Sequence[str], columns: list[str]) -> None:
     if missing:
         raise TrainingDataError(
             f"{path}: column {missing[0]!r} is missing (the stream needs {', '.join(map(repr, columns))}; "
-            f"the file has {', '.join(map(repr, have))})"
+            f"the file has {', '.join(map(repr, have)) if have else 'no columns: is it empty?'})"
         )
 
 

@@ -1,0 +1,44 @@
+"""Options with a range refuse values outside it before anything starts: a usage error naming the option,
+exit 2, never a traceback or a run that silently does nothing (found by probing: `bench --events -5` ran a
+benchmark, `run --max-events -1` consumed nothing and exited 0, `api --port 99999` raised OverflowError)."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from pipeline import cli
+from pipeline.alerts.cli import register as register_alerts
+from pipeline.api.cli import register as register_api
+from pipeline.bench.cli import register as register_bench
+
+
+def _app_with(register: object) -> typer.Typer:
+    app = typer.Typer()
+    register(app)  # type: ignore[operator]
+    return app
+
+
+@pytest.mark.parametrize(
+    ("app", "args"),
+    [
+        (_app_with(register_bench), ["bench", "--events", "-5"]),
+        (_app_with(register_bench), ["bench", "--entities", "0"]),
+        (_app_with(register_bench), ["bench", "--batch", "0"]),
+        (_app_with(register_bench), ["bench", "--rate", "-1"]),
+        (_app_with(register_api), ["api", "--port", "99999"]),
+        (_app_with(register_alerts), ["alerts", "list", "--limit", "-1"]),
+        (cli.app, ["run", "--max-events", "-1"]),
+        (cli.app, ["run", "--idle-exit", "-2"]),
+        (cli.app, ["run", "--api-port", "70000"]),
+        (cli.app, ["produce", "--entities", "0"]),
+        (cli.app, ["broker", "--port", "0"]),
+        (cli.app, ["demo", "--devices", "0"]),
+        (cli.app, ["train", "--epochs", "0"]),
+    ],
+)
+def test_out_of_range_options_are_usage_errors(app: typer.Typer, args: list[str]) -> None:
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    option = next(a for a in args if a.startswith("--"))
+    assert res.exit_code == 2 and "Invalid value" in res.output and option in res.output, res.output

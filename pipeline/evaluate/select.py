@@ -234,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             table[src] = {}
             for m in models:
                 per_seed = []  # [seed][threshold] -> metrics
+                train_rows = int(rows) if rows else None
                 for seed in args.seeds or [None]:
                     ms = m if seed is None else {**m, "seed": seed}
                     if fmt == "skab":
-                        train_rows = int(rows) if rows else None
                         per_seed.append(_skab_runs(Path(path), train_rows, ms, thresholds, per["skab"]))
                     else:
                         per_seed.append(_nasa_runs(Path(path), ms, thresholds, per["nasa"]))

@@ -46,7 +46,7 @@ def replay(
     """Replay a historical range of TOPIC into an isolated run id (or --diff RUN_A RUN_B)."""
     from pipeline.cli import _settings
     from pipeline.errors import ConfigError
-    from pipeline.replay.core import default_run_id, diff_runs, parse_time, run_replay
+    from pipeline.replay.core import default_run_id, diff_runs, parse_range, run_replay
     from pipeline.sinks import AlertQueries, Database
 
     s = _settings(database_url=database_url)
@@ -68,10 +68,7 @@ def replay(
     rid = run_id or default_run_id()
     if rid == s.run_id:
         raise ConfigError(f"run id {rid!r} is the live run's namespace; pick another")
-    from_ms = parse_time(from_time) if from_time else None
-    to_ms = parse_time(to_time) if to_time else None
-    if from_ms is not None and to_ms is not None and to_ms <= from_ms:
-        raise ConfigError("--to must be after --from")
+    from_ms, to_ms = parse_range(from_time, to_time)
     console.print(f"replay run id: [bold]{rid}[/bold]")
     from tqdm import tqdm
 

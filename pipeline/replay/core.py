@@ -57,6 +57,19 @@ def parse_time(value: str) -> int:
     return int(round(dt.timestamp() * 1000))
 
 
+def check_range(from_ms: int | None, to_ms: int | None) -> None:
+    if from_ms is not None and to_ms is not None and to_ms <= from_ms:
+        raise ConfigError("--to must be after --from")
+
+
+def parse_range(from_time: str | None, to_time: str | None) -> tuple[int | None, int | None]:
+    """--from / --to (either may be absent) -> epoch milliseconds, checked before anything starts."""
+    from_ms = parse_time(from_time) if from_time else None
+    to_ms = parse_time(to_time) if to_time else None
+    check_range(from_ms, to_ms)
+    return from_ms, to_ms
+
+
 def default_run_id() -> str:
     now = datetime.now(timezone.utc)
     return f"replay-{now:%Y%m%dT%H%M%S}-{now.microsecond // 1000:03d}Z"
@@ -148,7 +161,7 @@ def scorers_for(
     if settings.streams_file is not None:
         if db is None:
             raise ConfigError("a replay of declared streams needs the database (model registry)")
-        return declared_scorers(settings, topics, stream, model, db)
+        return declared_scorers(settings, settings.streams_file, topics, stream, model, db)
     by_topic = {settings.transactions_topic: "transactions", settings.sensors_topic: "sensors"}
     checkpoint = resolve_model(model, settings) if model else None
     if stream is not None and stream not in ("transactions", "sensors"):
@@ -181,15 +194,18 @@ def scorers_for(
 
 
 def declared_scorers(
-    settings: Settings, topics: Sequence[str], stream: str | None, model: str | None, db: Database
+    settings: Settings,
+    where: Path,
+    topics: Sequence[str],
+    stream: str | None,
+    model: str | None,
+    db: Database,
 ) -> dict[str, StreamScorer]:
-    """topic -> scorer of the stream file's streams, as `pipeline run` serves them: each topic's declared stream
-    (or the stream `stream` names, e.g. to replay an archive topic), with its model, or with `model` in the
-    stream file's syntax (a registry version or NAME@ALIAS, a .pt file, bundled:KIND): a candidate version is
-    replayed over history before it is promoted. A model whose channels differ is refused as at start."""
-    where = settings.streams_file
-    if where is None:
-        raise ConfigError("no stream file: set PIPELINE_STREAMS_FILE")
+    """topic -> scorer of the streams of the stream file `where`, as `pipeline run` serves them: each topic's
+    declared stream (or the stream `stream` names, e.g. to replay an archive topic), with its model, or with
+    `model` in the stream file's syntax (a registry version or NAME@ALIAS, a .pt file, bundled:KIND): a candidate
+    version is replayed over history before it is promoted. A model whose channels differ is refused as at
+    start."""
     declared = load_streams(where).streams
     by_name, by_topic = {s.name: s for s in declared}, {s.topic: s for s in declared}
     if stream is not None and stream not in by_name:
@@ -230,8 +246,7 @@ def run_replay(
     stop: threading.Event | None = None,
     db: Database | None = None,
 ) -> ReplayResult:
-    if from_ms is not None and to_ms is not None and to_ms <= from_ms:
-        raise ConfigError("--to must be after --from")
+    check_range(from_ms, to_ms)
     run_id = run_id or default_run_id()
     if run_id == settings.run_id:
         raise ConfigError(f"run id {run_id!r} is the live run's namespace; pick another")

@@ -83,15 +83,12 @@ def _history(
 ) -> TrainingTable:
     if topic is None:
         return read_files(data, stream)
-    from pipeline.replay.core import parse_time
+    from pipeline.replay.core import parse_range
     from pipeline.train.topic import read_topic
 
     if not bootstrap:
         raise ConfigError("--topic needs the broker: pass --bootstrap or set KAFKA_BOOTSTRAP")
-    from_ms = parse_time(from_time) if from_time else None
-    to_ms = parse_time(to_time) if to_time else None
-    if from_ms is not None and to_ms is not None and to_ms <= from_ms:
-        raise ConfigError("--to must be after --from")
+    from_ms, to_ms = parse_range(from_time, to_time)
     bar = tqdm(desc=f"read {topic}", file=sys.stderr, unit="rec")
 
     def progress(done: int, total: int) -> None:

@@ -13,7 +13,7 @@ from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.features.streams import make_stream
 from pipeline.records import RawRecord
-from pipeline.replay.core import default_run_id, parse_time, resolve_model
+from pipeline.replay.core import default_run_id, parse_range, parse_time, resolve_model
 from pipeline.simulate import SENSOR_CHANNELS
 
 
@@ -25,6 +25,14 @@ def test_parse_time_accepts_iso_and_epoch_ms() -> None:
     with pytest.raises(ConfigError):
         parse_time("yesterday")
     assert default_run_id().startswith("replay-")
+
+
+def test_a_time_range_is_checked_once_for_replay_and_train() -> None:
+    assert parse_range("2020-03-09T10:14:33Z", None) == (1583748873000, None)
+    assert parse_range(None, "1583748873000") == (None, 1583748873000)
+    for a, b in (("2024-02-01", "2024-01-01"), ("2024-01-01", "2024-01-01")):
+        with pytest.raises(ConfigError, match="--to must be after --from"):
+            parse_range(a, b)
 
 
 def test_resolve_model_by_version_and_path() -> None:

@@ -53,7 +53,16 @@ def replay(
     if diff is not None:
         db = Database(s.database_url)
         try:
-            result = diff_runs(AlertQueries(db), diff[0], diff[1])
+            queries = AlertQueries(db)
+            unknown = [r for r in dict.fromkeys(diff) if not queries.known_run(r)]
+            if unknown:
+                where = db.engine.url.render_as_string(hide_password=True)
+                raise ConfigError(
+                    f"--diff: no run {', '.join(map(repr, unknown))} in {where}: it wrote no "
+                    "checkpoint and no alert (`pipeline replay` prints the run id it writes; the live run's is "
+                    "PIPELINE_RUN_ID)"
+                )
+            result = diff_runs(queries, diff[0], diff[1])
         finally:
             db.dispose()
         _print_diff(result, as_json)

@@ -12,7 +12,7 @@ from sqlalchemy import ColumnElement, Select, Table, func, select, update
 from pipeline.checkpointing.rows import iso_utc
 from pipeline.errors import NotFoundError
 from pipeline.sinks.database import Database
-from pipeline.sinks.tables import RUN_TABLES, alert_outbox, alerts, incidents, score_samples
+from pipeline.sinks.tables import RUN_TABLES, alert_outbox, alerts, incidents, partition_checkpoints, score_samples
 
 
 class AlertQueries:
@@ -215,6 +215,14 @@ class AlertQueries:
             q = q.where(alert_outbox.c.published_at.is_(None))
         with self.db.reading("read the outbox") as conn:
             return [dict(m) for m in conn.execute(q).mappings()]
+
+    def known_run(self, run_id: str) -> bool:
+        """Whether a run wrote anything here: a checkpoint (every run that consumed, alerts or not) or an alert."""
+        with self.db.reading(f"look up run {run_id!r}") as conn:
+            for t in (partition_checkpoints, alerts):
+                if conn.execute(select(t.c.run_id).where(t.c.run_id == run_id).limit(1)).first() is not None:
+                    return True
+        return False
 
     def delete_run(self, run_id: str) -> None:
         """Every row of one run, in every table (a replay's results, for one)."""

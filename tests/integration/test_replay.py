@@ -3,6 +3,10 @@ same records, exact time bounds whatever offsets_for_times answers, and a diff o
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from pipeline.kafka.client import KafkaSource
 from pipeline.replay.core import diff_runs, run_replay
 from tests.sql_helpers import SqlTestStore
@@ -48,6 +52,18 @@ def test_replay_equals_live_run_is_isolated_and_deterministic(
 
     d = diff_runs(sqlite_store, "live", "replay-a")
     assert (d["added"], d["removed"], d["common"]) == (0, 0, len(live))
+
+    # --diff names a run id that wrote nothing: a clear error (exit 2), not two empty tables and exit 0
+    assert sqlite_store.known_run("replay-a") and not sqlite_store.known_run("replay-typo")
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline", "replay", "--diff", "replay-a", "replay-typo"],
+        env={**os.environ, "PIPELINE_DATABASE_URL": sqlite_store.url, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2 and "no run 'replay-typo'" in res.stdout + res.stderr, res
+    assert "'replay-a'" not in res.stdout + res.stderr
 
 
 def test_time_range_is_exact_by_record_timestamp(

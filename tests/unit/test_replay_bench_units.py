@@ -15,6 +15,8 @@ from pipeline.features.streams import make_stream
 from pipeline.records import RawRecord
 from pipeline.replay.core import default_run_id, parse_range, parse_time, resolve_model
 from pipeline.simulate import SENSOR_CHANNELS
+from schemas.fast import SensorReadingFast
+from schemas.types import SensorReading
 
 
 def test_parse_time_accepts_iso_and_epoch_ms() -> None:
@@ -83,7 +85,9 @@ def test_soak_summary_flat_vs_growing() -> None:
 def test_bench_load_is_valid_wire_json() -> None:
     spec = make_stream("sensors", channels=SENSOR_CHANNELS)
     load = SensorLoad(50, seed=3)
-    recs = [spec.decode(v) for _, v in load.payloads(0, 200)]
+    decoded = [spec.decode(v) for _, v in load.payloads(0, 200)]
+    recs = [r for r in decoded if isinstance(r, SensorReading | SensorReadingFast)]
+    assert len(recs) == len(decoded), "every bench payload decodes as a sensor reading"
     dev, ts, vals = SensorLoad(50, seed=3).arrays(0, 200)  # same seed, same events
     assert [r.device_id for r in recs] == [load.ids[d] for d in dev]
     np.testing.assert_allclose([r.timestamp.timestamp() for r in recs], ts, atol=1e-6)

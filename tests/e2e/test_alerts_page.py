@@ -8,6 +8,7 @@ import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,7 +47,7 @@ def server(sqlite_store: Database) -> Iterator[str]:
 
 
 @pytest.fixture()
-def browser() -> Iterator[object]:
+def browser() -> Iterator[Any]:
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
@@ -61,24 +62,24 @@ def browser() -> Iterator[object]:
         drv.quit()
 
 
-def test_page_lists_open_incidents_and_plots_the_selected_one(server: str, browser: object) -> None:
+def test_page_lists_open_incidents_and_plots_the_selected_one(server: str, browser: Any) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     drv = browser
-    drv.get(server + "/")  # type: ignore[attr-defined]
+    drv.get(server + "/")
     WebDriverWait(drv, 15).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") != "loading")
-    body = drv.find_element(By.TAG_NAME, "body")  # type: ignore[attr-defined]
+    body = drv.find_element(By.TAG_NAME, "body")
     assert body.get_attribute("data-state") == "ready"
-    rows = drv.find_elements(By.CSS_SELECTOR, "#incidents tbody tr")  # type: ignore[attr-defined]
+    rows = drv.find_elements(By.CSS_SELECTOR, "#incidents tbody tr")
     assert [r.find_elements(By.TAG_NAME, "td")[2].text for r in rows] == ["C1", "C2"]
     assert "critical" in rows[0].text and "selected" in rows[0].get_attribute("class")
-    plot = drv.find_element(By.ID, "score-plot")  # type: ignore[attr-defined]
+    plot = drv.find_element(By.ID, "score-plot")
     score_path = plot.find_element(By.CSS_SELECTOR, "path.score").get_attribute("d")
     assert score_path.startswith("M") and score_path.count("L") == 6  # 7 samples
     assert plot.find_element(By.CSS_SELECTOR, "path.threshold")
     assert len(plot.find_elements(By.CSS_SELECTOR, "circle.anomaly")) == 5
-    bars = drv.find_elements(By.CSS_SELECTOR, "#features rect.bar")  # type: ignore[attr-defined]
+    bars = drv.find_elements(By.CSS_SELECTOR, "#features rect.bar")
     assert len(bars) == 6 and all(float(b.get_attribute("width")) > 0 for b in bars)
     # selecting the other incident redraws the plot for that entity
     rows[1].click()
@@ -86,10 +87,10 @@ def test_page_lists_open_incidents_and_plots_the_selected_one(server: str, brows
         lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-selected") == rows[1].get_attribute("data-id")
     )
     WebDriverWait(drv, 10).until(lambda d: "C2" in d.find_element(By.ID, "detail-title").text)
-    assert len(drv.find_elements(By.CSS_SELECTOR, "#score-plot circle.anomaly")) == 1  # type: ignore[attr-defined]
-    rows = drv.find_elements(By.CSS_SELECTOR, "#incidents tbody tr")  # type: ignore[attr-defined]
+    assert len(drv.find_elements(By.CSS_SELECTOR, "#score-plot circle.anomaly")) == 1
+    rows = drv.find_elements(By.CSS_SELECTOR, "#incidents tbody tr")
     rows[0].click()
     WebDriverWait(drv, 10).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#score-plot circle.anomaly")) == 5)
     out = REPO / "test-artifacts"
     out.mkdir(exist_ok=True)
-    assert drv.save_screenshot(str(out / "alerts-page.png"))  # type: ignore[attr-defined]
+    assert drv.save_screenshot(str(out / "alerts-page.png"))

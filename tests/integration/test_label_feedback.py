@@ -64,7 +64,7 @@ def _expected(bootstrap: str, tx_topic: str, labels_topic: str) -> dict[int, Ter
     by_part: dict[int, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
     for r in sorted(read_topic_raw(bootstrap, labels_topic), key=lambda r: (r.partition, r.offset)):
         try:
-            lab = orjson.loads(r.value)
+            lab = orjson.loads(r.value or b"")
             known = _ts(lab["labelled_at"])
         except (orjson.JSONDecodeError, KeyError, TypeError):
             continue
@@ -74,6 +74,7 @@ def _expected(bootstrap: str, tx_topic: str, labels_topic: str) -> dict[int, Ter
         d["known"].append(known)
         d["fraud"].append(float(lab["is_fraud"]))
     for r in sorted(read_topic_raw(bootstrap, tx_topic), key=lambda r: (r.partition, r.offset)):
+        assert r.value is not None
         tx = orjson.loads(r.value)
         d = by_part[r.partition]
         d["tt"].append(tx["terminal_id"])

@@ -35,11 +35,11 @@ class _Threshold(AdaptiveThreshold):
 
     entity_ids: Callable[[np.ndarray], list[str]] = field(kw_only=True)  # the scorer's store's
 
-    def thresholds(self, stats: ScoreStats, slots: np.ndarray) -> np.ndarray:
+    def thresholds(self, stats: ScoreStats, slots: np.ndarray, z: float | np.ndarray | None = None) -> np.ndarray:
         ids = self.entity_ids(slots)
         if "poison-score" in ids:
             raise RuntimeError("injected: scoring failed")
-        thr = super().thresholds(stats, slots)
+        thr = super().thresholds(stats, slots, z)
         return np.where(np.fromiter((e in FORCED for e in ids), bool, len(ids)), 0.0, thr)
 
 
@@ -63,7 +63,7 @@ def _inject(proc: Processor) -> None:
             raise OverflowError("injected: featurizer bug")
         return columns(records, partitions, contexts, frozen)
 
-    spec.decode, spec.entity_of, spec.columns = bad_decode, bad_entity_of, bad_columns  # type: ignore[method-assign]
+    spec.decode, spec.entity_of, spec.columns = bad_decode, bad_entity_of, bad_columns  # type: ignore[method-assign,assignment]
     tracker = proc.checkpointer.tracker
     assert tracker is not None
     apply = tracker.apply

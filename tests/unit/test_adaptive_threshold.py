@@ -76,7 +76,7 @@ def test_alert_state_survives_a_snapshot_and_older_records_load_without_it() -> 
     v3 = s.layout.dtype_of(3)  # a record written before the alert state was kept
     rec = np.zeros(1, v3)
     full = np.frombuffer(blob, s.layout.dtype)[0]
-    for name in v3.names:
+    for name in v3.names or ():
         rec[name] = full[name]
     rec["version"] = 3
     old = EntityStateStore(StateLayout(4, 2), np.zeros(2), np.ones(2), capacity=4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import DecodeError
-from pipeline.features.streams import SensorStream, TransactionStream
+from pipeline.features.streams import SensorStream, StreamSpec, TransactionStream
 
 TX = TransactionStream(max_message_bytes=1024)
 SN = SensorStream(["Current", "Pressure"], max_message_bytes=1024)
@@ -81,7 +81,7 @@ def test_event_times_outside_1900_2200_utc_are_dead_lettered(stamp: bytes) -> No
     """The issue's poison pill: valid local times whose UTC conversion leaves datetime's range."""
     from pipeline.features.streams import LabelStream
 
-    cases = [
+    cases: list[tuple[StreamSpec, bytes, bytes]] = [
         (TX, GOOD_TX, b"2018-04-01T00:00:31Z"),
         (SN, SENSOR, b"2020-01-01T00:00:00Z"),
         (LabelStream(), LABEL, b"2018-04-08T00:00:31Z"),

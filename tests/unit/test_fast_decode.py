@@ -25,7 +25,7 @@ def _specs(make: Any) -> tuple[StreamSpec, StreamSpec]:
 SN, SN_REF = _specs(lambda: SensorStream(CHANNELS, max_message_bytes=4096))
 TX, TX_REF = _specs(lambda: TransactionStream(max_message_bytes=4096))
 
-SENSOR = {
+SENSOR: dict[str, Any] = {
     "device_id": "pump-00001",
     "timestamp": "2020-03-09T10:14:33.000000Z",
     "values": {"Current": 1.914219, "Pressure": 0.30926, "Volume Flow RateRMS": 32.311354},

@@ -77,7 +77,9 @@ def _take_all(part: Any, step: int | None) -> list[Any]:
 
 
 # a transaction's COMMIT marker: control record key = (version 0, type 1), value = (version 0, coordinator epoch 0)
-COMMIT_MARKER = [(1_700_000_000_003, b"\x00\x00\x00\x01", b"\x00\x00\x00\x00\x00\x00", [])]
+COMMIT_MARKER: list[tuple[int, bytes, bytes, list[Any]]] = [
+    (1_700_000_000_003, b"\x00\x00\x00\x01", b"\x00\x00\x00\x00\x00\x00", [])
+]
 GZIP, SNAPPY, LZ4, ZSTD = 1, 2, 3, 4
 
 CASES = {

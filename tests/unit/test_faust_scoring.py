@@ -113,6 +113,7 @@ def test_out_of_order_events_are_dead_lettered_not_scored(tmp_path: Path) -> Non
     recs = [r for r in _records(topic) if r.key == _records(topic)[0].key][:100]  # 1 s apart: 99 s of history
     scoring, _, dlq = _scoring(tmp_path, "late")
     scoring.handle(recs)
+    assert recs[0].value is not None
     old = orjson.loads(recs[0].value)  # the entity's first reading, 99 s behind its latest (allowed: 60 s)
     stale = RawRecord(topic, recs[0].partition, recs[-1].offset + 1, recs[0].key, orjson.dumps(old), 0)
     scored_before = scoring.stats.scored

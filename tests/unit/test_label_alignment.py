@@ -135,7 +135,9 @@ def test_payments_wait_for_their_labels_then_match_the_offline_features(model: A
     assert pos.consumed[("tx", 0)] == 0  # and its position does not pass them
     assert src.paused == {("tx", 0)}  # more than 2 x max_batch_records waiting: fetching pauses
     proc.handle(src.poll(0, 0))
-    mark = orjson.loads(lab[half - 1].value)["labelled_at"]
+    last_label = lab[half - 1].value
+    assert last_label is not None
+    mark = orjson.loads(last_label)["labelled_at"]
     released = sum(1 for r in txs if r["timestamp"] <= mark)
     assert proc.stats.scored == released > 0 and proc.holding == len(tx) - released
     assert pos.consumed[("tx", 0)] == released

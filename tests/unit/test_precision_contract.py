@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ P99_OF_THRESHOLD, MAX_OF_THRESHOLD, MIN_RANK_CORR = 0.03, 0.10, 0.99
 
 def _windows(stream: str) -> tuple[Checkpoint, np.ndarray]:
     ckpt = load_checkpoint(bundled_checkpoint_path(stream))
-    spec = make_stream(stream, channels=ckpt.card["feature_names"], card=ckpt.card)
+    spec: Any = make_stream(stream, channels=ckpt.card["feature_names"], card=ckpt.card)  # either kind, by name
     if stream == "sensors":
         recs, _ = simulate_sensors(20, 120, seed=11, spike_devices=3, drift_devices=2, anomaly_len=15)
     else:

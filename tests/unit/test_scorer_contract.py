@@ -209,7 +209,11 @@ def _with_late(cols: EventColumns, late_s: float, stale_s: float) -> tuple[Event
     """The stream plus, after some events, a copy of that event `late_s` (late) or `stale_s` (out of order) behind
     it, with other values. Returns the columns, where the original events went, and each event's kind
     (0 = original, 1 = late, 2 = out of order)."""
-    ids, ts, rows, kind, orig = [], [], [], [], []
+    ids: list[str] = []
+    ts: list[float] = []
+    rows: list[np.ndarray] = []
+    kind: list[int] = []
+    orig: list[int] = []
     seen: set[str] = set()
     for i, e in enumerate(cols.entity_ids):
         orig.append(len(ids))

@@ -135,7 +135,7 @@ def test_smoothed_score_survives_snapshots_and_v1_blobs_migrate() -> None:
     v1 = s.layout.dtype_of(1)
     rec = np.zeros(1, v1)
     full = np.frombuffer(blobs["a"], s.layout.dtype)[0]
-    for name in v1.names:
+    for name in v1.names or ():
         rec[name] = full[name]
     rec["version"] = 1
     old = _store()

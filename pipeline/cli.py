@@ -140,7 +140,7 @@ def train(
         ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="training epochs (default 8; --stream: 30)")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
     family: Annotated[str | None, typer.Option(help="--stream: lstm_forecast (default) or lstm_ae")] = None,
     holdout: Annotated[float, typer.Option(help="--stream: last share of each entity's rows held out")] = 0.2,
     database_url: Annotated[
@@ -179,8 +179,10 @@ def train(
         raise ConfigError("--data, --topic, --from, --to, --family, --register and --streams-file need --stream NAME")
     from tqdm import tqdm
 
+    from pipeline.train.cli import output_dir
     from pipeline.training import train_default_models
 
+    target = output_dir(out_dir or Path("models/checkpoints"))
     n_epochs = epochs or 8
     bars: dict[str, tqdm] = {}
 
@@ -189,9 +191,7 @@ def train(
         bar.set_postfix(train=f"{tl:.4f}", val=f"{vl:.4f}")
         bar.update(1)
 
-    paths = train_default_models(
-        out_dir or Path("models/checkpoints"), Settings().sensor_channels, seed=seed, epochs=n_epochs, progress=progress
-    )
+    paths = train_default_models(target, Settings().sensor_channels, seed=seed, epochs=n_epochs, progress=progress)
     for b in bars.values():
         b.close()
     for name, p in paths.items():
@@ -205,7 +205,7 @@ def produce(
     entities: Annotated[int, typer.Option(min=1)] = 100,
     events_per_entity: Annotated[int, typer.Option(min=1)] = 50,
     anomalous: Annotated[int, typer.Option(min=0, help="entities with injected anomalies")] = 1,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
 ) -> None:
     """Produce simulated events (with injected anomalies) to the stream's topic."""
     from pipeline.kafka.client import ensure_topics, make_producer, produce_json

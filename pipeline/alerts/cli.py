@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.checkpointing.rows import MAX_ROW_ID
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
 
@@ -65,7 +66,7 @@ def _queries(database_url: str | None) -> Iterator[AlertQueries]:
     """The alert database (schema brought to head), disposed of when the block ends."""
     from pipeline.sinks import AlertQueries, Database
 
-    db = Database(database_url or Settings().database_url)
+    db = Database(database_url or Settings().database_url, existing=True)
     try:
         db.create_schema()
         yield AlertQueries(db)
@@ -91,7 +92,7 @@ def list_cmd(
     status: Annotated[str | None, typer.Option("--status", help="|".join(STATUSES))] = None,
     stream: Annotated[str | None, typer.Option("--stream")] = None,
     incidents: Annotated[bool, typer.Option("--incidents", help="list incidents instead of alerts")] = False,
-    limit: Annotated[int, typer.Option("--limit", min=1)] = 100,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=MAX_ROW_ID)] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON array on stdout")] = False,
     database_url: DbOpt = None,
     run_id: RunOpt = None,
@@ -190,6 +191,8 @@ def tail_cmd(
     boot = bootstrap or s.kafka_bootstrap
     if not boot:
         raise ConfigError("set --bootstrap or KAFKA_BOOTSTRAP")
+    # on stderr, so --json output stays clean: a broker that does not answer takes kafka-python's 30 s to say so
+    typer.echo(f"following {topic or s.alerts_topic} on {boot} (Ctrl-C stops)", err=True)
     stream = follow(boot, topic or s.alerts_topic, from_beginning=from_beginning, idle_timeout_s=idle_exit)
     for n, (key, value) in enumerate(stream, start=1):
         if as_json:
@@ -227,7 +230,9 @@ def _update(
 
 @alerts_app.command("ack")
 def ack_cmd(
-    item_id: Annotated[int, typer.Argument(metavar="ID", help="alert id (or incident id with --incident)")],
+    item_id: Annotated[
+        int, typer.Argument(metavar="ID", min=1, max=MAX_ROW_ID, help="alert id (or incident id with --incident)")
+    ],
     incident: Annotated[bool, typer.Option("--incident", help="ID is an incident: ack it and its alerts")] = False,
     by: Annotated[str, typer.Option("--by", help="who acknowledges")] = "operator",
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -243,7 +248,9 @@ def ack_cmd(
 
 @alerts_app.command("label")
 def label_cmd(
-    item_id: Annotated[int, typer.Argument(metavar="ID", help="alert id (or incident id with --incident)")],
+    item_id: Annotated[
+        int, typer.Argument(metavar="ID", min=1, max=MAX_ROW_ID, help="alert id (or incident id with --incident)")
+    ],
     tp: Annotated[bool | None, typer.Option("--tp/--fp", help="true positive / false positive")] = None,
     incident: Annotated[bool, typer.Option("--incident", help="ID is an incident: label it and its alerts")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,

@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline import metrics
+from pipeline.checkpointing.rows import MAX_ROW_ID
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, NotFoundError, SinkError
 from pipeline.sinks.queries import AlertQueries, row_to_json
@@ -25,8 +26,7 @@ def _web(name: str) -> str:
     return resources.files("pipeline.web").joinpath(name).read_text(encoding="utf-8")
 
 
-_MAX_ID = 2**63 - 1  # BIGINT; larger ids cannot exist, and SQLite cannot even bind them
-IdPath = Annotated[int, Path(ge=1, le=_MAX_ID)]
+IdPath = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 
 
 def _since(value: str | None) -> datetime | None:
@@ -105,7 +105,7 @@ def create_app(
         stream: str | None = None,
         since: str | None = Query(None, description="ISO time or age (15m, 2h, 7d)"),
         status: str | None = Query(None, description="open|resolved|acked|unacked|tp|fp|unlabeled"),
-        incident_id: int | None = Query(None, ge=1, le=_MAX_ID),
+        incident_id: int | None = Query(None, ge=1, le=MAX_ROW_ID),
         limit: int = Query(100, ge=1, le=5000),
     ) -> list[dict[str, Any]]:
         try:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+MAX_ROW_ID = 2**63 - 1  # BIGINT: larger ids (and limits) cannot exist, and SQLite cannot even bind them
+
 
 @dataclass
 class AlertRow:

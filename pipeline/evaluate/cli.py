@@ -27,6 +27,12 @@ class Format(str, Enum):
     transactions = "transactions"
 
 
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+    auto = "auto"
+
+
 def run_evaluation(
     fmt: str,
     data: Path,
@@ -44,6 +50,9 @@ def run_evaluation(
 
     import torch
 
+    from pipeline.scoring.scorer import select_device
+
+    device = str(select_device(device))  # cuda without a CUDA device: one line, before any training
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     overrides: dict[str, Any] = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
     started = time.monotonic()
@@ -92,9 +101,9 @@ def register(app: typer.Typer) -> None:
         fmt: Annotated[Format, typer.Option("--format", help="benchmark layout and protocol")],
         data: Annotated[Path, typer.Option("--data", help="benchmark folder (or transactions CSV)")],
         as_json: Annotated[bool, typer.Option("--json", help="one JSON object on the last line of stdout")] = False,
-        epochs: Annotated[int | None, typer.Option(help="override the validated number of epochs")] = None,
-        seed: Annotated[int | None, typer.Option()] = None,
-        device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
+        epochs: Annotated[int | None, typer.Option(min=1, help="override the validated number of epochs")] = None,
+        seed: Annotated[int | None, typer.Option(min=0, max=2**32 - 1)] = None,
+        device: Annotated[Device, typer.Option(help="where the models train and score")] = Device.cpu,
         save_model: Annotated[
             Path | None,
             typer.Option(
@@ -125,7 +134,7 @@ def register(app: typer.Typer) -> None:
             data,
             epochs=epochs,
             seed=seed,
-            device=device,
+            device=device.value,
             save_model=save_model,
             partitions=partitions,
             precision=precision,

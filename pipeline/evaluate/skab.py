@@ -97,6 +97,8 @@ def load(path: Path, train_rows: int) -> tuple[list[str], EventColumns, EventCol
     for i, f in enumerate(find_files(path)):
         df = read(f)
         cols = [c for c in df.columns if c not in (LABEL, CHANGEPOINT)]
+        if not cols:
+            raise ConfigError(f"{f}: no sensor columns (only {', '.join(map(repr, df.columns))} besides the time)")
         if i == 0:
             channels = cols
         elif cols != channels:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from pipeline.config import Settings
@@ -49,10 +50,11 @@ def register(app: typer.Typer) -> None:
 
 
 @contextmanager
-def _store(database_url: str | None) -> Iterator[SqlRegistryStore]:
+def _store(database_url: str | None, *, existing: bool = True) -> Iterator[SqlRegistryStore]:
+    """existing=False for `register` only: the first version may come before the service ever ran."""
     from pipeline.sinks.registry import SqlRegistryStore
 
-    store = SqlRegistryStore.connect(database_url or Settings().database_url)
+    store = SqlRegistryStore.connect(database_url or Settings().database_url, existing=existing)
     try:
         yield store
     finally:
@@ -84,7 +86,7 @@ def register_cmd(
     database_url: DbOpt = None,
 ) -> None:
     """Store a checkpoint as a new version of a stream (the same file again: the existing version)."""
-    with _store(database_url) as store:
+    with _store(database_url, existing=False) as store:
         version = ModelRegistry(store).register(path, stream)
     typer.echo(version)
 
@@ -119,7 +121,10 @@ def list_cmd(
             f"{threshold:.4g}" if isinstance(threshold, int | float) else "",
             f"{m.size / 1024:.0f} KiB",
         )
-    out.print(table)
+    # at its full width even in a narrow terminal or a pipe (80 columns): a version id cut to "pumps-…" cannot
+    # be copied into promote, show or delete
+    wide = max(out.width, Measurement.get(out, out.options.update_width(10_000), table).maximum)
+    Console(width=wide, file=out.file, force_terminal=out.is_terminal).print(table)
 
 
 def _alias_names(registry: ModelRegistry, stream: str | None) -> dict[str, list[str]]:
@@ -460,6 +465,9 @@ def _print_comparison(c: comparison.Comparison) -> None:
             fmt((c.b.score_quantiles or {}).get(level)),
         )
     out.print(table)
+    if c.entity_jaccard is None or c.event_jaccard is None:
+        out.print("overlap: n/a (neither version raised an alert in this window)")
+        return
     out.print(
         f"overlap: entities Jaccard {c.entity_jaccard:.2f}; events Jaccard {c.event_jaccard:.2f} "
         f"({c.events_both} both, {c.events_only_a} only A, {c.events_only_b} only B)"

@@ -39,17 +39,17 @@ class VersionSummary:
 class Comparison:
     a: VersionSummary
     b: VersionSummary
-    entity_jaccard: float
-    event_jaccard: float
+    entity_jaccard: float | None  # None: neither version alerted, so there is no overlap to measure
+    event_jaccard: float | None
     events_both: int
     events_only_a: int
     events_only_b: int
 
 
-def jaccard(x: set[str], y: set[str]) -> float:
-    """|x & y| / |x | y|; two empty sets agree completely (1.0)."""
+def jaccard(x: set[str], y: set[str]) -> float | None:
+    """|x & y| / |x | y|; None for two empty sets (no alerts on either side is not a perfect overlap)."""
     union = x | y
-    return len(x & y) / len(union) if union else 1.0
+    return len(x & y) / len(union) if union else None
 
 
 def score_quantiles(

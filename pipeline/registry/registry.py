@@ -13,6 +13,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.errors import PipelineError
+from pipeline.streams.config import NAME_PATTERN, NAME_RULE
 
 if TYPE_CHECKING:
     from models.lstm_ae import Checkpoint
@@ -160,6 +162,8 @@ class ModelRegistry:
     def register(self, path_or_blob: str | Path | bytes, stream: str) -> str:
         """Store a checkpoint file (a path or its bytes) as a version of `stream`; the same content again
         for the same stream is the existing version."""
+        if not re.fullmatch(NAME_PATTERN, stream):  # else no stream file could name its versions
+            raise RegistryError(f"--stream {stream!r}: a stream name is {NAME_RULE}")
         if isinstance(path_or_blob, bytes):
             blob, source = path_or_blob, "checkpoint bytes"
         else:

@@ -51,7 +51,7 @@ def replay(
 
     s = _settings(database_url=database_url)
     if diff is not None:
-        db = Database(s.database_url)
+        db = Database(s.database_url, existing=True)
         try:
             queries = AlertQueries(db)
             unknown = [r for r in dict.fromkeys(diff) if not queries.known_run(r)]

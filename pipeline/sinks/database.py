@@ -10,22 +10,42 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError, SQLAlchemyError
 
 from pipeline.errors import SinkError
 from pipeline.sinks.tables import metadata
 
 
 class Database:
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, existing: bool = False) -> None:
+        """existing: the commands that only read (or label) what a service wrote refuse a SQLite file that is
+        not there, instead of creating an empty database at a mistyped path and reporting nothing in it."""
         self.url = url
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(url.removeprefix("sqlite:///"))
+            if existing and not path.is_file():
+                raise SinkError(
+                    f"no database at {path}: nothing has written there yet (`pipeline run` creates it); "
+                    "check --database-url / DATABASE_URL"
+                )
+            path.parent.mkdir(parents=True, exist_ok=True)
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
         if url.startswith("postgresql"):
             kwargs.update(pool_pre_ping=True, pool_size=4, max_overflow=4)
-        self.engine: Engine = create_engine(url, **kwargs)
+        try:
+            self.engine: Engine = create_engine(url, **kwargs)
+        except ArgumentError:
+            raise SinkError(
+                "the database URL is not a SQLAlchemy URL (expected e.g. sqlite:///var/pipeline.db or "
+                "postgresql+psycopg2://user@host:5432/db)"
+            ) from None
+        except ModuleNotFoundError as exc:
+            shown = make_url(url).render_as_string(hide_password=True)
+            raise SinkError(
+                f"database URL {shown}: its driver {exc.name!r} is not installed (PostgreSQL: "
+                "postgresql+psycopg2://..., the driver this package installs)"
+            ) from None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
 
@@ -43,6 +63,9 @@ class Database:
         except OperationalError as exc:  # unreachable or refusing: one line for the operator, not a traceback
             url = self.engine.url.render_as_string(hide_password=True)
             raise SinkError(f"cannot reach the database {url}: {str(exc.orig or exc).strip().splitlines()[0]}") from exc
+        except DatabaseError as exc:  # e.g. a SQLite path naming a file that is not a database
+            url = self.engine.url.render_as_string(hide_password=True)
+            raise SinkError(f"cannot use the database {url}: {str(exc.orig or exc).strip().splitlines()[0]}") from exc
 
     def drop_schema(self) -> None:
         metadata.drop_all(self.engine)

@@ -65,9 +65,10 @@ class SqlRegistryStore:
         self.db = db
 
     @classmethod
-    def connect(cls, database_url: str) -> SqlRegistryStore:
-        """A store on `database_url`, its schema brought to head (the registry tables come with 0004)."""
-        db = Database(database_url)
+    def connect(cls, database_url: str, *, existing: bool = False) -> SqlRegistryStore:
+        """A store on `database_url`, its schema brought to head (the registry tables come with 0004).
+        existing: refuse a SQLite file that is not there (see Database)."""
+        db = Database(database_url, existing=existing)
         db.create_schema()
         return cls(db)
 

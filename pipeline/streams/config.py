@@ -67,7 +67,9 @@ def _matching(pattern: str, what: str) -> Callable[[str], str]:
     return check
 
 
-StreamName = Annotated[str, AfterValidator(_matching(r"[a-z0-9_-]{1,64}", "1-64 characters of a-z, 0-9, _ and -"))]
+NAME_PATTERN = r"[a-z0-9_-]{1,64}"  # a stream's name, which is also its registry name (versions NAME-vN)
+NAME_RULE = "1-64 characters of a-z, 0-9, _ and -"
+StreamName = Annotated[str, AfterValidator(_matching(NAME_PATTERN, NAME_RULE))]
 TopicName = Annotated[
     str, AfterValidator(_matching(r"[A-Za-z0-9._-]{1,249}", "a Kafka topic name (A-Z, a-z, 0-9, '.', '_', '-')"))
 ]
@@ -95,8 +97,8 @@ class ModelRef:
         return self.version or f"{self.name}@{self.alias}"
 
 
-_REGISTRY_REF = re.compile(r"([a-z0-9_-]{1,64})@([a-z0-9_-]{1,64})")
-_VERSION_ID = re.compile(r"([a-z0-9_-]{1,64})-v[0-9]+")  # pipeline.registry numbers a stream's versions so
+_REGISTRY_REF = re.compile(rf"({NAME_PATTERN})@([a-z0-9_-]{{1,64}})")
+_VERSION_ID = re.compile(rf"({NAME_PATTERN})-v[0-9]+")  # pipeline.registry numbers a stream's versions so
 
 
 def parse_model_ref(text: str) -> ModelRef:

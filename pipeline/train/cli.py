@@ -3,6 +3,7 @@ command line (pipeline/cli.py) and the trainer: stream file, data, labels, progr
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,19 @@ from pipeline.train.data import TrainingTable, read_files
 from pipeline.train.history import TrainOptions, labelled_anomalies, register_version, train_on_history
 
 DEFAULT_OUT = Path("var/models")
+
+
+def output_dir(path: Path) -> Path:
+    """--out, created and checked before training starts, not found unwritable after it."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {path}: cannot create it ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {path}: not writable")
+    return path
 
 
 def train_stream_command(
@@ -38,6 +52,7 @@ def train_stream_command(
     if topic is None and (from_time or to_time):
         raise ConfigError("--from/--to select a range of --topic")
     stream = load_streams(streams_file or streams_file_from_env()).stream(stream_name)
+    out = output_dir(out_dir or DEFAULT_OUT)
     settings = Settings()
     # labels and the registry live in the alert database: the one named, or DATABASE_URL when it is set
     db_url = database_url or (settings.database_url if "database_url" in settings.model_fields_set else None)
@@ -52,7 +67,7 @@ def train_stream_command(
         bar.update(1)
 
     try:
-        trained = train_on_history(stream, table, out_dir or DEFAULT_OUT, options, labelled=labelled, progress=progress)
+        trained = train_on_history(stream, table, out, options, labelled=labelled, progress=progress)
     finally:
         bar.close()
     card, data_card = trained.card, trained.card["data"]

@@ -14,6 +14,7 @@ CSV rows are named by file line (the header is line 1), Parquet rows by row numb
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -105,7 +106,9 @@ def training_files(paths: Sequence[Path]) -> list[Path]:
     out: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in CSV_SUFFIXES + PARQUET_SUFFIXES)
+            found = sorted(
+                p for p in path.rglob("*") if p.suffix.lower() in CSV_SUFFIXES + PARQUET_SUFFIXES and p.is_file()
+            )
             if not found:
                 raise TrainingDataError(f"{path}: no .csv or .parquet files in this folder")
             out.extend(found)
@@ -153,6 +156,9 @@ def _missing(path: Path, have: Sequence[str], columns: list[str]) -> None:
             f"{path}: column {missing[0]!r} is missing (the stream needs {', '.join(map(repr, columns))}; "
             f"the file has {', '.join(map(repr, have)) if have else 'no columns: is it empty?'})"
         )
+    twice = [c for c in columns if list(have).count(c) > 1]
+    if twice:
+        raise TrainingDataError(f"{path}: column {twice[0]!r} appears {list(have).count(twice[0])} times in the header")
 
 
 def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
@@ -161,18 +167,30 @@ def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
         header = f.readline()
     sep = ";" if header.count(";") > header.count(",") else ","
     _missing(path, next(csv.reader([header], delimiter=sep), []), columns)
-    wanted = set(columns)
     try:
-        return pd.read_csv(
+        frame = pd.read_csv(
             path,
             sep=sep,
             encoding="utf-8-sig",
-            usecols=lambda c: c in wanted,
+            # every column is read (no usecols): with usecols pandas accepts a row with more fields than the
+            # header and shifts its cells, e.g. after an unquoted decimal comma; index_col=False keeps a
+            # trailing separator on every line from turning the first column into an index
+            index_col=False,
             dtype=object,  # each cell checked below, so a bad one is named instead of turning a column to text
             keep_default_na=False,
         )
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except pd.errors.ParserError as exc:
+        ragged = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+        if ragged:
+            n_header, line, n_row = ragged.groups()
+            raise TrainingDataError(
+                f"{path} line {line}: {n_row} fields, the header has {n_header} (a separator inside a cell, e.g. "
+                "an unquoted decimal comma?)"
+            ) from None
         raise TrainingDataError(f"{path}: not a readable CSV: {str(exc).splitlines()[0]}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TrainingDataError(f"{path}: not a readable CSV: {str(exc).splitlines()[0]}") from None
+    return frame[columns]
 
 
 def _read_parquet(path: Path, columns: list[str]) -> pd.DataFrame:
@@ -207,6 +225,15 @@ def _cell_text(v: object) -> str:
 
 
 def _numbers(column: pd.Series, where: Any, name: str) -> np.ndarray:
+    kind = column.dtype
+    if (
+        pd.api.types.is_datetime64_any_dtype(kind)
+        or pd.api.types.is_timedelta64_dtype(kind)
+        or (isinstance(kind, pd.CategoricalDtype | pd.PeriodDtype | pd.IntervalDtype))
+    ):  # a typed Parquet column that is not a measurement (its raw integers would train silently)
+        raise TrainingDataError(f"{where(0, name)}: the column holds {kind} values, not numbers")
+    if not pd.api.types.is_numeric_dtype(kind):
+        column = column.astype(object)  # text (pandas' str dtype too): each cell parsed below
     raw = column.to_numpy(dtype=object) if column.dtype == object else column.to_numpy()
     if raw.dtype == object:
         parsed = pd.to_numeric(pd.Series(raw).map(_strip), errors="coerce").to_numpy(dtype=np.float64)
@@ -216,7 +243,7 @@ def _numbers(column: pd.Series, where: Any, name: str) -> np.ndarray:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         cell = raw[i]
-        what = "is empty" if _cell_text(cell).strip() == "" else f"is {cell!r}, not a finite number"
+        what = "is empty" if _cell_text(cell).strip() == "" else f"is {_shown(cell)}, not a finite number"
         raise TrainingDataError(f"{where(i, name)} {what}")
     return parsed
 
@@ -225,8 +252,14 @@ def _strip(v: object) -> object:
     return v.strip() if isinstance(v, str) else v
 
 
+def _shown(v: object) -> str:
+    """A cell for a message: 'abc', 1714521600, inf (not np.int64(1714521600) or np.float64(inf))."""
+    return repr(v.item() if isinstance(v, np.generic) else v)
+
+
 def _epoch_seconds(column: pd.Series, where: Any, name: str) -> np.ndarray:
     """ISO-8601 text (no offset: UTC), epoch seconds, or a Parquet timestamp -> float64 epoch seconds."""
+    raw = column
     if pd.api.types.is_datetime64_any_dtype(column):
         parsed = pd.to_datetime(column, utc=True)
     elif pd.api.types.is_numeric_dtype(column):
@@ -234,12 +267,16 @@ def _epoch_seconds(column: pd.Series, where: Any, name: str) -> np.ndarray:
     else:
         text = column.map(_strip)
         numeric = pd.to_numeric(text, errors="coerce")
-        if numeric.notna().all():
+        # the column's first non-empty cell decides between epoch seconds and ISO-8601 text, so a bad cell
+        # (or a cell of the other kind) is the one named, not the first row
+        filled = text.map(lambda v: _cell_text(v).strip() != "").to_numpy()
+        first = int(np.argmax(filled)) if filled.any() else 0
+        if not pd.isna(numeric.iloc[first]):
             column, parsed = numeric, None
         else:
             parsed = pd.to_datetime(text, utc=True, format="ISO8601", errors="coerce")
     if parsed is None:
-        secs = column.to_numpy(dtype=np.float64)
+        secs = column.to_numpy(dtype=np.float64, na_value=np.nan)
         bad = ~np.isfinite(secs)
     else:
         bad = parsed.isna().to_numpy()
@@ -251,13 +288,16 @@ def _epoch_seconds(column: pd.Series, where: Any, name: str) -> np.ndarray:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise TrainingDataError(
-            f"{where(i, name)}: {column.iloc[i]!r} is not a time between 1900 and 2200 "
+            f"{where(i, name)}: {_shown(raw.iloc[i])} is not a time between 1900 and 2200 "
             "(ISO-8601, e.g. 2024-05-01T10:00:00Z, or epoch seconds)"
         )
     return secs
 
 
 # -- checks and the split ----------------------------------------------------------------------------------
+MIN_HELD_OUT = 2  # held-out rows in all, below which no threshold can be calibrated (2 prediction errors)
+
+
 @dataclass(frozen=True)
 class Rows:
     """The rows a model trains on (sorted by entity, then time) and the held-out tail of each entity."""
@@ -304,6 +344,11 @@ def training_rows(
         )
         table = table.take(np.flatnonzero(keep))
     skipped = rows_read - len(table)
+    if len(table) == 0:
+        raise TrainingDataError(
+            f"no rows left: all {rows_read} rows are readings operators labelled as anomalies (alerts labelled tp "
+            f"for stream {stream.name!r}); a model learns normal behaviour, so it needs unlabelled history"
+        )
     starts = np.flatnonzero(np.r_[True, table.entity_ids[1:] != table.entity_ids[:-1]])
     counts = np.diff(np.r_[starts, len(table)])
     if len(starts) < 2:
@@ -324,6 +369,12 @@ def training_rows(
     held_out = np.zeros(len(table), bool)
     for start, n in zip(starts.tolist(), counts.tolist(), strict=True):
         held_out[start + held_out_start(n, holdout) : start + n] = True
+    if held_out.sum() < MIN_HELD_OUT:
+        raise TrainingDataError(
+            f"--holdout {holdout:g} holds out {int(held_out.sum())} of {len(table)} rows (the last {holdout:.1%} of "
+            f"each entity's); at least {MIN_HELD_OUT} are needed to calibrate the threshold: raise --holdout or "
+            "give more rows"
+        )
     return Rows(table, held_out, rows_read, skipped)
 
 

@@ -212,7 +212,7 @@ def labelled_anomalies(database_url: str, stream: str) -> set[tuple[str, float]]
     from pipeline.alerts.feedback import confirmed_keys
     from pipeline.sinks import AlertQueries, Database
 
-    db = Database(database_url)
+    db = Database(database_url, existing=True)
     try:
         db.create_schema()
         return confirmed_keys(AlertQueries(db), stream=stream)

@@ -12,6 +12,7 @@ from pipeline import cli
 from pipeline.alerts.cli import register as register_alerts
 from pipeline.api.cli import register as register_api
 from pipeline.bench.cli import register as register_bench
+from pipeline.evaluate.cli import register as register_evaluate
 
 
 def _app_with(register: object) -> typer.Typer:
@@ -36,9 +37,20 @@ def _app_with(register: object) -> typer.Typer:
         (cli.app, ["broker", "--port", "0"]),
         (cli.app, ["demo", "--devices", "0"]),
         (cli.app, ["train", "--epochs", "0"]),
+        # found by probing on 2026-12-01: each of these was a traceback (or, evaluate --epochs 0, a run that
+        # trained nothing and printed metrics)
+        (cli.app, ["train", "--seed", "-5"]),
+        (cli.app, ["train", "--seed", "99999999999999999999"]),
+        (cli.app, ["produce", "--seed", "-1"]),
+        (_app_with(register_evaluate), ["evaluate", "--format", "skab", "--data", ".", "--epochs", "0"]),
+        (_app_with(register_evaluate), ["evaluate", "--format", "skab", "--data", ".", "--seed", "-1"]),
+        (_app_with(register_evaluate), ["evaluate", "--format", "skab", "--data", ".", "--device", "bogus"]),
+        (_app_with(register_alerts), ["alerts", "list", "--limit", "99999999999999999999"]),
+        (_app_with(register_alerts), ["alerts", "ack", "99999999999999999999"]),
+        (_app_with(register_alerts), ["alerts", "label", "99999999999999999999", "--tp"]),
     ],
 )
 def test_out_of_range_options_are_usage_errors(app: typer.Typer, args: list[str]) -> None:
     res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
-    option = next(a for a in args if a.startswith("--"))
+    option = args[-2] if args[-2].startswith("--") else "ID"  # the value refused comes last (or is the ID)
     assert res.exit_code == 2 and "Invalid value" in res.output and option in res.output, res.output

@@ -10,7 +10,7 @@ from pipeline.registry.compare import AlertRef, compare, jaccard, score_quantile
 
 def test_jaccard() -> None:
     assert jaccard({"a", "b"}, {"b", "c"}) == pytest.approx(1 / 3)
-    assert jaccard(set(), set()) == 1.0
+    assert jaccard(set(), set()) is None  # nothing to compare, not a perfect overlap
     assert jaccard({"a"}, set()) == 0.0
 
 

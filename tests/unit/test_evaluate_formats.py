@@ -365,3 +365,18 @@ def test_validation_command_bad_kind_or_missing_source_is_one_error_line(
     assert main(["skab-uni", str(tmp_path / "absent"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: skab-uni from ") and "anomaly-free.csv" in err and "\n" not in err
+
+
+def test_a_skab_file_without_sensor_columns_and_cuda_without_a_gpu_are_config_errors(tmp_path: Path) -> None:
+    """Found by probing (2026-12-01): both were tracebacks (no channels reached the stream; torch's assertion)."""
+    rows = "".join(f"2020-03-09 10:{i // 60:02d}:{i % 60:02d};0;0\n" for i in range(450))
+    (tmp_path / "nochan.csv").write_text("datetime;anomaly;changepoint\n" + rows)
+    res = CliRunner().invoke(_app(), ["evaluate", "--format", "skab", "--data", str(tmp_path / "nochan.csv")])
+    assert isinstance(res.exception, ConfigError) and "nochan.csv: no sensor columns" in str(res.exception)
+    import torch
+
+    if not torch.cuda.is_available():
+        from pipeline.errors import ScoringError
+
+        res = CliRunner().invoke(_app(), ["evaluate", "--format", "skab", "--data", ".", "--device", "cuda"])
+        assert isinstance(res.exception, ScoringError) and "no CUDA device" in str(res.exception)

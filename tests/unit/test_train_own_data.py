@@ -316,3 +316,86 @@ def test_history_comes_from_files_or_a_topic() -> None:
                 database_url=None,
                 register=False,
             )
+
+
+# -- faults found by probing the CLI (2026-12-01): each was a traceback or silently wrong training data -------
+def _line(path: Path, number: int, change: Any) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    lines[number - 1] = change(lines[number - 1])
+    path.write_text("".join(lines))
+
+
+def test_a_row_with_more_fields_than_the_header_is_an_error_not_a_shift(tmp_path: Path) -> None:
+    """An unquoted decimal comma used to move every later cell of the row one column left (exit 0)."""
+    stream = pumps_stream()
+    path = write_csv(tmp_path / "pumps.csv", pump_rows())
+    _line(path, 7, lambda line: line.replace(".", ",", 1))  # 5.84... -> 5,84...: one more field
+    with pytest.raises(TrainingDataError) as err:
+        read_files([path], stream)
+    assert str(err.value) == (
+        f"{path} line 7: 7 fields, the header has 6 (a separator inside a cell, e.g. an unquoted decimal comma?)"
+    )
+    # a separator at the end of every line (a common export) is not a shift either: same rows as the clean file
+    clean = read_files([write_csv(tmp_path / "clean.csv", pump_rows())], stream)
+    trailing = write_csv(tmp_path / "trailing.csv", pump_rows())
+    trailing.write_text("".join(line.rstrip("\n") + ",\n" for line in trailing.read_text().splitlines()))
+    assert np.array_equal(read_files([trailing], stream).values, clean.values)
+
+
+def test_a_column_twice_in_the_header_is_an_error(tmp_path: Path) -> None:
+    stream = pumps_stream()
+    path = write_csv(tmp_path / "pumps.csv", pump_rows())
+    _line(path, 1, lambda line: line.replace("operator_note", "pressure"))
+    with pytest.raises(TrainingDataError, match=r"pumps.csv: column 'pressure' appears 2 times in the header"):
+        read_files([path], stream)
+
+
+def test_a_typed_non_numeric_parquet_column_is_not_a_channel(tmp_path: Path) -> None:
+    """A timestamp column under a channel's name used to train on its raw nanosecond counts."""
+    stream = pumps_stream()
+    df = frame(pump_rows())
+    df["pressure"] = pd.to_datetime(df["timestamp"], utc=True)
+    df.to_parquet(tmp_path / "pumps.parquet")
+    with pytest.raises(TrainingDataError, match=r"pumps.parquet row 1 column 'pressure': the column holds datetime64"):
+        read_files([tmp_path / "pumps.parquet"], stream)
+
+
+def test_a_folder_named_like_a_csv_is_searched_not_read(tmp_path: Path) -> None:
+    stream = pumps_stream()
+    (tmp_path / "data" / "2024.csv").mkdir(parents=True)
+    write_csv(tmp_path / "data" / "2024.csv" / "part1.csv", pump_rows())
+    assert len(read_files([tmp_path / "data"], stream)) == 600
+
+
+def test_a_bad_cell_in_an_epoch_time_column_is_the_one_named(tmp_path: Path) -> None:
+    stream = pumps_stream()
+    rows = [{**r, "timestamp": str(int(START) + 10 * (i % 200))} for i, r in enumerate(pump_rows())]
+    path = write_csv(tmp_path / "pumps.csv", rows)
+    assert len(read_files([path], stream)) == 600  # epoch seconds read as such
+    _line(path, 7, lambda line: line.replace(str(int(START) + 50), "", 1))
+    with pytest.raises(TrainingDataError, match=r"pumps.csv line 7 column 'timestamp': '' is not a time"):
+        read_files([path], stream)
+    _line(path, 7, lambda line: line.replace("P1,,", "P1,2024-05-01T00:00:50Z,", 1))  # ISO among epoch seconds
+    with pytest.raises(TrainingDataError, match=r"pumps.csv line 7 column 'timestamp': '2024-05-01T00:00:50Z' is"):
+        read_files([path], stream)
+
+
+def test_no_rows_left_after_the_labelled_ones_and_too_small_a_holdout(tmp_path: Path) -> None:
+    stream = pumps_stream()
+    table = read_files([write_csv(tmp_path / "pumps.csv", pump_rows(rows=40))], stream)
+    every_row = {(str(e), round(float(t), 6)) for e, t in zip(table.entity_ids, table.ts, strict=True)}
+    with pytest.raises(TrainingDataError, match=r"no rows left: all 120 rows are readings operators labelled"):
+        training_rows(table, stream, labelled=every_row, holdout=0.2, warmup=16)
+    with pytest.raises(TrainingDataError, match=r"--holdout 0.01 holds out 0 of 120 rows .* at least 2 are needed"):
+        training_rows(table, stream, labelled=set(), holdout=0.01, warmup=16)
+
+
+def test_out_that_cannot_be_written_fails_before_training(tmp_path: Path) -> None:
+    streams_file = tmp_path / "plant.toml"
+    streams_file.write_text(PLANT.format(entity="device_id"))
+    data = write_csv(tmp_path / "pumps.csv", pump_rows())
+    (tmp_path / "afile").write_text("x")
+    common = ("--stream", "pumps", "--streams-file", str(streams_file), "--data", str(data), "--epochs", "1")
+    done = _pipeline(*common, "--out", str(tmp_path / "afile"), cwd=tmp_path)
+    assert done.returncode == 2 and "train pumps" not in done.stderr  # no progress bar: refused before training
+    assert done.stderr.strip().splitlines() == [f"error: --out {tmp_path / 'afile'}: exists and is not a folder"]

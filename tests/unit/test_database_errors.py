@@ -1,0 +1,100 @@
+"""Database URLs and paths a user can get wrong, through the commands that read the alert database: one line
+naming the problem (exit 2), never a SQLAlchemy traceback, and no empty database created at a mistyped path
+(found by probing the CLI on 2026-12-01)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.lstm_ae import bundled_checkpoint_path
+from pipeline.errors import SinkError
+from pipeline.registry import ModelRegistry, RegistryError
+from pipeline.sinks import Database
+from pipeline.sinks.registry import SqlRegistryStore
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _pipeline(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "COLUMNS": "200"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("nonsense", "the database URL is not a SQLAlchemy URL"),
+        ("mysql://u:secret@db/alerts", "database URL mysql://u:***@db/alerts: its driver"),
+    ],
+)
+def test_a_url_that_cannot_work_is_one_line(url: str, message: str) -> None:
+    with pytest.raises(SinkError) as err:
+        Database(url)
+    assert str(err.value).startswith(message) and "secret" not in str(err.value)
+
+
+def test_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    (tmp_path / "notes.db").write_text("not sqlite\n" * 100)
+    db = Database(f"sqlite:///{tmp_path / 'notes.db'}")
+    with pytest.raises(SinkError, match=r"cannot use the database sqlite:///.*notes.db: file is not a database"):
+        db.create_schema()
+
+
+def test_readers_refuse_a_missing_sqlite_file_and_create_nothing(tmp_path: Path) -> None:
+    typo = tmp_path / "nowhere" / "alerts.db"
+    with pytest.raises(SinkError, match=r"no database at .*nowhere/alerts.db: nothing has written there yet"):
+        Database(f"sqlite:///{typo}", existing=True)
+    url = f"sqlite:///{typo}"
+    for args in (
+        ("alerts", "list", "--database-url", url),
+        ("models", "list", "--database-url", url),
+        ("replay", "--diff", "a", "b", "--database-url", url),
+    ):
+        done = _pipeline(*args, cwd=tmp_path)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, (args, done.stderr)
+        assert "no database at" in done.stdout + done.stderr, args
+    assert not typo.parent.exists()  # nothing created at the mistyped path
+    # a writer still creates the database: the first version may be registered before the service ever ran
+    done = _pipeline("models", "register", str(bundled_checkpoint_path("sensors")), "--stream", "pumps",
+                     "--database-url", url, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "pumps-v1", done.stderr
+
+
+def test_a_version_is_registered_only_under_a_stream_name_a_stream_file_can_use(tmp_path: Path) -> None:
+    store = SqlRegistryStore.connect(f"sqlite:///{tmp_path / 'registry.db'}")
+    try:
+        registry = ModelRegistry(store)
+        for bad in ("Bad Name", "", "x" * 65):
+            with pytest.raises(RegistryError, match=r"a stream name is 1-64 characters of a-z, 0-9, _ and -"):
+                registry.register(bundled_checkpoint_path("sensors"), bad)
+        assert registry.list() == []
+        assert registry.register(bundled_checkpoint_path("sensors"), "pumps_2-b") == "pumps_2-b-v1"
+    finally:
+        store.dispose()
+
+
+def test_models_list_never_cuts_a_version_id_in_a_narrow_terminal_or_a_pipe(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    name = "chiller-north-wing-building-seven"
+    done = _pipeline("models", "register", str(bundled_checkpoint_path("sensors")), "--stream", name,
+                     "--database-url", url, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    listed = subprocess.run(
+        [sys.executable, "-m", "pipeline", "models", "list", "--database-url", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "COLUMNS": "60"},
+    )
+    assert listed.returncode == 0 and f"{name}-v1" in listed.stdout and "…" not in listed.stdout, listed.stdout

@@ -272,7 +272,7 @@ def load_streams(path: str | Path) -> StreamsFile:
     if path.suffix.lower() in (".yaml", ".yml"):
         raise StreamsFileError(f"{path}: stream files are TOML (see pipeline/streams/default.toml)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not TOML
     except FileNotFoundError:
         raise StreamsFileError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:

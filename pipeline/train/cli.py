@@ -48,7 +48,10 @@ def train_stream_command(
     register: bool,
 ) -> None:
     if bool(data) == (topic is not None):
-        raise ConfigError("give the history as --data PATH (CSV/Parquet files or folders) or as --topic T, not both")
+        raise ConfigError(
+            "give the history as --data PATH (CSV/Parquet files or folders) or as --topic T"
+            + (", not both" if data else "")
+        )
     if topic is None and (from_time or to_time):
         raise ConfigError("--from/--to select a range of --topic")
     stream = load_streams(streams_file or streams_file_from_env()).stream(stream_name)

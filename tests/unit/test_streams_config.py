@@ -109,6 +109,9 @@ def test_two_sensor_streams_with_their_own_channels(plant: Path) -> None:
     assert chillers.scored_channels == chillers.channel_names and chillers.channels[0].role == "scored"
     # a relative model path is relative to the stream file's folder
     assert chillers.model_ref == ModelRef("path", str(plant.parent / "models" / "chillers.pt"))
+    # the same file saved with a byte-order mark (as some Windows editors do) reads the same
+    plant.write_bytes(b"\xef\xbb\xbf" + plant.read_bytes())
+    assert load_streams(plant) == streams
 
 
 def _variant(old: str, new: str, base: str = PUMPS) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
@@ -36,11 +37,21 @@ def current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
+def _stored_revision(connection: Connection) -> str | None:
+    """The alembic_version row, read with plain SQL (a MigrationContext logs at INFO each time it is made)."""
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    rows = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    return rows[0] if len(rows) == 1 else None
+
+
 def upgrade_to_head(engine: Engine) -> None:
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_ID})
         cfg = alembic_config(conn)
+        if _stored_revision(conn) == ScriptDirectory.from_config(cfg).get_current_head():
+            return  # at head already: no Alembic context, so no migration log lines on every CLI command
         if current_revision(conn) is None and inspect(conn).has_table("alerts"):
             command.stamp(cfg, BASELINE)
         command.upgrade(cfg, "head")

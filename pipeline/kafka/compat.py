@@ -39,6 +39,12 @@ except ImportError:  # 2.3: they run inside poll(), on the caller's thread
 _InWorker: Any = None
 
 
+def bootstrap_timeout(ms: int) -> dict[str, int]:
+    """Consumer config bounding how long an unreachable bootstrap server is tried: 3.0's bootstrap_timeout_ms
+    (default 30 s); 2.3 has no such key (its version probe gives up after 2 s) and refuses unknown keys."""
+    return {"bootstrap_timeout_ms": ms} if "bootstrap_timeout_ms" in KafkaConsumer.DEFAULT_CONFIG else {}
+
+
 def rebalance_listener(sync: Any) -> Any:
     """The listener to pass to `subscribe`. kafka-python 2.3 calls a listener inside `poll()` on the caller's
     thread. 3.0 calls it on its IO thread, where a blocking consumer call (`committed`, `commit`, offsets
@@ -129,6 +135,7 @@ __all__ = [
     "KafkaClient",
     "NoBrokersAvailable",
     "beginning_offsets",
+    "bootstrap_timeout",
     "node_id",
     "produce_errors",
     "produce_request",

@@ -10,7 +10,7 @@ from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
 from pipeline.errors import BrokerError
-from pipeline.kafka.compat import NoBrokersAvailable
+from pipeline.kafka.compat import NoBrokersAvailable, bootstrap_timeout
 
 
 def follow(
@@ -20,7 +20,11 @@ def follow(
     for idle_timeout_s. No group: nothing is committed, every tail sees everything."""
     try:
         consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, reconnect_backoff_max_ms=2000
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            group_id=None,
+            reconnect_backoff_max_ms=2000,
+            **bootstrap_timeout(10_000),  # a person is waiting at the terminal
         )
     except NoBrokersAvailable as exc:
         raise BrokerError(f"no broker at {bootstrap}") from exc

@@ -54,3 +54,21 @@ def test_out_of_range_options_are_usage_errors(app: typer.Typer, args: list[str]
     res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     option = args[-2] if args[-2].startswith("--") else "ID"  # the value refused comes last (or is the ID)
     assert res.exit_code == 2 and "Invalid value" in res.output and option in res.output, res.output
+
+
+def test_alerts_tail_without_a_broker_says_so_within_seconds() -> None:
+    """It was silent for kafka-python 3's 30 s bootstrap timeout (found by probing, 2026-12-01)."""
+    import subprocess
+    import sys
+    import time
+
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "alerts", "tail", "--bootstrap", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "following alerts on 127.0.0.1:1" in done.stderr
+    assert "no broker at 127.0.0.1:1" in done.stdout + done.stderr and "Traceback" not in done.stderr
+    assert time.monotonic() - t0 < 25

@@ -169,7 +169,10 @@ def train(
             streams_file=streams_file,
             out_dir=out_dir,
             options=TrainOptions(
-                family=family or defaults.family, epochs=epochs or defaults.epochs, seed=seed, holdout=holdout
+                family=defaults.family if family is None else family,
+                epochs=epochs or defaults.epochs,
+                seed=seed,
+                holdout=holdout,
             ),
             database_url=database_url,
             register=register,

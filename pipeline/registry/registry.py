@@ -316,7 +316,11 @@ def _torch_load(blob: bytes, source: str) -> dict[str, Any]:
             contents = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line refusal
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RegistryError(f"{source}: not a loadable model checkpoint ({first})") from None
+        if "weights_only" in first:  # torch's advice to unpickle arbitrary objects is not ours to pass on
+            first = "not a torch file, or one holding more than tensors and plain values"
+        raise RegistryError(
+            f"{source}: not a loadable model checkpoint ({first}); expected a .pt written by `pipeline train`"
+        ) from None
     if not isinstance(contents, dict):
         raise RegistryError(f"{source}: not a model checkpoint (holds a {type(contents).__name__})")
     return contents

@@ -287,9 +287,10 @@ def _epoch_seconds(column: pd.Series, where: Any, name: str) -> np.ndarray:
     bad = bad | ~((secs >= EVENT_TIME_MIN) & (secs < EVENT_TIME_MAX))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
+        hint = " (epoch milliseconds? the column must hold seconds)" if 1e11 < secs[i] < 1e14 else ""
         raise TrainingDataError(
             f"{where(i, name)}: {_shown(raw.iloc[i])} is not a time between 1900 and 2200 "
-            "(ISO-8601, e.g. 2024-05-01T10:00:00Z, or epoch seconds)"
+            f"(ISO-8601, e.g. 2024-05-01T10:00:00Z, or epoch seconds){hint}"
         )
     return secs
 

@@ -99,3 +99,16 @@ def test_models_list_never_cuts_a_version_id_in_a_narrow_terminal_or_a_pipe(tmp_
     )
     assert listed.returncode == 0 and f"{name}-v1" in listed.stdout and "…" not in listed.stdout, listed.stdout
     assert "alembic" not in listed.stderr  # a schema at head already: no migration log lines on every command
+
+
+def test_registering_a_file_that_is_not_a_checkpoint_does_not_pass_on_torchs_unpickling_advice(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "data.csv").write_text("pump_id,at,flow\nP-0,2024-05-01T00:00:00Z,1.0\n")
+    store = SqlRegistryStore.connect(f"sqlite:///{tmp_path / 'registry.db'}")
+    try:
+        with pytest.raises(RegistryError) as err:
+            ModelRegistry(store).register(tmp_path / "data.csv", "pumps")
+    finally:
+        store.dispose()
+    assert "not a loadable model checkpoint" in str(err.value) and "weights_only" not in str(err.value)

@@ -399,3 +399,13 @@ def test_out_that_cannot_be_written_fails_before_training(tmp_path: Path) -> Non
     done = _pipeline(*common, "--out", str(tmp_path / "afile"), cwd=tmp_path)
     assert done.returncode == 2 and "train pumps" not in done.stderr  # no progress bar: refused before training
     assert done.stderr.strip().splitlines() == [f"error: --out {tmp_path / 'afile'}: exists and is not a folder"]
+
+
+def test_epoch_milliseconds_get_a_hint_and_an_empty_family_is_refused(tmp_path: Path) -> None:
+    stream = pumps_stream()
+    rows = [{**r, "timestamp": str((int(START) + 10 * (i % 200)) * 1000)} for i, r in enumerate(pump_rows())]
+    with pytest.raises(TrainingDataError, match=r"line 2 .* \(epoch milliseconds\? the column must hold seconds\)"):
+        read_files([write_csv(tmp_path / "pumps.csv", rows)], stream)
+    table = read_files([write_csv(tmp_path / "ok.csv", pump_rows())], stream)
+    with pytest.raises(ConfigError, match=r"--family '': expected one of"):
+        train_on_history(stream, table, tmp_path, TrainOptions(family="", epochs=1))

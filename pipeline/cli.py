@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.config import Settings
+from pipeline.config import Settings, settings_error
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.logs import configure
 
@@ -332,6 +334,13 @@ def main() -> None:
         app()
     except PipelineError as exc:
         console.print("[red]error:[/red]", escape(str(exc)), soft_wrap=True)  # one line, whatever the width
+        raise SystemExit(2) from None
+    except ValidationError as exc:  # a PIPELINE_* setting out of range or of the wrong type
+        console.print("[red]error:[/red]", escape(settings_error(exc)), soft_wrap=True)
+        raise SystemExit(2) from None
+    except SettingsError as exc:  # a PIPELINE_* setting pydantic-settings could not even parse (bad JSON)
+        unparsed = f'{str(exc).splitlines()[0]}: list settings are JSON, e.g. PIPELINE_SENSOR_CHANNELS=\'["a", "b"]\''
+        console.print("[red]error:[/red]", escape(unparsed), soft_wrap=True)
         raise SystemExit(2) from None
     except ModuleNotFoundError as exc:
         why = missing_extra(exc)

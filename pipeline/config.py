@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, BeforeValidator, Field, StringConstraints, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.scoring.knobs import ThresholdKnobs
+
+# Kafka's own rule for a topic name (the client refuses others only when the service subscribes)
+TopicName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
 
 
 class AlertSettings(BaseSettings):
@@ -17,10 +20,14 @@ class AlertSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PIPELINE_ALERTS_", extra="ignore")
 
     incidents: bool = Field(True, description="derive incidents and publish them to the alerts topic")
-    resolve_after: int = Field(5, description="consecutive normal events that resolve an incident")
-    suppress_s: float = Field(300.0, description="per-entity window (event time) between 'updated' messages")
-    max_gap_s: float = Field(3600.0, description="an anomaly after this much silence opens a new incident")
-    sample_ring: int = Field(256, description="recent scores kept per entity with an incident (for the page)")
+    resolve_after: int = Field(5, ge=1, description="consecutive normal events that resolve an incident")
+    suppress_s: float = Field(
+        300.0, ge=0.0, allow_inf_nan=False, description="per-entity window (event time) between 'updated' messages"
+    )
+    max_gap_s: float = Field(
+        3600.0, gt=0.0, allow_inf_nan=False, description="an anomaly after this much silence opens a new incident"
+    )
+    sample_ring: int = Field(256, ge=1, description="recent scores kept per entity with an incident (for the page)")
 
 
 class Settings(BaseSettings):
@@ -39,17 +46,17 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATABASE_URL", "PIPELINE_DATABASE_URL"),
         description="SQLAlchemy URL of the alert database",
     )
-    transactions_topic: str = "transactions"
-    sensors_topic: str = "sensor-readings"
-    dlq_topic: str = "dead-letter"
-    alerts_topic: str = "alerts"
-    labels_topic: str = Field(
+    transactions_topic: TopicName = "transactions"
+    sensors_topic: TopicName = "sensor-readings"
+    dlq_topic: TopicName = "dead-letter"
+    alerts_topic: TopicName = "alerts"
+    labels_topic: TopicName = Field(
         "transaction-labels",
         description="label feedback (schemas/transaction_label), "
         "read when the transactions model uses terminal_fraud_risk",
     )
-    topic_partitions: int = 4
-    group_id: str = "anomaly-pipeline"
+    topic_partitions: int = Field(4, ge=1)
+    group_id: str = Field("anomaly-pipeline", min_length=1)
     run_id: str = Field("live", description="namespace of state, offsets and alerts; replays use their own")
     streams_file: Path | None = Field(
         None,
@@ -69,18 +76,30 @@ class Settings(BaseSettings):
         description="scoring precision, applied when the fp32 checkpoint is loaded: int8 = dynamic "
         "quantization (CPU), bf16 = autocast where the CPU has native bf16 (else fp32); CUDA: autocast",
     )
-    torch_threads: int = Field(1, description="intra-op threads for CPU scoring; 0 = torch default (all cores)")
-    max_batch_records: int = 5000
-    poll_timeout_ms: int = 50
-    fetch_max_wait_ms: int = Field(20, description="longest the broker may hold a fetch (latency vs idle requests)")
-    commit_interval_ms: int = 200
-    snapshot_interval_s: float = 10.0
-    entity_ttl_s: float = Field(3600.0, description="idle entities (by event time) leave memory after this")
-    max_live_entities: int = 1_000_000
-    max_message_bytes: int = 65536
-    session_timeout_ms: int = 6000
-    heartbeat_interval_ms: int = 1000
-    db_retry_max_s: float = 30.0
+    torch_threads: int = Field(1, ge=0, description="intra-op threads for CPU scoring; 0 = torch default (all cores)")
+    max_batch_records: int = Field(5000, ge=1)
+    poll_timeout_ms: int = Field(50, ge=0)
+    fetch_max_wait_ms: int = Field(
+        20, ge=0, description="longest the broker may hold a fetch (latency vs idle requests)"
+    )
+    commit_interval_ms: int = Field(200, ge=1)
+    snapshot_interval_s: float = Field(10.0, gt=0.0, allow_inf_nan=False)
+    entity_ttl_s: float = Field(
+        3600.0, gt=0.0, allow_inf_nan=False, description="idle entities (by event time) leave memory after this"
+    )
+    max_live_entities: int = Field(1_000_000, ge=1)
+    max_message_bytes: int = Field(65536, ge=1024, description="larger records are dead-lettered as oversize")
+    max_future_s: float = Field(
+        3600.0,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="an event time further than this ahead of the wall clock is dead-lettered (from_the_future): "
+        "a producer with a wrong clock must not move its entity's latest event time ahead, or the entity's next "
+        "real events would all be out_of_order",
+    )
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(1000, ge=1)
+    db_retry_max_s: float = Field(30.0, gt=0.0, allow_inf_nan=False)
     offset_reset: Literal["earliest", "latest", "fail"] = Field(
         "earliest",
         description="a stored position outside the broker's log (topic recreated, broker lost its "
@@ -95,6 +114,7 @@ class Settings(BaseSettings):
     allowed_lateness_s: float = Field(
         60.0,
         ge=0.0,
+        allow_inf_nan=False,
         description="an event up to this far behind its entity's latest "
         "event time is scored without updating the entity's state; further behind: "
         "dead-lettered as out_of_order",
@@ -107,19 +127,53 @@ class Settings(BaseSettings):
         "model_score_samples for `pipeline models drift|compare`; picked by a hash of topic, partition and "
         "offset, so a replay picks the same events; 0 = off",
     )
-    log_level: str = "INFO"
+    log_level: Annotated[
+        Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
+    ] = "INFO"
     log_json: bool = False
-    sensor_channels: list[str] = [
-        "Accelerometer1RMS",
-        "Accelerometer2RMS",
-        "Current",
-        "Pressure",
-        "Temperature",
-        "Thermocouple",
-        "Voltage",
-        "Volume Flow RateRMS",
-    ]
+    sensor_channels: list[str] = Field(
+        min_length=1,
+        default=[
+            "Accelerometer1RMS",
+            "Accelerometer2RMS",
+            "Current",
+            "Pressure",
+            "Temperature",
+            "Thermocouple",
+            "Voltage",
+            "Volume Flow RateRMS",
+        ],
+    )
     threshold: ThresholdKnobs = Field(
         ThresholdKnobs(), description="per-entity adaptive thresholds (PIPELINE_THRESHOLD_Z etc.; see ThresholdKnobs)"
     )
     alerts: AlertSettings = Field(default_factory=lambda: AlertSettings())
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError(
+                f"PIPELINE_HEARTBEAT_INTERVAL_MS ({self.heartbeat_interval_ms}) must be below "
+                f"PIPELINE_SESSION_TIMEOUT_MS ({self.session_timeout_ms})"
+            )
+        inputs = {self.transactions_topic, self.sensors_topic, self.labels_topic}
+        if self.dlq_topic in inputs or self.dlq_topic == self.alerts_topic:
+            # each dead letter would be read back, fail again and be dead-lettered again, forever
+            raise ValueError(
+                f"PIPELINE_DLQ_TOPIC {self.dlq_topic!r} is also an input topic or the alerts topic: each dead letter "
+                "would be read back, fail again and be dead-lettered again"
+            )
+        return self
+
+
+def settings_error(exc: ValidationError) -> str:
+    """A configuration error as one line naming the environment variable (PIPELINE_THRESHOLD_Z: ...)."""
+    prefix = "PIPELINE_ALERTS_" if exc.title == AlertSettings.__name__ else "PIPELINE_"
+    first = exc.errors(include_url=False)[0]
+    loc = [str(part) for part in first["loc"] if isinstance(part, str)]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not loc:  # a check across settings: its message names them
+        return message
+    shown = "" if isinstance(first.get("input"), dict) else f" (got {first['input']!r})"
+    return f"{prefix}{'_'.join(loc).upper()}: {message}{shown}"

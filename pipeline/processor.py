@@ -26,7 +26,7 @@ from pipeline.config import Settings
 from pipeline.errors import CheckpointError
 from pipeline.features.streams import DecodedRecord, TransactionRecord, TransactionStream
 from pipeline.processing.dead_letters import DeadLetters
-from pipeline.processing.decode import decode
+from pipeline.processing.decode import decode, future_detail, future_horizon
 from pipeline.processing.dedupe import Dedupe
 from pipeline.processing.drift import DriftMonitor
 from pipeline.processing.labels import LabelAlignment
@@ -86,6 +86,7 @@ class ProcessorOptions:
     offset_reset: str = _setting("offset_reset")  # stored position outside the log: earliest | latest | fail
     dedupe_window: int = _setting("dedupe_window")  # transaction ids remembered per partition (0 = off)
     score_sample_rate: float = _setting("score_sample_rate")  # share of scored events in model_score_samples
+    max_future_s: float = _setting("max_future_s")  # event times further ahead of the wall clock: dead letters
     top_features: int = 3
     shadow_max_in_flight: int = 8  # batches a challenger may fall behind before the champion waits for it
     freeze_gc: bool = True  # see freeze_gc()
@@ -243,9 +244,13 @@ class Processor:
             dedupe = self.opt.dedupe_window > 0 and isinstance(spec, TransactionStream) and not aligned
             good: list[DecodedRecord] = []
             good_recs: list[RawRecord] = []
+            horizon = future_horizon(self.opt.max_future_s)
             for r in recs:
                 rec = decode(spec, r, self.dead)
                 if rec is None:
+                    continue
+                if rec.timestamp > horizon:  # before dedupe and state: a wrong clock must not move either
+                    self.dead.send(r, "from_the_future", future_detail(rec.timestamp, self.opt.max_future_s))
                     continue
                 if dedupe and self.dedupe.duplicate(spec.name, r, rec):
                     continue

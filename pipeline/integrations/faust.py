@@ -44,11 +44,12 @@ import numpy as np
 from pipeline import metrics
 from pipeline.checkpointing.protocols import CheckpointStore
 from pipeline.checkpointing.rows import AlertRow
+from pipeline.config import Settings
 from pipeline.errors import ConfigError, DecodeError
 from pipeline.features.streams import DecodedRecord, TransactionStream
 from pipeline.processing.alerts import build_alerts
 from pipeline.processing.dead_letters import out_of_order_detail
-from pipeline.processing.decode import validate
+from pipeline.processing.decode import future_detail, future_horizon, validate
 from pipeline.records import DeadLetterSink, RawRecord, TopicPartition
 from pipeline.scoring.scorer import StreamScorer
 
@@ -81,6 +82,7 @@ class FaustScoring:
         run_id: str = "faust",
         group_id: str = "faust",
         top_features: int = 3,
+        max_future_s: float = Settings.model_fields["max_future_s"].default,
     ) -> None:
         for topic, scorer in scorers.items():
             spec = scorer.spec
@@ -93,6 +95,7 @@ class FaustScoring:
                 )
         self.scorers, self.db, self.dlq = dict(scorers), db, dlq
         self.run_id, self.group_id, self.top_features = run_id, group_id, top_features
+        self.max_future_s = max_future_s
         self.stats = FaustStats()
         self._next_offset: dict[TopicPartition, int] = {}
         self._lock = threading.Lock()  # a batch and a rebalance never touch the state at the same time
@@ -121,12 +124,18 @@ class FaustScoring:
                 continue
             good: list[DecodedRecord] = []
             good_recs: list[RawRecord] = []
+            horizon = future_horizon(self.max_future_s)
             for r in recs:
                 try:
-                    good.append(validate(scorer.spec, r))
-                    good_recs.append(r)
+                    rec = validate(scorer.spec, r)
                 except DecodeError as exc:
                     self._dead_letter(r, exc.reason, exc.detail)
+                    continue
+                if rec.timestamp > horizon:  # as pipeline run: a wrong clock must not move the entity's time
+                    self._dead_letter(r, "from_the_future", future_detail(rec.timestamp, self.max_future_s))
+                    continue
+                good.append(rec)
+                good_recs.append(r)
             events += len(recs)
             metrics.EVENTS.labels(scorer.spec.name).inc(len(recs))
             if not good:

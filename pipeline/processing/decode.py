@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone
+
 from pipeline.errors import DecodeError, PipelineError
 from pipeline.features.streams import R, StreamSpec
 from pipeline.processing.dead_letters import DeadLetters
@@ -45,3 +48,14 @@ def decode(spec: StreamSpec[R], r: RawRecord, dead: DeadLetters) -> R | None:
     except Exception as exc:  # noqa: BLE001 - one record must never stop the service
         dead.processing_error(r, stage, exc)
     return None
+
+
+def future_horizon(max_future_s: float) -> datetime:
+    """Event times after this (wall clock + max_future_s) are dead-lettered as from_the_future: one producer
+    with a wrong clock must not move its entity's latest event time ahead, which would make the entity's next
+    real events out_of_order until the wall clock caught up."""
+    return datetime.fromtimestamp(time.time() + max_future_s, timezone.utc)
+
+
+def future_detail(event_time: datetime, max_future_s: float) -> str:
+    return f"event time {event_time.isoformat()} is more than max_future_s={max_future_s:g} ahead of the wall clock"

@@ -64,3 +64,42 @@ def test_each_bad_record_is_dead_lettered_with_its_reason(
     log = (tmp_path / "proc.log").read_text()
     assert "Traceback" not in log
     assert "events," in log and "dead letters" in log  # processor kept going and reported
+
+
+def test_a_reading_from_the_future_is_dead_lettered_and_does_not_block_its_device(
+    kafka_bootstrap: str, sqlite_store: object, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Found by probing (2026-12-01): one 2199 timestamp from a bad producer clock was scored, moved its entity's
+    latest event time to 2199, and every later real event of the entity was dead-lettered as out_of_order."""
+    env = topic_env(topic_prefix, kafka_bootstrap, sqlite_store.url)  # type: ignore[attr-defined]
+    readings = strip_labels(simulate_sensors(2, 30, seed=4)[0])
+    first = [r for r in readings if r["device_id"] == "pump-0000"]
+    wrong_clock = {**first[10], "timestamp": "2199-12-31T23:59:59Z"}
+    stream = [*first[:10], wrong_clock, *first[10:], *(r for r in readings if r["device_id"] != "pump-0000")]
+    produce(kafka_bootstrap, env["PIPELINE_SENSORS_TOPIC"], ((r["device_id"], r) for r in stream))
+
+    run_processor(env, log_path=tmp_path / "proc.log")
+
+    dlq = [v for _, v in read_topic(kafka_bootstrap, env["PIPELINE_DLQ_TOPIC"])]
+    assert [(d["reason"], d["key"]) for d in dlq] == [("from_the_future", "pump-0000")], dlq
+    assert "2199-12-31T23:59:59+00:00 is more than max_future_s=3600 ahead" in dlq[0]["detail"]
+    log = (tmp_path / "proc.log").read_text()
+    assert f"{len(stream)} events, {len(stream) - 1} scored" in log, log[-2000:]
+
+
+def test_a_dead_letter_topic_the_service_reads_is_refused(topic_prefix: str, tmp_path: Path) -> None:
+    """Found by probing: PIPELINE_DLQ_TOPIC = the input topic dead-lettered its own dead letters forever."""
+    import subprocess
+    import sys
+
+    env = topic_env(topic_prefix, "127.0.0.1:1", f"sqlite:///{tmp_path / 'x.db'}")
+    env["PIPELINE_DLQ_TOPIC"] = env["PIPELINE_TRANSACTIONS_TOPIC"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--idle-exit", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"PIPELINE_DLQ_TOPIC '{env['PIPELINE_DLQ_TOPIC']}' is also an input topic" in done.stdout + done.stderr

@@ -72,3 +72,38 @@ def test_alerts_tail_without_a_broker_says_so_within_seconds() -> None:
     assert done.returncode == 2 and "following alerts on 127.0.0.1:1" in done.stderr
     assert "no broker at 127.0.0.1:1" in done.stdout + done.stderr and "Traceback" not in done.stderr
     assert time.monotonic() - t0 < 25
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PIPELINE_PRECISION": "fp64"}, "PIPELINE_PRECISION: Input should be 'fp32', 'bf16' or 'int8' (got 'fp64')"),
+        ({"PIPELINE_MAX_BATCH_RECORDS": "0"}, "PIPELINE_MAX_BATCH_RECORDS: Input should be greater than or equal to 1"),
+        ({"PIPELINE_MAX_MESSAGE_BYTES": "-1"}, "PIPELINE_MAX_MESSAGE_BYTES: Input should be greater than or equal to"),
+        ({"PIPELINE_SNAPSHOT_INTERVAL_S": "nan"}, "PIPELINE_SNAPSHOT_INTERVAL_S: Input should be a finite number"),
+        ({"PIPELINE_THRESHOLD_Z": "-1"}, "PIPELINE_THRESHOLD: z must be a positive number of standard deviations"),
+        ({"PIPELINE_ALERTS_RESOLVE_AFTER": "0"}, "PIPELINE_ALERTS_RESOLVE_AFTER: Input should be greater than"),
+        ({"PIPELINE_SENSORS_TOPIC": "bad topic!"}, "PIPELINE_SENSORS_TOPIC: String should match pattern"),
+        ({"PIPELINE_LOG_LEVEL": "LOUD"}, "PIPELINE_LOG_LEVEL: Input should be 'DEBUG', 'INFO'"),
+        ({"PIPELINE_HEARTBEAT_INTERVAL_MS": "7000"}, "PIPELINE_HEARTBEAT_INTERVAL_MS (7000) must be below"),
+        ({"PIPELINE_DLQ_TOPIC": "sensor-readings"}, "PIPELINE_DLQ_TOPIC 'sensor-readings' is also an input topic"),
+        ({"PIPELINE_SENSOR_CHANNELS": "notjson"}, 'error parsing value for field "sensor_channels"'),
+    ],
+)
+def test_a_bad_setting_stops_the_command_with_one_line_naming_it(env: dict[str, str], message: str) -> None:
+    """Found by probing (2026-12-01): each was a pydantic or Kafka traceback, or a run that dead-lettered every
+    record (max message bytes 0) or never consumed."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--idle-exit", "1"],
+        env={**os.environ, "COLUMNS": "300", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (done.stdout, done.stderr)
+    assert message in lines[0]

@@ -41,6 +41,11 @@ def checkpoint_path(settings: Settings, stream: str) -> Path:
 
 def ensure_models(settings: Settings, train_if_missing: bool = True) -> dict[str, Checkpoint | ForecastCheckpoint]:
     paths = {s: checkpoint_path(settings, s) for s in STREAMS}
+    if settings.models_dir is not None and not settings.models_dir.is_dir():  # a typo must not mean stand-ins
+        raise ConfigError(
+            f"PIPELINE_MODELS_DIR {settings.models_dir}: no such folder (an existing empty folder gets small "
+            "default models trained on simulated traffic)"
+        )
     missing = [s for s, p in paths.items() if not p.exists()]
     if missing:
         if not train_if_missing:

@@ -61,7 +61,9 @@ def run(
     idle_exit: Annotated[
         float | None, typer.Option(min=0.0, help="exit after this many idle seconds with no lag")
     ] = None,
-    max_events: Annotated[int | None, typer.Option(min=1, help="exit after this many events")] = None,
+    max_events: Annotated[
+        int | None, typer.Option(min=1, help="exit once this many events were processed (at a batch's end)")
+    ] = None,
     metrics_port: Annotated[
         int | None, typer.Option(min=1, max=65535, help="serve Prometheus /metrics on this port")
     ] = None,

@@ -32,5 +32,5 @@ def configure(level: str = "INFO", as_json: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("kafka", "aiokafka", "faust", "mode"):
+    for noisy in ("kafka", "aiokafka", "faust", "mode", "alembic.runtime.plugins"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -76,11 +76,12 @@ def create_app(
         log.warning("%s %s: %s", request.method, request.url.path, reason)
         return JSONResponse({"detail": reason}, status_code=503)
 
-    @app.get("/healthz")
+    # probes (load balancers, uptime monitors) often send HEAD: the health checks and the page answer it
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     def readyz() -> JSONResponse:
         ok = queries.db.ping()
         why = None if not_ready is None else not_ready()
@@ -199,7 +200,7 @@ def create_app(
             return {"live": False, "streams": [], "note": "drift figures come from `pipeline run --api-port`"}
         return {"live": True, "streams": drift()}
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     def index() -> HTMLResponse:
         return HTMLResponse(_web("index.html"))
 

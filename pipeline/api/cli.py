@@ -27,7 +27,7 @@ def api(
 
     s = Settings()
     configure(s.log_level, s.log_json)
-    db = Database(database_url or s.database_url)
+    db = Database(database_url or s.database_url, existing=True)  # it serves what a service wrote
     try:
         db.create_schema()
         serve(create_app(AlertQueries(db), s, run_id=run_id), host, port)

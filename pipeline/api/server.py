@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from typing import Any
 
 import uvicorn
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 
 
 class ApiServer:
@@ -35,4 +36,17 @@ class ApiServer:
 
 
 def serve(app: Any, host: str, port: int) -> None:
+    check_listen(host, port)
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def check_listen(host: str, port: int) -> None:
+    """One line (exit 2) when the address cannot be listened on, instead of uvicorn's startup log and exit 3."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -66,6 +66,10 @@ def test_health_ready_metrics_and_page(client: TestClient) -> None:
     page = client.get("/")
     assert page.status_code == 200 and 'id="incidents"' in page.text
     assert "plotScores" in client.get("/app.js").text
+    # probes that send HEAD (load balancers, uptime monitors) get the GET status, without a body
+    for path in ("/healthz", "/readyz", "/"):
+        head = client.head(path)
+        assert head.status_code == 200 and head.content == b"", path
 
 
 def test_readyz_is_503_without_a_database(down: TestClient) -> None:

@@ -4,6 +4,8 @@ benchmark, `run --max-events -1` consumed nothing and exited 0, `api --port 9999
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -107,3 +109,23 @@ def test_a_bad_setting_stops_the_command_with_one_line_naming_it(env: dict[str, 
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (done.stdout, done.stderr)
     assert message in lines[0]
+
+
+def test_a_models_dir_that_does_not_exist_is_an_error_not_stand_in_models(tmp_path: Path) -> None:
+    """It trained small default models on simulated traffic and served them (found by probing, 2026-12-01)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "PIPELINE_MODELS_DIR": str(tmp_path / "modles"),
+        "KAFKA_BOOTSTRAP": "127.0.0.1:1",  # never reached: the models are checked first
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'a.db'}",
+        "COLUMNS": "300",
+    }
+    cmd = [sys.executable, "-m", "pipeline", "run", "--idle-exit", "1"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"PIPELINE_MODELS_DIR {tmp_path / 'modles'}: no such folder" in done.stdout + done.stderr
+    assert not (tmp_path / "modles").exists()

@@ -112,3 +112,20 @@ def test_registering_a_file_that_is_not_a_checkpoint_does_not_pass_on_torchs_unp
     finally:
         store.dispose()
     assert "not a loadable model checkpoint" in str(err.value) and "weights_only" not in str(err.value)
+
+
+def test_the_api_refuses_a_missing_database_and_an_address_it_cannot_listen_on(tmp_path: Path) -> None:
+    import socket
+
+    done = _pipeline("api", "--port", "18097", "--database-url", f"sqlite:///{tmp_path / 'typo.db'}", cwd=tmp_path)
+    assert done.returncode == 2 and "no database at" in done.stdout + done.stderr
+    assert not (tmp_path / "typo.db").exists()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        _pipeline("models", "register", str(bundled_checkpoint_path("sensors")), "--stream", "pumps",
+                  "--database-url", f"sqlite:///{tmp_path / 'a.db'}", cwd=tmp_path)  # fmt: skip
+        done = _pipeline("api", "--port", str(port), "--database-url", f"sqlite:///{tmp_path / 'a.db'}", cwd=tmp_path)
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2 and lines == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use"]

@@ -33,6 +33,9 @@ out = Console()
 log = logging.getLogger("pipeline.cli")
 
 
+DEMO_DATABASE = "sqlite:///var/demo.db"
+
+
 def _settings(**overrides: Any) -> Settings:
     s = Settings()
     for k, v in overrides.items():
@@ -254,13 +257,16 @@ def broker(port: Annotated[int, typer.Option(min=1, max=65535)] = 9092) -> None:
 def demo(
     customers: Annotated[int, typer.Option(min=1)] = 300,
     devices: Annotated[int, typer.Option(min=1)] = 20,
-    database_url: Annotated[str, typer.Option()] = "sqlite:///var/demo.db",
+    database_url: Annotated[
+        str, typer.Option(help="default: var/demo.db, emptied first; another SQLite file must not exist yet")
+    ] = DEMO_DATABASE,
 ) -> None:
     """End to end on the embedded broker and SQLite: simulate, stream, score, alert, summarize."""
     from pipeline.demo import run_demo
 
     s = _settings(database_url=database_url)
-    summary = run_demo(s, customers=customers, devices=devices, console=console)
+    own = database_url == DEMO_DATABASE  # the only database the demo may empty: its own
+    summary = run_demo(s, customers=customers, devices=devices, console=console, empty_database=own)
     table = Table(title="alerts by stream")
     for col in ("stream", "scored", "alerts", "alerted entities", "injected", "caught"):
         table.add_column(col, no_wrap=True)

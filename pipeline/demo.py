@@ -12,6 +12,7 @@ from rich.console import Console
 
 from pipeline.app import all_topics, build_service
 from pipeline.config import Settings
+from pipeline.errors import ConfigError
 from pipeline.kafka.broker import resolve_bootstrap
 from pipeline.kafka.client import ensure_topics, make_producer, produce_json, read_topic
 from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels
@@ -32,10 +33,20 @@ BAD_RECORDS: list[tuple[str, bytes]] = [
 ]
 
 
-def run_demo(settings: Settings, *, customers: int, devices: int, console: Console) -> dict[str, Any]:
+def run_demo(
+    settings: Settings, *, customers: int, devices: int, console: Console, empty_database: bool = True
+) -> dict[str, Any]:
+    """empty_database: delete the SQLite file first (the demo's own); otherwise an existing one is refused, so a
+    mistyped --database-url never deletes a database the demo did not create."""
     started = time.monotonic()
     if settings.database_url.startswith("sqlite:///"):
-        Path(settings.database_url.removeprefix("sqlite:///")).unlink(missing_ok=True)
+        path = Path(settings.database_url.removeprefix("sqlite:///"))
+        if not empty_database and path.exists():
+            raise ConfigError(
+                f"--database-url {path}: exists; the demo starts from an empty database and does not delete one "
+                "it did not create (remove it, or pick a new path)"
+            )
+        path.unlink(missing_ok=True)
     boot, broker = resolve_bootstrap(settings.kafka_bootstrap)
     if settings.kafka_bootstrap:
         # a shared broker: isolate the demo's topics and group

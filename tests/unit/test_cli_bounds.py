@@ -129,3 +129,18 @@ def test_a_models_dir_that_does_not_exist_is_an_error_not_stand_in_models(tmp_pa
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"PIPELINE_MODELS_DIR {tmp_path / 'modles'}: no such folder" in done.stdout + done.stderr
     assert not (tmp_path / "modles").exists()
+
+
+def test_the_demo_never_deletes_a_database_it_did_not_create(tmp_path: Path) -> None:
+    """`demo --database-url sqlite:///X` deleted X first, whatever it held (found by probing, 2026-12-01)."""
+    import os
+    import subprocess
+    import sys
+
+    precious = tmp_path / "alerts.db"
+    precious.write_bytes(b"a production database")
+    env = {**os.environ, "COLUMNS": "300"}
+    cmd = [sys.executable, "-m", "pipeline", "demo", "--database-url", f"sqlite:///{precious}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and f"--database-url {precious}: exists" in done.stdout + done.stderr
+    assert precious.read_bytes() == b"a production database"

@@ -32,14 +32,14 @@ class ThresholdKnobs:
     z_release: float | None = None
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.z) and self.z > 0.0):
-            raise ValueError(f"z must be a positive number of standard deviations; got {self.z}")
+        if not (math.isfinite(self.z) and self.z >= 0.0):
+            raise ValueError(f"z must be a finite number of standard deviations >= 0; got {self.z}")
         if self.warmup < 0 or self.min_history < 1:
             raise ValueError(f"warmup must be >= 0 and min_history >= 1; got {self.warmup}, {self.min_history}")
         if not (math.isfinite(self.floor_ratio) and self.floor_ratio >= 0.0):
             raise ValueError(f"floor_ratio must be >= 0; got {self.floor_ratio}")
-        if self.z_release is not None and not (math.isfinite(self.z_release) and self.z_release > 0.0):
-            raise ValueError(f"z_release must be a positive number; got {self.z_release}")
+        if self.z_release is not None and not (math.isfinite(self.z_release) and self.z_release >= 0.0):
+            raise ValueError(f"z_release must be a finite number >= 0; got {self.z_release}")
         if not 0.0 < self.smoothing <= 1.0:
             raise ValueError(f"smoothing must be in (0, 1]; got {self.smoothing}")
         if self.z_release is not None and self.z_release > self.z:

@@ -48,6 +48,7 @@ REASONS = {
     "key_mismatch",
     "missing_key",
     "out_of_order",
+    "from_the_future",  # the processor's own: an event time over max_future_s ahead of the wall clock
 }
 
 

@@ -10,6 +10,18 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.scoring.knobs import ThresholdKnobs
 
+# the bundled sensors stream's channels: SKAB's eight (pipeline.simulate writes readings with these)
+SENSOR_CHANNELS = (
+    "Accelerometer1RMS",
+    "Accelerometer2RMS",
+    "Current",
+    "Pressure",
+    "Temperature",
+    "Thermocouple",
+    "Voltage",
+    "Volume Flow RateRMS",
+)
+
 # Kafka's own rule for a topic name (the client refuses others only when the service subscribes)
 TopicName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
 
@@ -132,19 +144,7 @@ class Settings(BaseSettings):
         BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
     ] = "INFO"
     log_json: bool = False
-    sensor_channels: list[str] = Field(
-        min_length=1,
-        default=[
-            "Accelerometer1RMS",
-            "Accelerometer2RMS",
-            "Current",
-            "Pressure",
-            "Temperature",
-            "Thermocouple",
-            "Voltage",
-            "Volume Flow RateRMS",
-        ],
-    )
+    sensor_channels: list[str] = Field(min_length=1, default_factory=lambda: list(SENSOR_CHANNELS))
     threshold: ThresholdKnobs = Field(
         ThresholdKnobs(), description="per-entity adaptive thresholds (PIPELINE_THRESHOLD_Z etc.; see ThresholdKnobs)"
     )

@@ -12,16 +12,9 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-SENSOR_CHANNELS = [
-    "Accelerometer1RMS",
-    "Accelerometer2RMS",
-    "Current",
-    "Pressure",
-    "Temperature",
-    "Thermocouple",
-    "Voltage",
-    "Volume Flow RateRMS",
-]
+from pipeline.config import SENSOR_CHANNELS as _BUNDLED
+
+SENSOR_CHANNELS = list(_BUNDLED)
 _CH_BASE = np.array([0.21, 0.27, 1.9, 0.25, 70.0, 25.0, 230.0, 32.0])
 _CH_AMP = np.array([0.01, 0.012, 0.15, 0.05, 1.0, 0.4, 3.0, 1.0])
 _CH_NOISE = np.array([0.002, 0.002, 0.03, 0.02, 0.15, 0.05, 0.8, 0.3])

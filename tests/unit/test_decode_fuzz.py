@@ -20,20 +20,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.config import SENSOR_CHANNELS
 from pipeline.errors import DecodeError
 from pipeline.features.streams import LabelStream, SensorStream, StreamSpec, TransactionStream
 from pipeline.records import RawRecord
 
-CHANNELS = [
-    "Accelerometer1RMS",
-    "Accelerometer2RMS",
-    "Current",
-    "Pressure",
-    "Temperature",
-    "Thermocouple",
-    "Voltage",
-    "Volume Flow RateRMS",
-]
+CHANNELS = list(SENSOR_CHANNELS)
 REASONS = {
     "malformed_json",
     "non_finite_number",

@@ -64,3 +64,18 @@ def run_processor(env: dict[str, str], *args: str, timeout: float = 240, log_pat
     if rc != 0:
         tail = log_path.read_text()[-3000:] if log_path else ""
         raise AssertionError(f"processor exited with {rc}\n{tail}")
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python -m pipeline ARGS` to completion, text output captured; env defaults to this process's plus a wide
+    terminal, so a one-line error stays one line."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        env={**os.environ, "COLUMNS": "300"} if env is None else env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

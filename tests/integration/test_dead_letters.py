@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.simulate import simulate_sensors, strip_labels
-from tests.service_helpers import produce, read_topic, run_processor, topic_env
+from tests.service_helpers import produce, read_topic, run_cli, run_processor, topic_env
 
 GOOD = b'{"transaction_id":"T1","customer_id":"C1","terminal_id":"T9","amount":10.5,"timestamp":"2018-04-01T00:00:31Z"}'
 BAD = {
@@ -89,17 +89,8 @@ def test_a_reading_from_the_future_is_dead_lettered_and_does_not_block_its_devic
 
 def test_a_dead_letter_topic_the_service_reads_is_refused(topic_prefix: str, tmp_path: Path) -> None:
     """Found by probing: PIPELINE_DLQ_TOPIC = the input topic dead-lettered its own dead letters forever."""
-    import subprocess
-    import sys
-
     env = topic_env(topic_prefix, "127.0.0.1:1", f"sqlite:///{tmp_path / 'x.db'}")
     env["PIPELINE_DLQ_TOPIC"] = env["PIPELINE_TRANSACTIONS_TOPIC"]
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", "--idle-exit", "1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_cli("run", "--idle-exit", "1", env=env)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"PIPELINE_DLQ_TOPIC '{env['PIPELINE_DLQ_TOPIC']}' is also an input topic" in done.stdout + done.stderr

@@ -15,6 +15,7 @@ from pipeline.alerts.cli import register as register_alerts
 from pipeline.api.cli import register as register_api
 from pipeline.bench.cli import register as register_bench
 from pipeline.evaluate.cli import register as register_evaluate
+from tests.service_helpers import run_cli
 
 
 def _app_with(register: object) -> typer.Typer:
@@ -60,17 +61,10 @@ def test_out_of_range_options_are_usage_errors(app: typer.Typer, args: list[str]
 
 def test_alerts_tail_without_a_broker_says_so_within_seconds() -> None:
     """It was silent for kafka-python 3's 30 s bootstrap timeout (found by probing, 2026-12-01)."""
-    import subprocess
-    import sys
     import time
 
     t0 = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "alerts", "tail", "--bootstrap", "127.0.0.1:1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_cli("alerts", "tail", "--bootstrap", "127.0.0.1:1")
     assert done.returncode == 2 and "following alerts on 127.0.0.1:1" in done.stderr
     assert "no broker at 127.0.0.1:1" in done.stdout + done.stderr and "Traceback" not in done.stderr
     assert time.monotonic() - t0 < 25
@@ -96,16 +90,8 @@ def test_a_bad_setting_stops_the_command_with_one_line_naming_it(env: dict[str, 
     """Found by probing (2026-12-01): each was a pydantic or Kafka traceback, or a run that dead-lettered every
     record (max message bytes 0) or never consumed."""
     import os
-    import subprocess
-    import sys
 
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", "--idle-exit", "1"],
-        env={**os.environ, "COLUMNS": "300", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_cli("run", "--idle-exit", "1", env={**os.environ, "COLUMNS": "300", **env})
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (done.stdout, done.stderr)
     assert message in lines[0]
@@ -114,8 +100,6 @@ def test_a_bad_setting_stops_the_command_with_one_line_naming_it(env: dict[str, 
 def test_a_models_dir_that_does_not_exist_is_an_error_not_stand_in_models(tmp_path: Path) -> None:
     """It trained small default models on simulated traffic and served them (found by probing, 2026-12-01)."""
     import os
-    import subprocess
-    import sys
 
     env = {
         **os.environ,
@@ -124,8 +108,7 @@ def test_a_models_dir_that_does_not_exist_is_an_error_not_stand_in_models(tmp_pa
         "DATABASE_URL": f"sqlite:///{tmp_path / 'a.db'}",
         "COLUMNS": "300",
     }
-    cmd = [sys.executable, "-m", "pipeline", "run", "--idle-exit", "1"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    done = run_cli("run", "--idle-exit", "1", env=env)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"PIPELINE_MODELS_DIR {tmp_path / 'modles'}: no such folder" in done.stdout + done.stderr
     assert not (tmp_path / "modles").exists()
@@ -133,14 +116,8 @@ def test_a_models_dir_that_does_not_exist_is_an_error_not_stand_in_models(tmp_pa
 
 def test_the_demo_never_deletes_a_database_it_did_not_create(tmp_path: Path) -> None:
     """`demo --database-url sqlite:///X` deleted X first, whatever it held (found by probing, 2026-12-01)."""
-    import os
-    import subprocess
-    import sys
-
     precious = tmp_path / "alerts.db"
     precious.write_bytes(b"a production database")
-    env = {**os.environ, "COLUMNS": "300"}
-    cmd = [sys.executable, "-m", "pipeline", "demo", "--database-url", f"sqlite:///{precious}"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    done = run_cli("demo", "--database-url", f"sqlite:///{precious}")
     assert done.returncode == 2 and f"--database-url {precious}: exists" in done.stdout + done.stderr
     assert precious.read_bytes() == b"a production database"

@@ -5,7 +5,6 @@ naming the problem (exit 2), never a SQLAlchemy traceback, and no empty database
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,19 +14,15 @@ from pipeline.errors import SinkError
 from pipeline.registry import ModelRegistry, RegistryError
 from pipeline.sinks import Database
 from pipeline.sinks.registry import SqlRegistryStore
+from tests.service_helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _pipeline(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "COLUMNS": "200"},
-    )
+def _pipeline(*args: str, cwd: Path, columns: int = 200) -> subprocess.CompletedProcess[str]:
+    """In a bare environment: no DATABASE_URL or PIPELINE_* of the test run leaks in."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "COLUMNS": str(columns)}
+    return run_cli(*args, env=env, cwd=cwd, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -89,14 +84,7 @@ def test_models_list_never_cuts_a_version_id_in_a_narrow_terminal_or_a_pipe(tmp_
     done = _pipeline("models", "register", str(bundled_checkpoint_path("sensors")), "--stream", name,
                      "--database-url", url, cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    listed = subprocess.run(
-        [sys.executable, "-m", "pipeline", "models", "list", "--database-url", url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "COLUMNS": "60"},
-    )
+    listed = _pipeline("models", "list", "--database-url", url, cwd=tmp_path, columns=60)
     assert listed.returncode == 0 and f"{name}-v1" in listed.stdout and "…" not in listed.stdout, listed.stdout
     assert "alembic" not in listed.stderr  # a schema at head already: no migration log lines on every command
 

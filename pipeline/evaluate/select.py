@@ -64,13 +64,25 @@ def _skab_runs(
     channels, train, test, y = skab.load(path, base.train_rows)
     spec = SensorStream(channels)
     model, _ = skab.model_config(base, train, len(channels))
+    if base.model_per_file:  # a model per file is trained per threshold candidate: `pipeline evaluate`'s own path
+        return [
+            dict(skab.pointwise(y, _per_entity(spec, train, test, model, _threshold(base, t)).alerts))
+            for t in thresholds
+        ]
     ckpt = _fit(spec, train, model, base)
     out = []
     for t in thresholds:
-        cfg = common.configured(base, _merged(base, t))
-        res = _stream(spec, ckpt, train, test, cfg)
+        res = _stream(spec, ckpt, train, test, _threshold(base, t))
         out.append(dict(skab.pointwise(y, res.alerts)))
     return out
+
+
+def _threshold(base: Any, over: dict[str, Any]) -> Any:
+    return common.configured(base, _merged(base, over))
+
+
+def _per_entity(spec: Any, train: Any, test: Any, model: Any, cfg: Any) -> common.Scored:
+    return common.train_then_score(spec, train, test, model, cfg, name="select", model_per_entity=True)
 
 
 def _nasa_runs(
@@ -86,12 +98,12 @@ def _nasa_runs(
     from models.lstm_ae import LSTMAEConfig
 
     model = LSTMAEConfig(n_features=len(nasa.CHANNELS), **base.model)
-    ckpt = _fit(spec, train, model, base)
+    ckpt = None if base.model_per_channel else _fit(spec, train, model, base)
     ids = np.asarray(test.entity_ids, dtype=object)
     out = []
     for t in thresholds:
-        cfg = common.configured(base, _merged(base, t))
-        res = _stream(spec, ckpt, train, test, cfg)
+        cfg = _threshold(base, t)
+        res = _per_entity(spec, train, test, model, cfg) if ckpt is None else _stream(spec, ckpt, train, test, cfg)
         pairs = [(labeled[c], nasa.merge(segments(res.alerts[ids == c]), cfg.merge_gap)) for c in chans]
         out.append(dict(segment_f1(pairs)))
     return out

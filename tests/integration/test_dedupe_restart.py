@@ -79,3 +79,25 @@ def test_a_resent_payment_is_scored_once_across_crash_and_restart(
     produce(kafka_bootstrap, off["PIPELINE_TRANSACTIONS_TOPIC"], [(p["customer_id"], p) for p in [*stream, big, big]])
     run_processor(off, log_path=tmp_path / "off.log")
     assert len(_alerts_of(pg_store, "no-dedupe", "C-dup")) > 1
+
+
+def test_a_transaction_id_with_a_nul_character_is_scored_deduped_and_snapshotted_on_postgresql(
+    kafka_bootstrap: str, pg_store: SqlTestStore, pg_url: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """The schema leaves transaction_id free text, and PostgreSQL rejects NUL in text columns; the id only
+    reaches the database inside the dedupe window's snapshot (bytea), so such a payment is scored, alerted,
+    snapshotted and its resend dropped, like any other."""
+    stream, big = _stream()
+    big = {**big, "transaction_id": "DUP\u00001"}
+    env = topic_env(topic_prefix, kafka_bootstrap, pg_url, run_id="nul-id")
+    topic = env["PIPELINE_TRANSACTIONS_TOPIC"]
+    produce(kafka_bootstrap, topic, [(p["customer_id"], p) for p in [*stream[:-1], big]])
+    log = tmp_path / "proc.log"
+    run_processor(env, log_path=log)
+    assert len(_alerts_of(pg_store, "nul-id", "C-dup")) == 1
+    rows = pg_store.load_states("nul-id", "transactions", [f"#dedupe:{p}" for p in range(4)])
+    assert any(b'"DUP\\u00001"' in blob for blob in rows.values())
+    produce(kafka_bootstrap, topic, [(big["customer_id"], big)])
+    run_processor(env, log_path=log)
+    assert _dropped(log) == [0, 1]
+    assert len(_alerts_of(pg_store, "nul-id", "C-dup")) == 1

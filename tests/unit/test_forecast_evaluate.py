@@ -127,3 +127,22 @@ def test_over_seeds_averages_f1_and_far() -> None:
     out = select.over_seeds([{"f1": 0.5, "far": 0.1, "tp": 3}, {"f1": 0.7, "far": 0.3, "tp": 5}])
     assert out == {"f1": pytest.approx(0.6), "far": pytest.approx(0.2), "f1_seeds": [0.5, 0.7]}
     assert select.over_seeds([{"f1": 0.5}]) == {"f1": 0.5}
+
+
+@pytest.mark.parametrize("fmt", ["skab", "nasa"])
+def test_select_row_with_a_model_per_entity_equals_pipeline_evaluate(
+    tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A candidate with model_per_file / model_per_channel is trained one model per entity, as `pipeline
+    evaluate` trains it, so its select row is that configuration's evaluate result on the folder."""
+    knob = "model_per_file" if fmt == "skab" else "model_per_channel"
+    over = {"family": "lstm_forecast", "forecast": FAST, "epochs": 2, knob: True}
+    if fmt == "skab":
+        data, source = _skab(tmp_path / "s"), f"skab:{tmp_path / 's'}:100"
+        want = skab.evaluate(data, common.configured(skab.SkabConfig(), {**over, "train_rows": 100, "z": 3.0}))
+    else:
+        data, source = _nasa_single_column(tmp_path / "n"), f"nasa:{tmp_path / 'n'}"
+        want = nasa.evaluate(data, common.configured(nasa.NasaConfig(), {**over, "z": 3.0}))
+    assert select.main(["--source", source, "--model", json.dumps(over), "--threshold", '{"z": 3.0}']) == 0
+    row = next(json.loads(x) for x in capsys.readouterr().out.splitlines() if '"source"' in x)
+    assert (row["f1"], row["tp"], row["fp"], row["fn"]) == (want["f1"], want["tp"], want["fp"], want["fn"])

@@ -70,7 +70,7 @@ class SlotArray:
     name: str
     dtype: str
     dims: Callable[[StateLayout], tuple[int, ...]]
-    carry: str  # ENTITY | STATS | WINDOW | OWN, see CarryOver
+    carry: str  # ENTITY | STATS | SCORES | WINDOW | OWN, see CarryOver
     fresh: float = 0.0
     persisted_since: int | None = None  # None: memory only
     recurrent: bool = False  # only stateful models persist it
@@ -99,7 +99,11 @@ def _prediction(layout: StateLayout) -> tuple[int, ...]:
 RING = "win"  # the window ring (oldest -> newest in snapshots, which restore it with pos = 0)
 # What of an entity's state another model keeps (SlotArray.carry; CarryOver decides):
 ENTITY = "entity"  # facts of the entity's events, whatever model scores them: always
-STATS = "stats"  # feature scaling and score statistics: when the features are the same
+STATS = "stats"  # feature scaling statistics: when the features are the same
+# score statistics (and the alert state) describe one model's scores: only that model's. Another version's
+# scores have another scale, so thresholds learnt from them would judge the new model wrongly (a hot
+# promote raised false alerts that neither version raised alone)
+SCORES = "scores"
 WINDOW = "window"  # the autoencoder's input window (and its fill count): same features and window length
 OWN = "own"  # a stateful model's (h, c) and prediction: never (a new model's (h, c) are not the old one's)
 
@@ -115,13 +119,13 @@ SLOT_ARRAYS = (
     SlotArray("feat_n", "<f8", _one, STATS, persisted_since=1),
     SlotArray("feat_mean", "<f8", _features, STATS, persisted_since=1),
     SlotArray("feat_m2", "<f8", _features, STATS, persisted_since=1),
-    SlotArray("score_n", "<f8", _one, STATS, persisted_since=1),
-    SlotArray("score_mean", "<f8", _one, STATS, persisted_since=1),
-    SlotArray("score_m2", "<f8", _one, STATS, persisted_since=1),
+    SlotArray("score_n", "<f8", _one, SCORES, persisted_since=1),
+    SlotArray("score_mean", "<f8", _one, SCORES, persisted_since=1),
+    SlotArray("score_m2", "<f8", _one, SCORES, persisted_since=1),
     # EWMA of log1p(score); NaN until scored
-    SlotArray("score_ema", "<f8", _one, STATS, fresh=np.nan, persisted_since=2),
+    SlotArray("score_ema", "<f8", _one, SCORES, fresh=np.nan, persisted_since=2),
     # the entity's last judged event alerted (the threshold's hysteresis, ThresholdKnobs.z_release)
-    SlotArray("alerting", "?", _one, STATS, fresh=False, persisted_since=4),
+    SlotArray("alerting", "?", _one, SCORES, fresh=False, persisted_since=4),
     SlotArray("rnn_h", "<f4", _recurrent, OWN, persisted_since=1, recurrent=True),
     SlotArray("rnn_c", "<f4", _recurrent, OWN, persisted_since=1, recurrent=True),
     # NaN: no step yet
@@ -136,8 +140,9 @@ SLOT_ARRAYS = (
 @dataclass(frozen=True)
 class CarryOver:
     """What of an entity's state saved under layout `old` the model of layout `new` keeps (SlotArray.carry).
-    Where the features differ the entity re-warms: the model's global threshold until its own score statistics
-    are back; where only the window or (h, c) go, it refills them (min_history events before any alert)."""
+    Another model always re-learns the entity's score statistics (judging it by its own global threshold
+    until they are back); where the features are the same it keeps the feature scaling; where only the window
+    or (h, c) go, it refills them (min_history events before any alert)."""
 
     same_model: bool
     stats: bool
@@ -154,7 +159,7 @@ class CarryOver:
         return cls(same, stats, window)
 
     def keeps(self, array: SlotArray) -> bool:
-        kept = {ENTITY: True, STATS: self.stats, WINDOW: self.window, OWN: False}
+        kept = {ENTITY: True, STATS: self.stats, SCORES: False, WINDOW: self.window, OWN: False}
         return self.same_model or kept[array.carry]
 
     def describe(self) -> str:
@@ -162,7 +167,7 @@ class CarryOver:
             return "everything kept"
         if not self.stats:
             return "features differ: re-warming on the global threshold"
-        return "scaling and score statistics kept; " + (
+        return "scaling kept, score statistics re-learnt on the new model's threshold; " + (
             "window kept" if self.window else "window and recurrent state re-warm"
         )
 

@@ -1,8 +1,9 @@
 """Promoting a model version while the processor runs (issue #14, section 3), on the real broker and PostgreSQL
 (registry included): the stream switches at a checkpoint boundary, alerts before the switch carry the old
 version and after it the new one, none lost or duplicated against an offline one-at-a-time computation split
-at the switch, and the entities' scaling and score statistics survive it. A promote the stream cannot serve is
-refused at runtime: the old version keeps serving, one ERROR line, the refused counter."""
+at the switch, and the entities' scaling survives it (their score statistics, the old version's scores, are
+re-learnt by the new one). A promote the stream cannot serve is refused at runtime: the old version keeps
+serving, one ERROR line, the refused counter."""
 
 from __future__ import annotations
 
@@ -189,12 +190,14 @@ def test_promote_switches_at_a_checkpoint_with_no_event_lost_or_scored_twice(
         )
         new = service.scorer
         assert _swaps("applied") == applied + 1
-        # the entities' scaling and score statistics (and the autoencoder's window) survived the switch
+        # the entities' scaling (and the autoencoder's window) survived the switch; their score statistics
+        # were the old version's scores, so the new one re-learns them
         for entity, slot in old.store.live().items():
             at = new.store.live()[entity]
             for a in SLOT_ARRAYS:
                 if a.carry == STATS:
                     np.testing.assert_array_equal(getattr(new.store, a.name)[at], getattr(old.store, a.name)[slot])
+            assert old.store.score_n[slot] > 0 and new.store.score_n[at] == 0
             np.testing.assert_array_equal(new.store.windows(np.array([at])), old.store.windows(np.array([slot])))
         # the next checkpoint snapshots every partition of the stream under the new version
         wanted = {r["device_id"] for r in before}

@@ -16,7 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[test]'  # runtime + every extra the tests use (pyproject.toml)
+	# runtime + every extra the tests use (pyproject.toml). compat: the checkout goes on sys.path as a path
+	# entry, so its packages win over a models/ folder without __init__.py in the working directory of
+	# `python -m pipeline` (the default editable hook runs after such a namespace package is found)
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	$(if $(KAFKA_PYTHON_SPEC),$(PY) -m pip install -q '$(KAFKA_PYTHON_SPEC)')
 	$(PY) -c "import kafka; print('kafka-python', kafka.__version__)"
 	touch $@

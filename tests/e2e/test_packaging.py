@@ -47,7 +47,16 @@ def test_wheel_contains_data_files(wheel: Path) -> None:
     assert not any(n.startswith("tests/") for n in names)
 
 
+def _folders_named_like_the_packages(cwd: Path) -> None:
+    """A user's working directory often holds a models/ folder (checkpoints): a folder without __init__.py
+    there must not become the `models` (or `pipeline`, `schemas`) package as a namespace package."""
+    for name in ("models", "pipeline", "schemas"):
+        (cwd / name).mkdir()
+        (cwd / name / "sensors.pt").write_bytes(b"not a package")
+
+
 def test_installed_package_works_outside_the_repo(wheel: Path, tmp_path: Path) -> None:
+    _folders_named_like_the_packages(tmp_path)
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
@@ -56,7 +65,7 @@ def test_installed_package_works_outside_the_repo(wheel: Path, tmp_path: Path) -
     )
     code = (
         "import sys, models, pipeline, schemas\n"
-        "assert pipeline.__file__.startswith(sys.argv[1]), pipeline.__file__\n"
+        "for m in (models, pipeline, schemas): assert (m.__file__ or '').startswith(sys.argv[1]), m.__path__\n"
         "from schemas import load_schema\n"
         "from models import bundled_checkpoint_path, load_checkpoint\n"
         "for s in ('transaction', 'sensor_reading', 'alert'): load_schema(s)\n"
@@ -77,6 +86,23 @@ def test_installed_package_works_outside_the_repo(wheel: Path, tmp_path: Path) -
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_python_m_pipeline_runs_from_a_directory_holding_a_models_folder(tmp_path: Path) -> None:
+    """The environment the tests run in (the dev venv: an editable install, `make venv`): `python -m pipeline`
+    puts the working directory first on sys.path, and an editable install's import hook comes after it."""
+    _folders_named_like_the_packages(tmp_path)
+    code = "import models, pipeline, schemas\nprint([m.__file__ for m in (models, pipeline, schemas)])"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "None" not in proc.stdout, proc.stdout + proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "streams", "check", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
 
 
 OPTIONAL = ("river", "faust", "fastapi", "uvicorn", "pandas", "sklearn", "tep_studio")

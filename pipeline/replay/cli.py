@@ -105,6 +105,11 @@ def replay(
     if as_json:
         out.print_json(json.dumps(res.to_dict()))
         return
+    if res.resumed:
+        out.print(
+            f"run {res.run_id} existed: went on from its durable positions, so events it had already scored "
+            "are not counted again below (a new --run-id scores the whole range)"
+        )
     out.print(
         f"run {res.run_id}: {res.events} events in range ({res.out_of_range} outside the time range), "
         f"{res.scored} scored, {res.alerts} alerts, dead letters {res.dead_letters or 0}, "

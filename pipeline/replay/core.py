@@ -36,6 +36,7 @@ from pipeline.registry import ModelRegistry
 from pipeline.scoring.factory import build_scorer
 from pipeline.scoring.scorer import StreamScorer
 from pipeline.sinks import AlertQueries, Database, SqlCheckpointStore, SqlRegistryStore
+from pipeline.state.store import saved_layout
 from pipeline.streams import serving
 from pipeline.streams.config import load_streams, parse_model_ref
 
@@ -121,6 +122,8 @@ class ReplayResult:
     from_ms: int | None = None
     to_ms: int | None = None
     end_offsets: dict[str, int] = field(default_factory=dict)
+    # the run id had scored part of these topics before: this invocation went on from its durable positions
+    resumed: bool = False
 
     @property
     def events_per_s(self) -> float:
@@ -268,6 +271,12 @@ def run_replay(
         if own_db:
             database.dispose()
         raise
+    try:
+        resumed = check_resumable(SqlCheckpointStore(database), run_id, scorers)
+    except BaseException:
+        if own_db:
+            database.dispose()
+        raise
     source = ReplaySource(bootstrap, from_ms=from_ms, to_ms=to_ms, seek_mode=seek_mode)
     dlq = CountingDeadLetters()
     opts = options_from(settings)
@@ -296,7 +305,28 @@ def run_replay(
         from_ms=from_ms,
         to_ms=to_ms,
         end_offsets={f"{t}[{p}]": o for (t, p), o in sorted(source.end.items())},
+        resumed=resumed,
     )
+
+
+def check_resumable(store: SqlCheckpointStore, run_id: str, scorers: Mapping[str, StreamScorer]) -> bool:
+    """Whether the run id already holds durable positions on these topics (the replay goes on from them).
+    A run another model version scored is refused: going on from its positions with this model would score
+    only what that run had not reached, and summarise an unchanged range as "0 events"."""
+    resumed = {t for t, _ in store.load_offsets(run_id, REPLAY_GROUP)} & set(scorers)
+    for topic in sorted(resumed):
+        scorer = scorers[topic]
+        saved = store.any_state(run_id, scorer.spec.name)
+        if saved is None:
+            continue
+        model = saved_layout(saved[1], saved[0])[1].model
+        if model not in (0, scorer.store.layout.model):
+            raise ConfigError(
+                f"run {run_id!r} already replayed {topic} with another model version than "
+                f"{scorer.model_version}: pass a new --run-id to score the range with it (the same run id goes "
+                "on from where that run stopped, with the model that run used)"
+            )
+    return bool(resumed)
 
 
 AlertKey = tuple[str, str, str, int, int]  # stream, entity, topic, partition, offset

@@ -109,6 +109,16 @@ class SqlCheckpointStore:
                 out.update({r.entity_id: bytes(r.state) for r in rows})
         return out
 
+    def any_state(self, run_id: str, stream: str) -> tuple[str, bytes] | None:
+        """One entity's state record of a run's stream (its header names the model that wrote it), if any."""
+        with self.db.reading("look up a run's entity state") as conn:
+            row = conn.execute(
+                select(entity_state.c.entity_id, entity_state.c.state)
+                .where(entity_state.c.run_id == run_id, entity_state.c.stream == stream)
+                .limit(1)
+            ).first()
+        return None if row is None else (row.entity_id, bytes(row.state))
+
     def load_offsets(self, run_id: str, group_id: str) -> dict[tuple[str, int], tuple[int, int | None]]:
         """{(topic, partition): (committed_offset, snapshot_offset)}"""
         with self.db.reading("load partition checkpoints") as conn:

@@ -6,7 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+import torch
+
+from models.lstm_ae import bundled_checkpoint_path, load_blob
+from pipeline.errors import ConfigError
 from pipeline.kafka.client import KafkaSource
 from pipeline.replay.core import diff_runs, run_replay
 from tests.sql_helpers import SqlTestStore
@@ -89,3 +95,26 @@ def test_time_range_is_exact_by_record_timestamp(
     d = diff_runs(sqlite_store, "r-full", "r-auto")
     assert d["alerts_a"] == len(position_set(sqlite_store, "r-full")) == full.alerts
     assert d["removed"] >= 1, d  # alerts outside the window are gone in the windowed run
+
+
+def test_a_run_id_another_model_scored_is_refused_and_the_same_model_goes_on(
+    kafka_bootstrap: str, sqlite_store: SqlTestStore, topic_prefix: str, tmp_path: Path
+) -> None:
+    """A probe's what-if: `replay --model v4 --run-id X` where X was replayed with v5 went on from X's
+    positions, scored nothing and printed "0 events in range", read as "v4 raises no alerts". Another model
+    on an existing run id is refused; the same model resumes, and says so."""
+    s = settings_for(topic_prefix, sqlite_store.url)
+    produce_sensors(kafka_bootstrap, s.sensors_topic, sensor_records(12, 40))
+    first = run_replay(s, kafka_bootstrap, [s.sensors_topic], run_id="what-if", db=sqlite_store)
+    assert first.scored > 0 and not first.resumed
+    blob = load_blob(bundled_checkpoint_path("sensors"))
+    blob["threshold"] *= 0.5
+    blob["card"] = {**blob["card"], "version": "sensors-candidate", "threshold": blob["threshold"]}
+    candidate = tmp_path / "candidate.pt"
+    torch.save(blob, candidate)
+    with pytest.raises(ConfigError, match="another model version than sensors-candidate: pass a new --run-id"):
+        run_replay(s, kafka_bootstrap, [s.sensors_topic], model=str(candidate), run_id="what-if", db=sqlite_store)
+    again = run_replay(s, kafka_bootstrap, [s.sensors_topic], run_id="what-if", db=sqlite_store)
+    assert again.resumed and again.scored == 0
+    fresh = run_replay(s, kafka_bootstrap, [s.sensors_topic], model=str(candidate), run_id="what-if-2", db=sqlite_store)
+    assert not fresh.resumed and fresh.scored == first.scored and fresh.alerts >= first.alerts

@@ -9,6 +9,8 @@ Tables (migration 0004):
 - model_aliases: stream@champion / stream@challenger -> version; a version that an alias names cannot be
   deleted (foreign key). `generation` is the id of the promotion row that set it.
 - model_promotions: append-only history of every alias change; its newest id is the registry's generation.
+- model_version_numbers (migration 0007): the last number given out per stream, so a deleted version's id is
+  never given to another model (its alerts and samples would be credited to that model).
 - shadow_alerts: the challenger's would-be alerts, the columns of `alerts`; they never open incidents.
 - model_score_samples: a sample of every scored event's score per model version (champion and challenger),
   the live score distribution for drift and compare. (score_samples holds only the scores of entities with an
@@ -49,6 +51,7 @@ from pipeline.sinks.tables import (
     model_aliases,
     model_promotions,
     model_score_samples,
+    model_version_numbers,
     model_versions,
     shadow_alerts,
 )
@@ -87,10 +90,22 @@ class SqlRegistryStore:
                     ).first()
                     if existing is not None:
                         return _version(existing), False
-                    last = conn.execute(
+                    registered = conn.execute(
                         select(func.max(model_versions.c.number)).where(model_versions.c.stream == new.stream)
                     ).scalar()
-                    number = int(last or 0) + 1
+                    given = conn.execute(
+                        select(model_version_numbers.c.last_number).where(model_version_numbers.c.stream == new.stream)
+                    ).scalar()
+                    number = max(int(registered or 0), int(given or 0)) + 1  # deleted numbers stay taken
+                    counter = {"stream": new.stream, "last_number": number}
+                    if given is None:
+                        conn.execute(insert(model_version_numbers), counter)
+                    else:
+                        conn.execute(
+                            update(model_version_numbers)
+                            .where(model_version_numbers.c.stream == new.stream)
+                            .values(last_number=number)
+                        )
                     row = {
                         "version": f"{new.stream}-v{number}",
                         "stream": new.stream,

@@ -207,6 +207,14 @@ model_versions = Table(
     UniqueConstraint("stream", "content_hash", name="uq_model_versions_stream_hash"),
 )
 
+# migration 0007: the last number given out per stream, never lowered (a deleted version's id is not reused)
+model_version_numbers = Table(
+    "model_version_numbers",
+    metadata,
+    Column("stream", String(64), primary_key=True),
+    Column("last_number", Integer, nullable=False),
+)
+
 model_aliases = Table(
     "model_aliases",
     metadata,

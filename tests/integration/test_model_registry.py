@@ -129,6 +129,21 @@ def test_rollback_skips_versions_deleted_since(store: SqlRegistryStore, tmp_path
     assert registry.rollback("sensors").version == v1
 
 
+def test_a_deleted_version_id_is_never_given_to_another_model(store: SqlRegistryStore, tmp_path: Path) -> None:
+    """A probe deleted pumps-v5 (the newest) and the next registration became pumps-v5 again: the deleted
+    model's alerts and samples were then credited to an unrelated model. Numbers only go up, per stream."""
+    registry = ModelRegistry(store)
+    v1, v2 = (registry.register(_variant(tmp_path, f"d{i}", threshold=80.0 + i), "sensors") for i in (1, 2))
+    registry.delete(v2)
+    v3 = registry.register(_variant(tmp_path, "d3", threshold=83.0), "sensors")
+    assert (v1, v2, v3) == ("sensors-v1", "sensors-v2", "sensors-v3")
+    assert registry.register(_variant(tmp_path, "d3", threshold=83.0), "sensors") == v3  # same file: same version
+    registry.delete(v3)
+    registry.delete(v1)
+    assert registry.register(_variant(tmp_path, "d4", threshold=84.0), "sensors") == "sensors-v4"
+    assert registry.register(_variant(tmp_path, "p1", threshold=85.0), "pumps") == "pumps-v1"  # per stream
+
+
 def test_delete_is_refused_while_a_version_serves(store: SqlRegistryStore, tmp_path: Path) -> None:
     registry = ModelRegistry(store)
     v1 = registry.register(BUNDLED, "sensors")

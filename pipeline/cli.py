@@ -134,7 +134,9 @@ def train(
         typer.Option(help="CSV/Parquet file or folder: entity, time and channel columns (repeatable)"),
     ] = None,
     topic: Annotated[str | None, typer.Option(help="read the history from this topic instead")] = None,
-    from_time: Annotated[str | None, typer.Option("--from", help="--topic range start (ISO or epoch ms)")] = None,
+    from_time: Annotated[
+        str | None, typer.Option("--from", help="--topic range start by Kafka record timestamp (ISO or epoch ms)")
+    ] = None,
     to_time: Annotated[str | None, typer.Option("--to", help="--topic range end, exclusive")] = None,
     bootstrap: Annotated[str | None, typer.Option(help="broker of --topic; default KAFKA_BOOTSTRAP")] = None,
     streams_file: Annotated[

@@ -37,6 +37,11 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 STATUSES = ("open", "resolved", "acked", "unacked", "tp", "fp", "unlabeled")
 
 
+def _title(n: int, what: str, limit: int) -> str:
+    """A list cut at --limit says so: "100 alerts" read as all of them when thousands matched."""
+    return f"the newest {n} {what} (--limit {limit}; there may be more)" if n >= limit else f"{n} {what}"
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(alerts_app, name="alerts")
 
@@ -114,7 +119,7 @@ def list_cmd(
         _print_json([_jsonable(r) for r in rows])
         return
     if incidents:
-        table = Table(title=f"{len(rows)} incidents")
+        table = Table(title=_title(len(rows), "incidents", limit))
         for col in (
             "id",
             "status",
@@ -144,7 +149,7 @@ def list_cmd(
                 r["label"] or "",
             )
     else:
-        table = Table(title=f"{len(rows)} alerts")
+        table = Table(title=_title(len(rows), "alerts", limit))
         for col in (
             "id",
             "event time",

@@ -44,6 +44,12 @@ def test_list_filters(cli: typer.Typer, db: Database) -> None:
     incs = run(cli, db, "list", "--incidents", "--status", "open", "--json")
     assert {i["entity_id"] for i in incs} == {"C1", "C2"}
     assert "C1" in run(cli, db, "list", "--incidents")  # the table view renders
+    # a list cut at --limit says so (a probe read "100 alerts" as all of them)
+    total = len(rows)
+    assert f"{total} alerts" in run(cli, db, "list", "--limit", str(total + 1))
+    assert f"the newest {total - 1} alerts (--limit {total - 1}; there may be more)" in " ".join(
+        run(cli, db, "list", "--limit", str(total - 1)).split()
+    )
 
 
 def test_ack_and_label(cli: typer.Typer, db: Database) -> None:

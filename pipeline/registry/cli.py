@@ -376,13 +376,18 @@ def compare_cmd(
     champion: Annotated[str, typer.Argument(help="version A (its alerts: the alerts table)")],
     challenger: Annotated[str, typer.Argument(help="version B (its shadow alerts)")],
     stream: Annotated[str | None, typer.Option("--stream", help="only this stream's alerts")] = None,
-    since: Annotated[str | None, typer.Option("--since", help="ISO time or age: 15m, 2h, 7d")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="ISO time or age: 15m, 2h, 7d (event time)")] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option("--run-id", help="only this run (the live PIPELINE_RUN_ID, or a replay's); default: every run"),
+    ] = None,
     png: Annotated[Path | None, typer.Option("--png", help="write the score distributions to this PNG")] = None,
     as_json: JsonOpt = False,
     database_url: DbOpt = None,
 ) -> None:
-    """Two versions on the same events: alert rates, overlap of alerted entities and events, precision on
-    operator-labelled events, score quantiles side by side (and a PNG with the `plot` extra)."""
+    """Two versions' alerts and scores over the same window: alert rates, overlap of alerted entities and
+    events, precision on operator-labelled events, score quantiles side by side (and a PNG with the `plot`
+    extra). Without --run-id every run counts (the live run and replays), each event once per version."""
     from pipeline.alerts.cli import parse_since
     from pipeline.registry import compare as comparison
 
@@ -394,11 +399,14 @@ def compare_cmd(
         for version in (champion, challenger):
             registry.show(version)
         rows = {
-            v: store.version_alerts(v, shadow=False, stream=stream, since=t0)
-            + store.version_alerts(v, shadow=True, stream=stream, since=t0)
+            v: _once_per_event(
+                store.version_alerts(v, shadow=False, stream=stream, since=t0, run_id=run_id)
+                + store.version_alerts(v, shadow=True, stream=stream, since=t0, run_id=run_id)
+            )
             for v in (champion, challenger)
         }
-        scores = {v: store.version_scores(v, stream=stream, since=t0) for v in (champion, challenger)}
+        scores = {v: store.version_scores(v, stream=stream, since=t0, run_id=run_id) for v in (champion, challenger)}
+        scored_to = [store.last_scored(v, stream=stream, run_id=run_id) for v in (champion, challenger)]
     refs = {v: [_alert_ref(r) for r in rs] for v, rs in rows.items()}
     result = comparison.compare(
         champion,
@@ -407,7 +415,7 @@ def compare_cmd(
         challenger,
         refs[challenger],
         scores[challenger],
-        _window_s(t0, rows),
+        _window_s(t0, rows, [t for t in scored_to if t is not None]),
     )
     if as_json:
         _print_json(_comparison_json(result))
@@ -424,14 +432,31 @@ def _alert_ref(row: dict[str, Any]) -> comparison.AlertRef:
     return comparison.AlertRef(row["entity_id"], key, row["label"])
 
 
-def _window_s(since: datetime | None, rows: dict[str, list[dict[str, Any]]]) -> float | None:
-    """Seconds the rates are over: from --since to now, else from the first to the last alert."""
-    if since is not None:
-        return (datetime.now(timezone.utc) - since).total_seconds()
-    times = [r["event_time"] for rs in rows.values() for r in rs]
-    if len(times) < 2:
+def _once_per_event(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One alert per source event: the same event alerted in the live run and in replays counts once (a
+    labelled copy wins, so precision sees the operator's verdict)."""
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in rows:
+        key = (r["source_topic"], r["source_partition"], r["source_offset"])
+        if key not in out or (out[key]["label"] is None and r["label"] is not None):
+            out[key] = r
+    return sorted(out.values(), key=lambda r: _utc(r["event_time"]))
+
+
+def _utc(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)  # SQLite hands back naive UTC
+
+
+def _window_s(since: datetime | None, rows: dict[str, list[dict[str, Any]]], scored_to: list[datetime]) -> float | None:
+    """Seconds of event time the rates are over: from the first to the last alert; with --since, from it to
+    the end of what the versions scored (their newest score sample, or the last alert). The alerts are
+    selected by event time, so the window is too: a replay of last year's data is not divided by the time
+    since then."""
+    times = [_utc(r["event_time"]) for rs in rows.values() for r in rs]
+    start, ends = (min(times, default=None), times) if since is None else (since, times + [_utc(t) for t in scored_to])
+    if start is None or not ends:
         return None
-    return (max(times) - min(times)).total_seconds() or None
+    return (max(ends) - start).total_seconds() or None
 
 
 def _comparison_json(c: comparison.Comparison) -> dict[str, Any]:

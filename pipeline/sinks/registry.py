@@ -233,7 +233,13 @@ class SqlRegistryStore:
 
     # -- what drift and compare read --------------------------------------------------------------------
     def version_alerts(
-        self, version: str, *, shadow: bool, stream: str | None = None, since: datetime | None = None
+        self,
+        version: str,
+        *,
+        shadow: bool,
+        stream: str | None = None,
+        since: datetime | None = None,
+        run_id: str | None = None,
     ) -> list[dict[str, Any]]:
         """Alerts (shadow=True: the shadow alerts) a version raised: entity, source position, label, time."""
         table = shadow_alerts if shadow else alerts
@@ -245,11 +251,30 @@ class SqlRegistryStore:
             q = q.where(c.stream == stream)
         if since is not None:
             q = q.where(c.event_time >= since)
+        if run_id is not None:
+            q = q.where(c.run_id == run_id)
         with self.db.reading("read alerts by model version") as conn:
             return [dict(r._mapping) for r in conn.execute(q.order_by(c.event_time))]
 
+    def last_scored(self, version: str, *, stream: str | None = None, run_id: str | None = None) -> datetime | None:
+        """The event time of a version's newest score sample: where the range it scored ends."""
+        c = model_score_samples.c
+        q = select(func.max(c.event_time)).where(c.model_version == version)
+        if stream is not None:
+            q = q.where(c.stream == stream)
+        if run_id is not None:
+            q = q.where(c.run_id == run_id)
+        with self.db.reading("read score samples by model version") as conn:
+            return conn.execute(q).scalar()
+
     def version_scores(
-        self, version: str, *, stream: str | None = None, since: datetime | None = None, limit: int = 200_000
+        self,
+        version: str,
+        *,
+        stream: str | None = None,
+        since: datetime | None = None,
+        run_id: str | None = None,
+        limit: int = 200_000,
     ) -> list[float]:
         """The newest `limit` score samples of a version."""
         c = model_score_samples.c
@@ -258,6 +283,8 @@ class SqlRegistryStore:
             q = q.where(c.stream == stream)
         if since is not None:
             q = q.where(c.event_time >= since)
+        if run_id is not None:
+            q = q.where(c.run_id == run_id)
         with self.db.reading("read score samples by model version") as conn:
             return [float(s) for s in conn.execute(q.order_by(c.id.desc()).limit(limit)).scalars()]
 

@@ -346,3 +346,28 @@ def test_cli_compare_reads_alerts_and_shadow_alerts(pg_registry: SqlRegistryStor
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = _cli(pg_registry.db.url, "compare", v1, v2)
     assert table.exit_code == 0 and "precision (labelled)" in table.stdout
+
+
+def test_cli_compare_counts_an_event_once_scopes_to_a_run_and_rates_over_event_time(
+    pg_registry: SqlRegistryStore, tmp_path: Path
+) -> None:
+    """A probe's compare counted the same events once per run (the live run and two replays: 572 alerts for
+    ~110), had no way to scope to one run, and divided alerts of last May's events by the time since then."""
+    registry = ModelRegistry(pg_registry)
+    v1 = registry.register(BUNDLED, "sensors")
+    v2 = registry.register(_variant(tmp_path, "b", threshold=90.0), "sensors")
+    live = [_alert(v1, m, "M1") for m in (1, 2, 60)]
+    replay = [{**a, "run_id": "whatif", "alert_key": a["alert_key"].replace("live", "whatif")} for a in live]
+    replay[0]["label"] = "tp"  # a verdict on the replay's copy counts for the event
+    with pg_registry.db.engine.begin() as conn:
+        later = {**_alert(v1, 90, "M4"), "run_id": "whatif", "alert_key": "w90"}
+        conn.execute(alerts.insert(), [*live, *replay, later])
+        conn.execute(shadow_alerts.insert(), [_alert(v2, 1, "M1")])
+    url = pg_registry.db.url
+
+    every = json.loads(_cli(url, "compare", v1, v2, "--json").stdout.splitlines()[0])
+    assert every["a"]["alerts"] == 4 and every["a"]["precision"] == 1.0  # events 1, 2, 60, 90: once each
+    one_run = json.loads(_cli(url, "compare", v1, v2, "--run-id", "live", "--json").stdout.splitlines()[0])
+    assert one_run["a"]["alerts"] == 3 and one_run["a"]["precision"] is None
+    since = json.loads(_cli(url, "compare", v1, v2, "--since", "2026-05-01T00:00:00Z", "--json").stdout.splitlines()[0])
+    assert since["a"]["alerts_per_hour"] == pytest.approx(4 / 1.5)  # 4 alerts over 90 minutes of event time

@@ -184,6 +184,10 @@ def create_app(
             "stream": stream,
             "samples": [
                 {
+                    # without ?stream= (or with an API over every run) samples of several streams' (or runs')
+                    # entities of the same id come back together: each says whose it is
+                    "stream": r["stream"],
+                    "run_id": r["run_id"],
                     "event_time": row_to_json(r)["event_time"],
                     "score": r["score"],
                     "threshold": r["threshold"],

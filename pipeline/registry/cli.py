@@ -176,9 +176,12 @@ def promote_cmd(
     with _store(database_url) as store:
         registry = ModelRegistry(store)
         expected, source = _expected_channels(registry, stream, channels, streams_file)
+        shadowing = registry.current(stream, CHALLENGER) if alias == CHAMPION else None
         state = registry.promote(version, stream, alias, expected_channels=expected, by=by or _login())
     checked = f"channels checked against {source}" if expected is not None else "no channels to check against"
     typer.echo(f"{stream}@{alias} -> {state.version} (generation {state.generation}; {checked})")
+    if shadowing is not None and shadowing.version == state.version:
+        typer.echo(f"{stream}@{CHALLENGER} cleared: {state.version} is the champion now, nothing shadows it")
 
 
 def _expected_channels(

@@ -137,8 +137,10 @@ def test_run_id_scopes_every_endpoint(pg_store: Database) -> None:
     assert {i["run_id"] for i in incs} == {"live"}
     detail = mine.get(f"/api/incidents/{incs[0]['id']}").json()
     assert detail["alerts"] and {a["run_id"] for a in detail["alerts"]} == {"live"}
-    n_every = len(every.get("/api/entities/C1/scores").json()["samples"])
-    assert len(mine.get("/api/entities/C1/scores").json()["samples"]) * 2 == n_every
+    samples = every.get("/api/entities/C1/scores").json()["samples"]
+    assert len(mine.get("/api/entities/C1/scores").json()["samples"]) * 2 == len(samples)
+    assert {s["run_id"] for s in samples} == {"live", "other"}  # each sample says whose it is
+    assert {s["stream"] for s in samples} == {"transactions"}
     assert "pipeline_open_incidents 2.0" in mine.get("/metrics").text
     assert "pipeline_open_incidents 4.0" in every.get("/metrics").text
 

@@ -209,7 +209,8 @@ def test_cli_list_show_promote_rollback_delete(pg_registry: SqlRegistryStore, tm
     assert table.exit_code == 0 and "sensors-v2" in table.stdout and "challenger" in table.stdout
     refused = _cli(url, "delete", v1)
     assert isinstance(refused.exception, RegistryError) and "in use as sensors@champion" in str(refused.exception)
-    assert _cli(url, "promote", v2, "--stream", "sensors").exit_code == 0
+    promoted = _cli(url, "promote", v2, "--stream", "sensors")
+    assert promoted.exit_code == 0 and "sensors@challenger cleared: sensors-v2 is the champion now" in promoted.output
     back = _cli(url, "rollback", "--stream", "sensors")
     assert back.exit_code == 0 and "sensors@champion -> sensors-v1" in back.output
 

@@ -456,10 +456,11 @@ def _window_s(since: datetime | None, rows: dict[str, list[dict[str, Any]]], sco
     selected by event time, so the window is too: a replay of last year's data is not divided by the time
     since then."""
     times = [_utc(r["event_time"]) for rs in rows.values() for r in rs]
-    start, ends = (min(times, default=None), times) if since is None else (since, times + [_utc(t) for t in scored_to])
-    if start is None or not ends:
+    start, ends = (since, times + [_utc(t) for t in scored_to]) if since is not None else (None, times)
+    if not ends:
         return None
-    return (max(ends) - start).total_seconds() or None
+    seconds = (max(ends) - (start or min(ends))).total_seconds()
+    return seconds or None
 
 
 def _comparison_json(c: comparison.Comparison) -> dict[str, Any]:

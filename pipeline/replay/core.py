@@ -267,11 +267,6 @@ def run_replay(
                 "label feedback: replay one transactions topic at a time; its labels come from "
                 f"PIPELINE_LABELS_TOPIC ({settings.labels_topic})"
             )
-    except BaseException:
-        if own_db:
-            database.dispose()
-        raise
-    try:
         resumed = check_resumable(SqlCheckpointStore(database), run_id, scorers)
     except BaseException:
         if own_db:

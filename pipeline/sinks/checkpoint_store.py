@@ -110,11 +110,16 @@ class SqlCheckpointStore:
         return out
 
     def any_state(self, run_id: str, stream: str) -> tuple[str, bytes] | None:
-        """One entity's state record of a run's stream (its header names the model that wrote it), if any."""
+        """One entity's state record of a run's stream (its header names the model that wrote it), if any. Not a
+        partition's rows ('#terminals:P', '#dedupe:P': no entity id starts with '#'), which are no entity state."""
         with self.db.reading("look up a run's entity state") as conn:
             row = conn.execute(
                 select(entity_state.c.entity_id, entity_state.c.state)
-                .where(entity_state.c.run_id == run_id, entity_state.c.stream == stream)
+                .where(
+                    entity_state.c.run_id == run_id,
+                    entity_state.c.stream == stream,
+                    ~entity_state.c.entity_id.startswith("#", autoescape=True),
+                )
                 .limit(1)
             ).first()
         return None if row is None else (row.entity_id, bytes(row.state))

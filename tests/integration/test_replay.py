@@ -14,7 +14,9 @@ import torch
 from models.lstm_ae import bundled_checkpoint_path, load_blob
 from pipeline.errors import ConfigError
 from pipeline.kafka.client import KafkaSource
+from pipeline.simulate import simulate_transactions, strip_labels
 from pipeline.replay.core import diff_runs, run_replay
+from tests.service_helpers import produce
 from tests.sql_helpers import SqlTestStore
 from tests.stream_helpers import (
     Runner,
@@ -118,3 +120,21 @@ def test_a_run_id_another_model_scored_is_refused_and_the_same_model_goes_on(
     assert again.resumed and again.scored == 0
     fresh = run_replay(s, kafka_bootstrap, [s.sensors_topic], model=str(candidate), run_id="what-if-2", db=sqlite_store)
     assert not fresh.resumed and fresh.scored == first.scored and fresh.alerts >= first.alerts
+
+
+def test_a_payments_replay_resumes_past_the_partition_rows(
+    kafka_bootstrap: str, sqlite_store: SqlTestStore, topic_prefix: str
+) -> None:
+    """A probe's second `replay --run-id R` of a payments topic failed: the resume check read a partition's
+    dedupe window ('#dedupe:0') as if it were an entity's state record."""
+    s = settings_for(topic_prefix, sqlite_store.url)
+    s.labels_topic = f"{topic_prefix}-labels"
+    tx, _ = simulate_transactions(15, 10, seed=5)
+    produce(kafka_bootstrap, s.transactions_topic, [(p["customer_id"], p) for p in strip_labels(tx)])
+    produce(kafka_bootstrap, s.labels_topic, [])
+    first = run_replay(s, kafka_bootstrap, [s.transactions_topic], run_id="pay-r", db=sqlite_store)
+    assert first.scored > 0
+    rows = sqlite_store.load_states("pay-r", "transactions", ["#dedupe:0", "#dedupe:1", "#dedupe:2", "#dedupe:3"])
+    assert rows, "the partition rows the check must skip are there"
+    again = run_replay(s, kafka_bootstrap, [s.transactions_topic], run_id="pay-r", db=sqlite_store)
+    assert again.resumed and again.scored == 0

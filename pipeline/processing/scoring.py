@@ -16,7 +16,7 @@ from pipeline import metrics
 from pipeline.checkpointing import Checkpointer
 from pipeline.checkpointing.rows import AlertRow
 from pipeline.errors import PipelineError
-from pipeline.features.streams import DecodedRecord, StreamSpec, TransactionStream
+from pipeline.features.streams import DecodedRecord, StreamSpec, TransactionRecord, TransactionStream
 from pipeline.features.terminal import TerminalContext
 from pipeline.processing import alerts
 from pipeline.processing.dead_letters import DeadLetters, out_of_order_detail
@@ -76,10 +76,18 @@ class ScoreStage:
         except _StageFailed as failed:
             if len(good) == 1:
                 self.dead.processing_error(good_recs[0], failed.stage, failed.exc)
+                self._not_scored(good_recs[0], good[0])
                 return
             mid = len(good) // 2
             self.score(topic, scorer, good_recs[:mid], good[:mid])
             self.score(topic, scorer, good_recs[mid:], good[mid:])
+
+    def _not_scored(self, r: RawRecord, rec: DecodedRecord) -> None:
+        """A payment dead-lettered after the dedupe stage remembered its id: forget the id, so that its corrected
+        resend is scored rather than dropped as a duplicate of a payment that was never scored."""
+        window = self.partitions[(r.topic, r.partition)].dedupe if isinstance(rec, TransactionRecord) else None
+        if window is not None:
+            window.forget(rec.transaction_id)
 
     def _contexts(self, topic: str, spec: StreamSpec, parts: np.ndarray) -> dict[int, TerminalContext] | None:
         """The terminal contexts the batch's featurization reads and updates (transactions with terminal
@@ -102,7 +110,7 @@ class ScoreStage:
         parts = np.fromiter((r.partition for r in good_recs), np.int32, len(good_recs))
         undo_state: Callable[[], None] = _nothing
         undo_contexts: Callable[[], None] = _nothing
-        out_of_order: list[tuple[RawRecord, float]] = []
+        out_of_order: list[tuple[RawRecord, DecodedRecord, float]] = []
         stage = "featurize"
         try:
             contexts = self._contexts(topic, spec, parts)
@@ -119,7 +127,9 @@ class ScoreStage:
                 # only batches holding such payments pay a second pass.
                 undo_state()
                 undo_contexts()
-                out_of_order = [(good_recs[i], float(cols.ts[i])) for i in np.flatnonzero(res.rejected).tolist()]
+                out_of_order = [
+                    (good_recs[i], good[i], float(cols.ts[i])) for i in np.flatnonzero(res.rejected).tolist()
+                ]
                 keep = np.flatnonzero(~res.rejected)
                 frozen = res.late[keep]
                 good, good_recs, parts = (
@@ -144,8 +154,9 @@ class ScoreStage:
         # the batch is applied to state now: later stages isolate failures per record and never re-score
         if self.shadow is not None:
             self.shadow.score(topic, good_recs, cols, parts)
-        for r, t in out_of_order:
+        for r, rec, t in out_of_order:
             self.dead.send(r, "out_of_order", out_of_order_detail(t, scorer.allowed_lateness_s))
+            self._not_scored(r, rec)
         if not good_recs:
             return
         ts = cols.ts
@@ -154,6 +165,7 @@ class ScoreStage:
                 self.dead.send(
                     good_recs[i], "out_of_order", out_of_order_detail(float(ts[i]), scorer.allowed_lateness_s)
                 )
+                self._not_scored(good_recs[i], good[i])
             keep = np.flatnonzero(~res.rejected)
             good_recs, parts, ts, res = [good_recs[i] for i in keep.tolist()], parts[keep], ts[keep], res.take(keep)
             if not good_recs:

@@ -49,6 +49,13 @@ class RecentIds:
             self.ids.discard(self.order.popleft())
         return False
 
+    def forget(self, tid: str) -> None:
+        """Drop `tid` from the window: its payment was dead-lettered after this stage remembered it (out of order,
+        a failing stage), so a corrected resend must be scored, not dropped as a duplicate. Rare: O(window)."""
+        if tid in self.ids:
+            self.ids.discard(tid)
+            self.order.remove(tid)
+
     def snapshot(self) -> bytes:
         return orjson.dumps(list(self.order))
 

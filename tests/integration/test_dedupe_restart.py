@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.simulate import simulate_transactions, strip_labels
-from tests.service_helpers import produce, run_processor, start_processor, topic_env
+from tests.service_helpers import produce, read_topic, run_processor, start_processor, topic_env
 from tests.sql_helpers import SqlTestStore
 
 
@@ -101,3 +101,23 @@ def test_a_transaction_id_with_a_nul_character_is_scored_deduped_and_snapshotted
     run_processor(env, log_path=log)
     assert _dropped(log) == [0, 1]
     assert len(_alerts_of(pg_store, "nul-id", "C-dup")) == 1
+
+
+def test_a_payment_dead_lettered_out_of_order_is_scored_when_resent_corrected(
+    kafka_bootstrap: str, pg_store: SqlTestStore, pg_url: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """A probe's payment sent with a clock three days behind its card went to the dead letters as out_of_order,
+    and its corrected resend (same transaction_id) was then dropped as a duplicate of a payment never scored."""
+    stream, big = _stream()
+    behind = {**big, "timestamp": big["timestamp"][:11] + "00:00:00Z"}  # hours behind the card's latest payment
+    env = topic_env(topic_prefix, kafka_bootstrap, pg_url, run_id="ooo-resend")
+    topic = env["PIPELINE_TRANSACTIONS_TOPIC"]
+    produce(kafka_bootstrap, topic, [(p["customer_id"], p) for p in [*stream[:-1], behind]])
+    log = tmp_path / "proc.log"
+    run_processor(env, log_path=log)
+    assert [d["reason"] for _, d in read_topic(kafka_bootstrap, env["PIPELINE_DLQ_TOPIC"])] == ["out_of_order"]
+    assert _alerts_of(pg_store, "ooo-resend", "C-dup") == []
+    produce(kafka_bootstrap, topic, [(big["customer_id"], big)])  # the producer fixes its clock and resends
+    run_processor(env, log_path=log)
+    assert _dropped(log) == [0, 0]
+    assert len(_alerts_of(pg_store, "ooo-resend", "C-dup")) == 1

@@ -30,3 +30,14 @@ def test_snapshot_restores_the_same_decisions() -> None:
     with pytest.raises(StateError):
         RecentIds.restore(5, b'{"not": "a list"}')
     assert dedupe_key(3) == "#dedupe:3"
+
+
+def test_a_forgotten_id_is_new_again_and_the_rest_keep_their_order() -> None:
+    w = RecentIds(3)
+    for t in ["a", "b", "c"]:
+        w.seen(t)
+    w.forget("b")
+    w.forget("never-seen")  # nothing to forget: no error
+    assert list(w.order) == ["a", "c"] and w.ids == {"a", "c"}
+    assert not w.seen("b")  # the corrected resend of a payment that was never scored
+    assert list(RecentIds.restore(3, w.snapshot()).order) == ["a", "c", "b"]

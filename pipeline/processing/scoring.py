@@ -85,7 +85,9 @@ class ScoreStage:
     def _not_scored(self, r: RawRecord, rec: DecodedRecord) -> None:
         """A payment dead-lettered after the dedupe stage remembered its id: forget the id, so that its corrected
         resend is scored rather than dropped as a duplicate of a payment that was never scored."""
-        window = self.partitions[(r.topic, r.partition)].dedupe if isinstance(rec, TransactionRecord) else None
+        if not isinstance(rec, TransactionRecord):
+            return
+        window = self.partitions[(r.topic, r.partition)].dedupe
         if window is not None:
             window.forget(rec.transaction_id)
 

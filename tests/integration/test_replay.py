@@ -14,8 +14,8 @@ import torch
 from models.lstm_ae import bundled_checkpoint_path, load_blob
 from pipeline.errors import ConfigError
 from pipeline.kafka.client import KafkaSource
-from pipeline.simulate import simulate_transactions, strip_labels
 from pipeline.replay.core import diff_runs, run_replay
+from pipeline.simulate import simulate_transactions, strip_labels
 from tests.service_helpers import produce
 from tests.sql_helpers import SqlTestStore
 from tests.stream_helpers import (

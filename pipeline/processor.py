@@ -139,6 +139,7 @@ class Processor:
             dedupe=self.dedupe if options.dedupe_window > 0 else None,
             stats=self.stats,
             hold_cap=2 * options.max_batch_records,
+            max_future_s=options.max_future_s,
         )
         self.recovery = Recovery(source, self.partitions, self.restore, options.offset_reset)
         self.snapshots = Snapshots(self.scorers, self.partitions, self.labels.snapshot_unit)

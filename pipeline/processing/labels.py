@@ -18,7 +18,7 @@ import numpy as np
 from pipeline import metrics
 from pipeline.features.streams import LabelStream, TransactionRecord, TransactionStream
 from pipeline.processing.dead_letters import DeadLetters
-from pipeline.processing.decode import decode
+from pipeline.processing.decode import decode, future_detail, future_horizon
 from pipeline.processing.dedupe import Dedupe
 from pipeline.processing.restore import PartitionRestore
 from pipeline.processing.stats import ProcessorStats
@@ -41,8 +41,10 @@ class LabelAlignment:
         dedupe: Dedupe | None,
         stats: ProcessorStats,
         hold_cap: int,
+        max_future_s: float,
     ) -> None:
-        """hold_cap: payments held per partition before its fetching pauses (resumes below half of it)."""
+        """hold_cap: payments held per partition before its fetching pauses (resumes below half of it);
+        max_future_s: a label known later than this ahead of the wall clock is dead-lettered (from_the_future)."""
         for labels, fed in label_topics.items():
             spec = specs.get(fed)
             if spec is None or not spec.label_feedback:
@@ -55,6 +57,7 @@ class LabelAlignment:
         self.specs = {fed: specs[fed] for fed in self.fed_by}
         self.source, self.partitions, self.restore = source, partitions, restore
         self.dead, self.dedupe, self.stats, self.hold_cap = dead, dedupe, stats, hold_cap
+        self.max_future_s = max_future_s
         self.label_spec = LabelStream()
 
     def snapshot_unit(self, tp: TopicPartition) -> set[TopicPartition]:
@@ -86,11 +89,15 @@ class LabelAlignment:
         fed = self.label_topics[topic]
         spec = self.specs[fed]
         queued: dict[int, tuple[list[int], list[str], list[float], list[float]]] = defaultdict(lambda: ([], [], [], []))
+        horizon = future_horizon(self.max_future_s)
         for r in recs:
             st = self.partitions[(r.topic, r.partition)]
             st.label_read = r.offset + 1
             lab = decode(self.label_spec, r, self.dead)
             if lab is None:
+                continue
+            if lab.labelled_at > horizon:  # queued, it would hold back every label behind it until that time
+                self.dead.send(r, "from_the_future", future_detail(lab.labelled_at, self.max_future_s))
                 continue
             known = lab.labelled_at.timestamp()
             st.label_watermark = max(st.label_watermark, known)

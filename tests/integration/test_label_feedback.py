@@ -391,3 +391,42 @@ def test_terminal_contexts_move_with_their_partitions_on_a_rebalance(
         assert committed[p] == ctx.first_pending_offset
     db1.dispose()
     db2.dispose()
+
+
+def test_a_label_from_a_wrong_clock_is_dead_lettered_and_the_labels_behind_it_apply(
+    kafka_bootstrap: str, pg_store: SqlTestStore, pg_url: str, topic_prefix: str, feedback_model: Any
+) -> None:
+    """A probe sent one label with labelled_at in 2199: it was queued, and since labels apply in labelled_at
+    order, every label behind it waited for 2199 (the labels' position stuck, no log line, no metric). Like a
+    payment from a wrong clock, it is dead-lettered as from_the_future and the rest apply."""
+    s = settings_for(topic_prefix, pg_url)
+    s.labels_topic = f"{topic_prefix}-labels"
+    ensure_topics(kafka_bootstrap, [s.transactions_topic, s.labels_topic, s.dlq_topic], PARTITIONS)
+    txs = sorted(strip_labels(simulate_transactions(20, 10, seed=8)[0]), key=lambda r: r["timestamp"])
+    early = iso(_ts(txs[len(txs) // 4]["timestamp"]))
+    label = {"customer_id": "C000001", "terminal_id": txs[0]["terminal_id"], "is_fraud": True}
+    wrong_clock = {**label, "transaction_id": "FUTURE-1", "labelled_at": "2199-01-01T00:00:00Z"}
+    good = [{**label, "transaction_id": f"T-{i}", "labelled_at": early} for i in range(3)]
+    producer = make_producer(kafka_bootstrap)
+    try:
+        n_future = produce_labels(producer, s.labels_topic, [wrong_clock], fanout=True)
+        n_good = produce_labels(producer, s.labels_topic, good, fanout=True)
+    finally:
+        producer.close()
+    proc, src, dlq = _processor(s, feedback_model, kafka_bootstrap, pg_store)
+    _run_phase(
+        proc,
+        src,
+        dlq,
+        lambda: sum(st.label_read for st in proc.partitions.of_topic(s.labels_topic)) == n_future + n_good,
+        kafka_bootstrap,
+        s.transactions_topic,
+        txs,
+        pg_store,
+        s.group_id,
+        len(txs),
+    )
+    dead = read_topic(kafka_bootstrap, s.dlq_topic)
+    assert [v["reason"] for _, v in dead] == ["from_the_future"] * n_future
+    assert sum(c.pending_labels for c in _contexts(proc, s.transactions_topic).values()) == 0
+    assert sum(_committed(pg_store, s.group_id, s.labels_topic).values()) == n_future + n_good  # none held back

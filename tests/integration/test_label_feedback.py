@@ -418,7 +418,7 @@ def test_a_label_from_a_wrong_clock_is_dead_lettered_and_the_labels_behind_it_ap
         proc,
         src,
         dlq,
-        lambda: sum(st.label_read for st in proc.partitions.of_topic(s.labels_topic)) == n_future + n_good,
+        lambda: sum(st.label_read or 0 for st in proc.partitions.of_topic(s.labels_topic)) == n_future + n_good,
         kafka_bootstrap,
         s.transactions_topic,
         txs,

@@ -283,10 +283,12 @@ def label_cmd(
     if publish and not boot:
         raise ConfigError("--publish-label: set --bootstrap or KAFKA_BOOTSTRAP")
     label = "tp" if tp else "fp"
+    # what is to be published is read (and checked) first, so a label that cannot be sent changes nothing
+    payments = _labelled_payments(database_url, item_id, incident, boot, s) if publish and boot else None
     row, n = _update(database_url, item_id, incident, lambda queries, target: queries.label(label, **target))
     published = (
-        _publish_labels(database_url, item_id, incident, tp, boot, s.labels_topic, s.topic_partitions, fanout)
-        if publish and boot
+        _send_labels(payments, tp, boot, s.labels_topic, s.topic_partitions, fanout)
+        if payments is not None and boot
         else None
     )
     if as_json:
@@ -298,34 +300,53 @@ def label_cmd(
         )
 
 
-def _publish_labels(
-    database_url: str | None,
-    item_id: int,
-    incident: bool,
-    is_fraud: bool,
-    bootstrap: str,
-    topic: str,
-    partitions: int,
-    fanout: bool,
-) -> dict[str, Any]:
-    """Read each labelled payment back from its source position and send its label (labelled now)."""
-    from pipeline.alerts.feedback import transaction_labels
-    from pipeline.features.streams import TransactionStream
-    from pipeline.kafka.client import ensure_topics, make_producer, produce_labels, read_at
+def _labelled_payments(
+    database_url: str | None, item_id: int, incident: bool, bootstrap: str, settings: Settings
+) -> list[Any]:
+    """Each labelled payment, read back from its source position and decoded as its stream declares it: the
+    bundled `transactions` stream, or a transactions stream of the stream file (PIPELINE_STREAMS_FILE), whose
+    entity and time fields may be named otherwise."""
+    from pipeline.kafka.client import read_at
 
+    decoders = _payment_decoders(settings)
     with _queries(database_url) as queries:
         sources = queries.alert_sources(**_target(item_id, incident))
-    pay = [
-        (a["source_topic"], a["source_partition"], a["source_offset"]) for a in sources if a["stream"] == "transactions"
-    ]
+    pay = [(a["source_topic"], a["source_partition"], a["source_offset"]) for a in sources if a["stream"] in decoders]
     if not pay:
-        raise ConfigError(f"{'incident' if incident else 'alert'} {item_id} has no payment alerts to publish")
+        streams = sorted({a["stream"] for a in sources})
+        raise ConfigError(
+            f"{'incident' if incident else 'alert'} {item_id} has no payment alerts to publish (its streams: "
+            f"{', '.join(streams) or 'none'}; payment streams: {', '.join(sorted(decoders))}); nothing was labelled"
+        )
     found = read_at(bootstrap, pay)
     missing = [p for p in pay if p not in found]
     if missing:
-        raise ConfigError(f"source records no longer in Kafka (retention?): {missing[:3]}; nothing was published")
-    spec = TransactionStream()
-    payments = [spec.decode(found[p].value) for p in pay]
+        raise ConfigError(
+            f"source records no longer in Kafka (retention?): {missing[:3]}; nothing was labelled or published"
+        )
+    stream_of = {(a["source_topic"], a["source_partition"], a["source_offset"]): a["stream"] for a in sources}
+    return [decoders[stream_of[p]](found[p].value) for p in pay]
+
+
+def _payment_decoders(settings: Settings) -> dict[str, Callable[[bytes | None], Any]]:
+    """stream name -> decoder, for every payment stream the service can serve."""
+    from pipeline.features.streams import TransactionStream
+    from pipeline.streams.config import load_streams
+    from pipeline.streams.decode import StreamDecoder
+
+    if settings.streams_file is None:
+        return {"transactions": TransactionStream().decode}
+    declared = load_streams(settings.streams_file).streams
+    return {s.name: StreamDecoder(s).decode for s in declared if s.kind == "transactions"}
+
+
+def _send_labels(
+    payments: list[Any], is_fraud: bool, bootstrap: str, topic: str, partitions: int, fanout: bool
+) -> dict[str, Any]:
+    """The verdict on each payment to the labels topic (labelled now)."""
+    from pipeline.alerts.feedback import transaction_labels
+    from pipeline.kafka.client import ensure_topics, make_producer, produce_labels
+
     labels = transaction_labels(payments, is_fraud=is_fraud, labelled_at=datetime.now(timezone.utc))
     ensure_topics(bootstrap, [topic], partitions)
     producer = make_producer(bootstrap)

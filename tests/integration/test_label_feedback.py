@@ -430,3 +430,74 @@ def test_a_label_from_a_wrong_clock_is_dead_lettered_and_the_labels_behind_it_ap
     assert [v["reason"] for _, v in dead] == ["from_the_future"] * n_future
     assert sum(c.pending_labels for c in _contexts(proc, s.transactions_topic).values()) == 0
     assert sum(_committed(pg_store, s.group_id, s.labels_topic).values()) == n_future + n_good  # none held back
+
+
+def test_a_verdict_on_a_declared_payment_stream_is_published_and_a_refusal_changes_nothing(
+    kafka_bootstrap: str, pg_store: SqlTestStore, topic_prefix: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A probe's payment stream `cards` (fields card_id, ts) got "no payment alerts to publish": only a stream
+    named `transactions` in the built-in layout was published, and the alert was labelled anyway. Now the
+    stream file's payment streams are read with their own field names, and a refusal labels nothing."""
+    import typer
+    from typer.testing import CliRunner
+
+    from pipeline.alerts.cli import register
+    from pipeline.checkpointing.rows import AlertRow
+
+    tx_topic, labels_topic = f"{topic_prefix}-cards", f"{topic_prefix}-labels"
+    streams = tmp_path / "pay.toml"
+    streams.write_text(
+        f'[[streams]]\nname = "cards"\ntopic = "{tx_topic}"\nkind = "transactions"\nentity_key = "card_id"\n'
+        'time_field = "ts"\nmodel = "bundled:transactions"\n'
+    )
+    monkeypatch.setenv("PIPELINE_STREAMS_FILE", str(streams))
+    monkeypatch.setenv("PIPELINE_LABELS_TOPIC", labels_topic)
+    pay = strip_labels(simulate_transactions(2, 3, seed=9)[0])[:1]
+    wire = [
+        {
+            **{k: v for k, v in r.items() if k not in ("customer_id", "timestamp")},
+            "card_id": r["customer_id"],
+            "ts": r["timestamp"],
+        }
+        for r in pay
+    ]
+    ensure_topics(kafka_bootstrap, [tx_topic], 1)
+    producer = make_producer(kafka_bootstrap)
+    try:
+        produce_json(producer, tx_topic, [(r["card_id"], r) for r in wire])
+    finally:
+        producer.close()
+    when = datetime.fromisoformat(pay[0]["timestamp"].replace("Z", "+00:00"))
+    alert = AlertRow(
+        f"live|{tx_topic}|0|0|m",
+        "live",
+        "cards",
+        pay[0]["customer_id"],
+        when,
+        9.0,
+        1.0,
+        "high",
+        "m",
+        [],
+        tx_topic,
+        0,
+        0,
+    )
+    sensor = AlertRow("live|plant|0|0|m", "live", "pumps", "pump-1", when, 9.0, 1.0, "high", "m", [], "plant", 0, 0)
+    pg_store.write_checkpoint("live", "g", [alert, sensor], [], [])
+    ids = {a["stream"]: a["id"] for a in pg_store.list_alerts(run_id="live")}
+    app = typer.Typer()
+    register(app)
+    args = ["--tp", "--publish-label", "--json", "--bootstrap", kafka_bootstrap, "--database-url", pg_store.url]
+    res = CliRunner().invoke(app, ["alerts", "label", str(ids["cards"]), *args])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert orjson.loads(res.stdout)["published"] == {"labels": 1, "records": PARTITIONS, "topic": labels_topic}
+    lab = read_topic(kafka_bootstrap, labels_topic)[0][1]
+    assert (lab["transaction_id"], lab["customer_id"], lab["is_fraud"]) == (
+        pay[0]["transaction_id"],
+        pay[0]["customer_id"],
+        True,
+    )
+    refused = CliRunner().invoke(app, ["alerts", "label", str(ids["pumps"]), *args])
+    assert isinstance(refused.exception, ConfigError) and "no payment alerts to publish" in str(refused.exception)
+    assert "nothing was labelled" in str(refused.exception) and pg_store.get_alert(ids["pumps"])["label"] is None

@@ -95,6 +95,10 @@ def run(
         stop = _stop_on_signals()
         service = build_service(s, boot)
         cleanup.callback(service.close)
+        if metrics_port:
+            from pipeline import metrics
+
+            metrics.read_lifecycle_at_scrape(lambda: service.queries.lifecycle_stats(s.run_id))
         if api_port:
             from pipeline.api.app import create_app
             from pipeline.api.server import ApiServer

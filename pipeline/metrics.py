@@ -1,6 +1,17 @@
 """Prometheus metrics of the processor (served by `pipeline run --metrics-port` and the HTTP API)."""
 
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 EVENTS = Counter("pipeline_events_total", "Events consumed", ["stream"])
 SCORED = Counter("pipeline_events_scored_total", "Events scored", ["stream"])
@@ -64,3 +75,29 @@ MODEL_SWAPS = Counter(
     "Promoted model versions a running stream switched to (applied) or refused (see the ERROR log line)",
     ["stream", "result"],
 )
+
+
+def read_lifecycle_at_scrape(
+    read: Callable[[], Mapping[str, int]], ttl_s: float = 1.0, gauges: tuple[Gauge, Gauge] | None = None
+) -> None:
+    """OPEN_INCIDENTS and OUTBOX_BACKLOG come from the alert database, so they are read when scraped (one read
+    per scrape serves both; NaN while the database is down). `pipeline run --metrics-port` wires them here;
+    without it they were only set by the API's /metrics and read 0 on the service's own endpoint."""
+    lock = threading.Lock()
+    cache: dict[str, Any] = {"at": -math.inf, "stats": None}
+
+    def value(key: str) -> float:
+        with lock:
+            if time.monotonic() - cache["at"] > ttl_s:
+                try:
+                    cache["stats"] = dict(read())
+                except PipelineError as exc:
+                    log.warning("%s unknown: %s", key, str(exc).splitlines()[0])
+                    cache["stats"] = None
+                cache["at"] = time.monotonic()
+            stats = cache["stats"]
+        return float("nan") if stats is None else float(stats[key])
+
+    incidents, backlog = gauges or (OPEN_INCIDENTS, OUTBOX_BACKLOG)
+    incidents.set_function(lambda: value("open_incidents"))
+    backlog.set_function(lambda: value("outbox_unpublished"))

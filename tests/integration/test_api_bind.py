@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.alerts_seed import seed
 from tests.service_helpers import start_processor, topic_env
+from tests.sql_helpers import SqlTestStore
 
 
 def _free_port() -> int:
@@ -73,3 +75,62 @@ def test_metrics_and_api_bind_loopback_unless_told(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_the_services_own_metrics_endpoint_reads_open_incidents_from_the_database(
+    kafka_bootstrap: str, pg_store: SqlTestStore, topic_prefix: str, tmp_path: Path
+) -> None:
+    """A probe read `pipeline_open_incidents 0.0` on `pipeline run --metrics-port` with 46 open incidents in
+    the database: the gauge was only set by the API's /metrics. It is now read from the database at scrape."""
+    seed(pg_store, run_id="live")
+    open_now = pg_store.lifecycle_stats("live")["open_incidents"]
+    assert open_now > 0
+    mport = _free_port()
+    log = tmp_path / "run.log"
+    env = topic_env(topic_prefix, kafka_bootstrap, pg_store.url)
+    proc = start_processor(env, "--metrics-port", str(mport), "--idle-exit", "120", log_path=log)
+    try:
+        url = f"http://127.0.0.1:{mport}/metrics"
+        _wait_up(url, proc, log)
+        deadline = time.monotonic() + 60
+        while True:  # the endpoint is up before the service has built its database connection
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+            if f"pipeline_open_incidents {float(open_now)}" in text:
+                break
+            assert time.monotonic() < deadline, [line for line in text.splitlines() if "incidents" in line]
+            time.sleep(0.3)
+        backlog = next(line for line in text.splitlines() if line.startswith("pipeline_alerts_outbox_unpublished "))
+        assert float(backlog.split()[1]) >= 0.0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_lifecycle_gauges_read_once_per_scrape_and_read_nan_while_the_database_is_down() -> None:
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    from pipeline.errors import SinkError
+    from pipeline.metrics import read_lifecycle_at_scrape
+
+    registry = CollectorRegistry()
+    gauges = (Gauge("t_open", "", registry=registry), Gauge("t_backlog", "", registry=registry))
+    reads: list[int] = []
+    down = False
+
+    def read() -> dict[str, int]:
+        reads.append(1)
+        if down:
+            raise SinkError("database unavailable")
+        return {"open_incidents": 3, "outbox_unpublished": 7}
+
+    read_lifecycle_at_scrape(read, ttl_s=60.0, gauges=gauges)
+    text = generate_latest(registry).decode()
+    assert "t_open 3.0" in text and "t_backlog 7.0" in text and len(reads) == 1
+    down = True
+    read_lifecycle_at_scrape(read, ttl_s=0.0, gauges=gauges)
+    text = generate_latest(registry).decode()
+    assert "t_open NaN" in text and "t_backlog NaN" in text

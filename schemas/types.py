@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+)
 from pydantic_core import PydanticCustomError
 
 EntityId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
@@ -32,7 +42,31 @@ def _in_range(dt: datetime) -> datetime:
     return dt
 
 
-EventTime = Annotated[AwareDatetime, AfterValidator(_in_range)]
+# The schema's "format": "date-time" is RFC 3339: seconds and an offset are required, `T` and `Z` in either
+# case. pydantic's parser accepts more (a digit string as epoch seconds or ms, "+0530", no seconds, a space),
+# and one of those read "20261110" as 1970-08-23; such spellings are dead-lettered rather than guessed at.
+RFC3339 = re.compile(
+    r"\A[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})\Z"
+)
+
+
+def _rfc3339(value: object) -> object:
+    """The string, parsed by pydantic's own JSON datetime parser (so a value decodes exactly as before), if it
+    has the RFC 3339 shape; else a timestamp_format error. Non-strings go on to the strict type check."""
+    if not isinstance(value, str):
+        return value
+    if RFC3339.match(value) is None:
+        raise PydanticCustomError(
+            "timestamp_format",
+            "event time {value!r} is not an RFC 3339 date-time such as 2026-11-10T12:00:00Z (seconds and a Z or "
+            "+HH:MM offset are required; no epoch numbers)",
+            {"value": value[:64]},
+        )
+    return _JSON_DATETIME.validate_json(f'"{value}"')  # the shape holds no character JSON would escape
+
+
+_JSON_DATETIME: TypeAdapter[datetime] = TypeAdapter(AwareDatetime, config=ConfigDict(strict=True))
+EventTime = Annotated[AwareDatetime, BeforeValidator(_rfc3339), AfterValidator(_in_range)]
 
 
 class _Strict(BaseModel):

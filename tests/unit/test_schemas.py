@@ -69,6 +69,15 @@ def _variants(base: dict[str, Any], name: str) -> list[tuple[dict[str, Any], boo
             ({**base, "currency": "eur"}, False),
             ({**base, "amount": 7}, True),
             ({**base, "timestamp": "yesterday"}, False),
+            # RFC 3339 only (a probe's "20261110" was read as epoch seconds: 1970-08-23)
+            ({**base, "timestamp": "20261110"}, False),
+            ({**base, "timestamp": "1794312000"}, False),
+            ({**base, "timestamp": "1794312000000"}, False),
+            ({**base, "timestamp": "2026-11-10T12:00:00+0530"}, False),
+            ({**base, "timestamp": "2026-11-10T12:00Z"}, False),
+            ({**base, "timestamp": "2026-11-10T12:00:00"}, False),
+            ({**base, "timestamp": "2026-11-10t12:00:00.123456789z"}, True),
+            ({**base, "timestamp": "2026-11-10T12:00:00-05:00"}, True),
         ]
     if name == "transaction_label":
         out += [

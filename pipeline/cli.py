@@ -131,7 +131,11 @@ def run(
 @app.command()
 def train(
     stream: Annotated[
-        str | None, typer.Option(help="train this stream of the stream file on its own history (--data or --topic)")
+        str | None,
+        typer.Option(
+            help="train this sensors stream of the stream file on its own history (--data or --topic); payments "
+            "models come from `pipeline evaluate --format transactions --save-model`"
+        ),
     ] = None,
     data: Annotated[
         list[Path] | None,

@@ -15,7 +15,13 @@ from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.streams.config import Stream, load_streams, streams_file_from_env
 from pipeline.train.data import TrainingTable, read_files
-from pipeline.train.history import TrainOptions, labelled_anomalies, register_version, train_on_history
+from pipeline.train.history import (
+    TrainOptions,
+    check_trainable,
+    labelled_anomalies,
+    register_version,
+    train_on_history,
+)
 
 DEFAULT_OUT = Path("var/models")
 
@@ -55,6 +61,7 @@ def train_stream_command(
     if topic is None and (from_time or to_time):
         raise ConfigError("--from/--to select a range of --topic")
     stream = load_streams(streams_file or streams_file_from_env()).stream(stream_name)
+    check_trainable(stream)
     out = output_dir(out_dir or DEFAULT_OUT)
     settings = Settings()
     # labels and the registry live in the alert database: the one named, or DATABASE_URL when it is set

@@ -55,6 +55,15 @@ class Trained:
     card: dict[str, Any]
 
 
+def check_trainable(stream: Stream) -> None:
+    """Training on a user's own history is for sensors streams (checked before any history is read)."""
+    if stream.kind != "sensors":
+        raise ConfigError(
+            f"stream {stream.name!r} is {stream.kind}: training on your own history is for sensors streams; "
+            "a transactions model comes from `pipeline evaluate --format transactions --save-model`"
+        )
+
+
 def train_on_history(
     stream: Stream,
     table: TrainingTable,
@@ -65,11 +74,7 @@ def train_on_history(
     progress: Callable[[int, float, float], None] | None = None,
 ) -> Trained:
     """labelled: (entity, event epoch seconds) of alerts operators confirmed (None: no database to ask)."""
-    if stream.kind != "sensors":
-        raise ConfigError(
-            f"stream {stream.name!r} is {stream.kind}: training on your own history is for sensors streams; "
-            "a transactions model comes from `pipeline evaluate --format transactions --save-model`"
-        )
+    check_trainable(stream)
     if options.family not in FAMILIES:
         raise ConfigError(f"--family {options.family!r}: expected one of {', '.join(FAMILIES)}")
     if not 0.0 < options.holdout < 1.0:

@@ -409,3 +409,20 @@ def test_epoch_milliseconds_get_a_hint_and_an_empty_family_is_refused(tmp_path: 
     table = read_files([write_csv(tmp_path / "ok.csv", pump_rows())], stream)
     with pytest.raises(ConfigError, match=r"--family '': expected one of"):
         train_on_history(stream, table, tmp_path, TrainOptions(family="", epochs=1))
+
+
+def test_a_payments_stream_is_refused_before_its_history_is_read(tmp_path: Path) -> None:
+    """A probe's `train --stream cards` read the whole file, migrated the database and showed a progress bar
+    before saying that payments streams are not trained this way."""
+    streams_file = tmp_path / "pay.toml"
+    streams_file.write_text(
+        '[[streams]]\nname = "cards"\ntopic = "p"\nkind = "transactions"\nentity_key = "card_id"\n'
+        'time_field = "ts"\nmodel = "bundled:transactions"\n'
+    )
+    missing = tmp_path / "not-read.csv"
+    done = _pipeline("--stream", "cards", "--streams-file", str(streams_file), "--data", str(missing), cwd=tmp_path)
+    assert done.returncode == 2 and "train cards" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: stream 'cards' is transactions: training on your own history is for sensors streams; a "
+        "transactions model comes from `pipeline evaluate --format transactions --save-model`"
+    ]

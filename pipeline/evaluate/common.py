@@ -39,6 +39,15 @@ def require_numbers(df: pd.DataFrame, columns: list[str], source: object) -> Non
         df[c] = values
 
 
+def require_within(df: pd.DataFrame, column: str, low: float, high: float, source: object) -> None:
+    """ConfigError naming the first cell of a numeric `column` outside [low, high]."""
+    values = df[column].to_numpy(np.float64)
+    bad = (values < low) | (values > high)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ConfigError(f"{source}: column {column!r} row {row + 1} is {values[row]:g}, outside {low:g} .. {high:g}")
+
+
 def require_times(values: pd.Series, source: object, column: str) -> pd.Series:
     """Parsed timestamps, or ConfigError naming the first value that is not one."""
     parsed = pd.to_datetime(values, errors="coerce")

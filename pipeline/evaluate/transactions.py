@@ -95,6 +95,9 @@ def read(path: Path) -> pd.DataFrame:
     if missing:
         raise ConfigError(f"{path}: missing columns {sorted(missing)}")
     common.require_numbers(df, ["TX_AMOUNT", "TX_FRAUD"], path)
+    # the payment schema's bounds: a negative amount has no log1p feature (it ended in a NaN traceback)
+    common.require_within(df, "TX_AMOUNT", 0.0, 1e9, path)
+    common.require_within(df, "TX_FRAUD", 0.0, 1.0, path)
     df["TX_DATETIME"] = common.require_times(df["TX_DATETIME"], path, "TX_DATETIME")
     return df
 

@@ -121,6 +121,13 @@ def test_bad_cells_name_their_column_and_row(tmp_path: Path) -> None:
             "'TX_AMOUNT' row 2",
         ),
         "tx-time.csv": (head + "1,notadate,1,2,3.0,0\n", "transactions", "'TX_DATETIME' row 1"),
+        # a negative amount ended in a NaN traceback from training
+        "tx-negative.csv": (
+            head + "1,2018-04-01 00:00:00,1,2,12.5,0\n2,2018-04-02 00:00:00,1,2,-1,0\n",
+            "transactions",
+            "'TX_AMOUNT' row 2 is -1, outside 0 .. 1e+09",
+        ),
+        "tx-label.csv": (head + "1,2018-04-01 00:00:00,1,2,12.5,2\n", "transactions", "'TX_FRAUD' row 1 is 2"),
     }
     skab_dir = tmp_path / "skab" / "valve1"
     skab_dir.mkdir(parents=True)

@@ -43,10 +43,12 @@ class EventColumns:
     base: np.ndarray  # (N, F) float64 features that need no state
 
 
-def _reason(err: ValidationError, entity_field: str) -> tuple[str, str]:
+def _reason(err: ValidationError, entity_field: str, names: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """The dead-letter reason and detail of a validation error; `names`: the kind's field -> the stream's own
+    name for it (a stream file's entity_key / time_field), so the detail names the field the producer wrote."""
     first = err.errors(include_url=False)[0]
     kind = first["type"]
-    loc = ".".join(str(p) for p in first["loc"])
+    loc = ".".join(str((names or {}).get(p, p)) if i == 0 else str(p) for i, p in enumerate(first["loc"]))
     detail = f"{loc}: {first['msg']}"
     if kind == "json_invalid" or kind == "json_type":
         return "malformed_json", first["msg"]
@@ -125,6 +127,7 @@ class StreamSpec(Generic[R]):
         self.entity_key = identity.entity_key or self.entity_field
         wanted = {self.entity_key: self.entity_field, identity.time_field or WIRE_TIME_FIELD: WIRE_TIME_FIELD}
         self._renames = {ours: wire for ours, wire in wanted.items() if ours != wire}
+        self._own_names = {wire: ours for ours, wire in self._renames.items()}
 
     @property
     def n_features(self) -> int:
@@ -153,7 +156,7 @@ class StreamSpec(Generic[R]):
         try:
             record: R = self._adapter.validate_json(value)
         except ValidationError as err:
-            raise DecodeError(*_reason(err, self.entity_field)) from None
+            raise DecodeError(*_reason(err, self.entity_field, self._own_names)) from None
         self.check(record)
         return record
 

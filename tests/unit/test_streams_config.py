@@ -277,6 +277,16 @@ def test_decoder_reads_the_streams_own_field_names(plant: Path) -> None:
         with pytest.raises(DecodeError) as err:
             decoder.decode(value)
         assert err.value.reason == reason, value
+    # details name the fields as this stream's producers write them (a probe read "customer_id: Field required"
+    # for a payment stream keyed by card_id)
+    details = {
+        b'{"at": "2024-05-01T00:00:00Z", "values": {"vibration_rms": 1.5, "bearing_temp": 60}}': "pump_id: Field",
+        b'{"pump_id": "P1", "at": "2024-05-01T00:00:00", "values": {"vibration_rms": 1.5}}': "at: ",
+    }
+    for value, detail in details.items():
+        with pytest.raises(DecodeError) as err:
+            decoder.decode(value)
+        assert err.value.detail.startswith(detail), err.value.detail
 
 
 def test_streams_check_prints_one_line_per_stream(plant: Path) -> None:

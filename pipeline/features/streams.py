@@ -48,7 +48,10 @@ def _reason(err: ValidationError, entity_field: str, names: Mapping[str, str] | 
     name for it (a stream file's entity_key / time_field), so the detail names the field the producer wrote."""
     first = err.errors(include_url=False)[0]
     kind = first["type"]
-    loc = ".".join(str((names or {}).get(p, p)) if i == 0 else str(p) for i, p in enumerate(first["loc"]))
+    parts = [str(p) for p in first["loc"]]
+    if parts and names:
+        parts[0] = names.get(parts[0], parts[0])
+    loc = ".".join(parts)
     detail = f"{loc}: {first['msg']}"
     if kind == "json_invalid" or kind == "json_type":
         return "malformed_json", first["msg"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,28 +71,42 @@ class DriftMonitor:
         self.streams: dict[str, StreamWindow] = {}
         self._figures: list[dict[str, Any]] = []
         self._next_refresh = 0.0
+        # observe runs on the processor's thread, figures on the API's: the windows change under one lock
+        self._lock = threading.Lock()
 
     def observe(self, scorer: StreamScorer, res: ScoreBatch, warm: np.ndarray) -> None:
         """A champion's scored batch (`warm`: the events of entities past min_history). Never raises: the
         gauges are a view of the stream, not part of it."""
         try:
-            w = self._window(scorer)
-            w.scores.extend(res.raw_scores[warm][:, None])
-            if w.channels:
-                w.inputs.extend(res.observed[:, list(w.channels.values())])
-            if self.clock() >= self._next_refresh:
-                self.refresh()
+            with self._lock:
+                w = self._window(scorer)
+                w.scores.extend(res.raw_scores[warm][:, None])
+                if w.channels:
+                    w.inputs.extend(res.observed[:, list(w.channels.values())])
+                if self.clock() >= self._next_refresh:
+                    self._refresh()
         except Exception:  # noqa: BLE001 - a figure we cannot compute must not stop scoring
             log.exception("drift figures of %s not updated", scorer.spec.name)
 
     def refresh(self) -> None:
         """Recompute every stream's figures and set the gauges."""
+        with self._lock:
+            self._refresh()
+
+    def _refresh(self) -> None:
         self._next_refresh = self.clock() + self.refresh_s
         self._figures = [self._stream_figures(name, w) for name, w in sorted(self.streams.items())]
 
     def figures(self) -> list[dict[str, Any]]:
-        """The figures of the last refresh, one dict per stream (what /api/drift serves)."""
-        return self._figures
+        """The figures, one dict per stream (what /api/drift serves): recomputed when older than refresh_s, so
+        a stream that went quiet right after a burst does not keep showing the burst's first batch."""
+        with self._lock:
+            if self.clock() >= self._next_refresh:
+                try:
+                    self._refresh()
+                except Exception:  # noqa: BLE001 - the last figures are still an answer
+                    log.exception("drift figures not updated")
+            return self._figures
 
     def _window(self, scorer: StreamScorer) -> StreamWindow:
         name, version = scorer.spec.name, scorer.model_version

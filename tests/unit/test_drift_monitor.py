@@ -176,3 +176,21 @@ def test_the_api_serves_the_live_figures_of_the_processor_it_runs_with(
     assert standalone["live"] is False and standalone["streams"] == []
     page = TestClient(create_app(AlertQueries(db), settings)).get("/").text
     assert 'id="drift"' in page
+
+
+def test_figures_asked_for_after_the_stream_went_quiet_are_recomputed(
+    settings: Settings, bundled: Checkpoint, phases: Any
+) -> None:
+    """A probe's /api/drift showed warming_share 1.0 and no score figure after 24k events: the figures were
+    computed with the first batch of a burst, and nothing recomputed them once the stream went quiet."""
+    warmup, _, _ = phases
+    now = [0.0]
+    monitor = DriftMonitor(refresh_s=2.0, clock=lambda: now[0])
+    scorer = _scorer(settings, bundled)
+    _feed(scorer, warmup[:50], monitor)  # the first batch: every entity still warming
+    now[0] = 1.0
+    _feed(scorer, warmup[50:], monitor)  # the rest of the burst, inside refresh_s: not recomputed
+    assert monitor.figures()[0]["warming_share"] == 1.0
+    now[0] = 5.0  # quiet since: the next look recomputes
+    (figures,) = monitor.figures()
+    assert figures["warming_share"] == 0.0 and figures["score"]["n"] > 0

@@ -113,6 +113,7 @@ def replay(
     out.print(
         f"run {res.run_id}: {res.events} events in range ({res.out_of_range} outside the time range), "
         f"{res.scored} scored, {res.alerts} alerts, dead letters {res.dead_letters or 0}, "
+        f"{res.duplicates} duplicates dropped, "
         f"{res.seconds:.1f}s ({res.events_per_s:,.0f} events/s); models {res.model_versions}"
     )
 

@@ -124,6 +124,7 @@ class ReplayResult:
     end_offsets: dict[str, int] = field(default_factory=dict)
     # the run id had scored part of these topics before: this invocation went on from its durable positions
     resumed: bool = False
+    duplicates: int = 0  # payments dropped as resends (same transaction_id inside the dedupe window)
 
     @property
     def events_per_s(self) -> float:
@@ -301,6 +302,7 @@ def run_replay(
         to_ms=to_ms,
         end_offsets={f"{t}[{p}]": o for (t, p), o in sorted(source.end.items())},
         resumed=resumed,
+        duplicates=stats.duplicates,
     )
 
 

@@ -48,6 +48,15 @@ def _wait_up(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise AssertionError(f"{url} never answered\n{log.read_text()[-3000:]}")
 
 
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.parametrize("host", [None, "0.0.0.0"])
 def test_metrics_and_api_bind_loopback_unless_told(
     kafka_bootstrap: str, pg_url: str, topic_prefix: str, tmp_path: Path, host: str | None
@@ -69,12 +78,7 @@ def test_metrics_and_api_bind_loopback_unless_told(
         assert _bound_on_all_addresses(mport) is (host == "0.0.0.0")
         assert _bound_on_all_addresses(aport) is (host == "0.0.0.0")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 def test_the_services_own_metrics_endpoint_reads_open_incidents_from_the_database(
@@ -102,12 +106,7 @@ def test_the_services_own_metrics_endpoint_reads_open_incidents_from_the_databas
         backlog = next(line for line in text.splitlines() if line.startswith("pipeline_alerts_outbox_unpublished "))
         assert float(backlog.split()[1]) >= 0.0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 def test_lifecycle_gauges_read_once_per_scrape_and_read_nan_while_the_database_is_down() -> None:

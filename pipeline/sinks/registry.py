@@ -26,6 +26,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
+    Select,
+    Table,
     delete,
     func,
     insert,
@@ -244,26 +246,21 @@ class SqlRegistryStore:
         """Alerts (shadow=True: the shadow alerts) a version raised: entity, source position, label, time."""
         table = shadow_alerts if shadow else alerts
         c = table.c
-        q = select(c.entity_id, c.source_topic, c.source_partition, c.source_offset, c.label, c.event_time).where(
-            c.model_version == version
+        q = _of_version(
+            select(c.entity_id, c.source_topic, c.source_partition, c.source_offset, c.label, c.event_time),
+            table,
+            version,
+            stream=stream,
+            since=since,
+            run_id=run_id,
         )
-        if stream is not None:
-            q = q.where(c.stream == stream)
-        if since is not None:
-            q = q.where(c.event_time >= since)
-        if run_id is not None:
-            q = q.where(c.run_id == run_id)
         with self.db.reading("read alerts by model version") as conn:
             return [dict(r._mapping) for r in conn.execute(q.order_by(c.event_time))]
 
     def last_scored(self, version: str, *, stream: str | None = None, run_id: str | None = None) -> datetime | None:
         """The event time of a version's newest score sample: where the range it scored ends."""
         c = model_score_samples.c
-        q = select(func.max(c.event_time)).where(c.model_version == version)
-        if stream is not None:
-            q = q.where(c.stream == stream)
-        if run_id is not None:
-            q = q.where(c.run_id == run_id)
+        q = _of_version(select(func.max(c.event_time)), model_score_samples, version, stream=stream, run_id=run_id)
         with self.db.reading("read score samples by model version") as conn:
             return conn.execute(q).scalar()
 
@@ -278,15 +275,31 @@ class SqlRegistryStore:
     ) -> list[float]:
         """The newest `limit` score samples of a version."""
         c = model_score_samples.c
-        q = select(c.score).where(c.model_version == version)
-        if stream is not None:
-            q = q.where(c.stream == stream)
-        if since is not None:
-            q = q.where(c.event_time >= since)
-        if run_id is not None:
-            q = q.where(c.run_id == run_id)
+        q = _of_version(select(c.score), model_score_samples, version, stream=stream, since=since, run_id=run_id)
         with self.db.reading("read score samples by model version") as conn:
             return [float(s) for s in conn.execute(q.order_by(c.id.desc()).limit(limit)).scalars()]
+
+
+def _of_version(
+    q: Select[Any],
+    table: Table,
+    version: str,
+    *,
+    stream: str | None = None,
+    since: datetime | None = None,
+    run_id: str | None = None,
+) -> Select[Any]:
+    """`q` restricted to a version's rows of `table` (alerts, shadow alerts, score samples), and to a stream,
+    an event-time start and a run where given: the one scope drift and compare read by."""
+    c = table.c
+    q = q.where(c.model_version == version)
+    if stream is not None:
+        q = q.where(c.stream == stream)
+    if since is not None:
+        q = q.where(c.event_time >= since)
+    if run_id is not None:
+        q = q.where(c.run_id == run_id)
+    return q
 
 
 def _version(row: Row[Any] | dict[str, Any]) -> ModelVersion:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -52,6 +53,16 @@ def start_processor(env: dict[str, str], *args: str, log_path: Path | None = Non
         return subprocess.Popen(
             [sys.executable, "-m", "pipeline", "run", *args], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
         )
+
+
+def stop_processor(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """SIGTERM, as an orchestrator stops the service; killed if it has not exited within `timeout`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def run_processor(env: dict[str, str], *args: str, timeout: float = 240, log_path: Path | None = None) -> None:

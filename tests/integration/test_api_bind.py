@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import signal
 import socket
 import subprocess
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.alerts_seed import seed
-from tests.service_helpers import start_processor, topic_env
+from tests.service_helpers import start_processor, stop_processor, topic_env
 from tests.sql_helpers import SqlTestStore
 
 
@@ -48,15 +47,6 @@ def _wait_up(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise AssertionError(f"{url} never answered\n{log.read_text()[-3000:]}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.mark.parametrize("host", [None, "0.0.0.0"])
 def test_metrics_and_api_bind_loopback_unless_told(
     kafka_bootstrap: str, pg_url: str, topic_prefix: str, tmp_path: Path, host: str | None
@@ -78,7 +68,7 @@ def test_metrics_and_api_bind_loopback_unless_told(
         assert _bound_on_all_addresses(mport) is (host == "0.0.0.0")
         assert _bound_on_all_addresses(aport) is (host == "0.0.0.0")
     finally:
-        _stop(proc)
+        stop_processor(proc)
 
 
 def test_the_services_own_metrics_endpoint_reads_open_incidents_from_the_database(
@@ -106,7 +96,7 @@ def test_the_services_own_metrics_endpoint_reads_open_incidents_from_the_databas
         backlog = next(line for line in text.splitlines() if line.startswith("pipeline_alerts_outbox_unpublished "))
         assert float(backlog.split()[1]) >= 0.0
     finally:
-        _stop(proc)
+        stop_processor(proc)
 
 
 def test_lifecycle_gauges_read_once_per_scrape_and_read_nan_while_the_database_is_down() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -86,7 +85,7 @@ pytest.importorskip("faust", reason="faust-streaming not installed (the `faust` 
 
 from pipeline.kafka.client import ensure_topics  # noqa: E402
 from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels  # noqa: E402
-from tests.service_helpers import produce, read_topic, run_processor, topic_env  # noqa: E402
+from tests.service_helpers import produce, read_topic, run_processor, stop_processor, topic_env  # noqa: E402
 from tests.sql_helpers import SqlTestStore  # noqa: E402
 from tests.stream_helpers import alert_set, wait_until  # noqa: E402
 
@@ -121,12 +120,7 @@ def run_faust_worker(
         wait_until(done, timeout, "the faust worker to score the stream", every=0.2)
         time.sleep(0.5)  # let faust commit the acked offsets
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processor(proc, timeout=30)
     assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
     return stats
 

@@ -77,27 +77,33 @@ MODEL_SWAPS = Counter(
 )
 
 
+def lifecycle_values(read: Callable[[], Mapping[str, int]]) -> tuple[float, float]:
+    """(open incidents, unpublished outbox messages) from the alert database; NaN for both while it is down:
+    the process's own counters still render."""
+    try:
+        stats = read()
+    except PipelineError as exc:
+        log.warning("open incidents and outbox backlog unknown: %s", str(exc).splitlines()[0])
+        return math.nan, math.nan
+    return float(stats["open_incidents"]), float(stats["outbox_unpublished"])
+
+
 def read_lifecycle_at_scrape(
     read: Callable[[], Mapping[str, int]], ttl_s: float = 1.0, gauges: tuple[Gauge, Gauge] | None = None
 ) -> None:
     """OPEN_INCIDENTS and OUTBOX_BACKLOG come from the alert database, so they are read when scraped (one read
-    per scrape serves both; NaN while the database is down). `pipeline run --metrics-port` wires them here;
-    without it they were only set by the API's /metrics and read 0 on the service's own endpoint."""
+    per scrape serves both). `pipeline run --metrics-port` wires them here; without it they were only set by
+    the API's /metrics (per request: it may serve another run's view) and read 0 on the service's endpoint."""
     lock = threading.Lock()
-    cache: dict[str, Any] = {"at": -math.inf, "stats": None}
+    cache: dict[str, Any] = {"at": -math.inf, "values": (math.nan, math.nan)}
 
-    def value(key: str) -> float:
+    def value(i: int) -> float:
         with lock:
             if time.monotonic() - cache["at"] > ttl_s:
-                try:
-                    cache["stats"] = dict(read())
-                except PipelineError as exc:
-                    log.warning("%s unknown: %s", key, str(exc).splitlines()[0])
-                    cache["stats"] = None
+                cache["values"] = lifecycle_values(read)
                 cache["at"] = time.monotonic()
-            stats = cache["stats"]
-        return float("nan") if stats is None else float(stats[key])
+            return float(cache["values"][i])
 
     incidents, backlog = gauges or (OPEN_INCIDENTS, OUTBOX_BACKLOG)
-    incidents.set_function(lambda: value("open_incidents"))
-    backlog.set_function(lambda: value("outbox_unpublished"))
+    incidents.set_function(lambda: value(0))
+    backlog.set_function(lambda: value(1))

@@ -90,14 +90,9 @@ def create_app(
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        try:
-            stats = queries.lifecycle_stats(run_id)
-            metrics.OPEN_INCIDENTS.set(stats["open_incidents"])
-            metrics.OUTBOX_BACKLOG.set(stats["outbox_unpublished"])
-        except SinkError as exc:  # database down: the process counters still render; these two read NaN
-            log.warning("/metrics: open incidents and outbox backlog unknown: %s", str(exc).splitlines()[0])
-            metrics.OPEN_INCIDENTS.set(float("nan"))
-            metrics.OUTBOX_BACKLOG.set(float("nan"))
+        incidents, backlog = metrics.lifecycle_values(lambda: queries.lifecycle_stats(run_id))
+        metrics.OPEN_INCIDENTS.set(incidents)
+        metrics.OUTBOX_BACKLOG.set(backlog)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/alerts")

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 EVENTS = Counter("pipeline_events_total", "Events consumed", ["stream"])
 SCORED = Counter("pipeline_events_scored_total", "Events scored", ["stream"])
-DLQ = Counter("pipeline_dead_letters_total", "Records sent to the dead-letter topic", ["reason"])
+DLQ = Counter("pipeline_dead_letters_total", "Records sent to the dead-letter topic", ["topic", "reason"])
 DUPLICATES = Counter(
     "pipeline_duplicates_total",
     "Payments dropped as resends: transaction_id already in the partition's dedupe window (PIPELINE_DEDUPE_WINDOW)",

@@ -168,7 +168,7 @@ class FaustScoring:
     def _dead_letter(self, r: RawRecord, reason: str, detail: str) -> None:
         self.dlq.send(r, reason, detail)
         self.stats.dead_letters += 1
-        metrics.DLQ.labels(reason).inc()
+        metrics.DLQ.labels(r.topic, reason).inc()
 
     def keep_partitions(self, assigned: Iterable[TopicPartition]) -> None:
         """Forget the state of partitions this worker no longer owns (in-memory state is not handed over)."""

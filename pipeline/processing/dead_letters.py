@@ -37,7 +37,7 @@ class DeadLetters:
         if st is None or r.offset >= st.recovery_until:
             self.sink.send(r, reason, detail)
             self.stats.dead_letters += 1
-            metrics.DLQ.labels(reason).inc()
+            metrics.DLQ.labels(r.topic, reason).inc()
 
     def processing_error(self, r: RawRecord, stage: str, exc: Exception) -> None:
         log.error(

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from models.lstm_ae import LSTMAEConfig, TrainConfig, bundled_checkpoint_path, save_checkpoint
 from pipeline.config import Settings
@@ -158,6 +159,10 @@ def test_a_model_that_does_not_fit_its_stream_is_refused_naming_stream_and_chann
         resolve_model(by_alias, registry)
 
 
+def _dead_letter_count(topic: str, reason: str) -> float:
+    return REGISTRY.get_sample_value("pipeline_dead_letters_total", {"topic": topic, "reason": reason}) or 0.0
+
+
 def test_the_streams_own_fields_decode_on_the_processing_path_with_the_kinds_reasons(pumps_model: Path) -> None:
     stream = load_streams(pumps_file(pumps_model.parent.parent, "models/pumps.pt")).stream("pumps")
     spec = ServedStream(stream, resolve_model(stream, registry=None)).spec()
@@ -180,8 +185,11 @@ def test_the_streams_own_fields_decode_on_the_processing_path_with_the_kinds_rea
         raw(b"P1", b'{"pump_id": "P1", "pump_id": "P2"}'),
         raw(b"P1", b"{"),
     ]
+    malformed_before = _dead_letter_count("plant.pumps", "malformed_json")
     for r in bad:
         assert decode(spec, r, dead) is None
+    # operators with several streams see which topic sends bad records
+    assert _dead_letter_count("plant.pumps", "malformed_json") == malformed_before + 1
     assert [reason for _, reason in dlq.sent] == [
         "key_mismatch",
         "missing_key",

@@ -49,12 +49,38 @@ def require_within(df: pd.DataFrame, column: str, low: float, high: float, sourc
 
 
 def require_times(values: pd.Series, source: object, column: str) -> pd.Series:
-    """Parsed timestamps, or ConfigError naming the first value that is not one."""
-    parsed = pd.to_datetime(values, errors="coerce")
+    """Parsed timestamps, or ConfigError naming the first value that is not one. Times with different UTC
+    offsets are instants all the same: they are read in UTC (pandas refuses to mix them otherwise)."""
+    try:
+        parsed = pd.to_datetime(values, errors="coerce")
+    except ValueError:  # mixed offsets
+        parsed = pd.to_datetime(values, errors="coerce", utc=True)
     if parsed.isna().any():
         row = int(np.flatnonzero(parsed.isna().to_numpy())[0])
         raise ConfigError(f"{source}: column {column!r} row {row + 1} is {values.iloc[row]!r}, not a timestamp")
     return parsed
+
+
+def require_increasing(times: pd.DatetimeIndex, source: object, column: str) -> None:
+    """ConfigError naming the first row whose time is not after the row before it: a protocol that splits
+    by row order (the first rows train) would otherwise train on the wrong rows and stream time backwards."""
+    ns = times.to_numpy(dtype="datetime64[ns]").astype(np.int64)
+    bad = np.flatnonzero(np.diff(ns) <= 0)
+    if bad.size:
+        row = int(bad[0]) + 1
+        raise ConfigError(
+            f"{source}: column {column!r} row {row + 1} ({times[row]}) is not after row {row} ({times[row - 1]}): "
+            "rows must be in time order, one row per time"
+        )
+
+
+def require_labels(df: pd.DataFrame, column: str, source: object) -> None:
+    """ConfigError naming the first label that is neither 0 nor 1."""
+    values = df[column].to_numpy(np.float64)
+    bad = (values != 0) & (values != 1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ConfigError(f"{source}: column {column!r} row {row + 1} is {values[row]:g}; labels are 0 or 1")
 
 
 @dataclass

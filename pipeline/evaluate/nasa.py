@@ -11,9 +11,10 @@ alerts closer than `merge_gap` steps; counts are summed over channels.
 from __future__ import annotations
 
 import ast
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,8 @@ from pipeline.evaluate import common
 from pipeline.evaluate.metrics import segment_f1, segments
 from pipeline.features.streams import EventColumns, SensorStream
 from pipeline.scoring.knobs import ThresholdKnobs
+
+log = logging.getLogger(__name__)
 
 LABELS = "labeled_anomalies.csv"
 CHANNELS = ["value", "commands"]
@@ -76,33 +79,116 @@ def features(x: np.ndarray) -> np.ndarray:
     return np.column_stack([x[:, 0], cmds]).astype(np.float64)
 
 
-def load(path: Path) -> tuple[list[str], EventColumns, EventColumns, dict[str, list[tuple[int, int]]], dict[str, int]]:
-    """-> channels, training events, test events, labeled segments per channel, test length per channel."""
+class NasaData(NamedTuple):
+    channels: list[str]
+    train: EventColumns
+    test: EventColumns
+    labeled: dict[str, list[tuple[int, int]]]  # per channel, inclusive [start, end] test indices
+    lengths: dict[str, int]  # test length per channel
+    skipped: dict[str, str]  # channels of the labels file or of train/ and test/ left out, and why
+
+
+def read_series(file: Path, columns: int | None = None) -> np.ndarray:
+    """A channel's .npy as a float (rows, columns) array; a 1-D file is the value alone. ConfigError naming the
+    file (and the first bad row) for anything else: text or pickled files, no rows, non-numbers, NaN or inf
+    (one NaN reading silently switched off detection on its channel), or a column count unlike train/'s."""
+    try:
+        x = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ConfigError(f"{file}: not a numeric .npy array: {exc}") from None
+    if not isinstance(x, np.ndarray) or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise ConfigError(f"{file}: holds {getattr(x, 'dtype', type(x).__name__)} values, not numbers")
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ConfigError(f"{file}: shape {x.shape}; expected (rows,) or (rows, columns)")
+    if len(x) == 0:
+        raise ConfigError(f"{file}: no rows")
+    if columns is not None and x.shape[1] != columns:
+        raise ConfigError(f"{file}: {x.shape[1]} columns, but the channel's training series has {columns}")
+    x = x.astype(np.float64)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, col = (int(v) for v in np.argwhere(bad)[0])
+        raise ConfigError(f"{file}: row {row} column {col} is {x[row, col]}, not a finite number")
+    return x
+
+
+def read_segments(text: object, chan: str, length: int, source: str) -> list[tuple[int, int]]:
+    """`[[start, end], ...]` (inclusive test indices) -> checked pairs. An end past the series is cut at its
+    last index (an off-by-one end is common); a pair that is reversed, negative or starts past the series is
+    a ConfigError, as it would be counted as a missed anomaly otherwise."""
+    try:
+        pairs = ast.literal_eval(str(text))
+        segs = [(int(a), int(b)) for a, b in pairs]
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise ConfigError(
+            f"{source}: chan_id {chan}: anomaly_sequences {text!r} is not a list of [start, end] pairs "
+            "such as [[120, 139]]"
+        ) from None
+    out = []
+    for a, b in segs:
+        if a < 0 or b < a or a >= length:
+            raise ConfigError(
+                f"{source}: chan_id {chan}: anomaly sequence [{a}, {b}] is outside its test series "
+                f"(indices 0 .. {length - 1}) or reversed"
+            )
+        out.append((a, min(b, length - 1)))
+    return out
+
+
+def load(path: Path) -> NasaData:
+    """Every channel named in the labels file that has both .npy files. A channel of the labels file without
+    them (e.g. the other spacecraft's rows of telemanom's shared labels file) or a .npy pair without a label
+    row is left out, logged and listed under `skipped_channels`; rows of one chan_id are one channel."""
     if not path.is_dir():
         raise ConfigError(f"--data {path}: not a folder (expected train/, test/ and {LABELS})")
     if not (path / LABELS).exists() or not (path / "test").is_dir() or not (path / "train").is_dir():
         raise ConfigError(f"--data {path}: expected train/*.npy, test/*.npy and {LABELS}")
-    table = pd.read_csv(path / LABELS)
+    source = str(path / LABELS)
+    try:
+        table = pd.read_csv(path / LABELS, dtype={"chan_id": str})
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: not a labels CSV (chan_id, anomaly_sequences, ...): {exc}") from None
     if not {"chan_id", "anomaly_sequences"} <= set(table.columns):
-        raise ConfigError(f"{path / LABELS}: needs chan_id and anomaly_sequences columns")
-    chans, train, test = [], [], []
+        raise ConfigError(f"{source}: needs chan_id and anomaly_sequences columns")
+    chans: list[str] = []
+    train, test = [], []
     labeled: dict[str, list[tuple[int, int]]] = {}
     lengths: dict[str, int] = {}
-    for chan, seqs in zip(table["chan_id"], table["anomaly_sequences"], strict=True):
+    skipped: dict[str, str] = {}
+    for chan, seqs in zip(table["chan_id"].astype(str), table["anomaly_sequences"], strict=True):
         ftr, fte = path / "train" / f"{chan}.npy", path / "test" / f"{chan}.npy"
-        if not (ftr.exists() and fte.exists()) or chan in labeled:
+        if not (ftr.exists() and fte.exists()):
+            missing = [str(f.relative_to(path)) for f in (ftr, fte) if not f.exists()]
+            skipped[chan] = f"labelled, but {' and '.join(missing)} missing"
             continue
-        xtr, xte = features(np.load(ftr)), features(np.load(fte))
-        ts_tr = np.arange(len(xtr), dtype=np.float64)
-        ts_te = len(xtr) + np.arange(len(xte), dtype=np.float64)
-        train.append(EventColumns([chan] * len(xtr), ts_tr, xtr))
-        test.append(EventColumns([chan] * len(xte), ts_te, xte))
-        labeled[chan] = [(int(a), int(b)) for a, b in ast.literal_eval(seqs)]
-        lengths[chan] = len(xte)
-        chans.append(chan)
+        if chan not in labeled:
+            xtr = read_series(ftr)
+            xte = read_series(fte, columns=xtr.shape[1])
+            ftr_, fte_ = features(xtr), features(xte)
+            ts_tr = np.arange(len(ftr_), dtype=np.float64)
+            ts_te = len(ftr_) + np.arange(len(fte_), dtype=np.float64)
+            train.append(EventColumns([chan] * len(ftr_), ts_tr, ftr_))
+            test.append(EventColumns([chan] * len(fte_), ts_te, fte_))
+            lengths[chan] = len(fte_)
+            labeled[chan] = []
+            chans.append(chan)
+        labeled[chan] = sorted(set(labeled[chan]) | set(read_segments(seqs, chan, lengths[chan], source)))
+    for f in sorted((path / "test").glob("*.npy")):
+        if f.stem not in labeled and (path / "train" / f.name).exists():
+            skipped[f.stem] = f"train/ and test/ files, but no row in {LABELS}"
     if not chans:
         raise ConfigError(f"--data {path}: no channel of {LABELS} has both train/ and test/ .npy files")
-    return chans, common.concat(train), common.concat(test), labeled, lengths
+    if skipped:
+        names = sorted(skipped)
+        log.warning(
+            "%d channel(s) left out (listed under skipped_channels), e.g. %s: %s",
+            len(names),
+            names[0],
+            skipped[names[0]],
+        )
+    return NasaData(chans, common.concat(train), common.concat(test), labeled, lengths, skipped)
 
 
 def merge(segs: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
@@ -119,7 +205,7 @@ def merge(segs: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
 def evaluate(
     path: Path, cfg: NasaConfig = NasaConfig(), *, device: str = "cpu", precision: str = "fp32"
 ) -> dict[str, Any]:
-    chans, train, test, labeled, lengths = load(path)
+    chans, train, test, labeled, _, skipped = load(path)
     spec = SensorStream(CHANNELS)
     model = LSTMAEConfig(n_features=len(CHANNELS), **cfg.model)
     res = common.train_then_score(
@@ -138,8 +224,11 @@ def evaluate(
     for chan in chans:
         alerts = res.alerts[ids == chan]
         pairs.append((labeled[chan], merge(segments(alerts), cfg.merge_gap)))
-    out = segment_f1(pairs)
+    out: dict[str, Any] = dict(segment_f1(pairs))
     out.update(
-        channels=len(chans), labeled_segments=sum(len(v) for v in labeled.values()), test_events=len(test.entity_ids)
+        channels=len(chans),
+        labeled_segments=sum(len(v) for v in labeled.values()),
+        test_events=len(test.entity_ids),
+        skipped_channels=skipped,
     )
     return out

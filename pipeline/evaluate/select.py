@@ -93,7 +93,7 @@ def _nasa_runs(
     from pipeline.features.streams import SensorStream
 
     base = common.configured(nasa.NasaConfig(), _merged(nasa.NasaConfig(), {**per_format, **model_over}))
-    chans, train, test, labeled, _ = nasa.load(path)
+    chans, train, test, labeled, _, _ = nasa.load(path)
     spec = SensorStream(nasa.CHANNELS)
     from models.lstm_ae import LSTMAEConfig
 

@@ -85,7 +85,9 @@ def read(file: Path) -> pd.DataFrame:
     if LABEL not in df.columns:
         raise ConfigError(f"{file}: no '{LABEL}' column")
     df.index = pd.DatetimeIndex(common.require_times(df.index.to_series(), file, "datetime"))
+    common.require_increasing(df.index, file, "datetime")
     common.require_numbers(df, list(df.columns), file)
+    common.require_labels(df, LABEL, file)
     return df
 
 
@@ -128,12 +130,14 @@ def slow_channels(train: EventColumns, threshold: float) -> list[int]:
 
 
 def model_config(cfg: SkabConfig, train: EventColumns, n_channels: int) -> tuple[LSTMAEConfig, list[int]]:
-    """The LSTM-AE config: scored channels = all but the slow ones (unless the model dict names them)."""
+    """The LSTM-AE config and its context channels: scored channels = all but the slow ones (unless the
+    model dict names them; when every channel is slow, all are scored)."""
     params = dict(cfg.model)
     slow = slow_channels(train, cfg.context_autocorr) if cfg.context_autocorr is not None else []
     if "score_features" not in params and slow and len(slow) < n_channels:
         params["score_features"] = tuple(c for c in range(n_channels) if c not in slow)
-    return LSTMAEConfig(n_features=n_channels, **params), slow
+    model = LSTMAEConfig(n_features=n_channels, **params)
+    return model, [c for c in range(n_channels) if c not in model.scored()]
 
 
 def evaluate(
@@ -141,7 +145,7 @@ def evaluate(
 ) -> dict[str, Any]:
     channels, train, test, y = load(path, cfg.train_rows)
     spec = SensorStream(channels)
-    model, slow = model_config(cfg, train, len(channels))
+    model, context = model_config(cfg, train, len(channels))
     res = common.train_then_score(
         spec,
         train,
@@ -158,6 +162,6 @@ def evaluate(
         files=len(set(test.entity_ids)),
         train_events=len(train.entity_ids),
         test_events=len(y),
-        context_channels=[channels[c] for c in slow],
+        context_channels=[channels[c] for c in context],
     )
     return out

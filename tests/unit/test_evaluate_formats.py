@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -191,7 +192,7 @@ def test_model_per_entity_equals_one_run_per_entity(tmp_path: Path) -> None:
     from pipeline.evaluate import common, nasa
     from pipeline.features.streams import SensorStream
 
-    chans, train, test, _, _ = nasa.load(_nasa(tmp_path / "nasa", np.random.default_rng(1)))
+    chans, train, test, _, _, _ = nasa.load(_nasa(tmp_path / "nasa", np.random.default_rng(1)))
     cfg = replace(
         nasa.NasaConfig(), epochs=1, model={"window": 16, "hidden_size": 8, "latent_size": 4, "score_steps": 4}
     )
@@ -214,7 +215,7 @@ def test_model_per_entity_needs_each_entitys_training_part(tmp_path: Path) -> No
     from pipeline.evaluate import common, nasa
     from pipeline.features.streams import SensorStream
 
-    _, train, test, _, _ = nasa.load(_nasa(tmp_path / "nasa", np.random.default_rng(1)))
+    _, train, test, _, _, _ = nasa.load(_nasa(tmp_path / "nasa", np.random.default_rng(1)))
     only_a = common.take(train, np.flatnonzero(np.asarray(train.entity_ids) == "A-1"))
     with pytest.raises(ConfigError, match="B-2"):
         common.train_then_score(
@@ -354,7 +355,7 @@ def test_univariate_validation_sets_are_single_column_self_fitted_and_labelled(t
         src / "anomaly-free" / "anomaly-free.csv", sep=";"
     )
     out = skab_univariate_set(src, tmp_path / "uni", chunk=250)
-    chans, train, test, labeled, lengths = nasa.load(out)
+    chans, train, test, labeled, lengths, _ = nasa.load(out)
     assert sorted(chans) == ["skab-0-0", "skab-0-1", "skab-1-0", "skab-1-1"]
     for c in chans:
         a, b = np.load(out / "train" / f"{c}.npy"), np.load(out / "test" / f"{c}.npy")
@@ -387,3 +388,128 @@ def test_a_skab_file_without_sensor_columns_and_cuda_without_a_gpu_are_config_er
 
         res = CliRunner().invoke(_app(), ["evaluate", "--format", "skab", "--data", ".", "--device", "cuda"])
         assert isinstance(res.exception, ScoringError) and "no CUDA device" in str(res.exception)
+
+
+def _labels(root: Path, *rows: str) -> None:
+    head = "chan_id,spacecraft,anomaly_sequences,class,num_values\n"
+    (root / "labeled_anomalies.csv").write_text(head + "".join(r + "\n" for r in rows))
+
+
+def _nasa_case(root: Path, case: str) -> str:
+    """Break one thing in a valid NASA folder; -> the words the one-line error must contain."""
+    test_a = root / "test" / "A-1.npy"
+    x = np.load(test_a)
+    if case == "nan":  # one NaN switched detection off on its channel, silently (exit 0)
+        x[50, 0] = np.nan
+        np.save(test_a, x)
+        return "A-1.npy: row 50 column 0 is nan"
+    if case == "inf-train":
+        y = np.load(root / "train" / "B-2.npy")
+        y[7, 2] = np.inf
+        np.save(root / "train" / "B-2.npy", y)
+        return "B-2.npy: row 7 column 2 is inf"
+    if case == "text":
+        test_a.write_text("hello")
+        return "A-1.npy: not a numeric .npy array"
+    if case == "strings":
+        np.save(test_a, np.array([["a", "b"]] * 10))
+        return "A-1.npy: holds <U1 values"
+    if case == "empty":
+        np.save(test_a, np.zeros((0, 5)))
+        return "A-1.npy: no rows"
+    if case == "columns":
+        np.save(test_a, x[:, :3])
+        return "A-1.npy: 3 columns, but the channel's training series has 5"
+    if case == "unclosed":
+        _labels(root, 'A-1,MSL,"[[120, 139]",[point],200')
+        return "chan_id A-1: anomaly_sequences '[[120, 139]' is not a list of [start, end] pairs"
+    if case == "flat":
+        _labels(root, 'A-1,MSL,"[120, 139]",[point],200')
+        return "is not a list of [start, end] pairs"
+    if case == "reversed":
+        _labels(root, 'A-1,MSL,"[[139, 120]]",[point],200')
+        return "anomaly sequence [139, 120] is outside its test series (indices 0 .. 199) or reversed"
+    if case == "beyond":
+        _labels(root, 'A-1,MSL,"[[120, 139], [5000, 6000]]",[point],200')
+        return "anomaly sequence [5000, 6000] is outside"
+    if case == "negative":
+        _labels(root, 'A-1,MSL,"[[-50, -10]]",[point],200')
+        return "anomaly sequence [-50, -10] is outside"
+    assert case == "no-labels"
+    (root / "labeled_anomalies.csv").write_text("")
+    return "labeled_anomalies.csv: not a labels CSV"
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["nan", "inf-train", "text", "strings", "empty", "columns", "unclosed", "flat", "reversed", "beyond", "negative",
+     "no-labels"],
+)  # fmt: skip
+def test_bad_nasa_inputs_are_one_line_errors_naming_the_file(tmp_path: Path, case: str) -> None:
+    root = _nasa(tmp_path / "nasa", np.random.default_rng(0))
+    words = _nasa_case(root, case)
+    res = CliRunner().invoke(_app(), ["evaluate", "--format", "nasa", "--data", str(root), "--epochs", "1"])
+    assert isinstance(res.exception, ConfigError), (case, res.exception)
+    assert words in str(res.exception), str(res.exception)
+
+
+def test_nasa_channels_left_out_are_listed_and_one_chan_id_is_one_channel(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pipeline.evaluate import nasa
+
+    root = _nasa(tmp_path / "nasa", np.random.default_rng(0))
+    np.save(root / "train" / "C-3.npy", np.zeros((50, 5)))  # a .npy pair without a label row
+    np.save(root / "test" / "C-3.npy", np.zeros((50, 5)))
+    np.save(root / "test" / "B-2.npy", np.load(root / "test" / "B-2.npy")[:, 0])  # 1-D: the value alone
+    np.save(root / "train" / "B-2.npy", np.load(root / "train" / "B-2.npy")[:, 0])
+    _labels(
+        root,
+        'A-1,MSL,"[[120, 139]]",[point],200',
+        'A-1,MSL,"[[150, 160], [120, 139]]",[point],200',  # a second row of the same channel adds to it
+        'B-2,MSL,"[[190, 200]]",[point],200',  # end one past the series: cut at its last index
+        'S-9,SMAP,"[[1, 2]]",[point],10',  # the other spacecraft's row: no files here
+    )
+    with caplog.at_level("WARNING", logger="pipeline.evaluate.nasa"):
+        data = nasa.load(root)
+    assert data.channels == ["A-1", "B-2"]
+    assert data.labeled == {"A-1": [(120, 139), (150, 160)], "B-2": [(190, 199)]}
+    assert data.train.base.shape[1] == 2 and not data.test.base[np.asarray(data.test.entity_ids) == "B-2", 1].any()
+    assert set(data.skipped) == {"C-3", "S-9"}
+    assert "no row in labeled_anomalies.csv" in data.skipped["C-3"]
+    assert "test/S-9.npy" in data.skipped["S-9"]
+    assert "2 channel(s) left out" in caplog.text
+    out = _run("nasa", root)
+    assert out["channels"] == 2 and out["labeled_segments"] == 3 and set(out["skipped_channels"]) == {"C-3", "S-9"}
+
+
+def test_skab_rows_out_of_time_order_labels_and_mixed_offsets(tmp_path: Path) -> None:
+    from pipeline.evaluate import skab
+
+    head = "datetime;a;b;anomaly;changepoint\n"
+    rows = [f"2020-03-09 10:00:{s:02d};1.0;2.0;0;0\n" for s in range(5)]
+    cases = {
+        # reversed rows trained on the latest rows and streamed time backwards (exit 0, wrong F1)
+        "reversed.csv": (head + "".join(reversed(rows)), "row 2 (2020-03-09 10:00:03) is not after row 1"),
+        "repeated.csv": (head + rows[0] + rows[0], "row 2 (2020-03-09 10:00:00) is not after row 1"),
+        "label.csv": (head + rows[0] + rows[1].replace(";0;0", ";7;0"), "'anomaly' row 2 is 7; labels are 0 or 1"),
+    }
+    for name, (text, words) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            skab.read(tmp_path / name)
+    # offsets that differ are instants all the same (pandas raised "Mixed timezones detected")
+    (tmp_path / "offsets.csv").write_text(
+        head + "2020-02-08T18:00:00+00:00;1;2;0;0\n2020-02-08T23:00:01+05:00;1;2;0;0\n"
+    )
+    df = skab.read(tmp_path / "offsets.csv")
+    assert (df.index[1] - df.index[0]).total_seconds() == 1.0
+
+
+def test_skab_reports_context_channels_only_when_some_are_scored() -> None:
+    from pipeline.evaluate.skab import SkabConfig, model_config
+    from pipeline.features.streams import EventColumns
+
+    walk = np.cumsum(np.random.default_rng(0).normal(0, 1, (400, 2)), axis=0)  # every channel slow
+    model, context = model_config(SkabConfig(), EventColumns(["f"] * 400, np.arange(400.0), walk), 2)
+    assert model.score_features is None and context == []  # all scored, so none is context

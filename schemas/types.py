@@ -58,9 +58,9 @@ def _rfc3339(value: object) -> object:
     if RFC3339.match(value) is None:
         raise PydanticCustomError(
             "timestamp_format",
-            "event time {value!r} is not an RFC 3339 date-time such as 2026-11-10T12:00:00Z (seconds and a Z or "
+            "event time {value} is not an RFC 3339 date-time such as 2026-11-10T12:00:00Z (seconds and a Z or "
             "+HH:MM offset are required; no epoch numbers)",
-            {"value": value[:64]},
+            {"value": repr(value[:64])},
         )
     return _JSON_DATETIME.validate_json(f'"{value}"')  # the shape holds no character JSON would escape
 

@@ -159,3 +159,11 @@ def test_alert_rows_serialize_to_the_alert_contract() -> None:
 def test_unknown_schema_name() -> None:
     with pytest.raises(KeyError):
         load_schema("nope")
+
+
+def test_a_refused_event_time_is_quoted_in_the_error() -> None:
+    """The dead letter's detail is this message: it showed the template's '{value!r}' instead of the value."""
+    with pytest.raises(ValidationError) as err:
+        TypeAdapter(Transaction).validate_python({**VALID_TX, "timestamp": "2024-05-01T00:34:40"})
+    message = str(err.value)
+    assert "event time '2024-05-01T00:34:40' is not an RFC 3339 date-time" in message and "{value" not in message

@@ -69,7 +69,7 @@ def train_stream_command(
     if register and db_url is None:
         raise ConfigError("--register needs the database: pass --database-url or set DATABASE_URL")
     table = _history(stream, data, topic, from_time, to_time, bootstrap or settings.kafka_bootstrap)
-    labelled = labelled_anomalies(db_url, stream.name) if db_url is not None else None
+    labelled = labelled_anomalies(db_url, stream.name, create=register) if db_url is not None else None
     bar = tqdm(total=options.epochs, desc=f"train {stream.name}", file=sys.stderr, unit="epoch")
 
     def progress(_epoch: int, train_loss: float, val_loss: float) -> None:

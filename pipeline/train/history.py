@@ -212,12 +212,14 @@ def content_hash(ckpt: Checkpoint | ForecastCheckpoint) -> str:
 
 
 # -- the database: operator labels in, new versions out ------------------------------------------------------
-def labelled_anomalies(database_url: str, stream: str) -> set[tuple[str, float]]:
-    """(entity, event epoch seconds) of the stream's alerts that operators labelled true positive."""
+def labelled_anomalies(database_url: str, stream: str, *, create: bool = False) -> set[tuple[str, float]]:
+    """(entity, event epoch seconds) of the stream's alerts that operators labelled true positive.
+    create: `train --register` may come before the service ever ran (a new SQLite file holds no labels);
+    without it a SQLite file that is not there is refused (a mistyped path would read as "no labels")."""
     from pipeline.alerts.feedback import confirmed_keys
     from pipeline.sinks import AlertQueries, Database
 
-    db = Database(database_url, existing=True)
+    db = Database(database_url, existing=not create)
     try:
         db.create_schema()
         return confirmed_keys(AlertQueries(db), stream=stream)

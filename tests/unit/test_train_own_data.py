@@ -426,3 +426,22 @@ def test_a_payments_stream_is_refused_before_its_history_is_read(tmp_path: Path)
         "error: stream 'cards' is transactions: training on your own history is for sensors streams; a "
         "transactions model comes from `pipeline evaluate --format transactions --save-model`"
     ]
+
+
+def test_register_on_a_new_sqlite_database_creates_it_and_without_register_a_missing_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    """README step 3 (`train ... --register`) said "no database ... `pipeline run` creates it" on a fresh
+    SQLite URL; `models register` creates it, so `train --register` does too. Reading labels alone from a
+    path that is not there stays an error (a mistyped path would read as "no labels")."""
+    streams_file = tmp_path / "plant.toml"
+    streams_file.write_text(PLANT.format(entity="device_id"))
+    data = write_csv(tmp_path / "pumps.csv", pump_rows())
+    common = ("--stream", "pumps", "--streams-file", str(streams_file), "--epochs", "1", "--data", str(data))
+    db = tmp_path / "new" / "alerts.db"
+    url = f"sqlite:///{db}"
+    done = _pipeline(*common, "--out", str(tmp_path / "a"), "--database-url", url, cwd=tmp_path)
+    assert done.returncode == 2 and f"no database at {db}" in done.stderr and not db.exists()
+    done = _pipeline(*common, "--out", str(tmp_path / "b"), "--database-url", url, "--register", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "labelled anomalies skipped: 0" in done.stdout and "registered as pumps-v1" in done.stdout

@@ -365,7 +365,7 @@ def training_rows(
         raise TrainingDataError(
             f"{table.where(int(starts[k]))} column {stream.entity_key!r}: entity {table.entity_ids[starts[k]]!r} has "
             f"{counts[k]} rows; at least {minimum} are needed (its first {warmup} warm up the model and the entity's "
-            f"scaling, and the last {holdout:.0%} are held out to calibrate the threshold)"
+            f"scaling, and the last {holdout * 100:.4g} % are held out to calibrate the threshold)"
         )
     held_out = np.zeros(len(table), bool)
     for start, n in zip(starts.tolist(), counts.tolist(), strict=True):

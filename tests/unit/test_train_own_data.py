@@ -388,6 +388,9 @@ def test_no_rows_left_after_the_labelled_ones_and_too_small_a_holdout(tmp_path: 
         training_rows(table, stream, labelled=every_row, holdout=0.2, warmup=16)
     with pytest.raises(TrainingDataError, match=r"--holdout 0.01 holds out 0 of 120 rows .* at least 2 are needed"):
         training_rows(table, stream, labelled=set(), holdout=0.01, warmup=16)
+    # the share is printed as given (0.999 read "the last 100%")
+    with pytest.raises(TrainingDataError, match=r"at least 16000 are needed .* the last 99.9 % are held out"):
+        training_rows(table, stream, labelled=set(), holdout=0.999, warmup=16)
 
 
 def test_out_that_cannot_be_written_fails_before_training(tmp_path: Path) -> None:

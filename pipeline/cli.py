@@ -227,7 +227,9 @@ def produce(
     anomalous: Annotated[int, typer.Option(min=0, help="entities with injected anomalies")] = 1,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
 ) -> None:
-    """Produce simulated events (with injected anomalies) to the stream's topic."""
+    """Produce simulated events of a bundled stream (its layout, the 8 SKAB channels for sensors, with
+    injected anomalies) to PIPELINE_TRANSACTIONS_TOPIC or PIPELINE_SENSORS_TOPIC. A stream file's own
+    streams are not simulated."""
     from pipeline.kafka.client import ensure_topics, make_producer, produce_json
     from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels
 
@@ -235,6 +237,11 @@ def produce(
     boot = bootstrap or s.kafka_bootstrap
     if not boot:
         raise typer.BadParameter("set --bootstrap or KAFKA_BOOTSTRAP")
+    if s.streams_file is not None:
+        typer.echo(
+            f"note: produce writes the bundled {stream} layout; the streams of {s.streams_file} are not simulated",
+            err=True,
+        )
     if stream == "transactions":
         recs, inj = simulate_transactions(entities, events_per_entity, seed=seed, burst_customers=anomalous)
         topic, key = s.transactions_topic, "customer_id"

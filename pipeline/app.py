@@ -240,11 +240,9 @@ def build_service(settings: Settings, bootstrap: str, *, train_if_missing: bool 
         models = model_watcher(settings, served, db)
         challengers = challenger_scorers(settings, served, db)
     labels = label_topics(settings, scorers)
-    if settings.dlq_topic in {*scorers, *labels}:  # a stream file's topics (the bundled ones: Settings checks)
-        raise ConfigError(
-            f"PIPELINE_DLQ_TOPIC {settings.dlq_topic!r} is a topic the service reads: each dead letter would be "
-            "read back, fail again and be dead-lettered again"
-        )
+    clash = settings.read_topic_clash([*scorers, *labels])
+    if clash is not None:
+        raise ConfigError(clash)
     ensure_topics(bootstrap, [*scorers, settings.dlq_topic, settings.alerts_topic, *labels], settings.topic_partitions)
     source = KafkaSource(
         bootstrap,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -165,6 +166,20 @@ class Settings(BaseSettings):
                 "would be read back, fail again and be dead-lettered again"
             )
         return self
+
+    def read_topic_clash(self, topics: Iterable[str]) -> str | None:
+        """Why a stream file's input topics cannot be served with these settings (None: they can): the
+        dead-letter topic would loop, the alerts topic holds alerts, not readings (the bundled topics are
+        checked above)."""
+        for topic in topics:
+            if topic == self.dlq_topic:
+                return (
+                    f"topic {topic!r} is PIPELINE_DLQ_TOPIC: each dead letter would be read back, fail again and be "
+                    "dead-lettered again"
+                )
+            if topic == self.alerts_topic:
+                return f"topic {topic!r} is PIPELINE_ALERTS_TOPIC: the service writes its alerts there"
+        return None
 
 
 def settings_error(exc: ValidationError) -> str:

@@ -34,10 +34,17 @@ def check(
     ] = None,
 ) -> None:
     """Validate a stream file: one line per stream (exit 0), or the first error naming its key (exit 2)."""
+    from pipeline.cli import _settings
+
     try:
         streams = load_streams(file or streams_file_from_env())
     except StreamsFileError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    for stream in streams.streams:  # what `pipeline run` would refuse at start with these settings
+        clash = _settings().read_topic_clash([stream.topic])
+        if clash is not None:
+            typer.echo(f"error: stream {stream.name!r}: {clash}", err=True)
+            raise typer.Exit(2)
     for stream in streams.streams:
         typer.echo(summary(stream))

@@ -127,8 +127,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+def _trimmed(value: str) -> str:
+    if value != value.strip():
+        raise ValueError(f"must not begin or end with a space (got {value!r}): a reading's key would have to match it")
+    return value
+
+
 class Channel(_Strict):
-    name: ChannelName
+    name: Annotated[ChannelName, AfterValidator(_trimmed)]
     role: Role = "scored"  # context channels are decoded, kept and read by the model, but never scored
     unit: str | None = None
     min: FiniteFloat | None = None  # range hints (sanity checks, drift), not enforced on events
@@ -180,9 +186,12 @@ class Stream(_Strict):
                     f"{key} {text!r} is the bundled {_other_kind(self.kind)} model; this stream is {self.kind}"
                 )
         names = [c.name for c in self.channels]
-        dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        folded = [n.casefold() for n in names]  # 'flow' and 'FLOW': two channels no person tells apart
+        dup = next((i for i, n in enumerate(folded) if n in folded[:i]), None)
         if dup is not None:
-            raise ValueError(f"channel {dup!r} is declared twice")
+            first = names[folded.index(folded[dup])]
+            same = "twice" if first == names[dup] else f"twice ({first!r} and {names[dup]!r} differ only in case)"
+            raise ValueError(f"channel {names[dup]!r} is declared {same}")
         if self.entity_key == self.time_field:
             raise ValueError(f"entity_key and time_field are both {self.entity_key!r}")
         clash = {self.entity_key, self.time_field}.intersection(names)

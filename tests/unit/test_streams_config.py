@@ -168,6 +168,17 @@ BAD_FILES = [
         "streams[0]: channel 'vibration_rms' is declared twice",
         id="duplicate channel",
     ),
+    pytest.param(  # found by probing: 'flow' and 'FLOW' were two channels
+        _variant('name = "bearing_temp"', 'name = "Vibration_RMS"'),
+        "streams[0]: channel 'Vibration_RMS' is declared twice ('vibration_rms' and 'Vibration_RMS' differ only "
+        "in case)",
+        id="channel twice in another case",
+    ),
+    pytest.param(  # and ' flow' next to 'flow' was accepted
+        _variant('name = "bearing_temp"', 'name = " vibration_rms"'),
+        "streams[0].channels[1].name: must not begin or end with a space (got ' vibration_rms')",
+        id="channel with a leading space",
+    ),
     pytest.param(
         _variant('role = "context"', 'role = "context"\nmin = 5.0\nmax = 1.0'),
         "streams[0].channels[1]: min must be below max (got min=5.0, max=1.0)",
@@ -313,3 +324,20 @@ def test_streams_check_bad_file_exits_2_with_one_line(tmp_path: Path) -> None:
     assert done.stderr.splitlines() == [
         f"error: {path}: streams[0].channels[1].role: must be one of scored, context (got 'score')"
     ]
+
+
+@pytest.mark.parametrize("topic, env, words", [
+    ("dead-letter", {}, "topic 'dead-letter' is PIPELINE_DLQ_TOPIC: each dead letter would be read back"),
+    ("plant.dlq", {"PIPELINE_DLQ_TOPIC": "plant.dlq"}, "topic 'plant.dlq' is PIPELINE_DLQ_TOPIC"),
+    ("alerts", {}, "topic 'alerts' is PIPELINE_ALERTS_TOPIC: the service writes its alerts there"),
+])  # fmt: skip
+def test_streams_check_refuses_a_topic_the_service_writes(
+    tmp_path: Path, topic: str, env: dict[str, str], words: str
+) -> None:
+    """`streams check` passed a stream on the dead-letter topic, which `pipeline run` then refused at start."""
+    path = tmp_path / "plant.toml"
+    path.write_text(_variant('topic = "plant.pumps"', f'topic = "{topic}"'))
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["streams", "check", str(path)], env=env)
+    assert result.exit_code == 2 and f"error: stream 'pumps': {words}" in result.output

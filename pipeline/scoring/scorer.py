@@ -54,7 +54,7 @@ class ScoreBatch:
     thresholds: np.ndarray  # (N,)
     is_anomaly: np.ndarray  # (N,) bool
     contributions: np.ndarray  # (N, F)
-    observed: np.ndarray  # (N, F) raw features
+    observed: np.ndarray  # (N, F) raw features, as sent (unclipped)
     reconstructed: np.ndarray  # (N, F) reconstruction in raw units
     raw_scores: np.ndarray  # (N,) the model's score of this event alone
     late: np.ndarray | None = None  # see Prepared; None = no lateness policy or no late event
@@ -162,7 +162,8 @@ class StreamScorer:
         late = rejected = None
         for idx in order:
             s = slots[idx]
-            feats = np.clip(self.spec.finish(cols.base[idx], cols.ts[idx], store.last_ts[s]), -RAW_CLIP, RAW_CLIP)
+            round_idx, finished = idx, self.spec.finish(cols.base[idx], cols.ts[idx], store.last_ts[s])
+            feats = np.clip(finished, -RAW_CLIP, RAW_CLIP)
             if lateness is not None:
                 behind = store.last_ts[s] - cols.ts[idx]  # NaN (never late) for an entity's first event
                 back = behind > 0.0
@@ -188,6 +189,7 @@ class StreamScorer:
             raw[idx], mean[idx], std[idx], count[idx] = feats, m, sd, store.count[s]
             if learn:
                 store.update_feature_stats(s, feats)
+            raw[round_idx] = finished  # an alert shows the reading as sent, not as clipped for the model
         return Prepared(slots, windows, raw, mean, std, count, order, late, rejected)
 
     def _late(

@@ -161,6 +161,7 @@ def test_no_nan_on_extreme_inputs(model: tuple[SensorStream, ForecastCheckpoint]
     cols = EventColumns(["d1", "d1", "d1", "d2", "d3"], np.array([1.0, 2.0, 3.0, 1.0, 1.0]), base)
     res = scorer.process(cols)
     assert np.isfinite(res.scores).all() and np.isfinite(res.thresholds).all()
+    assert np.array_equal(res.observed, base)  # the alert shows what was sent (it showed 1e30, the model's clip)
     assert np.isfinite(res.reconstructed).all()
     assert res.is_anomaly[1:3].all()  # absurd values are anomalies, not NaN
     assert np.isfinite(scorer.store.rnn_h).all() and np.isfinite(scorer.store.rnn_c).all()

@@ -130,6 +130,7 @@ def test_no_nan_on_extreme_inputs(sensor_model: tuple[SensorStream, Checkpoint])
     cols = EventColumns(["d1", "d1", "d2", "d3"], np.array([1.0, 2.0, 1.0, 1.0]), base)
     res = scorer.process(cols)
     assert np.isfinite(res.scores).all() and np.isfinite(res.thresholds).all()
+    assert np.array_equal(res.observed, base)  # the alert shows what was sent (it showed 1e30, the model's clip)
     assert res.is_anomaly[:2].all()  # absurd values are anomalies, not NaN
 
 

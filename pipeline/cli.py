@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.config import Settings, settings_error
+from pipeline.config import Settings, settings_error, unknown_variables
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.logs import configure
 
@@ -42,6 +43,8 @@ def _settings(**overrides: Any) -> Settings:
         if v is not None:
             setattr(s, k, v)
     configure(s.log_level, s.log_json)
+    for name in unknown_variables(os.environ):
+        log.warning("%s is not a setting; it is ignored", name)
     return s
 
 

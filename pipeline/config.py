@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+import difflib
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BeforeValidator, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BeforeValidator,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.scoring.knobs import ThresholdKnobs
@@ -25,6 +36,17 @@ SENSOR_CHANNELS = (
 
 # Kafka's own rule for a topic name (the client refuses others only when the service subscribes)
 TopicName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
+
+
+def check_run_id(value: str) -> str:
+    """A run id keys every table (VARCHAR(64)): a longer one failed every checkpoint on PostgreSQL, retried
+    forever; an empty one or one with spaces cannot be typed back on a command line."""
+    if not re.fullmatch(r"\S{1,64}", value):
+        raise ValueError("a run id is 1-64 characters without spaces")
+    return value
+
+
+RunId = Annotated[str, AfterValidator(check_run_id)]
 
 
 class AlertSettings(BaseSettings):
@@ -51,6 +73,7 @@ class Settings(BaseSettings):
 
     kafka_bootstrap: str | None = Field(
         None,
+        min_length=1,  # set but empty started the embedded broker, which reads nothing of the real one's
         validation_alias=AliasChoices("KAFKA_BOOTSTRAP", "PIPELINE_KAFKA_BOOTSTRAP"),
         description="host:port of a Kafka broker; unset = start the embedded Tansu broker",
     )
@@ -69,8 +92,8 @@ class Settings(BaseSettings):
         "read when the transactions model uses terminal_fraud_risk",
     )
     topic_partitions: int = Field(4, ge=1)
-    group_id: str = Field("anomaly-pipeline", min_length=1)
-    run_id: str = Field("live", description="namespace of state, offsets and alerts; replays use their own")
+    group_id: str = Field("anomaly-pipeline", pattern=r"^\S{1,255}$")
+    run_id: RunId = Field("live", description="namespace of state, offsets and alerts; replays use their own")
     streams_file: Path | None = Field(
         None,
         description="the stream file to serve (pipeline/streams/default.toml shows the keys): its streams, "
@@ -90,10 +113,10 @@ class Settings(BaseSettings):
         "quantization (CPU), bf16 = autocast where the CPU has native bf16 (else fp32); CUDA: autocast",
     )
     torch_threads: int = Field(1, ge=0, description="intra-op threads for CPU scoring; 0 = torch default (all cores)")
-    max_batch_records: int = Field(5000, ge=1)
+    max_batch_records: int = Field(5000, ge=1, le=1_000_000)
     poll_timeout_ms: int = Field(50, ge=0)
-    fetch_max_wait_ms: int = Field(
-        20, ge=0, description="longest the broker may hold a fetch (latency vs idle requests)"
+    fetch_max_wait_ms: int = Field(  # (kafka-python wants it below its 30 s request timeout)
+        20, ge=0, le=10_000, description="longest the broker may hold a fetch (latency vs idle requests)"
     )
     commit_interval_ms: int = Field(200, ge=1)
     snapshot_interval_s: float = Field(10.0, gt=0.0, allow_inf_nan=False)
@@ -158,7 +181,14 @@ class Settings(BaseSettings):
                 f"PIPELINE_HEARTBEAT_INTERVAL_MS ({self.heartbeat_interval_ms}) must be below "
                 f"PIPELINE_SESSION_TIMEOUT_MS ({self.session_timeout_ms})"
             )
-        inputs = {self.transactions_topic, self.sensors_topic, self.labels_topic}
+        if len(set(self.sensor_channels)) < len(self.sensor_channels):
+            raise ValueError(f"PIPELINE_SENSOR_CHANNELS names a channel twice: {self.sensor_channels}")
+        named = {"TRANSACTIONS": self.transactions_topic, "SENSORS": self.sensors_topic, "LABELS": self.labels_topic}
+        for i, (a, topic) in enumerate(named.items()):
+            for b, other in list(named.items())[i + 1 :]:
+                if topic == other:  # one of the two streams silently won the topic
+                    raise ValueError(f"PIPELINE_{a}_TOPIC and PIPELINE_{b}_TOPIC are both {topic!r}: give each its own")
+        inputs = set(named.values())
         if self.dlq_topic in inputs or self.dlq_topic == self.alerts_topic:
             # each dead letter would be read back, fail again and be dead-lettered again, forever
             raise ValueError(
@@ -182,6 +212,19 @@ class Settings(BaseSettings):
         return None
 
 
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """PIPELINE_* variables that name no setting (a typo is otherwise ignored without a word), each with the
+    closest setting when there is one."""
+    known = {f"PIPELINE_{name.upper()}" for name in Settings.model_fields}
+    known |= {f"PIPELINE_THRESHOLD_{f.name.upper()}" for f in dataclasses.fields(ThresholdKnobs)}
+    known |= {f"PIPELINE_ALERTS_{name.upper()}" for name in AlertSettings.model_fields}
+    out = []
+    for name in sorted(n for n in environ if n.startswith("PIPELINE_") and n not in known):
+        close = difflib.get_close_matches(name.removeprefix("PIPELINE_"), [k[9:] for k in sorted(known)], n=1)
+        out.append(f"{name} (did you mean PIPELINE_{close[0]}?)" if close else name)
+    return out
+
+
 def settings_error(exc: ValidationError) -> str:
     """A configuration error as one line naming the environment variable (PIPELINE_THRESHOLD_Z: ...)."""
     prefix = "PIPELINE_ALERTS_" if exc.title == AlertSettings.__name__ else "PIPELINE_"
@@ -191,4 +234,6 @@ def settings_error(exc: ValidationError) -> str:
     if not loc:  # a check across settings: its message names them
         return message
     shown = "" if isinstance(first.get("input"), dict) else f" (got {first['input']!r})"
+    if loc[0].isupper():  # read under an alias: KAFKA_BOOTSTRAP, DATABASE_URL (or their PIPELINE_ names)
+        return f"{loc[0]}: {message}{shown}"
     return f"{prefix}{'_'.join(loc).upper()}: {message}{shown}"

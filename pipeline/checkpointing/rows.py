@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 MAX_ROW_ID = 2**63 - 1  # BIGINT: larger ids (and limits) cannot exist, and SQLite cannot even bind them
+REPLAY_GROUP = "replay"  # the group of a replay's positions: a run id is either a service's or a replay's
 
 
 @dataclass

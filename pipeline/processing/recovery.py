@@ -30,7 +30,17 @@ class Recovery:
             committed, snap = saved.get(tp, (None, None))
             st.epoch = epochs.get(tp, 0)
             if committed is None:
-                committed = self.source.committed(tp)
+                # nothing durable in *this* database: score everything. The group's Kafka offset is not a
+                # durable output (a new database, or a new run id): trusting it suppressed every alert below it
+                kafka = self.source.committed(tp)
+                if kafka:
+                    log.warning(
+                        "%s[%d]: no position of this run in the database; scoring from the start (the consumer "
+                        "group's offset %d is not a durable output here)",
+                        tp[0],
+                        tp[1],
+                        kafka,
+                    )
             # no snapshot yet: rebuild state from the start, even if outputs were committed
             start = snap if snap is not None else 0
             if snap is not None or committed is not None:

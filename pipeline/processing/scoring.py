@@ -184,8 +184,11 @@ class ScoreStage:
         warm = warm_events(scorer, res)
         self.checkpointer.add_samples(self.sampler.rows(scorer, good_recs, ts, res, warm))
         self.drift.observe(scorer, res, warm)
-        self.stats.alerts += len(built)
-        self.stats.alerts_by_stream[spec.name] += len(built)
+        # counted once: a replayed record's alert is durable already (the checkpoint does not write it again)
+        floor = self.partitions.replay_floor
+        fresh = sum(1 for a in built if a.source_offset >= floor((a.source_topic, a.source_partition)))
+        self.stats.alerts += fresh
+        self.stats.alerts_by_stream[spec.name] += fresh
 
     def _lifecycle(
         self, topic: str, stream: str, recs: Sequence[RawRecord], parts: np.ndarray, ts: np.ndarray, res: ScoreBatch

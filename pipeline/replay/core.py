@@ -26,7 +26,8 @@ from typing import Any
 from models.lstm_ae import Checkpoint, bundled_checkpoint_path
 from models.lstm_forecast import ForecastCheckpoint, load_model
 from pipeline.app import ensure_models, options_from, stream_scorer
-from pipeline.config import Settings
+from pipeline.checkpointing.rows import REPLAY_GROUP
+from pipeline.config import Settings, check_run_id
 from pipeline.errors import ConfigError
 from pipeline.features.streams import TransactionStream
 from pipeline.kafka.replay_source import ReplaySource, SeekMode
@@ -41,7 +42,6 @@ from pipeline.streams import serving
 from pipeline.streams.config import load_streams, parse_model_ref
 
 log = logging.getLogger(__name__)
-REPLAY_GROUP = "replay"
 
 
 def parse_time(value: str) -> int:
@@ -254,11 +254,21 @@ def run_replay(
     run_id = run_id or default_run_id()
     if run_id == settings.run_id:
         raise ConfigError(f"run id {run_id!r} is the live run's namespace; pick another")
+    try:
+        check_run_id(run_id)
+    except ValueError as exc:
+        raise ConfigError(f"--run-id {run_id!r}: {exc}") from None
     own_db = db is None
     database = db or Database(settings.database_url)
     if own_db:
         database.create_schema()
     try:
+        services = SqlCheckpointStore(database).position_groups(run_id) - {REPLAY_GROUP}
+        if services:  # another shell's PIPELINE_RUN_ID: its entity state would be overwritten
+            raise ConfigError(
+                f"run id {run_id!r} is a service's run (consumer group {sorted(services)[0]!r}): a replay into it "
+                "would overwrite its entity state; pick another --run-id"
+            )
         scorers = scorers_for(settings, topics, stream, model, database)
         # a transactions model that reads label feedback replays the labels topic's same range alongside
         fed = [t for t, sc in scorers.items() if isinstance(sc.spec, TransactionStream) and sc.spec.label_feedback]

@@ -124,6 +124,15 @@ class SqlCheckpointStore:
             ).first()
         return None if row is None else (row.entity_id, bytes(row.state))
 
+    def position_groups(self, run_id: str) -> set[str]:
+        """The consumer groups that hold durable positions of a run (its entity state is the run's, whichever
+        group wrote it: a run belongs to one group, which the service and replay check at start)."""
+        with self.db.reading("look up a run's consumer groups") as conn:
+            rows = conn.execute(
+                select(partition_checkpoints.c.group_id).where(partition_checkpoints.c.run_id == run_id).distinct()
+            )
+            return {r.group_id for r in rows}
+
     def load_offsets(self, run_id: str, group_id: str) -> dict[tuple[str, int], tuple[int, int | None]]:
         """{(topic, partition): (committed_offset, snapshot_offset)}"""
         with self.db.reading("load partition checkpoints") as conn:

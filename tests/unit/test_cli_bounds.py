@@ -84,6 +84,16 @@ def test_alerts_tail_without_a_broker_says_so_within_seconds() -> None:
         ({"PIPELINE_HEARTBEAT_INTERVAL_MS": "7000"}, "PIPELINE_HEARTBEAT_INTERVAL_MS (7000) must be below"),
         ({"PIPELINE_DLQ_TOPIC": "sensor-readings"}, "PIPELINE_DLQ_TOPIC 'sensor-readings' is also an input topic"),
         ({"PIPELINE_SENSOR_CHANNELS": "notjson"}, 'error parsing value for field "sensor_channels"'),
+        # found by probing the service under faults (2026-12-01, second probe): tracebacks once records came
+        # (islice), at start (kafka-python's request timeout), a run that wedged on PostgreSQL's VARCHAR(64),
+        # an embedded broker started for an empty KAFKA_BOOTSTRAP, and one stream silently winning a topic
+        ({"PIPELINE_MAX_BATCH_RECORDS": "99999999999999999999"}, "PIPELINE_MAX_BATCH_RECORDS: Input should be less"),
+        ({"PIPELINE_FETCH_MAX_WAIT_MS": "30000"}, "PIPELINE_FETCH_MAX_WAIT_MS: Input should be less than or equal"),
+        ({"PIPELINE_RUN_ID": "r" * 80}, "PIPELINE_RUN_ID: a run id is 1-64 characters without spaces"),
+        ({"PIPELINE_GROUP_ID": ""}, "PIPELINE_GROUP_ID: String should match pattern"),
+        ({"KAFKA_BOOTSTRAP": ""}, "KAFKA_BOOTSTRAP: String should have at least 1 character (got '')"),
+        ({"PIPELINE_SENSORS_TOPIC": "transactions"}, "PIPELINE_TRANSACTIONS_TOPIC and PIPELINE_SENSORS_TOPIC are both"),
+        ({"PIPELINE_SENSOR_CHANNELS": '["a", "a"]'}, "PIPELINE_SENSOR_CHANNELS names a channel twice"),
     ],
 )
 def test_a_bad_setting_stops_the_command_with_one_line_naming_it(env: dict[str, str], message: str) -> None:
@@ -121,3 +131,22 @@ def test_the_demo_never_deletes_a_database_it_did_not_create(tmp_path: Path) -> 
     done = run_cli("demo", "--database-url", f"sqlite:///{precious}")
     assert done.returncode == 2 and f"--database-url {precious}: exists" in done.stdout + done.stderr
     assert precious.read_bytes() == b"a production database"
+
+
+def test_a_pipeline_variable_that_names_no_setting_is_named_with_the_closest_one() -> None:
+    """A typo (PIPELINE_MAX_BATCH_RECORD) was ignored without a word; `_settings` logs each of these."""
+    from pipeline.config import unknown_variables
+
+    env = {
+        "PIPELINE_MAX_BATCH_RECORD": "10",
+        "PIPELINE_THRESHOLD_Z": "3",
+        "PIPELINE_ALERTS_RESOLVE_AFTER": "2",
+        "PIPELINE_ALERTS_TOPIC": "a",
+        "PIPELINE_QWERTY": "1",
+        "KAFKA_BOOTSTRAP": "b:9092",
+        "HOME": "/root",
+    }
+    assert unknown_variables(env) == [
+        "PIPELINE_MAX_BATCH_RECORD (did you mean PIPELINE_MAX_BATCH_RECORDS?)",
+        "PIPELINE_QWERTY",
+    ]

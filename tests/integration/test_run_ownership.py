@@ -17,7 +17,8 @@ from tests.sql_helpers import SqlTestStore
 from tests.stream_helpers import Runner, alert_set, make_processor, produce_sensors, sensor_records, settings_for
 
 
-def _run_to_the_end(settings: Any, bootstrap: str, db: SqlTestStore, run_id: str) -> None:
+def _run_to_the_end(settings: Any, bootstrap: str, db: SqlTestStore, run_id: str) -> int:
+    """-> the alerts the run's summary counts."""
     proc, source, dlq = make_processor(settings, bootstrap, db, run_id=run_id, commit_interval_ms=50)
     runner = Runner(proc, idle_exit_s=3.0).start()
     try:
@@ -25,6 +26,7 @@ def _run_to_the_end(settings: Any, bootstrap: str, db: SqlTestStore, run_id: str
     finally:
         source.close()
         dlq.close()
+    return proc.stats.alerts
 
 
 def test_a_new_run_id_in_the_same_group_scores_and_writes_everything(
@@ -38,8 +40,8 @@ def test_a_new_run_id_in_the_same_group_scores_and_writes_everything(
     first = alert_set(pg_store, "first")
     assert first, "the stream has injected anomalies"
     caplog.set_level(logging.WARNING, logger="pipeline.processing.recovery")
-    _run_to_the_end(s, kafka_bootstrap, pg_store, "second")  # same group: its Kafka offsets are at the end
-    assert alert_set(pg_store, "second") == first
+    counted = _run_to_the_end(s, kafka_bootstrap, pg_store, "second")  # same group: Kafka offsets at the end
+    assert alert_set(pg_store, "second") == first and counted == len(first)  # the summary said so with 0 written
     assert "no position of this run in the database; scoring from the start" in caplog.text
 
 

@@ -129,6 +129,8 @@ def run(
             stats.dead_letters,
             stats.duplicates,
         )
+        if not stats.final_checkpoint:  # a supervisor tells this apart from a clean stop
+            raise typer.Exit(3)
 
 
 @app.command()

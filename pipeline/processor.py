@@ -330,10 +330,11 @@ class Processor:
             self._loop(stop, idle_exit_s=idle_exit_s, max_events=max_events)
         except ProcessorStopped as exc:  # mid-batch: nothing of it is committed, a restart replays it
             log.warning("%s; exiting without a final checkpoint", exc)
+            self.stats.final_checkpoint = False
             return self.stats
         finally:
             self.shadow.close()
-        self.final_checkpoint()
+        self.stats.final_checkpoint = self.final_checkpoint()
         return self.stats
 
     def _loop(self, stop: threading.Event, *, idle_exit_s: float | None, max_events: int | None) -> None:

@@ -19,6 +19,9 @@ class ProcessorStats:
     alerts: int = 0
     alerts_by_stream: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     checkpoints: int = 0
+    # False when the run ended without its final checkpoint (database down): nothing is lost, the records
+    # after the last durable position replay on restart, but a supervisor should know (`pipeline run` exits 3)
+    final_checkpoint: bool = True
     started: float = field(default_factory=time.monotonic)
 
     @property

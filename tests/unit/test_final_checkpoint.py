@@ -1,0 +1,42 @@
+"""A run that cannot write its final checkpoint (database down at shutdown) says so: `pipeline run` exited 0,
+which a supervisor could not tell from a clean stop (found by probing, 2026-12-01). In-memory Source, real
+SQLite store that fails its checkpoints, the bundled sensors model."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from pipeline.app import build_scorers, ensure_models
+from pipeline.config import Settings
+from pipeline.errors import SinkError
+from pipeline.processor import Processor, ProcessorOptions
+from pipeline.records import RawRecord
+from pipeline.simulate import simulate_sensors, strip_labels
+from tests.sql_helpers import SqlTestStore
+from tests.unit.test_label_alignment import ListDeadLetters, MemoryLog
+
+
+class DatabaseDown(SqlTestStore):
+    def write_checkpoint(self, *args: Any, **kwargs: Any) -> int:
+        raise SinkError("connection refused")
+
+
+def test_a_run_without_its_final_checkpoint_reports_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(device="cpu", sensors_topic="s")
+    scorers = build_scorers(settings, {"sensors": ensure_models(settings)["sensors"]})
+    recs = strip_labels(simulate_sensors(2, 5, seed=1)[0])
+    raws = [RawRecord("s", 0, i, r["device_id"].encode(), orjson.dumps(r), 0) for i, r in enumerate(recs)]
+    monkeypatch.setattr("pipeline.processor.time.sleep", lambda _s: None)  # the final checkpoint's backoff
+    for store, durable in ((SqlTestStore, True), (DatabaseDown, False)):
+        db = store(f"sqlite:///{tmp_path / store.__name__}.db")
+        db.create_schema()
+        opts = ProcessorOptions(max_batch_records=100, commit_interval_ms=10**9)
+        proc = Processor(MemoryLog({("s", 0): len(raws)}, [list(raws)]), db, ListDeadLetters(), scorers, opts)
+        stats = proc.run(threading.Event(), max_events=len(raws))
+        assert stats.scored == len(raws) and stats.final_checkpoint is durable
+        db.dispose()

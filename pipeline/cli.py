@@ -272,7 +272,10 @@ def broker(port: Annotated[int, typer.Option(min=1, max=65535)] = 9092) -> None:
     with TansuBroker(port=port) as b:
         out.print(f"Tansu broker listening on {b.bootstrap}; Ctrl-C to stop")
         while not stop.wait(1.0):
-            pass
+            code = b.exit_code()
+            if code is not None:  # it kept running with the port closed, without a word
+                log.error("the Tansu broker process exited (code %d); stopping", code)
+                raise typer.Exit(1)
 
 
 @app.command()

@@ -93,6 +93,10 @@ class TansuBroker:
         log.info("embedded Tansu broker on %s (storage %s)", self.bootstrap, self.storage)
         return self
 
+    def exit_code(self) -> int | None:
+        """The broker process's exit code once it has exited (None while it runs, or before start)."""
+        return None if self.proc is None else self.proc.poll()
+
     def stop(self, kill: bool = False) -> None:
         if self.proc is None:
             return

@@ -1,0 +1,41 @@
+"""`pipeline broker` stops when its Tansu process dies: it kept running with the port closed, without a word
+(found by probing, 2026-12-01). The real command and the real broker binary."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.kafka.broker import free_port, wait_for_port
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_the_broker_command_exits_when_its_broker_process_dies() -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "broker", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_port("127.0.0.1", port, 30)
+        assert "Tansu broker listening" in proc.stdout.readline()  # type: ignore[union-attr]  # started
+        (tansu,) = _children(proc.pid)
+        os.kill(tansu, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.returncode == 1
+        assert "the Tansu broker process exited" in proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)  # and closes the pipes

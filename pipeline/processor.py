@@ -291,7 +291,9 @@ class Processor:
                 return True
             except CheckpointError as exc:
                 self.db_retry.failed()
-                log.warning("checkpoint failed, offsets NOT committed; retrying in %.1fs: %s", delay, exc)
+                log.warning(  # the first line: the driver's message (the statement follows it)
+                    "checkpoint failed, offsets NOT committed; retrying in %.1fs: %s", delay, str(exc).splitlines()[0]
+                )
                 if stop is not None and stop.wait(delay):
                     return False
                 if stop is None:
@@ -387,7 +389,7 @@ class Processor:
                 self.checkpointer.checkpoint(snapshot=True)
                 return True
             except CheckpointError as exc:
-                log.warning("final checkpoint failed (%d/%d): %s", attempt + 1, attempts, exc)
+                log.warning("final checkpoint failed (%d/%d): %s", attempt + 1, attempts, str(exc).splitlines()[0])
                 time.sleep(min(2.0**attempt * 0.2, 5.0))
         log.error("shutting down without a final checkpoint; uncommitted records will be replayed on restart")
         return False

@@ -30,7 +30,8 @@ class Database:
                     "check --database-url / DATABASE_URL"
                 )
             path.parent.mkdir(parents=True, exist_ok=True)
-        kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        # hide_parameters: an error names the statement, never the row's values (entity ids, amounts) in logs
+        kwargs: dict[str, Any] = {"echo": echo, "future": True, "hide_parameters": True}
         if url.startswith("postgresql"):
             kwargs.update(pool_pre_ping=True, pool_size=4, max_overflow=4)
         try:

@@ -23,10 +23,12 @@ from tests.unit.test_label_alignment import ListDeadLetters, MemoryLog
 
 class DatabaseDown(SqlTestStore):
     def write_checkpoint(self, *args: Any, **kwargs: Any) -> int:
-        raise SinkError("connection refused")
+        raise SinkError("connection refused\n[SQL: INSERT INTO alerts ...]\n[parameters: {'entity_id': 'C1'}]")
 
 
-def test_a_run_without_its_final_checkpoint_reports_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_without_its_final_checkpoint_reports_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     settings = Settings(device="cpu", sensors_topic="s")
     scorers = build_scorers(settings, {"sensors": ensure_models(settings)["sensors"]})
     recs = strip_labels(simulate_sensors(2, 5, seed=1)[0])
@@ -40,3 +42,6 @@ def test_a_run_without_its_final_checkpoint_reports_it(tmp_path: Path, monkeypat
         stats = proc.run(threading.Event(), max_events=len(raws))
         assert stats.scored == len(raws) and stats.final_checkpoint is durable
         db.dispose()
+    # each failure is one line (it logged the statement and its parameters, six lines every retry)
+    failed = [r.getMessage() for r in caplog.records if "final checkpoint failed" in r.getMessage()]
+    assert failed and all(m.endswith(": connection refused") for m in failed)

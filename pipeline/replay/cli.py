@@ -59,8 +59,8 @@ def replay(
                 where = db.engine.url.render_as_string(hide_password=True)
                 raise ConfigError(
                     f"--diff: no run {', '.join(map(repr, unknown))} in {where}: it wrote no "
-                    "checkpoint and no alert (`pipeline replay` prints the run id it writes; the live run's is "
-                    "PIPELINE_RUN_ID)"
+                    "checkpoint and no alert (a replay that read no event writes nothing; `pipeline replay` prints "
+                    "the run id it writes; the live run's is PIPELINE_RUN_ID)"
                 )
             result = diff_runs(queries, diff[0], diff[1])
         finally:
@@ -116,6 +116,8 @@ def replay(
         f"{res.duplicates} duplicates dropped, "
         f"{res.seconds:.1f}s ({res.events_per_s:,.0f} events/s); models {res.model_versions}"
     )
+    if res.events == 0 and not res.resumed:
+        out.print(f"nothing was read, so run {res.run_id} holds nothing (there is nothing to --diff against it)")
 
 
 def _print_diff(d: dict[str, Any], as_json: bool) -> None:

@@ -139,3 +139,23 @@ def test_a_payments_replay_resumes_past_the_partition_rows(
     assert rows, "the partition rows the check must skip are there"
     again = run_replay(s, kafka_bootstrap, [s.transactions_topic], run_id="pay-r", db=sqlite_store)
     assert again.resumed and again.scored == 0
+
+
+def test_a_replay_that_reads_nothing_says_its_run_holds_nothing(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """It printed a summary and exit 0, and the next `replay --diff` said "no run", which reads as a typo."""
+    from pipeline.kafka.client import ensure_topics
+
+    topic = f"{topic_prefix}-empty"
+    ensure_topics(kafka_bootstrap, [topic], 2)
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'r.db'}", "KAFKA_BOOTSTRAP": kafka_bootstrap}
+    cmd = [sys.executable, "-m", "pipeline", "replay"]
+    done = subprocess.run(
+        [*cmd, "--topic", topic, "--stream", "sensors", "--run-id", "empty"], env=env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "nothing was read, so run empty holds nothing" in done.stdout
+    done = subprocess.run([*cmd, "--diff", "empty", "empty"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "a replay that read no event writes nothing" in done.stdout + done.stderr

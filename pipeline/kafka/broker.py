@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from importlib.util import find_spec
 from pathlib import Path
@@ -78,6 +79,11 @@ class TansuBroker:
             "--storage-engine",
             self.storage,
         ]
+        # killed with its parent (on Linux, where util-linux's setpriv sets the parent-death signal): a kill -9
+        # of `pipeline run` or `pipeline broker` left the broker running, one more per crash
+        setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+        if setpriv is not None:
+            cmd = [setpriv, "--pdeathsig", "KILL", "--", *cmd]
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         with open(self.log_file or os.devnull, "ab") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(  # noqa: S603 - an argument list, no shell: our binary, our arguments

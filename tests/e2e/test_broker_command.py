@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from pipeline.kafka.broker import free_port, wait_for_port
 
@@ -39,3 +42,26 @@ def test_the_broker_command_exits_when_its_broker_process_dies() -> None:
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=10)  # and closes the pipes
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="util-linux's setpriv sets the parent-death signal")
+def test_a_broker_dies_with_the_command_that_started_it() -> None:
+    """A kill -9 of `pipeline broker` (or of `pipeline run` on the embedded broker) left Tansu running."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "broker", "--port", str(port)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for_port("127.0.0.1", port, 30)
+        assert "Tansu broker listening" in proc.stdout.readline()  # type: ignore[union-attr]
+        (tansu,) = _children(proc.pid)
+        proc.kill()
+        proc.communicate(timeout=10)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{tansu}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{tansu}").exists(), "the broker outlived its parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)

@@ -82,6 +82,7 @@ def test_the_services_own_metrics_endpoint_reads_open_incidents_from_the_databas
     mport = _free_port()
     log = tmp_path / "run.log"
     env = topic_env(topic_prefix, kafka_bootstrap, pg_store.url)
+    env["PIPELINE_GROUP_ID"] = "g"  # the seeded run's group: a run id belongs to one group
     proc = start_processor(env, "--metrics-port", str(mport), "--idle-exit", "120", log_path=log)
     try:
         url = f"http://127.0.0.1:{mport}/metrics"

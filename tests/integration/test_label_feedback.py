@@ -248,7 +248,7 @@ def test_service_refuses_a_labels_topic_with_another_partition_count(
         shutil.copy(bundled_checkpoint_path("sensors").with_suffix(suffix), tmp_path / f"sensors{suffix}")
     s = settings_for(topic_prefix, pg_url)
     s.models_dir, s.labels_topic = tmp_path, f"{topic_prefix}-labels"
-    s.alerts_topic = f"{topic_prefix}-alerts"
+    s.alerts_topic, s.run_id = f"{topic_prefix}-alerts", topic_prefix  # a run of its own (the schema is shared)
     ensure_topics(kafka_bootstrap, [s.labels_topic], PARTITIONS // 2)
     with pytest.raises(ConfigError, match="same partition count"):
         build_service(s, kafka_bootstrap, train_if_missing=False)

@@ -313,7 +313,7 @@ def demo(
     out.print(top)
     out.print(
         f"dead letters: {summary['dead_letters']} ({', '.join(summary['dlq_reasons'])}); "
-        f"database: {database_url}; {summary['seconds']:.1f}s"
+        f"database: {database_url}, run {s.run_id}; {summary['seconds']:.1f}s"
     )
 
 

@@ -47,6 +47,8 @@ def run_demo(
                 "it did not create (remove it, or pick a new path)"
             )
         path.unlink(missing_ok=True)
+    else:  # a server database may hold a real run: the demo writes under a run id of its own
+        settings.run_id = f"demo-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
     boot, broker = resolve_bootstrap(settings.kafka_bootstrap)
     if settings.kafka_bootstrap:
         # a shared broker: isolate the demo's topics and group
@@ -57,7 +59,10 @@ def run_demo(
         settings.alerts_topic += f"-{suffix}"
         settings.group_id += f"-{suffix}"
     try:
-        console.print(f"broker {boot} ({'embedded Tansu' if broker else 'external'}); database {settings.database_url}")
+        console.print(
+            f"broker {boot} ({'embedded Tansu' if broker else 'external'}); database {settings.database_url}, "
+            f"run id {settings.run_id}"
+        )
         ensure_topics(boot, all_topics(settings), settings.topic_partitions)
         tx, tx_inj = simulate_transactions(customers, 60, seed=7, burst_customers=3)
         sn, sn_inj = simulate_sensors(devices, 300, seed=8, spike_devices=1, drift_devices=1)

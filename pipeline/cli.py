@@ -350,9 +350,11 @@ EXTRA_OF_MODULE = {
 }
 
 
-def missing_extra(exc: ModuleNotFoundError) -> str | None:
-    """The one-line error for a command whose optional dependency is not installed (None: not an extra's)."""
-    extra = EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
+def missing_extra(exc: ModuleNotFoundError, command: str = "") -> str | None:
+    """The one-line error for a command whose optional dependency is not installed (None: not an extra's).
+    `train` reads its history with pandas and pyarrow: its own extra has both (the 'evaluate' one lacks pyarrow)."""
+    module = (exc.name or "").split(".")[0]
+    extra = "train" if command == "train" and module in ("pandas", "pyarrow") else EXTRA_OF_MODULE.get(module)
     if extra is None:
         return None
     return (
@@ -376,10 +378,10 @@ def main() -> None:
         console.print("[red]error:[/red]", escape(unparsed), soft_wrap=True)
         raise SystemExit(2) from None
     except ModuleNotFoundError as exc:
-        why = missing_extra(exc)
+        why = missing_extra(exc, sys.argv[1] if len(sys.argv) > 1 else "")
         if why is None:
             raise
-        console.print(f"[red]error:[/red] {why}")
+        console.print("[red]error:[/red]", escape(why), soft_wrap=True)  # escaped: "[api]" is not markup
         raise SystemExit(2) from None
 
 

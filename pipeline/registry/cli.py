@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
@@ -513,7 +514,9 @@ def _write_png(path: Path, scores: dict[str, list[float]]) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ModuleNotFoundError:
-        err.print("note: no PNG written: matplotlib is not installed (pip install 'streaming-anomaly-pipeline[plot]')")
+        err.print(
+            escape("note: no PNG written: matplotlib is not installed (pip install 'streaming-anomaly-pipeline[plot]')")
+        )
         return
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for version, values in scores.items():

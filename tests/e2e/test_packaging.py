@@ -205,6 +205,7 @@ def test_no_extras_install_has_the_run_path_and_none_of_the_extras(bare_venv: Pa
         ("api", ["api", "--database-url", f"sqlite:///{tmp_path}/a.db"]),
         ("evaluate", ["evaluate", "--format", "skab", "--data", str(tmp_path / "skab")]),
         ("bench", ["bench", "--events", "10"]),
+        ("train", ["train", "--stream", "sensors", "--data", str(tmp_path / "skab"), "--out", str(tmp_path / "m")]),
     ):
         proc = subprocess.run(
             [str(bare_venv / "bin" / "pipeline"), *args],
@@ -216,6 +217,8 @@ def test_no_extras_install_has_the_run_path_and_none_of_the_extras(bare_venv: Pa
         )
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert f"needs the '{extra}' extra" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        # the whole pip command: rich read "[api]" as markup and printed `pip install 'streaming-anomaly-pipeline'`
+        assert f"pip install 'streaming-anomaly-pipeline[{extra}]'" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_no_extras_install_runs_the_service(

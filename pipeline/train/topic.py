@@ -1,7 +1,8 @@
 """A stream's history from a Kafka topic: the replay reader's range, decoded with the stream's decoder.
 
 The range is by record timestamp, half-open [from, to), as `pipeline replay` reads it. Records that fail
-decoding (what the service dead-letters) are skipped and counted by reason in the model card.
+decoding or whose key is not their entity (what the service dead-letters) are skipped and counted by reason
+in the model card.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from pipeline.errors import BrokerError, DecodeError
 from pipeline.kafka.replay_source import ReplaySource
+from pipeline.processing.decode import validate
 from pipeline.records import TopicPartition
 from pipeline.streams.config import Stream
 from pipeline.streams.decode import StreamDecoder
@@ -51,7 +53,7 @@ def read_topic(
         while not all(source.caught_up(tp) for tp in assigned):
             for r in source.poll(200, 5000):
                 try:
-                    rec = decoder.decode(r.value)
+                    rec = validate(decoder.spec, r)  # the key too: a keyless record is dead-lettered by the service
                 except DecodeError as exc:
                     skipped[exc.reason] += 1
                     continue

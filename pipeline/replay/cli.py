@@ -46,8 +46,8 @@ def replay(
     """Replay a historical range of TOPIC into an isolated run id (or --diff RUN_A RUN_B)."""
     from pipeline.cli import _settings
     from pipeline.errors import ConfigError
-    from pipeline.replay.core import default_run_id, diff_runs, parse_range, run_replay
-    from pipeline.sinks import AlertQueries, Database
+    from pipeline.replay.core import default_run_id, diff_runs, parse_range, run_replay, shared_topics
+    from pipeline.sinks import AlertQueries, Database, SqlCheckpointStore
 
     s = _settings(database_url=database_url)
     if diff is not None:
@@ -62,7 +62,9 @@ def replay(
                     "checkpoint and no alert (a replay that read no event writes nothing; `pipeline replay` prints "
                     "the run id it writes; the live run's is PIPELINE_RUN_ID)"
                 )
-            result = diff_runs(queries, diff[0], diff[1])
+            topics, one_sided = shared_topics(SqlCheckpointStore(db), diff[0], diff[1])
+            result = diff_runs(queries, diff[0], diff[1], topics=topics)
+            result["topics_read_by_one_run"] = sorted(one_sided)
         finally:
             db.dispose()
         _print_diff(result, as_json)
@@ -124,6 +126,11 @@ def _print_diff(d: dict[str, Any], as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(d, default=str))
         return
+    if d.get("topics_read_by_one_run"):
+        out.print(
+            f"compared on the topics both runs read ({', '.join(d['topics'])}); left out, read by one run only: "
+            f"{', '.join(d['topics_read_by_one_run'])}"
+        )
     out.print(
         f"{d['run_a']} -> {d['run_b']}: {d['alerts_a']} -> {d['alerts_b']} alerts; "
         f"[green]+{d['added']} added[/green] ({d['entities_added']} entities), "

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -339,14 +339,31 @@ def check_resumable(store: SqlCheckpointStore, run_id: str, scorers: Mapping[str
 AlertKey = tuple[str, str, str, int, int]  # stream, entity, topic, partition, offset
 
 
+def shared_topics(store: SqlCheckpointStore, run_a: str, run_b: str) -> tuple[set[str] | None, set[str]]:
+    """The topics both runs read (None when a run has no positions to tell: compare everything) and those only
+    one of them read: a what-if replay of one topic would otherwise show the live run's other streams' alerts
+    as "removed"."""
+    read_a, read_b = store.run_topics(run_a), store.run_topics(run_b)
+    if not read_a or not read_b:
+        return None, set()
+    return read_a & read_b, read_a ^ read_b
+
+
 def alert_key(a: Mapping[str, Any]) -> AlertKey:
     return (a["stream"], a["entity_id"], a["source_topic"], int(a["source_partition"]), int(a["source_offset"]))
 
 
-def diff_runs(db: AlertQueries, run_a: str, run_b: str, *, show: int = 20) -> dict[str, Any]:
-    """Alerts added/removed from run A to run B, keyed by (stream, entity, source position)."""
-    a = {alert_key(r): r for r in db.list_alerts(run_id=run_a)}
-    b = {alert_key(r): r for r in db.list_alerts(run_id=run_b)}
+def diff_runs(
+    db: AlertQueries, run_a: str, run_b: str, *, show: int = 20, topics: Collection[str] | None = None
+) -> dict[str, Any]:
+    """Alerts added/removed from run A to run B, keyed by (stream, entity, source position). topics: compare only
+    alerts of these source topics (None: all)."""
+
+    def alerts_of(run: str) -> dict[AlertKey, dict[str, Any]]:
+        rows = db.list_alerts(run_id=run)
+        return {alert_key(r): r for r in rows if topics is None or r["source_topic"] in topics}
+
+    a, b = alerts_of(run_a), alerts_of(run_b)
     added, removed, common = sorted(b.keys() - a.keys()), sorted(a.keys() - b.keys()), a.keys() & b.keys()
     deltas = [b[k]["score"] - a[k]["score"] for k in common]
     by_stream: dict[str, dict[str, int]] = {}
@@ -371,6 +388,7 @@ def diff_runs(db: AlertQueries, run_a: str, run_b: str, *, show: int = 20) -> di
     return {
         "run_a": run_a,
         "run_b": run_b,
+        "topics": None if topics is None else sorted(topics),
         "alerts_a": len(a),
         "alerts_b": len(b),
         "added": len(added),

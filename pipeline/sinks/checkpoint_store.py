@@ -133,6 +133,14 @@ class SqlCheckpointStore:
             )
             return {r.group_id for r in rows}
 
+    def run_topics(self, run_id: str) -> set[str]:
+        """The topics a run holds positions of (what it read), whichever group read them."""
+        with self.db.reading("look up a run's topics") as conn:
+            rows = conn.execute(
+                select(partition_checkpoints.c.topic).where(partition_checkpoints.c.run_id == run_id).distinct()
+            )
+            return {r.topic for r in rows}
+
     def load_offsets(self, run_id: str, group_id: str) -> dict[tuple[str, int], tuple[int, int | None]]:
         """{(topic, partition): (committed_offset, snapshot_offset)}"""
         with self.db.reading("load partition checkpoints") as conn:

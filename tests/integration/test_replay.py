@@ -159,3 +159,34 @@ def test_a_replay_that_reads_nothing_says_its_run_holds_nothing(
     assert "nothing was read, so run empty holds nothing" in done.stdout
     done = subprocess.run([*cmd, "--diff", "empty", "empty"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "a replay that read no event writes nothing" in done.stdout + done.stderr
+
+
+def test_diff_compares_only_the_topics_both_runs_read(sqlite_store: SqlTestStore) -> None:
+    """docs/replay.md's what-if of one topic, diffed against the live run, showed the live run's other stream's
+    99 alerts as "removed" (found by probing, 2026-12-01)."""
+    from datetime import datetime, timezone
+
+    from pipeline.checkpointing.rows import AlertRow, OffsetRow
+
+    def alert(run: str, topic: str, offset: int) -> AlertRow:
+        return AlertRow(
+            alert_key=f"{run}|{topic}|0|{offset}|m", run_id=run, stream=topic, entity_id="E1",
+            event_time=datetime(2024, 1, 1, tzinfo=timezone.utc), score=9.0, threshold=1.0, severity="high",
+            model_version="m", top_features=[], source_topic=topic, source_partition=0, source_offset=offset,
+        )  # fmt: skip
+
+    sqlite_store.write_checkpoint(
+        "live", "g", [alert("live", "sensors", 5), alert("live", "tx", 7)], [],
+        [OffsetRow("sensors", 0, 10), OffsetRow("tx", 0, 10)],
+    )  # fmt: skip
+    sqlite_store.write_checkpoint(
+        "whatif", "replay", [alert("whatif", "sensors", 5)], [], [OffsetRow("sensors", 0, 10)]
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline", "replay", "--diff", "live", "whatif"],
+        env={**os.environ, "PIPELINE_DATABASE_URL": sqlite_store.url, "COLUMNS": "300"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "compared on the topics both runs read (sensors); left out, read by one run only: tx" in res.stdout
+    assert "live -> whatif: 1 -> 1 alerts; +0 added (0 entities), -0 removed (0 entities), 1 in both" in res.stdout

@@ -461,7 +461,7 @@ def _window_s(since: datetime | None, rows: dict[str, list[dict[str, Any]]], sco
     if not ends:
         return None
     seconds = (max(ends) - (start or min(ends))).total_seconds()
-    return seconds or None
+    return seconds if seconds > 0 else None  # all scored before --since: no window (it read "-0 per hour")
 
 
 def _comparison_json(c: comparison.Comparison) -> dict[str, Any]:

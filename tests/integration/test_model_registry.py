@@ -372,3 +372,6 @@ def test_cli_compare_counts_an_event_once_scopes_to_a_run_and_rates_over_event_t
     assert one_run["a"]["alerts"] == 3 and one_run["a"]["precision"] is None
     since = json.loads(_cli(url, "compare", v1, v2, "--since", "2026-05-01T00:00:00Z", "--json").stdout.splitlines()[0])
     assert since["a"]["alerts_per_hour"] == pytest.approx(4 / 1.5)  # 4 alerts over 90 minutes of event time
+    # --since after everything the versions scored: no window, no rate (it read -0 per hour)
+    after = _cli(url, "compare", v1, v2, "--since", "2030-01-01T00:00:00Z", "--json").stdout.splitlines()[0]
+    assert json.loads(after)["a"]["alerts_per_hour"] is None

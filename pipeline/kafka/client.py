@@ -99,7 +99,7 @@ def ensure_topics(
 
 
 def _existing_topics(bootstrap: str) -> set[str]:
-    probe = KafkaConsumer(bootstrap_servers=bootstrap)
+    probe = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)  # no group: no auto-commit warning
     try:
         return set(probe.topics())
     finally:

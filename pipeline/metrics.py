@@ -39,6 +39,7 @@ OUTBOX_PUBLISHED = Counter("pipeline_alerts_topic_published_total", "Outbox mess
 OUTBOX_FAILURES = Counter("pipeline_alerts_topic_failures_total", "Failed attempts to drain the alerts outbox")
 OPEN_INCIDENTS = Gauge("pipeline_open_incidents", "Open incidents in the alert database")
 OUTBOX_BACKLOG = Gauge("pipeline_alerts_outbox_unpublished", "Alerts-topic messages not yet published")
+DATABASE_GAUGES = ["pipeline_open_incidents", "pipeline_alerts_outbox_unpublished"]  # all a standalone API knows
 OFFSET_RESETS = Counter(
     "pipeline_offset_resets_total",
     "Stored positions found outside the broker's log (then PIPELINE_OFFSET_RESET applies)",

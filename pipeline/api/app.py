@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from pipeline import metrics
 from pipeline.checkpointing.rows import MAX_ROW_ID
@@ -88,12 +88,16 @@ def create_app(
         status = "ready" if ok and why is None else "database unavailable" if not ok else why
         return JSONResponse({"status": status, "database": ok}, status_code=200 if status == "ready" else 503)
 
+    # a standalone API (no processor in this process) has only the database's figures: the processor's own
+    # metrics would read as healthy zeros (lag 0, no partition stopped) that no alert rule can trust
+    exposed = REGISTRY if not_ready is not None else REGISTRY.restricted_registry(metrics.DATABASE_GAUGES)
+
     @app.get("/metrics")
     def prometheus() -> Response:
         incidents, backlog = metrics.lifecycle_values(lambda: queries.lifecycle_stats(run_id))
         metrics.OPEN_INCIDENTS.set(incidents)
         metrics.OUTBOX_BACKLOG.set(backlog)
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(exposed), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/alerts")
     def list_alerts(

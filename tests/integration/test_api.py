@@ -53,6 +53,12 @@ def test_health_ready_metrics_and_page(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
     body = client.get("/metrics").text
+    assert "pipeline_open_incidents 2.0" in body and "pipeline_alerts_outbox_unpublished" in body
+    # a standalone API serves the database's figures only: the processor's metrics would read as healthy zeros
+    for name in ("pipeline_events_total", "pipeline_consumer_lag", "pipeline_partitions_stopped"):
+        assert name not in body
+    # inside `pipeline run --api-port` (a processor in the process) it serves every metric
+    inside = TestClient(create_app(client.app.state.queries, not_ready=lambda: None)).get("/metrics").text  # type: ignore[attr-defined]
     for name in (
         "pipeline_events_total",
         "pipeline_consumer_lag",
@@ -62,7 +68,7 @@ def test_health_ready_metrics_and_page(client: TestClient) -> None:
         "pipeline_dead_letters_total",
         "pipeline_open_incidents 2.0",
     ):
-        assert name in body
+        assert name in inside
     page = client.get("/")
     assert page.status_code == 200 and 'id="incidents"' in page.text
     assert "plotScores" in client.get("/app.js").text

@@ -380,6 +380,12 @@ class Processor:
                 and self.source.lag() == 0
                 and not self.holding
             ):
+                if not self.partitions.states:  # "0 events" alone would read as "nothing to do"
+                    log.warning(
+                        "idle exit without a partition: another member of consumer group %r holds them all "
+                        "(PIPELINE_GROUP_ID), or the topics have none",
+                        self.opt.group_id,
+                    )
                 break
 
     def final_checkpoint(self, attempts: int = 5) -> bool:

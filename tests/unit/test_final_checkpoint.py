@@ -1,6 +1,6 @@
-"""A run that cannot write its final checkpoint (database down at shutdown) says so: `pipeline run` exited 0,
-which a supervisor could not tell from a clean stop (found by probing, 2026-12-01). In-memory Source, real
-SQLite store that fails its checkpoints, the bundled sensors model."""
+"""How a run ends is reported (found by probing, 2026-12-01): a run that cannot write its final checkpoint
+(database down at shutdown) exited 0, which a supervisor could not tell from a clean stop; an idle exit without
+a partition printed "0 events" alone. In-memory Source, real SQLite store, the bundled sensors model."""
 
 from __future__ import annotations
 
@@ -45,3 +45,19 @@ def test_a_run_without_its_final_checkpoint_reports_it(
     # each failure is one line (it logged the statement and its parameters, six lines every retry)
     failed = [r.getMessage() for r in caplog.records if "final checkpoint failed" in r.getMessage()]
     assert failed and all(m.endswith(": connection refused") for m in failed)
+
+
+def test_an_idle_exit_without_a_partition_says_why(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With another member of the group holding every partition, `run --idle-exit` printed "0 events" and
+    exited 0, which reads as "nothing to do" (found by probing, 2026-12-01)."""
+    settings = Settings(device="cpu", sensors_topic="s", group_id="shared")
+    scorers = build_scorers(settings, {"sensors": ensure_models(settings)["sensors"]})
+    db = SqlTestStore(f"sqlite:///{tmp_path / 'a.db'}")
+    db.create_schema()
+    opts = ProcessorOptions(group_id="shared")
+    proc = Processor(MemoryLog({}, []), db, ListDeadLetters(), scorers, opts)
+    with caplog.at_level("WARNING", logger="pipeline.processor"):
+        stats = proc.run(threading.Event(), idle_exit_s=0.0)
+    db.dispose()
+    assert stats.events == 0
+    assert "idle exit without a partition: another member of consumer group 'shared' holds them all" in caplog.text

@@ -48,11 +48,11 @@ def _settings(**overrides: Any) -> Settings:
     return s
 
 
-def _stop_on_signals() -> threading.Event:
+def _stop_on_signals(doing: str = "finishing the current batch, checkpointing, exiting") -> threading.Event:
     stop = threading.Event()
 
     def handler(signum: int, _frame: Any) -> None:
-        log.info("signal %d: finishing the current batch, checkpointing, exiting", signum)
+        log.info("signal %d: %s", signum, doing)
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)
@@ -268,7 +268,7 @@ def broker(port: Annotated[int, typer.Option(min=1, max=65535)] = 9092) -> None:
     from pipeline.kafka.broker import TansuBroker
 
     _settings()
-    stop = _stop_on_signals()
+    stop = _stop_on_signals("stopping the broker")
     with TansuBroker(port=port) as b:
         out.print(f"Tansu broker listening on {b.bootstrap}; Ctrl-C to stop")
         while not stop.wait(1.0):

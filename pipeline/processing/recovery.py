@@ -4,7 +4,7 @@ position), and the offset-reset policy when the broker's log no longer holds the
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pipeline import metrics
 from pipeline.errors import OffsetResetError
@@ -141,20 +141,29 @@ class Recovery:
         self._to_latest.discard(tp)
 
 
-def drop_reapplied(partitions: Partitions, recs: list[RawRecord]) -> list[RawRecord]:
-    """Never apply a record to state twice: a broker that lost its log (e.g. restarted with memory storage)
-    makes the consumer reset to an earlier offset; those records are skipped, loudly (the offset-reset policy
-    is applied before, by Recovery.check_log_ends, when the log's end shows a reset)."""
+def drop_reapplied(
+    partitions: Partitions, recs: list[RawRecord], seek: Callable[[TopicPartition, int], None]
+) -> list[RawRecord]:
+    """Never apply a record to state twice, nor a reset log's records as if they continued the old one.
+
+    A broker that lost its log (e.g. restarted with memory storage) makes the consumer reset to an earlier
+    offset. A record below the partition's position shows it: from there on, none of that partition's records
+    in this poll is applied (the new log's records at offsets above the position were applied as the old
+    log's continuation, their ids then dropped as duplicates when re-read: a lost alert in the chaos test), and
+    the partition is sought back to its position, until Recovery.check_log_ends knows the log's end and
+    applies the offset-reset policy."""
     keep = None
     nxt: dict[TopicPartition, int] = {}  # the hot loop works on a local dict; the states are updated once
+    reset: set[TopicPartition] = set()
     for i, r in enumerate(recs):
         tp = (r.topic, r.partition)
         expected = nxt.get(tp)
         if expected is None:
             expected = partitions[tp].next_offset
-        if r.offset < expected:
+        if r.offset < expected or tp in reset:
             if keep is None:
                 keep = recs[:i]
+            reset.add(tp)
             continue
         nxt[tp] = r.offset + 1
         if keep is not None:
@@ -163,8 +172,12 @@ def drop_reapplied(partitions: Partitions, recs: list[RawRecord]) -> list[RawRec
         partitions[tp].next_offset = offset
     if keep is None:
         return recs
+    for tp in reset:
+        seek(tp, partitions[tp].next_offset)
     log.warning(
-        "skipped %d records below the already-processed position (broker log reset or truncated?)",
+        "skipped %d records at or after an offset below the already-processed position of %s (broker log reset "
+        "or truncated?); reading there again until the log's end is known",
         len(recs) - len(keep),
+        ", ".join(f"{t}[{p}]" for t, p in sorted(reset)),
     )
     return keep

@@ -232,13 +232,13 @@ class Processor:
             by_topic[r.topic].append(r)
         for topic in self.label_topics:  # queue labels first: payments of this poll may already need them
             if topic in by_topic:
-                self.labels.read(topic, drop_reapplied(self.partitions, by_topic.pop(topic), self.source.seek))
+                self.labels.read(topic, drop_reapplied(self.partitions, by_topic.pop(topic), self.source))
         for topic, recs in by_topic.items():
             scorer = self.scorers.get(topic)
             if scorer is None:
                 continue
             spec = scorer.spec
-            recs = drop_reapplied(self.partitions, recs, self.source.seek)
+            recs = drop_reapplied(self.partitions, recs, self.source)
             aligned = topic in self.labels.fed_by
             # payments held for their labels are deduplicated when released: the dedupe window holds no id
             # above the partition's position, so a replay from a snapshot never drops them

@@ -4,7 +4,7 @@ position), and the offset-reset policy when the broker's log no longer holds the
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from pipeline import metrics
 from pipeline.errors import OffsetResetError
@@ -141,9 +141,7 @@ class Recovery:
         self._to_latest.discard(tp)
 
 
-def drop_reapplied(
-    partitions: Partitions, recs: list[RawRecord], seek: Callable[[TopicPartition, int], None]
-) -> list[RawRecord]:
+def drop_reapplied(partitions: Partitions, recs: list[RawRecord], source: Source) -> list[RawRecord]:
     """Never apply a record to state twice, nor a reset log's records as if they continued the old one.
 
     A broker that lost its log (e.g. restarted with memory storage) makes the consumer reset to an earlier
@@ -173,7 +171,7 @@ def drop_reapplied(
     if keep is None:
         return recs
     for tp in reset:
-        seek(tp, partitions[tp].next_offset)
+        source.seek(tp, partitions[tp].next_offset)
     log.warning(
         "skipped %d records at or after an offset below the already-processed position of %s (broker log reset "
         "or truncated?); reading there again until the log's end is known",

@@ -172,11 +172,11 @@ class StreamScorer:
                         late, rejected = np.zeros(n, bool), np.zeros(n, bool)
                     rej = behind > lateness
                     ok = back & ~rej
-                    self._late(idx[ok], s[ok], feats[ok], windows, raw, mean, std, count)
+                    self._late(idx[ok], s[ok], feats[ok], windows, mean, std, count)
                     late[idx[ok]] = True
                     r = idx[rej]  # out of order: not scored (neutral placeholders), the caller drops them
                     rejected[r] = True
-                    windows[r], raw[r], mean[r], std[r], count[r] = 0.0, feats[rej], 0.0, 1.0, 0
+                    windows[r], mean[r], std[r], count[r] = 0.0, 0.0, 1.0, 0
                     idx, s, feats = idx[~back], s[~back], feats[~back]
             if self.context_gap_s is not None:
                 gap = cols.ts[idx] - store.last_ts[s] > self.context_gap_s  # NaN (first event): False
@@ -186,10 +186,10 @@ class StreamScorer:
             m, sd = store.scaling(s)
             scaled = (store.windows(s) - m[:, None, :]) / sd[:, None, :]
             windows[idx] = np.clip(scaled, -SCALED_CLIP, SCALED_CLIP)
-            raw[idx], mean[idx], std[idx], count[idx] = feats, m, sd, store.count[s]
+            mean[idx], std[idx], count[idx] = m, sd, store.count[s]
             if learn:
                 store.update_feature_stats(s, feats)
-            raw[round_idx] = finished  # an alert shows the reading as sent, not as clipped for the model
+            raw[round_idx] = finished  # every event of the round (late, rejected too): as sent, not clipped
         return Prepared(slots, windows, raw, mean, std, count, order, late, rejected)
 
     def _late(
@@ -198,7 +198,6 @@ class StreamScorer:
         s: np.ndarray,
         feats: np.ndarray,
         windows: np.ndarray,
-        raw: np.ndarray,
         mean: np.ndarray,
         std: np.ndarray,
         count: np.ndarray,
@@ -209,7 +208,7 @@ class StreamScorer:
         m, sd = store.scaling(s)
         win = np.concatenate([store.windows(s)[:, 1:], feats[:, None, :].astype(np.float32)], axis=1)
         windows[idx] = np.clip((win - m[:, None, :]) / sd[:, None, :], -SCALED_CLIP, SCALED_CLIP)
-        raw[idx], mean[idx], std[idx], count[idx] = feats, m, sd, store.count[s] + 1
+        mean[idx], std[idx], count[idx] = m, sd, store.count[s] + 1
 
     def restart_context(self, entity_ids: list[str]) -> None:
         """These entities' next events start a new sequence (see EntityStateStore.restart_context)."""

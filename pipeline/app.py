@@ -241,9 +241,10 @@ def check_run_owner(settings: Settings, store: SqlCheckpointStore) -> None:
     if REPLAY_GROUP in groups:  # written by a replay into this run before replay checked for a service's run id
         log.warning("run %r also holds a replay's positions; they are ignored", settings.run_id)
     if others:
+        owner = min(others)
         raise ConfigError(
-            f"PIPELINE_RUN_ID {settings.run_id!r} belongs to consumer group {sorted(others)[0]!r}: keep "
-            f"PIPELINE_GROUP_ID={sorted(others)[0]}, or give group {settings.group_id!r} a new PIPELINE_RUN_ID"
+            f"PIPELINE_RUN_ID {settings.run_id!r} belongs to consumer group {owner!r}: keep "
+            f"PIPELINE_GROUP_ID={owner}, or give group {settings.group_id!r} a new PIPELINE_RUN_ID"
         )
 
 

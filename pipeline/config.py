@@ -184,10 +184,13 @@ class Settings(BaseSettings):
         if len(set(self.sensor_channels)) < len(self.sensor_channels):
             raise ValueError(f"PIPELINE_SENSOR_CHANNELS names a channel twice: {self.sensor_channels}")
         named = {"TRANSACTIONS": self.transactions_topic, "SENSORS": self.sensors_topic, "LABELS": self.labels_topic}
-        for i, (a, topic) in enumerate(named.items()):
-            for b, other in list(named.items())[i + 1 :]:
-                if topic == other:  # one of the two streams silently won the topic
-                    raise ValueError(f"PIPELINE_{a}_TOPIC and PIPELINE_{b}_TOPIC are both {topic!r}: give each its own")
+        first: dict[str, str] = {}
+        for name, topic in named.items():
+            if topic in first:  # one of the two streams silently won the topic
+                raise ValueError(
+                    f"PIPELINE_{first[topic]}_TOPIC and PIPELINE_{name}_TOPIC are both {topic!r}: give each its own"
+                )
+            first[topic] = name
         inputs = set(named.values())
         if self.dlq_topic in inputs or self.dlq_topic == self.alerts_topic:
             # each dead letter would be read back, fail again and be dead-lettered again, forever

@@ -127,19 +127,16 @@ class SqlCheckpointStore:
     def position_groups(self, run_id: str) -> set[str]:
         """The consumer groups that hold durable positions of a run (its entity state is the run's, whichever
         group wrote it: a run belongs to one group, which the service and replay check at start)."""
-        with self.db.reading("look up a run's consumer groups") as conn:
-            rows = conn.execute(
-                select(partition_checkpoints.c.group_id).where(partition_checkpoints.c.run_id == run_id).distinct()
-            )
-            return {r.group_id for r in rows}
+        return self._of_positions(run_id, partition_checkpoints.c.group_id, "consumer groups")
 
     def run_topics(self, run_id: str) -> set[str]:
         """The topics a run holds positions of (what it read), whichever group read them."""
-        with self.db.reading("look up a run's topics") as conn:
-            rows = conn.execute(
-                select(partition_checkpoints.c.topic).where(partition_checkpoints.c.run_id == run_id).distinct()
-            )
-            return {r.topic for r in rows}
+        return self._of_positions(run_id, partition_checkpoints.c.topic, "topics")
+
+    def _of_positions(self, run_id: str, column: Any, what: str) -> set[str]:
+        with self.db.reading(f"look up a run's {what}") as conn:
+            rows = conn.execute(select(column).where(partition_checkpoints.c.run_id == run_id).distinct())
+            return {str(v) for v in rows.scalars()}
 
     def load_offsets(self, run_id: str, group_id: str) -> dict[tuple[str, int], tuple[int, int | None]]:
         """{(topic, partition): (committed_offset, snapshot_offset)}"""

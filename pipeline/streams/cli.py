@@ -41,8 +41,9 @@ def check(
     except StreamsFileError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    settings = _settings()
     for stream in streams.streams:  # what `pipeline run` would refuse at start with these settings
-        clash = _settings().read_topic_clash([stream.topic])
+        clash = settings.read_topic_clash([stream.topic])
         if clash is not None:
             typer.echo(f"error: stream {stream.name!r}: {clash}", err=True)
             raise typer.Exit(2)

@@ -20,6 +20,7 @@ from pipeline.config import Settings
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:  # the SQL layer is imported on first use: `pipeline --help` stays quick
+    from pipeline.features.streams import StreamSpec
     from pipeline.sinks import AlertQueries
 
 alerts_app = typer.Typer(
@@ -302,10 +303,10 @@ def label_cmd(
 
 def _labelled_payments(
     database_url: str | None, item_id: int, incident: bool, bootstrap: str, settings: Settings
-) -> list[Any]:
+) -> list[tuple[Any, str]]:
     """Each labelled payment, read back from its source position and decoded as its stream declares it: the
     bundled `transactions` stream, or a transactions stream of the stream file (PIPELINE_STREAMS_FILE), whose
-    entity and time fields may be named otherwise."""
+    entity and time fields may be named otherwise; with the name of its stream's entity field."""
     from pipeline.kafka.client import read_at
 
     decoders = _payment_decoders(settings)
@@ -325,33 +326,40 @@ def _labelled_payments(
             f"source records no longer in Kafka (retention?): {missing[:3]}; nothing was labelled or published"
         )
     stream_of = {(a["source_topic"], a["source_partition"], a["source_offset"]): a["stream"] for a in sources}
-    return [decoders[stream_of[p]](found[p].value) for p in pay]
+    return [(decoders[stream_of[p]].decode(found[p].value), decoders[stream_of[p]].entity_key) for p in pay]
 
 
-def _payment_decoders(settings: Settings) -> dict[str, Callable[[bytes | None], Any]]:
-    """stream name -> decoder, for every payment stream the service can serve."""
+def _payment_decoders(settings: Settings) -> dict[str, StreamSpec[Any]]:
+    """stream name -> its spec (`decode`, `entity_key`), for every payment stream the service can serve."""
     from pipeline.features.streams import TransactionStream
     from pipeline.streams.config import load_streams
-    from pipeline.streams.decode import StreamDecoder
+    from pipeline.streams.decode import stream_spec
 
     if settings.streams_file is None:
-        return {"transactions": TransactionStream().decode}
+        return {"transactions": TransactionStream()}
     declared = load_streams(settings.streams_file).streams
-    return {s.name: StreamDecoder(s).decode for s in declared if s.kind == "transactions"}
+    return {s.name: stream_spec(s) for s in declared if s.kind == "transactions"}
 
 
 def _send_labels(
-    payments: list[Any], is_fraud: bool, bootstrap: str, topic: str, partitions: int, fanout: bool
+    payments: list[tuple[Any, str]], is_fraud: bool, bootstrap: str, topic: str, partitions: int, fanout: bool
 ) -> dict[str, Any]:
-    """The verdict on each payment to the labels topic (labelled now)."""
+    """The verdict on each payment to the labels topic (labelled now), its customer under its stream's name."""
     from pipeline.alerts.feedback import transaction_labels
     from pipeline.kafka.client import ensure_topics, make_producer, produce_labels
 
-    labels = transaction_labels(payments, is_fraud=is_fraud, labelled_at=datetime.now(timezone.utc))
+    at = datetime.now(timezone.utc)
+    by_key: dict[str, list[Any]] = {}
+    for payment, entity_key in payments:
+        by_key.setdefault(entity_key, []).append(payment)
     ensure_topics(bootstrap, [topic], partitions)
     producer = make_producer(bootstrap)
+    n_labels = records = 0
     try:
-        records = produce_labels(producer, topic, labels, fanout=fanout)
+        for entity_key, group in by_key.items():
+            labels = transaction_labels(group, is_fraud=is_fraud, labelled_at=at, entity_key=entity_key)
+            records += produce_labels(producer, topic, labels, fanout=fanout, key_field=entity_key)
+            n_labels += len(labels)
     finally:
         producer.close()
-    return {"labels": len(labels), "records": records, "topic": topic}
+    return {"labels": n_labels, "records": records, "topic": topic}

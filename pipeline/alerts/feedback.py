@@ -30,14 +30,17 @@ def exclude_confirmed(
     return [r for r in records if (str(r[entity_field]), round(_epoch(r[time_field]), 6)) not in confirmed]
 
 
-def transaction_labels(payments: Iterable[Any], *, is_fraud: bool, labelled_at: datetime) -> list[dict[str, Any]]:
+def transaction_labels(
+    payments: Iterable[Any], *, is_fraud: bool, labelled_at: datetime, entity_key: str = "customer_id"
+) -> list[dict[str, Any]]:
     """Label-feedback records (schemas/transaction_label) for decoded payments an analyst has judged: an
-    alert labelled tp says its payment was fraud, fp that it was genuine."""
+    alert labelled tp says its payment was fraud, fp that it was genuine. entity_key: the payments stream's
+    name for the customer field (a stream file may rename it), which its labels use too."""
     at = labelled_at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
     return [
         {
             "transaction_id": p.transaction_id,
-            "customer_id": p.customer_id,
+            entity_key: p.customer_id,
             "terminal_id": p.terminal_id,
             "is_fraud": is_fraud,
             "labelled_at": at,

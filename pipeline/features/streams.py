@@ -362,13 +362,14 @@ class SensorStream(StreamSpec[SensorRecord]):
 
 class LabelStream(StreamSpec[TransactionLabel]):
     """Label feedback for a customer-keyed TransactionStream (schemas/transaction_label.schema.json): decoded
-    and validated like any stream, keyed by customer so a label lands in its payment's partition number."""
+    and validated like any stream, keyed by customer so a label lands in its payment's partition number.
+    identity.entity_key: the payments stream's name for the customer field, which its labels use too."""
 
     kind = "transaction-labels"
     entity_field = "customer_id"
 
-    def __init__(self, max_message_bytes: int = 65536) -> None:
-        super().__init__(max_message_bytes)
+    def __init__(self, max_message_bytes: int = 65536, *, identity: StreamIdentity | None = None) -> None:
+        super().__init__(max_message_bytes, identity=identity)
         self._adapter = TypeAdapter(TransactionLabel)
         self.feature_names = []
 

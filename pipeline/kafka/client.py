@@ -147,15 +147,17 @@ def produce_labels(
     *,
     fanout: bool = True,
     timestamp_ms: Iterable[int | None] | None = None,
+    key_field: str = "customer_id",
 ) -> int:
-    """Label feedback records (schemas/transaction_label), keyed by customer_id. fanout=True writes each label
+    """Label feedback records (schemas/transaction_label), keyed by customer (`key_field`: the payments
+    stream's entity_key where a stream file renames it). fanout=True writes each label
     to every partition, so every partition's terminal context sees all of a terminal's labels: what models
     with `label_fanout` in their card were trained on. Returns records sent."""
     parts: list[int | None] = sorted(producer.partitions_for(topic)) if fanout else [None]
     stamps = iter(timestamp_ms) if timestamp_ms is not None else None
     n = 0
     for lab in labels:
-        body, key = orjson.dumps(lab), str(lab["customer_id"]).encode()
+        body, key = orjson.dumps(lab), str(lab[key_field]).encode()
         ts = next(stamps) if stamps is not None else None
         for p in parts:
             producer.send(topic, key=key, value=body, partition=p, timestamp_ms=ts)

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from pipeline import metrics
-from pipeline.features.streams import LabelStream, TransactionRecord, TransactionStream
+from pipeline.features.streams import LabelStream, StreamIdentity, TransactionRecord, TransactionStream
 from pipeline.processing.dead_letters import DeadLetters
 from pipeline.processing.decode import decode, future_detail, future_horizon
 from pipeline.processing.dedupe import Dedupe
@@ -58,7 +58,11 @@ class LabelAlignment:
         self.source, self.partitions, self.restore = source, partitions, restore
         self.dead, self.dedupe, self.stats, self.hold_cap = dead, dedupe, stats, hold_cap
         self.max_future_s = max_future_s
-        self.label_spec = LabelStream()
+        # a label names its entity by the field its payments use (a stream file may rename customer_id)
+        self.label_specs = {
+            labels: LabelStream(identity=StreamIdentity(entity_key=self.specs[fed].entity_key))
+            for labels, fed in self.label_topics.items()
+        }
 
     def snapshot_unit(self, tp: TopicPartition) -> set[TopicPartition]:
         """A transactions partition and its labels partition are only snapshotted together."""
@@ -87,13 +91,13 @@ class LabelAlignment:
     def read(self, topic: str, recs: list[RawRecord]) -> None:
         """Decode labels (bad ones to the dead-letter topic) and queue them in their partition's context."""
         fed = self.label_topics[topic]
-        spec = self.specs[fed]
+        spec, label_spec = self.specs[fed], self.label_specs[topic]
         queued: dict[int, tuple[list[int], list[str], list[float], list[float]]] = defaultdict(lambda: ([], [], [], []))
         horizon = future_horizon(self.max_future_s)
         for r in recs:
             st = self.partitions[(r.topic, r.partition)]
             st.label_read = r.offset + 1
-            lab = decode(self.label_spec, r, self.dead)
+            lab = decode(label_spec, r, self.dead)
             if lab is None:
                 continue
             if lab.labelled_at > horizon:  # queued, it would hold back every label behind it until that time
@@ -110,7 +114,7 @@ class LabelAlignment:
             ctx = self.restore.context(self.partitions[(fed, p)], spec)
             ctx.add_labels(offsets, terminals, np.asarray(known_at), np.asarray(fraud))
         self.stats.events += len(recs)
-        metrics.EVENTS.labels(self.label_spec.name).inc(len(recs))
+        metrics.EVENTS.labels(label_spec.name).inc(len(recs))
 
     def hold(
         self, topic: str, recs: list[RawRecord], good_recs: list[RawRecord], good: list[TransactionRecord]

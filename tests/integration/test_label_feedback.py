@@ -492,12 +492,15 @@ def test_a_verdict_on_a_declared_payment_stream_is_published_and_a_refusal_chang
     res = CliRunner().invoke(app, ["alerts", "label", str(ids["cards"]), *args])
     assert res.exit_code == 0, (res.output, res.exception)
     assert orjson.loads(res.stdout)["published"] == {"labels": 1, "records": PARTITIONS, "topic": labels_topic}
-    lab = read_topic(kafka_bootstrap, labels_topic)[0][1]
-    assert (lab["transaction_id"], lab["customer_id"], lab["is_fraud"]) == (
+    (key, lab), *_ = read_topic(kafka_bootstrap, labels_topic)
+    # the label names the card as the stream does (a label with customer_id would be refused on this stream)
+    assert (lab["transaction_id"], lab["card_id"], lab["is_fraud"], "customer_id" in lab) == (
         pay[0]["transaction_id"],
         pay[0]["customer_id"],
         True,
+        False,
     )
+    assert key == pay[0]["customer_id"].encode()
     refused = CliRunner().invoke(app, ["alerts", "label", str(ids["pumps"]), *args])
     assert isinstance(refused.exception, ConfigError) and "no payment alerts to publish" in str(refused.exception)
     assert "nothing was labelled" in str(refused.exception) and pg_store.get_alert(ids["pumps"])["label"] is None

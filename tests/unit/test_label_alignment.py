@@ -169,3 +169,47 @@ def test_payments_wait_for_their_labels_then_match_the_offline_features(model: A
         )
     assert pos.consumed[("labels", 0)] == want.first_pending_offset  # the last day's labels are not due yet
     db.dispose()
+
+
+def test_a_renamed_payment_stream_reads_its_labels_by_its_own_entity_field(model: Any, tmp_path: Path) -> None:
+    """Labels had to name the customer `customer_id` even where the stream file calls it `card_id`, and a label
+    written as the stream's own records are was dead-lettered. Now labels use the payments stream's field."""
+    from pipeline.app import scorer_for
+    from pipeline.features.streams import StreamIdentity
+
+    txs = sorted(strip_labels(simulate_transactions(4, 10, seed=5)[0]), key=lambda r: r["timestamp"])
+    cards = [{**{k: v for k, v in r.items() if k != "customer_id"}, "card_id": r["customer_id"]} for r in txs]
+    labels = [
+        {
+            "transaction_id": r["transaction_id"],
+            "card_id": r["customer_id"],
+            "terminal_id": r["terminal_id"],
+            "is_fraud": i % 2 == 0,
+            "labelled_at": iso(_ts(r) + DAY),
+        }
+        for i, r in enumerate(txs)
+    ]
+    old_style = {**{k: v for k, v in labels[0].items() if k != "card_id"}, "customer_id": txs[0]["customer_id"]}
+    tx = [RawRecord("tx", 0, i, r["card_id"].encode(), orjson.dumps(r), 0) for i, r in enumerate(cards)]
+    lab = [
+        RawRecord("labels", 0, i, r.get("card_id", r.get("customer_id", "")).encode(), orjson.dumps(r), 0)
+        for i, r in enumerate([*labels, old_style])
+    ]
+    src = MemoryLog({("tx", 0): len(tx), ("labels", 0): len(lab)}, [lab, tx])
+    settings = Settings(device="cpu", transactions_topic="tx", labels_topic="labels")
+    spec = TransactionStream(
+        terminal_context=True, fraud_feedback_tau_s=3 * DAY, identity=StreamIdentity("cards", "card_id")
+    )
+    scorers = {"tx": scorer_for(settings, spec, model)}
+    db = SqlTestStore(f"sqlite:///{tmp_path / 'a.db'}")
+    db.create_schema()
+    dead = ListDeadLetters()
+    proc = Processor(src, db, dead, scorers, ProcessorOptions(), label_topics=label_topics(settings, scorers))
+    proc.source.subscribe(["tx", "labels"], proc.on_assigned, proc.on_revoked)
+    proc.handle(src.poll(0, 0))
+    proc.handle(src.poll(0, 0))
+    assert [(r.offset, reason) for r, reason in dead.sent] == [(len(labels), "schema_violation")]
+    assert proc.stats.scored == len(tx) and proc.holding == 0
+    got = proc.partitions[("tx", 0)].context
+    assert got is not None and got.fb_n[: len(got)].sum() > 0  # the labels reached the terminals' fraud rates
+    db.dispose()

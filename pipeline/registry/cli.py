@@ -196,6 +196,14 @@ def _expected_channels(
             raise ConfigError("--channels: give at least one channel name")
         return names, "--channels"
     spec = _stream_spec(stream, streams_file)
+    if spec is None and streams_file is not None:  # named on purpose: it must be the stream's own file
+        from pipeline.streams.config import load_streams
+
+        declared = ", ".join(s.name for s in load_streams(streams_file).streams)
+        raise ConfigError(
+            f"--streams-file {streams_file} declares no stream {stream!r} and none whose model is "
+            f"{stream}@ALIAS (its streams: {declared}); nothing was promoted"
+        )
     if spec is not None and spec[0].channels:
         return spec[0].channel_names, f"the stream file {spec[1]}"
     champion = registry.current(stream, CHAMPION)

@@ -39,7 +39,7 @@ from pipeline.scoring.scorer import StreamScorer
 from pipeline.sinks import AlertQueries, Database, SqlCheckpointStore, SqlRegistryStore
 from pipeline.state.store import saved_layout
 from pipeline.streams import serving
-from pipeline.streams.config import load_streams, parse_model_ref
+from pipeline.streams.config import ModelRef, Stream, load_streams, parse_model_ref
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +214,10 @@ def declared_scorers(
     by_name, by_topic = {s.name: s for s in declared}, {s.topic: s for s in declared}
     if stream is not None and stream not in by_name:
         raise ConfigError(f"--stream {stream!r} is not declared in {where} (have: {', '.join(by_name)})")
+    candidate = None
     if model is not None:
         try:
-            parse_model_ref(model)
+            candidate = parse_model_ref(model)
         except ValueError as exc:
             raise ConfigError(f"--model {exc}") from None
     registry = ModelRegistry(SqlRegistryStore(db))
@@ -228,11 +229,27 @@ def declared_scorers(
                 f"topic {t!r} is not a declared stream's topic in {where}: pass --stream NAME "
                 f"(one of {', '.join(by_name)})"
             )
-        if model is not None:
+        if candidate is not None:
+            check_candidate_stream(model or "", candidate, declared_stream)
             declared_stream = declared_stream.model_copy(update={"model": model})
         served = serving.ServedStream(declared_stream, serving.resolve_model(declared_stream, registry))
         out[t] = stream_scorer(settings, served)
     return out
+
+
+def check_candidate_stream(text: str, candidate: ModelRef, stream: Stream) -> None:
+    """A registry version replayed as a stream's candidate must be one `models promote` could make its
+    champion: registered under the name the stream's model has in the registry (the stream's own name when its
+    model is a file)."""
+    if candidate.source != "registry":
+        return
+    own = stream.model_ref
+    serves = own.name if own.source == "registry" else stream.name
+    if candidate.name != serves:
+        raise ConfigError(
+            f"--model {text} is a version of {candidate.name!r}, and stream {stream.name!r} serves {serves!r} "
+            f"models (its model: {stream.model}): replay a version of {serves!r}, or pass --stream NAME"
+        )
 
 
 def run_replay(

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from models.lstm_ae import Checkpoint, load_blob
 from models.lstm_forecast import load_model
+from pipeline.errors import ConfigError
 from pipeline.registry.cli import register as register_models
 from pipeline.registry.registry import CHALLENGER, ModelRegistry, RegistryError
 from pipeline.sinks import Database
@@ -229,6 +230,24 @@ def test_cli_refusal_is_one_line_and_exit_2(pg_registry: SqlRegistryStore, tmp_p
     ]
     champion = registry.current("sensors")
     assert champion is not None and champion.version == v1
+
+
+def test_promote_with_a_stream_file_that_does_not_declare_the_stream_is_refused(
+    pg_registry: SqlRegistryStore, tmp_path: Path
+) -> None:
+    """`promote sensors-v1 --stream sensors --streams-file chillers.toml` (the wrong plant's file) promoted
+    without checking anything: the named file had no such stream, so the check fell back to nothing."""
+    registry = ModelRegistry(pg_registry)
+    v1 = registry.register(BUNDLED, "sensors")
+    other = tmp_path / "chillers.toml"
+    other.write_text(
+        '[[streams]]\nname = "chillers"\ntopic = "plant.chillers"\nkind = "sensors"\nentity_key = "chiller_id"\n'
+        'time_field = "at"\nmodel = "chillers@champion"\n[[streams.channels]]\nname = "supply_temp"\n'
+    )
+    refused = _cli(pg_registry.db.url, "promote", v1, "--stream", "sensors", "--streams-file", str(other))
+    assert isinstance(refused.exception, ConfigError), refused.output
+    assert "declares no stream 'sensors'" in str(refused.exception) and "chillers" in str(refused.exception)
+    assert registry.current("sensors") is None
 
 
 def _samples(store: SqlRegistryStore, version: str, scores: np.ndarray) -> None:

@@ -128,3 +128,32 @@ def test_replay_names_what_is_wrong_with_its_stream_and_model_options(tmp_path: 
         assert served["archive"].spec.name == "sensors"
     finally:
         db.dispose()
+
+
+def test_replay_refuses_a_candidate_version_of_another_stream(tmp_path: Path) -> None:
+    """`replay --topic plant.pumps --model chillers-v2` scored the pumps with the chillers' model whenever the
+    channels fitted, a candidate `models promote` would refuse for pumps. Refused before anything is read."""
+    from pipeline.replay.core import declared_scorers
+    from pipeline.sinks import Database
+
+    streams = tmp_path / "plant.toml"
+    channels = '[[streams.channels]]\nname = "flow"\n'
+    streams.write_text(
+        '[[streams]]\nname = "pumps"\ntopic = "plant.pumps"\nkind = "sensors"\nentity_key = "pump_id"\n'
+        f'time_field = "at"\nmodel = "pumps@champion"\n{channels}'
+        '[[streams]]\nname = "line2"\ntopic = "plant.line2"\nkind = "sensors"\nentity_key = "pump_id"\n'
+        f'time_field = "at"\nmodel = "pumps@champion"\n{channels}'
+    )
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    db.create_schema()
+    try:
+        for topic in ("plant.pumps", "plant.line2"):  # line2 serves the pumps' models: the same rule
+            with pytest.raises(ConfigError, match="is a version of 'chillers', and stream '.*' serves 'pumps'"):
+                declared_scorers(Settings(), streams, [topic], None, "chillers-v2", db)
+            with pytest.raises(ConfigError, match="is a version of 'chillers'"):
+                declared_scorers(Settings(), streams, [topic], None, "chillers@challenger", db)
+        # a version of the stream's own models goes on to the registry (which has none here)
+        with pytest.raises(ConfigError, match="pumps-v9"):
+            declared_scorers(Settings(), streams, ["plant.pumps"], None, "pumps-v9", db)
+    finally:
+        db.dispose()

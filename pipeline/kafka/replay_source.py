@@ -143,11 +143,17 @@ class ReplaySource:
 
     # -- internals -----------------------------------------------------------------------------------
     def _partitions(self, topic: str) -> list[int]:
+        """The topic's partitions; [] once two fresh cluster-wide metadata reads in a row lack the topic (a
+        missing topic was waited on for the whole probe timeout, 30 s), or at the timeout."""
         deadline = time.monotonic() + self.probe_timeout_s
+        absent = 0
         while True:
             parts = self.consumer.partitions_for_topic(topic)
             if parts or time.monotonic() > deadline:
                 return sorted(parts or [])
+            absent = absent + 1 if topic not in self.consumer.topics() else 0  # topics(): a fresh metadata read
+            if absent >= 2:
+                return []
             time.sleep(0.2)
 
     def _pause_finished(self) -> None:

@@ -190,3 +190,26 @@ def test_diff_compares_only_the_topics_both_runs_read(sqlite_store: SqlTestStore
     assert res.returncode == 0, res.stderr
     assert "compared on the topics both runs read (sensors); left out, read by one run only: tx" in res.stdout
     assert "live -> whatif: 1 -> 1 alerts; +0 added (0 entities), -0 removed (0 entities), 1 in both" in res.stdout
+
+
+def test_a_replay_of_a_topic_that_does_not_exist_fails_at_once(kafka_bootstrap: str, topic_prefix: str) -> None:
+    """`pipeline replay --topic typo` waited the whole 30 s metadata probe before saying the topic does not
+    exist; two fresh cluster metadata reads without it now settle it. A topic that exists is still found."""
+    import time
+
+    from pipeline.errors import BrokerError
+    from pipeline.kafka.client import ensure_topics
+    from pipeline.kafka.replay_source import ReplaySource
+
+    src = ReplaySource(kafka_bootstrap)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BrokerError, match="does not exist"):
+            src.subscribe([f"{topic_prefix}-typo"], lambda tps: None, lambda tps: None)
+        assert time.monotonic() - started < 10
+        ensure_topics(kafka_bootstrap, [f"{topic_prefix}-there"], 2)
+        got: list[tuple[str, int]] = []
+        src.subscribe([f"{topic_prefix}-there"], got.extend, lambda tps: None)
+        assert got == [(f"{topic_prefix}-there", 0), (f"{topic_prefix}-there", 1)]
+    finally:
+        src.close()

@@ -47,8 +47,9 @@ def register(app: typer.Typer) -> None:
     app.add_typer(alerts_app, name="alerts")
 
 
-def parse_since(value: str | None, now: datetime | None = None) -> datetime | None:
-    """ISO-8601 time (UTC if no offset) or a relative age: 30s, 15m, 2h, 7d, 1w."""
+def parse_since(value: str | None, now: datetime | None = None, *, name: str = "--since") -> datetime | None:
+    """ISO-8601 time (UTC if no offset) or a relative age: 30s, 15m, 2h, 7d, 1w. `name`: the option or
+    query parameter the value came from, for the error."""
     if value is None:
         return None
     m = _REL.match(value.strip())
@@ -56,15 +57,15 @@ def parse_since(value: str | None, now: datetime | None = None) -> datetime | No
         try:
             return (now or datetime.now(timezone.utc)) - timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
         except OverflowError:
-            raise ConfigError(f"--since {value!r}: that age reaches before the year 1") from None
+            raise ConfigError(f"{name} {value!r}: that age reaches before the year 1") from None
     try:
         dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise ConfigError(f"--since {value!r}: give an ISO time (2024-05-01T12:00Z) or an age (15m, 2h, 7d)") from None
+        raise ConfigError(f"{name} {value!r}: give an ISO time (2024-05-01T12:00Z) or an age (15m, 2h, 7d)") from None
     try:  # in UTC, so a time the database compares is within years 1..9999 (e.g. not 9999-12-31T23:59-23:59)
         return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
     except OverflowError:
-        raise ConfigError(f"--since {value!r}: in UTC that time is outside the years 1..9999") from None
+        raise ConfigError(f"{name} {value!r}: in UTC that time is outside the years 1..9999") from None
 
 
 @contextmanager
@@ -94,7 +95,16 @@ def _print_json(obj: Any) -> None:
 @alerts_app.command("list")
 def list_cmd(
     entity: Annotated[str | None, typer.Option("--entity", help="only this entity id")] = None,
-    since: Annotated[str | None, typer.Option("--since", help="ISO time or age: 15m, 2h, 7d")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="by event time: ISO time or age (15m, 2h, 7d)")] = None,
+    after_id: Annotated[
+        int | None,
+        typer.Option(
+            "--after-id",
+            min=0,
+            max=MAX_ROW_ID,
+            help="alerts stored after this alert id, oldest first (a poller's cursor: pass the last id seen)",
+        ),
+    ] = None,
     status: Annotated[str | None, typer.Option("--status", help="|".join(STATUSES))] = None,
     stream: Annotated[str | None, typer.Option("--stream")] = None,
     incidents: Annotated[bool, typer.Option("--incidents", help="list incidents instead of alerts")] = False,
@@ -103,18 +113,28 @@ def list_cmd(
     database_url: DbOpt = None,
     run_id: RunOpt = None,
 ) -> None:
-    """List alerts (or incidents), newest first."""
+    """List alerts (or incidents), newest event time first; with --after-id, in the order they were stored."""
     if status is not None and status not in STATUSES:
         raise ConfigError(f"--status must be one of {', '.join(STATUSES)}")
+    if incidents and after_id is not None:
+        raise ConfigError("--after-id is a cursor over alerts, not incidents")
     with _queries(database_url) as queries:
         t0 = parse_since(since)
+        if run_id is not None and not queries.known_run(run_id):
+            typer.echo(f"note: run {run_id!r} wrote nothing to this database (a typo?)", err=True)
         if incidents:
             rows = queries.list_incidents(
                 run_id=run_id, status=status, entity_id=entity, stream=stream, since=t0, limit=limit
             )
         else:
             rows = queries.query_alerts(
-                run_id=run_id, entity_id=entity, stream=stream, since=t0, status=status, limit=limit
+                run_id=run_id,
+                entity_id=entity,
+                stream=stream,
+                since=t0,
+                status=status,
+                after_id=after_id,
+                limit=limit,
             )
     if as_json:
         _print_json([_jsonable(r) for r in rows])
@@ -244,10 +264,19 @@ def ack_cmd(
     as_json: Annotated[bool, typer.Option("--json")] = False,
     database_url: DbOpt = None,
 ) -> None:
-    """Acknowledge an alert (or a whole incident)."""
+    """Acknowledge an alert (or a whole incident). The first acknowledgement stands: acking again changes only
+    rows not acknowledged yet (an incident's alerts that came since)."""
+    if not by.strip() or len(by) > 64:
+        raise ConfigError(f"--by must be 1-64 characters (got {len(by)})")
     row, n = _update(database_url, item_id, incident, lambda queries, target: queries.ack(by=by, **target))
     if as_json:
         _print_json({"acked": _jsonable(row), "rows": n})
+    elif n == 0:
+        out.print(
+            f"{'incident' if incident else 'alert'} {item_id} was already acknowledged by {row['acked_by']} at "
+            f"{_jsonable(row)['acked_at']}; nothing changed",
+            highlight=False,
+        )
     else:
         out.print(f"acknowledged {'incident' if incident else 'alert'} {item_id} ({n} rows)")
 
@@ -257,7 +286,8 @@ def label_cmd(
     item_id: Annotated[
         int, typer.Argument(metavar="ID", min=1, max=MAX_ROW_ID, help="alert id (or incident id with --incident)")
     ],
-    tp: Annotated[bool | None, typer.Option("--tp/--fp", help="true positive / false positive")] = None,
+    tp: Annotated[bool, typer.Option("--tp", help="a true positive (give --tp or --fp)")] = False,
+    fp: Annotated[bool, typer.Option("--fp", help="a false positive")] = False,
     incident: Annotated[bool, typer.Option("--incident", help="ID is an incident: label it and its alerts")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     database_url: DbOpt = None,
@@ -277,8 +307,8 @@ def label_cmd(
     """Label an alert (or incident) a true or false positive. True positives are kept out of retraining
     data (AlertQueries.confirmed_anomalies / pipeline.alerts.feedback); with --publish-label the verdict on each
     payment also goes to the labels topic, where models reading label feedback pick it up."""
-    if tp is None:
-        raise ConfigError("give --tp or --fp")
+    if tp == fp:
+        raise ConfigError("give one of --tp or --fp" + (", not both" if tp else ""))
     s = Settings()
     boot = bootstrap or s.kafka_bootstrap
     if publish and not boot:
@@ -311,6 +341,7 @@ def _labelled_payments(
 
     decoders = _payment_decoders(settings)
     with _queries(database_url) as queries:
+        _ = queries.get_incident(item_id) if incident else queries.get_alert(item_id)  # NotFoundError first
         sources = queries.alert_sources(**_target(item_id, incident))
     pay = [(a["source_topic"], a["source_partition"], a["source_offset"]) for a in sources if a["stream"] in decoders]
     if not pay:

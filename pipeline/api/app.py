@@ -27,6 +27,7 @@ def _web(name: str) -> str:
 
 
 IdPath = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
+INCIDENT_ALERTS = 500  # alerts listed with an incident (the peak alert is found among all of them)
 
 
 def _since(value: str | None) -> datetime | None:
@@ -35,9 +36,10 @@ def _since(value: str | None) -> datetime | None:
     from pipeline.alerts.cli import parse_since
 
     try:
-        return parse_since(_text("since", value))
+        return parse_since(_text("since", value), name="since")
     except ConfigError as exc:
-        raise HTTPException(422, str(exc)) from None
+        hint = " (a '+' in a URL reads as a space: write it %2B)" if " " in value.strip() else ""
+        raise HTTPException(422, f"{exc}{hint}") from None
 
 
 def _text(name: str, value: str) -> str:
@@ -103,9 +105,15 @@ def create_app(
     def list_alerts(
         entity: str | None = None,
         stream: str | None = None,
-        since: str | None = Query(None, description="ISO time or age (15m, 2h, 7d)"),
+        since: str | None = Query(None, description="event time: ISO time or age (15m, 2h, 7d)"),
         status: str | None = Query(None, description="open|resolved|acked|unacked|tp|fp|unlabeled"),
         incident_id: int | None = Query(None, ge=1, le=MAX_ROW_ID),
+        after_id: int | None = Query(
+            None,
+            ge=0,
+            le=MAX_ROW_ID,
+            description="a poller's cursor: alerts stored after this alert id, oldest first (pass the last id seen)",
+        ),
         limit: int = Query(100, ge=1, le=5000),
     ) -> list[dict[str, Any]]:
         try:
@@ -116,6 +124,7 @@ def create_app(
                 since=_since(since),
                 status=status,
                 incident_id=incident_id,
+                after_id=after_id,
                 limit=limit,
             )
         except ValueError as exc:
@@ -161,13 +170,12 @@ def create_app(
             raise HTTPException(404, str(exc)) from None
         if run_id is not None and inc["run_id"] != run_id:
             raise HTTPException(404, f"no incident with id {incident_id} in run {run_id!r}")
-        alerts = queries.query_alerts(run_id=run_id, incident_id=incident_id, limit=500)
-        peak = max(
-            alerts, key=lambda a: a["score"] / a["threshold"] if a["threshold"] > 0 else float("inf"), default=None
-        )
+        alerts = queries.query_alerts(run_id=run_id, incident_id=incident_id, limit=INCIDENT_ALERTS + 1)
+        peak = queries.peak_alert(incident_id)
         return {
             "incident": _incident_json(inc),
-            "alerts": [row_to_json(a) for a in alerts],
+            "alerts": [row_to_json(a) for a in alerts[:INCIDENT_ALERTS]],  # the newest
+            "alerts_truncated": len(alerts) > INCIDENT_ALERTS,  # all of them: /api/alerts?incident_id=ID
             "peak_alert": None if peak is None else row_to_json(peak),
         }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import typer
@@ -30,6 +31,12 @@ def api(
     db = Database(database_url or s.database_url, existing=True)  # it serves what a service wrote
     try:
         db.create_schema()
-        serve(create_app(AlertQueries(db), s, run_id=run_id), host, port)
+        queries = AlertQueries(db)
+        if run_id is not None and not queries.known_run(run_id):  # the page would read "no open incidents"
+            logging.getLogger(__name__).warning(
+                "run %r has written nothing to this database yet (a typo?); the API shows its rows once it does",
+                run_id,
+            )
+        serve(create_app(queries, s, run_id=run_id), host, port)
     finally:
         db.dispose()

@@ -38,16 +38,25 @@ def follow(
             parts = consumer.partitions_for_topic(topic)
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
+        started_ms = time.time() * 1000
         if from_beginning:
             consumer.seek_to_beginning(*tps)
         else:
             consumer.seek_to_end(*tps)
+        # Some brokers (Tansu, the embedded one) answer "latest offset" with the start of the last batch, not
+        # the log end, so the first fetch can return messages from before the tail began. The first fetch's
+        # high watermark is the real end: a record below it that was also written before the start is old.
+        old_below: dict[TopicPartition, int] = {}
         last = time.monotonic()
         while True:
             batches = consumer.poll(timeout_ms=poll_ms)
             got = False
-            for recs in batches.values():
+            for ktp, recs in batches.items():
+                if not from_beginning and ktp not in old_below:
+                    old_below[ktp] = consumer.highwater(ktp) or 0
                 for r in recs:
+                    if r.offset < old_below.get(ktp, 0) and r.timestamp < started_ms:
+                        continue
                     got = True
                     yield (r.key.decode("utf-8", "replace") if r.key is not None else None), r.value or b""
             if got:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, Table, func, select, update
+from sqlalchemy import ColumnElement, Select, Table, case, func, select, true, update
 
 from pipeline.checkpointing.rows import iso_utc
 from pipeline.errors import NotFoundError
@@ -52,18 +52,22 @@ class AlertQueries:
         since: datetime | None = None,
         status: str | None = None,
         incident_id: int | None = None,
+        after_id: int | None = None,
         limit: int = 200,
     ) -> list[dict[str, Any]]:
-        """Newest first, with the incident's id and status. status: open|resolved (the incident's),
-        acked|unacked, tp|fp|unlabeled."""
-        q = (
-            select(alerts, incidents.c.id.label("incident_id"), incidents.c.status.label("incident_status"))
-            .select_from(alerts.outerjoin(incidents, incidents.c.incident_key == alerts.c.incident_key))
-            .order_by(alerts.c.event_time.desc(), alerts.c.id.desc())
-            .limit(limit)
-        )
+        """Newest event time first, with the incident's id and status. status: open|resolved (the incident's),
+        acked|unacked, tp|fp|unlabeled. since: by event time. after_id: a poller's cursor, alerts stored
+        after alert `after_id`, in the order they were stored (ascending id) instead: an event-time filter
+        misses alerts of late events and of lagging partitions, whose event times are older than the last
+        one a poller saw."""
+        q = select(alerts, incidents.c.id.label("incident_id"), incidents.c.status.label("incident_status"))
+        q = q.select_from(alerts.outerjoin(incidents, incidents.c.incident_key == alerts.c.incident_key))
+        if after_id is None:
+            q = q.order_by(alerts.c.event_time.desc(), alerts.c.id.desc())
+        else:
+            q = q.where(alerts.c.id > after_id).order_by(alerts.c.id)
         q = _where_common(
-            q, alerts, alerts.c.event_time, run_id=run_id, entity_id=entity_id, stream=stream, since=since
+            q.limit(limit), alerts, alerts.c.event_time, run_id=run_id, entity_id=entity_id, stream=stream, since=since
         )
         if incident_id is not None:
             q = q.where(incidents.c.id == incident_id)
@@ -71,6 +75,21 @@ class AlertQueries:
             q = q.where(_alert_status_filter(status))
         with self.db.reading("query alerts") as conn:
             return [dict(m) for m in conn.execute(q).mappings()]
+
+    def peak_alert(self, incident_id: int) -> dict[str, Any] | None:
+        """The incident's alert with the highest score / threshold (a threshold of 0 or less first): its
+        peak, whatever the number of its alerts."""
+        ratio = alerts.c.score / case((alerts.c.threshold > 0, alerts.c.threshold), else_=1.0)
+        q = (
+            select(alerts, incidents.c.id.label("incident_id"), incidents.c.status.label("incident_status"))
+            .select_from(alerts.join(incidents, incidents.c.incident_key == alerts.c.incident_key))
+            .where(incidents.c.id == incident_id)
+            .order_by((alerts.c.threshold <= 0).desc(), ratio.desc(), alerts.c.id)
+            .limit(1)
+        )
+        with self.db.reading(f"read the peak alert of incident {incident_id}") as conn:
+            row = conn.execute(q).mappings().first()
+        return None if row is None else dict(row)
 
     def get_alert(self, alert_id: int) -> dict[str, Any]:
         with self.db.reading(f"read alert {alert_id}") as conn:
@@ -125,8 +144,11 @@ class AlertQueries:
 
     # -- operator feedback ------------------------------------------------------------------------------
     def ack(self, *, alert_id: int | None = None, incident_id: int | None = None, by: str = "operator") -> int:
-        """Acknowledge an alert, or an incident and all its alerts. Returns rows changed (alerts + incident)."""
-        return self._feedback(alert_id, incident_id, {"acked_at": datetime.now(timezone.utc), "acked_by": by[:64]})
+        """Acknowledge an alert, or an incident and all its alerts. Returns rows changed (alerts + incident).
+        The first acknowledgement stands (who and when): rows already acknowledged are left as they are, so an
+        incident acked again acks only its alerts that came since."""
+        values = {"acked_at": datetime.now(timezone.utc), "acked_by": by[:64]}
+        return self._feedback(alert_id, incident_id, values, only_unset="acked_at")
 
     def label(self, label: str, *, alert_id: int | None = None, incident_id: int | None = None) -> int:
         """Label an alert, or an incident and all its alerts, as a true (tp) or false (fp) positive."""
@@ -140,25 +162,31 @@ class AlertQueries:
         incident_id: int | None,
         values: dict[str, Any],
         alert_only: dict[str, Any] | None = None,
+        only_unset: str | None = None,
     ) -> int:
+        """only_unset: a column; rows where it is already set are left alone."""
         if (alert_id is None) == (incident_id is None):
             raise ValueError("give exactly one of alert_id, incident_id")
+
+        def unset(table: Table) -> ColumnElement[bool]:
+            return table.c[only_unset].is_(None) if only_unset is not None else true()
+
         with self.db.writing("store the operator's feedback") as conn:
             if alert_id is not None:
-                n = conn.execute(
-                    update(alerts).where(alerts.c.id == alert_id).values(**values, **(alert_only or {}))
-                ).rowcount
-                if not n:
+                if conn.execute(select(alerts.c.id).where(alerts.c.id == alert_id)).first() is None:
                     raise NotFoundError(f"no alert with id {alert_id}")
-                return int(n)
+                change = update(alerts).where(alerts.c.id == alert_id, unset(alerts))
+                return int(conn.execute(change.values(**values, **(alert_only or {}))).rowcount)
             key = conn.execute(select(incidents.c.incident_key).where(incidents.c.id == incident_id)).scalar()
             if key is None:
                 raise NotFoundError(f"no incident with id {incident_id}")
-            conn.execute(update(incidents).where(incidents.c.id == incident_id).values(**values))
-            n = conn.execute(
-                update(alerts).where(alerts.c.incident_key == key).values(**values, **(alert_only or {}))
+            m = conn.execute(
+                update(incidents).where(incidents.c.id == incident_id, unset(incidents)).values(**values)
             ).rowcount
-            return 1 + int(n)
+            n = conn.execute(
+                update(alerts).where(alerts.c.incident_key == key, unset(alerts)).values(**values, **(alert_only or {}))
+            ).rowcount
+            return int(m) + int(n)
 
     def alert_sources(self, *, alert_id: int | None = None, incident_id: int | None = None) -> list[dict[str, Any]]:
         """stream and source position (topic, partition, offset) of an alert, or of an incident's alerts."""

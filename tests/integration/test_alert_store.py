@@ -118,6 +118,12 @@ def test_ack_and_label_and_retraining_exclusion(db: Database) -> None:
     assert len(queries.query_alerts(status="tp")) == 5 and len(queries.query_alerts(status="acked")) == 1
     with pytest.raises(NotFoundError):
         queries.ack(alert_id=999_999)
+    # the first acknowledgement stands: acking again (by someone else) changes nothing
+    assert queries.ack(alert_id=d7_alert["id"], by="bo") == 0
+    assert queries.get_alert(d7_alert["id"])["acked_by"] == "ana"
+    assert queries.ack(incident_id=c1["id"], by="bo") == 6  # the incident and its 5 alerts, none acked yet
+    assert queries.ack(incident_id=c1["id"], by="cy") == 0
+    assert queries.get_incident(c1["id"])["acked_by"] == "bo"
     keys = confirmed_keys(queries, "live")
     assert len(keys) == 5
     recs = [

@@ -65,9 +65,43 @@ def test_ack_and_label(cli: typer.Typer, db: Database) -> None:
     assert len(run(cli, db, "list", "--status", "tp", "--json")) == 5
 
 
+def test_a_second_ack_keeps_the_first_and_says_so(cli: typer.Typer, db: Database) -> None:
+    """A probe's second `alerts ack 27 --by someone-else` overwrote who acked it and when, and printed the
+    same "acknowledged" line: the audit trail lost the first acknowledger."""
+    alert = run(cli, db, "list", "--entity", "C2", "--json")[0]
+    first = run(cli, db, "ack", str(alert["id"]), "--by", "ana", "--json")["acked"]
+    again = run(cli, db, "ack", str(alert["id"]), "--by", "bo")
+    assert f"alert {alert['id']} was already acknowledged by ana at {first['acked_at']}; nothing changed" in " ".join(
+        again.split()
+    )
+    assert run(cli, db, "list", "--entity", "C2", "--json")[0]["acked_by"] == "ana"
+
+
+def test_after_id_lists_alerts_in_the_order_stored(cli: typer.Typer, db: Database) -> None:
+    every = run(cli, db, "list", "--after-id", "0", "--json")
+    ids = [a["id"] for a in every]
+    assert len(ids) == 7 and ids == sorted(ids)
+    assert [a["id"] for a in run(cli, db, "list", "--after-id", str(ids[2]), "--limit", "2", "--json")] == ids[3:5]
+
+
+def test_a_run_id_that_wrote_nothing_is_noted(cli: typer.Typer, db: Database) -> None:
+    res = CliRunner().invoke(cli, ["alerts", "list", "--run-id", "lvie", "--json", "--database-url", db.url])
+    assert res.exit_code == 0 and json.loads(res.stdout) == []
+    assert "run 'lvie' wrote nothing to this database" in res.stderr
+
+
 def test_errors_are_clear(cli: typer.Typer, sqlite_store: Database) -> None:
     from pipeline.errors import PipelineError
 
+    seed(sqlite_store)
+    for args, says in (
+        (["label", "1", "--tp", "--fp"], "give one of --tp or --fp, not both"),  # the last flag won
+        (["ack", "1", "--by", "x" * 65], "--by must be 1-64 characters"),  # cut to 64 without a word
+        (["label", "424242", "--tp", "--publish-label", "--bootstrap", "127.0.0.1:1"], "no alert with id 424242"),
+        (["list", "--incidents", "--after-id", "3"], "--after-id is a cursor over alerts"),
+    ):
+        res = CliRunner().invoke(cli, ["alerts", *args, "--database-url", sqlite_store.url])
+        assert isinstance(res.exception, PipelineError) and says in str(res.exception), (args, res.output)
     for args in (["ack", "424242"], ["label", "1"], ["list", "--status", "bogus"], ["list", "--since", "yesterday"]):
         res = CliRunner().invoke(cli, ["alerts", *args, "--database-url", sqlite_store.url])
         assert res.exit_code != 0 and isinstance(res.exception, PipelineError), args

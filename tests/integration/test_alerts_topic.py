@@ -125,3 +125,36 @@ def test_cli_tail_follows_the_alerts_topic(pg_store: Database, kafka_bootstrap: 
     assert res.exit_code == 0, res.output
     lines = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
     assert len(lines) == n and {m["incident"]["event"] for m in lines} == {"opened", "updated", "resolved"}
+
+
+def test_tail_without_from_beginning_shows_only_messages_written_after_it_started(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """Tansu answers "latest offset" with the start of the last batch, so `alerts tail` re-printed the last
+    batch's old messages on every start. Now only what is written after the tail began comes out."""
+    import threading
+    import time
+
+    from pipeline.kafka.client import make_producer
+
+    topic = f"{topic_prefix}-tail"
+    ensure_topics(kafka_bootstrap, [topic], 1)
+    producer = make_producer(kafka_bootstrap)
+    try:
+        for batch in range(3):  # three batches of three, each flushed: the last batch starts at offset 6
+            for i in range(3):
+                producer.send(topic, key=b"k", value=json.dumps({"old": batch * 3 + i}).encode())
+            producer.flush()
+
+        def later() -> None:
+            time.sleep(1.5)
+            producer.send(topic, key=b"k", value=b'{"new": 1}')
+            producer.flush()
+
+        writer = threading.Thread(target=later)
+        writer.start()
+        got = [json.loads(v) for _, v in follow(kafka_bootstrap, topic, idle_timeout_s=4)]
+        writer.join()
+    finally:
+        producer.close()
+    assert got == [{"new": 1}]

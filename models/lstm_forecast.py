@@ -126,6 +126,15 @@ class ForecastCheckpoint:
         while an entity's scaling statistics settle; never below `threshold`. Cards without it: `threshold`."""
         return max(float(self.card.get("young_threshold", self.threshold)), self.threshold)
 
+    @property
+    def cold_threshold(self) -> float | None:
+        """The threshold for an entity whose sequence context restarted while its scaling is established (a
+        newly promoted version's fresh (h, c), a gap): calibrated on the errors of steps 2 .. burn_in from a
+        fresh state, which run far above the settled ones, so only a gross fault passes it; never below
+        `young_threshold`. Cards without it (trained before it existed): None, such steps are not judged."""
+        cold = self.card.get("cold_threshold")
+        return None if cold is None else max(float(cold), self.young_threshold)
+
     def with_precision(self, precision: str, device: torch.device | str = "cpu") -> ForecastCheckpoint:
         """int8: dynamic quantization of the LSTM and head (CPU); bf16 is not worth it for one step of a
         64-unit LSTM, so it scores in fp32 (logged)."""
@@ -297,6 +306,12 @@ def train_forecaster(
     if len(young_err):
         young_scores, _ = ckpt.score_errors(young_err.astype(np.float64))
         young = max(young, train.threshold_margin * float(np.quantile(young_scores, train.threshold_quantile)))
+    # a sequence context restarted (a promoted version's fresh state, a gap): steps 2 .. burn_in, state from step 0
+    cold_err = _errors(model, seqs, [0] * len(seqs), 2, scored, "cpu", train.burn_in)
+    cold = None
+    if len(cold_err):
+        cold_scores, _ = ckpt.score_errors(cold_err.astype(np.float64))
+        cold = max(young, train.threshold_margin * float(np.quantile(cold_scores, train.threshold_quantile)))
     ckpt.card = {
         "name": name,
         "family": FAMILY,
@@ -309,6 +324,7 @@ def train_forecaster(
         "threshold": ckpt.threshold,
         "threshold_method": f"{train.threshold_margin} x quantile {train.threshold_quantile} of held-out normal scores",
         "young_threshold": young,
+        **({"cold_threshold": cold} if cold is not None else {}),
         "score": "squared Mahalanobis distance of the one-step prediction error (LSTM-DT)",
         "training_data_sha256": digest,
         "n_sequences": len(seqs),

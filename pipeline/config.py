@@ -144,8 +144,9 @@ class Settings(BaseSettings):
     dedupe_window: int = Field(
         10_000,
         ge=0,
-        description="payments: transaction ids remembered per partition (in "
-        "its snapshotted state); a resend inside the window is dropped, not scored; 0 = off",
+        description="records remembered per partition for deduplication (payments: transaction id; "
+        "readings: device, time and values; in its snapshotted state); a resend inside the window is dropped, "
+        "not scored; 0 = off",
     )
     allowed_lateness_s: float = Field(
         60.0,

@@ -240,9 +240,9 @@ class Processor:
             spec = scorer.spec
             recs = drop_reapplied(self.partitions, recs, self.source)
             aligned = topic in self.labels.fed_by
-            # payments held for their labels are deduplicated when released: the dedupe window holds no id
-            # above the partition's position, so a replay from a snapshot never drops them
-            dedupe = self.opt.dedupe_window > 0 and isinstance(spec, TransactionStream) and not aligned
+            # payments held for their labels are not deduplicated: the dedupe window holds no key above the
+            # partition's position, so a replay from a snapshot never drops them
+            dedupe = self.opt.dedupe_window > 0 and not aligned
             good: list[DecodedRecord] = []
             good_recs: list[RawRecord] = []
             horizon = future_horizon(self.opt.max_future_s)
@@ -253,7 +253,7 @@ class Processor:
                 if rec.timestamp > horizon:  # before dedupe and state: a wrong clock must not move either
                     self.dead.send(r, "from_the_future", future_detail(rec.timestamp, self.opt.max_future_s))
                     continue
-                if dedupe and self.dedupe.duplicate(spec.name, r, rec):
+                if dedupe and self.dedupe.duplicate(spec, r, rec):
                     continue
                 good.append(rec)
                 good_recs.append(r)

@@ -155,7 +155,7 @@ class LabelAlignment:
                     ready += 1
             for _ in range(ready):
                 r, rec = queue.popleft()
-                if self.dedupe is not None and self.dedupe.duplicate(spec.name, r, rec):
+                if self.dedupe is not None and self.dedupe.duplicate(spec, r, rec):
                     continue
                 out_recs.append(r)
                 out.append(rec)

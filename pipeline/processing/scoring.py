@@ -16,7 +16,7 @@ from pipeline import metrics
 from pipeline.checkpointing import Checkpointer
 from pipeline.checkpointing.rows import AlertRow
 from pipeline.errors import PipelineError
-from pipeline.features.streams import DecodedRecord, StreamSpec, TransactionRecord, TransactionStream
+from pipeline.features.streams import DecodedRecord, StreamSpec, TransactionStream
 from pipeline.features.terminal import TerminalContext
 from pipeline.processing import alerts
 from pipeline.processing.dead_letters import DeadLetters, out_of_order_detail
@@ -76,20 +76,19 @@ class ScoreStage:
         except _StageFailed as failed:
             if len(good) == 1:
                 self.dead.processing_error(good_recs[0], failed.stage, failed.exc)
-                self._not_scored(good_recs[0], good[0])
+                self._not_scored(scorer.spec, good_recs[0], good[0])
                 return
             mid = len(good) // 2
             self.score(topic, scorer, good_recs[:mid], good[:mid])
             self.score(topic, scorer, good_recs[mid:], good[mid:])
 
-    def _not_scored(self, r: RawRecord, rec: DecodedRecord) -> None:
-        """A payment dead-lettered after the dedupe stage remembered its id: forget the id, so that its corrected
-        resend is scored rather than dropped as a duplicate of a payment that was never scored."""
-        if not isinstance(rec, TransactionRecord):
-            return
+    def _not_scored(self, spec: StreamSpec, r: RawRecord, rec: DecodedRecord) -> None:
+        """A record dead-lettered after the dedupe stage remembered its key: forget the key, so that its
+        corrected resend is scored rather than dropped as a duplicate of a record that was never scored."""
         window = self.partitions[(r.topic, r.partition)].dedupe
-        if window is not None:
-            window.forget(rec.transaction_id)
+        key = spec.dedupe_key(rec)
+        if window is not None and key is not None:
+            window.forget(key)
 
     def _contexts(self, topic: str, spec: StreamSpec, parts: np.ndarray) -> dict[int, TerminalContext] | None:
         """The terminal contexts the batch's featurization reads and updates (transactions with terminal
@@ -158,7 +157,7 @@ class ScoreStage:
             self.shadow.score(topic, good_recs, cols, parts)
         for r, rec, t in out_of_order:
             self.dead.send(r, "out_of_order", out_of_order_detail(t, scorer.allowed_lateness_s))
-            self._not_scored(r, rec)
+            self._not_scored(scorer.spec, r, rec)
         if not good_recs:
             return
         ts = cols.ts
@@ -167,7 +166,7 @@ class ScoreStage:
                 self.dead.send(
                     good_recs[i], "out_of_order", out_of_order_detail(float(ts[i]), scorer.allowed_lateness_s)
                 )
-                self._not_scored(good_recs[i], good[i])
+                self._not_scored(scorer.spec, good_recs[i], good[i])
             keep = np.flatnonzero(~res.rejected)
             good_recs, parts, ts, res = [good_recs[i] for i in keep.tolist()], parts[keep], ts[keep], res.take(keep)
             if not good_recs:

@@ -251,6 +251,7 @@ class StreamScorer:
         scores = np.empty(n, np.float64)
         held = None if p.late is None or p.rejected is None else p.late | p.rejected  # leave the statistics alone
         stats = self.store.score_stats()
+        cold_threshold = self.checkpoint.cold_threshold if isinstance(self.checkpoint, ForecastCheckpoint) else None
         for idx in p.order:
             s = p.slots[idx]
             warm = p.count[idx] >= self.min_history
@@ -261,6 +262,8 @@ class StreamScorer:
                 normal = warm & ~verdict.is_anomaly
                 self.threshold.observe(stats, s, verdict.scores, normal if round_held is None else normal & ~round_held)
             scores[idx], thresholds[idx], anomalous[idx] = verdict
+            if cold_threshold is not None:
+                self._judge_cold(idx, s, p, warm, cold_threshold, raw_scores, scores, thresholds, anomalous)
         reconstructed = recon * p.std + p.mean
         return ScoreBatch(
             p.slots,
@@ -275,6 +278,34 @@ class StreamScorer:
             p.late,
             p.rejected,
         )
+
+    def _judge_cold(
+        self,
+        idx: np.ndarray,
+        slots: np.ndarray,
+        p: Prepared,
+        warm: np.ndarray,
+        cold_threshold: float,
+        raw_scores: np.ndarray,
+        scores: np.ndarray,
+        thresholds: np.ndarray,
+        anomalous: np.ndarray,
+    ) -> None:
+        """A forecaster's entity whose sequence context restarted while its scaling was established (a promoted
+        or rolled-back version's fresh (h, c), a context gap) is judged during the burn-in by the model's cold
+        threshold on its raw score, not left unjudged: a swap no longer leaves every entity unwatched for its
+        next burn_in events. A brand-new entity (scaling still the prior's) waits out its burn-in as before."""
+        # readings its scaling had learnt before this context began: each event adds one to both counts, so
+        # the difference is the same for every event of the batch (batched == one at a time)
+        before = self.store.feat_n[slots] - self.store.count[slots]
+        cold = ~warm & (p.count[idx] >= 2) & (before >= self.min_history)
+        if p.late is not None and p.rejected is not None:
+            cold &= ~(p.late[idx] | p.rejected[idx])
+        if not cold.any():
+            return
+        at = idx[cold]
+        scores[at], thresholds[at] = raw_scores[at], cold_threshold
+        anomalous[at] = raw_scores[at] > cold_threshold
 
     def _forecast_scores(self, p: Prepared, ckpt: ForecastCheckpoint) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stateful family: per round, score each event by the error of the prediction its entity made at its

@@ -1,8 +1,8 @@
 """A stream's history from a Kafka topic: the replay reader's range, decoded with the stream's decoder.
 
 The range is by record timestamp, half-open [from, to), as `pipeline replay` reads it. Records that fail
-decoding or whose key is not their entity (what the service dead-letters) are skipped and counted by reason
-in the model card.
+decoding or whose key is not their entity (what the service dead-letters), and resends of a record already
+read (what the service drops as duplicates: `duplicate`), are skipped and counted by reason in the model card.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def read_topic(
     origin: list[int] = []
     position: list[int] = []
     skipped: Counter[str] = Counter()
+    seen: set[str] = set()  # dedupe keys: a reading resent by an at-least-once producer is trained on once
     try:
         assigned: list[TopicPartition] = []
         source.subscribe([topic], on_assigned=assigned.extend, on_revoked=lambda _tps: None)
@@ -57,6 +58,12 @@ def read_topic(
                 except DecodeError as exc:
                     skipped[exc.reason] += 1
                     continue
+                key = decoder.spec.dedupe_key(rec)
+                if key is not None:
+                    if key in seen:  # the service drops it too (pipeline.processing.dedupe)
+                        skipped["duplicate"] += 1
+                        continue
+                    seen.add(key)
                 entity_ids.append(decoder.spec.entity_of(rec))
                 ts.append(rec.timestamp.timestamp())
                 values.append([rec.values[c] for c in channels])

@@ -121,3 +121,36 @@ def test_a_payment_dead_lettered_out_of_order_is_scored_when_resent_corrected(
     run_processor(env, log_path=log)
     assert _dropped(log) == [0, 0]
     assert len(_alerts_of(pg_store, "ooo-resend", "C-dup")) == 1
+
+
+def test_a_resent_sensor_reading_is_scored_once_and_counted(
+    kafka_bootstrap: str, pg_store: SqlTestStore, pg_url: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """A probe resent one reading (same device, time and values, as an at-least-once producer does): it raised
+    a second alert with another score (the first had moved the entity's state) and nothing counted it. Now a
+    reading is deduplicated by device, time and values; a different reading stamped with the same time is
+    still scored."""
+    from pipeline.simulate import simulate_sensors
+
+    recs, _ = simulate_sensors(4, 120, seed=43)
+    readings = strip_labels(recs)
+    last = max((r for r in readings if r["device_id"] == readings[0]["device_id"]), key=lambda r: r["timestamp"])
+    spike = {
+        **last,
+        "timestamp": last["timestamp"][:11] + "23:59:00Z",
+        "values": {k: v * 40 for k, v in last["values"].items()},
+    }
+    twin = {**spike, "values": {**spike["values"], next(iter(spike["values"])): 0.5}}  # same time, other values
+    env = topic_env(topic_prefix, kafka_bootstrap, pg_url, run_id="sdedupe")
+    topic = env["PIPELINE_SENSORS_TOPIC"]
+    produce(kafka_bootstrap, topic, [(r["device_id"], r) for r in [*readings, spike, spike, twin]])
+    log = tmp_path / "proc.log"
+    run_processor(env, log_path=log)
+    assert _dropped(log) == [1]
+    offsets = sorted(
+        a["source_offset"] for a in _alerts_of(pg_store, "sdedupe", spike["device_id"]) if a["event_time"].hour == 23
+    )
+    assert offsets, "the spike raised no alert"
+    assert offsets[0] + 1 not in offsets  # its resend, the next record of the partition, raised none
+    scored = pg_store.load_offsets("sdedupe", env["PIPELINE_GROUP_ID"])
+    assert sum(c for c, _ in scored.values()) == len(readings) + 3  # all consumed, the resend included

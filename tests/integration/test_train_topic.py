@@ -32,7 +32,7 @@ def _wire(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _produce(bootstrap: str, topic: str) -> None:
-    """The fixture rows inside [FROM_MS, FROM_MS + 10 min), four invalid records among them, and valid readings of
+    """The fixture rows inside [FROM_MS, FROM_MS + 10 min), five invalid records among them, and valid readings of
     another pump before and after the range (which must not be read)."""
     rows = pump_rows()
     outside = [{**r, "device_id": "X9"} for r in pump_rows(entities=1, seed=5)]
@@ -40,6 +40,8 @@ def _produce(bootstrap: str, topic: str) -> None:
     body += [("P1", b"{not json"), ("P2", orjson.dumps({**_wire(rows[0]), "values": {"pressure": 1.0}}))]
     # valid readings the service dead-letters for their key (they were trained on, as one-row pumps)
     body += [(None, _wire({**rows[0], "device_id": "P7"})), ("P1", _wire({**rows[0], "device_id": "P8"}))]
+    # an at-least-once resend of a reading: trained on once (it refused the whole topic as a second row)
+    body += [(rows[5]["device_id"], _wire(rows[5]))]
     stamps = [FROM_MS + i for i in range(len(body))]
     body += [(r["device_id"], _wire(r)) for r in outside] * 2
     stamps += [FROM_MS - 60_000] * len(outside) + [FROM_MS + 600_000] * len(outside)
@@ -96,7 +98,7 @@ def test_topic_range_and_csv_give_the_same_card(kafka_bootstrap: str, topic_pref
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
     assert done.returncode == 0, done.stderr
-    skipped = "{'key_mismatch': 1, 'malformed_json': 1, 'missing_channels': 1, 'missing_key': 1}"
+    skipped = "{'duplicate': 1, 'key_mismatch': 1, 'malformed_json': 1, 'missing_channels': 1, 'missing_key': 1}"
     assert f"invalid records skipped: {skipped}" in done.stdout, done.stdout
     topic_card = json.loads((tmp_path / "topic" / "pumps.card.json").read_text())
 
@@ -104,7 +106,7 @@ def test_topic_range_and_csv_give_the_same_card(kafka_bootstrap: str, topic_pref
     csv = write_csv(tmp_path / "pumps.csv", pump_rows(), entity_key="pump_id")
     csv_card = json.loads(json.dumps(train_on_history(stream, read_files([csv], stream), tmp_path / "csv", FAST).card))
 
-    assert topic_card["data"]["rows"]["read"] == 604 and csv_card["data"]["rows"]["read"] == 600
+    assert topic_card["data"]["rows"]["read"] == 605 and csv_card["data"]["rows"]["read"] == 600
     assert topic_card["data"]["sources"] == [f"{topic}[0]", f"{topic}[1]"]
     assert topic_card["data"]["entities"] == 3  # the pump outside the range was not read
     assert _comparable(topic_card) == _comparable(csv_card)

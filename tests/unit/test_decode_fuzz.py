@@ -317,5 +317,7 @@ def test_the_fuzzed_processor_scored_some_records(processor: Any) -> None:
     """Guards the generator: the fuzz above must reach the scorer, not only the dead-letter topic."""
     if processor.stats.events == 0:
         pytest.skip("run together with test_every_record_is_scored_or_dead_lettered")
-    assert processor.stats.scored >= 20 and processor.stats.dead_letters >= 20
+    # hypothesis repeats simple readings (all zeros at one time), which the dedupe stage now drops as resends
+    stats = processor.stats
+    assert stats.scored >= 10 and stats.scored + stats.duplicates >= 20 and stats.dead_letters >= 20
     assert len({reason for _, reason, _ in processor.dlq.sent}) >= 6

@@ -41,3 +41,29 @@ def test_a_forgotten_id_is_new_again_and_the_rest_keep_their_order() -> None:
     assert list(w.order) == ["a", "c"] and w.ids == {"a", "c"}
     assert not w.seen("b")  # the corrected resend of a payment that was never scored
     assert list(RecentIds.restore(3, w.snapshot()).order) == ["a", "c", "b"]
+
+
+def test_a_readings_dedupe_key_is_its_device_time_and_values_and_the_same_in_every_process() -> None:
+    """The window is snapshotted and restored by another process: the key must not depend on the process's
+    string-hash seed. A resend (same device, time, values) has the key; another value or time does not."""
+    import subprocess
+    import sys
+
+    from pipeline.features.streams import SensorStream
+
+    spec = SensorStream(["flow", "vibration"])
+    reading = {"device_id": "P-1", "timestamp": "2024-05-01T10:00:00Z", "values": {"flow": 12.5, "vibration": 1.1}}
+    key = spec.dedupe_key(spec.parse(reading))
+    assert key is not None and key.startswith("P-1\x1f")
+    assert spec.dedupe_key(spec.parse({**reading, "values": {"vibration": 1.1, "flow": 12.5, "extra": 3.0}})) == key
+    assert spec.dedupe_key(spec.parse({**reading, "values": {"flow": 12.5, "vibration": 1.2}})) != key
+    assert spec.dedupe_key(spec.parse({**reading, "timestamp": "2024-05-01T10:00:01Z"})) != key
+    code = (
+        "from pipeline.features.streams import SensorStream as S; s = S(['flow', 'vibration']); "
+        f"print(repr(s.dedupe_key(s.parse({reading!r}))))"
+    )
+    for seed in ("1", "2"):
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONHASHSEED": seed}, check=True
+        )
+        assert out.stdout.strip() == repr(key)

@@ -23,7 +23,7 @@ from pipeline.config import Settings
 from pipeline.errors import StateError
 from pipeline.features.streams import EventColumns, SensorStream
 from pipeline.replay.core import resolve_model
-from pipeline.scoring.scorer import StreamScorer
+from pipeline.scoring.scorer import ScoreBatch, StreamScorer
 from pipeline.simulate import SENSOR_CHANNELS, simulate_sensors, strip_labels
 from pipeline.training import train_stream_forecaster, train_stream_model
 
@@ -254,3 +254,63 @@ def test_a_young_entity_is_judged_by_the_early_life_threshold_of_the_card(
     assert older.young_threshold == ckpt.threshold
     below = replace(ckpt, card={**ckpt.card, "young_threshold": ckpt.threshold / 2})
     assert below.young_threshold == ckpt.threshold
+
+
+def test_a_restarted_context_is_judged_by_the_cold_threshold_during_the_burn_in(
+    model: tuple[SensorStream, ForecastCheckpoint],
+) -> None:
+    """A probe: after a promote (or rollback) every entity's (h, c) starts again and went unjudged for the
+    burn-in, so spikes of vibration 40 raised no alert for 15 readings. An entity whose scaling is established
+    is now judged during the burn-in by the card's cold threshold (calibrated on fresh-state errors): a gross
+    fault alerts, normal readings do not. A brand-new entity, and a card without it, wait as before."""
+    from dataclasses import replace
+
+    spec, ckpt = model
+    cold = ckpt.cold_threshold
+    assert cold is not None and cold == ckpt.card["cold_threshold"] >= ckpt.young_threshold
+    recs, _ = simulate_sensors(3, 80, seed=31)
+    cols = _cols(spec, recs)
+    ids = np.asarray(cols.entity_ids)
+    e0 = ids[0]
+    rows = np.flatnonzero(ids == e0)
+    history, after = _slice(cols, 0, rows[59] + 1), cols.base[rows[60:70]].copy()
+    after[4] *= 50.0  # a gross fault on the 5th reading after the restart
+    gap = EventColumns([e0] * 10, cols.ts[rows[60:70]], after)
+
+    def served(card: dict) -> tuple[StreamScorer, ScoreBatch]:
+        scorer = StreamScorer(spec, replace(ckpt, card=card), min_history=16)
+        scorer.process(history)
+        scorer.restart_context([e0])  # what a swap or a context gap leaves: fresh (h, c), scaling kept
+        return scorer, scorer.process(gap)
+
+    _, res = served(ckpt.card)
+    assert res.is_anomaly[4] and not res.is_anomaly[:4].any()
+    assert res.thresholds[1] == cold and res.scores[4] == res.raw_scores[4] > cold
+    _, older = served({k: v for k, v in ckpt.card.items() if k != "cold_threshold"})
+    assert not older.is_anomaly.any()  # a card without it: the burn-in is not judged
+    fresh = StreamScorer(spec, ckpt, min_history=16).process(EventColumns(["new"] * 10, gap.ts, after))
+    assert not fresh.is_anomaly.any()  # a brand-new entity's scaling is the prior's: it waits
+
+
+def test_a_promoted_forecaster_judges_the_entities_it_takes_over_from_their_first_readings(
+    model: tuple[SensorStream, ForecastCheckpoint],
+) -> None:
+    """The swap path itself (EntityStateStore.adopt, as pipeline.processing.swap does at a checkpoint
+    boundary): the new version keeps the entities' scaling, starts their (h, c) afresh, and alerts on a gross
+    fault in its burn-in."""
+    from dataclasses import replace
+
+    spec, ckpt = model
+    recs, _ = simulate_sensors(3, 80, seed=32)
+    cols = _cols(spec, recs)
+    ids = np.asarray(cols.entity_ids)
+    rows = np.flatnonzero(ids == ids[0])
+    old = StreamScorer(spec, replace(ckpt, card={**ckpt.card, "version": "pumps-v1"}), min_history=16)
+    old.process(_slice(cols, 0, rows[59] + 1))
+    new = StreamScorer(spec, replace(ckpt, card={**ckpt.card, "version": "pumps-v2"}), min_history=16)
+    carry = new.store.adopt(old.store)
+    assert not carry.same_model and carry.stats  # scaling kept, (h, c) re-warms
+    after = cols.base[rows[60:70]].copy()
+    after[3] *= 50.0
+    res = new.process(EventColumns([ids[0]] * 10, cols.ts[rows[60:70]], after))
+    assert res.is_anomaly[3] and not res.is_anomaly[:3].any() and res.thresholds[3] == ckpt.cold_threshold

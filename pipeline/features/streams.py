@@ -349,6 +349,31 @@ class SensorStream(StreamSpec[SensorRecord]):
         self._channel_set = frozenset(channels)
         self._pick = operator.itemgetter(*self.feature_names)  # one channel: a scalar, else a tuple
 
+    def decode(self, value: bytes | None) -> SensorRecord:
+        """As StreamSpec.decode, except that keys of `values` the stream does not declare are ignored whatever
+        they hold (a device may send a status text beside its numbers): a schema violation is retried once
+        with only the declared channels, so it stands only where a declared field is wrong. The error path
+        alone pays for it."""
+        try:
+            return super().decode(value)
+        except DecodeError as exc:
+            trimmed = self._declared_only(value) if exc.reason == "schema_violation" else None
+            if trimmed is None:
+                raise
+        return super().decode(trimmed)
+
+    def _declared_only(self, value: bytes | None) -> bytes | None:
+        """The record with its undeclared `values` keys left out; None when it has none (or is not an object)."""
+        try:
+            obj = orjson.loads(value or b"")
+        except orjson.JSONDecodeError:
+            return None
+        values = obj.get("values") if isinstance(obj, dict) else None
+        if not isinstance(values, dict) or self._channel_set.issuperset(values):
+            return None
+        obj["values"] = {k: v for k, v in values.items() if k in self._channel_set}
+        return orjson.dumps(obj)
+
     def check(self, record: SensorRecord) -> None:
         missing = self._channel_set.difference(record.values)
         if missing:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipeline.errors import DecodeError
@@ -124,3 +126,19 @@ def test_records_without_a_key_are_dead_lettered() -> None:
         validate(TX, RawRecord("tx", 0, 0, None, GOOD_TX, 0))
     assert err.value.reason == "missing_key"
     assert validate(TX, RawRecord("tx", 0, 0, b"C1", GOOD_TX, 0)).customer_id == "C1"
+
+
+def test_undeclared_values_keys_are_ignored_whatever_they_hold() -> None:
+    """README: keys of `values` the stream does not declare are ignored. A probe's device sent a status text
+    beside its numbers ("extra": "x") and every reading was dead-lettered `schema_violation`. A declared
+    channel that is wrong still is, naming that channel."""
+    spec = SensorStream(["flow", "vibration"])
+    base = {"device_id": "P-9", "timestamp": "2024-05-01T10:00:00Z"}
+    ok = spec.decode(json.dumps({**base, "values": {"flow": 12.0, "vibration": 1.0, "extra": "x", "n": None}}).encode())
+    assert (ok.values["flow"], ok.values["vibration"]) == (12.0, 1.0)
+    with pytest.raises(DecodeError) as bad:
+        spec.decode(json.dumps({**base, "values": {"flow": "12", "vibration": 1.0, "extra": "x"}}).encode())
+    assert bad.value.reason == "schema_violation" and "values.flow" in str(bad.value)
+    with pytest.raises(DecodeError) as missing:
+        spec.decode(json.dumps({**base, "values": {"flow": 12.0, "extra": "x"}}).encode())
+    assert missing.value.reason == "missing_channels" and "vibration" in str(missing.value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -23,7 +24,14 @@ from rich.table import Table
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
-from pipeline.registry.registry import CHALLENGER, CHAMPION, ModelRegistry, ModelVersion, RegistryError
+from pipeline.registry.registry import (
+    CHALLENGER,
+    CHAMPION,
+    ModelRegistry,
+    ModelVersion,
+    RegistryError,
+    channel_mismatch,
+)
 
 if TYPE_CHECKING:
     from pipeline.registry import compare as comparison
@@ -84,12 +92,40 @@ def _version_json(model: ModelVersion, aliases: list[str]) -> dict[str, Any]:
 def register_cmd(
     path: Annotated[Path, typer.Argument(help="a checkpoint file (.pt) written by `pipeline train`")],
     stream: Annotated[str, typer.Option("--stream", help="the stream (registry name) it serves")],
+    streams_file: StreamsFileOpt = None,
     database_url: DbOpt = None,
 ) -> None:
-    """Store a checkpoint as a new version of a stream (the same file again: the existing version)."""
+    """Store a checkpoint as a new version of a stream (the same file again: the existing version). Where the
+    stream file declares the stream, the checkpoint must fit it as `pipeline run` checks it."""
+    _check_registered(path, stream, streams_file)
     with _store(database_url, existing=False) as store:
         version = ModelRegistry(store).register(path, stream)
     typer.echo(version)
+
+
+def _check_registered(path: Path, stream: str, streams_file: Path | None) -> None:
+    """A probe registered a chillers checkpoint as a pumps version (and pumps as chillers): refused here when
+    the stream file declares the stream; a stream it does not declare is noted (a version may be registered
+    before its stream is declared)."""
+    from models.lstm_forecast import load_model
+    from pipeline.streams.config import ENV_VAR
+    from pipeline.streams.serving import check_channels
+
+    spec = _stream_spec(stream, streams_file)
+    if spec is None:
+        if streams_file is not None or os.environ.get(ENV_VAR, "").strip():
+            typer.echo(f"note: the stream file declares no stream {stream!r}; channels not checked", err=True)
+        return
+    if not spec[0].channels:
+        return
+    try:
+        checkpoint = load_model(path)
+    except Exception:  # noqa: BLE001 - unreadable: `register` names the file's fault itself
+        return
+    try:
+        check_channels(spec[0], checkpoint.card, checkpoint.config.scored(), path.name)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (stream file {spec[1]}); nothing was registered") from None
 
 
 @models_app.command("list")
@@ -177,6 +213,8 @@ def promote_cmd(
     with _store(database_url) as store:
         registry = ModelRegistry(store)
         expected, source = _expected_channels(registry, stream, channels, streams_file)
+        if channels is None:
+            _check_as_served(registry, version, stream, streams_file)
         shadowing = registry.current(stream, CHALLENGER) if alias == CHAMPION else None
         state = registry.promote(version, stream, alias, expected_channels=expected, by=by or _login())
     checked = f"channels checked against {source}" if expected is not None else "no channels to check against"
@@ -210,6 +248,28 @@ def _expected_channels(
     if champion is not None:
         return registry.show(champion.version).channels, f"the champion {champion.version}"
     return None, ""
+
+
+def _check_as_served(registry: ModelRegistry, version: str, stream: str, streams_file: Path | None) -> None:
+    """The rest of the stream file's check, as `pipeline run` makes it at start: channel roles (a version that
+    scores a channel the file declares as context passed the channel-name check, then the service refused to
+    start). Only where promote's own checks pass (the version exists, is the stream's, has its channels)."""
+    from pipeline.streams.serving import check_channels
+
+    spec = _stream_spec(stream, streams_file)
+    if spec is None or not spec[0].channels:
+        return
+    try:
+        model = registry.show(version)
+        if model.stream != stream or channel_mismatch(model.channels, spec[0].channel_names) is not None:
+            return  # promote refuses it, naming the stream or the channels
+        checkpoint = registry.load(version)
+    except RegistryError:
+        return
+    try:
+        check_channels(spec[0], checkpoint.card, checkpoint.config.scored(), version)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (stream file {spec[1]}); nothing was promoted") from None
 
 
 def _stream_spec(stream: str, streams_file: Path | None) -> tuple[Stream, Path] | None:

@@ -247,10 +247,12 @@ class ModelRegistry:
         deleted since)."""
         stack = self._alias_stack(stream, alias)
         current = stack.pop() if stack else None
+        deleted = []
         while stack and self.store.get_version(stack[-1]) is None:
-            stack.pop()
+            deleted.append(stack.pop())
         if current is None or not stack:
-            raise RegistryError(f"{stream}@{alias} has no previous version to roll back to")
+            gone = f" (the earlier {', '.join(deleted)}: deleted)" if deleted else ""
+            raise RegistryError(f"{stream}@{alias} has no previous version to roll back to{gone}")
         self.store.move_aliases([AliasMove(stream, alias, stack[-1], current, "rollback")], by)
         return self._alias_state(stream, alias)
 

@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from pipeline.streams.config import ENV_VAR, Stream, StreamsFileError, load_streams, streams_file_from_env
+from pipeline.streams.config import (
+    ENV_VAR,
+    Stream,
+    StreamsFileError,
+    load_streams,
+    parse_model_ref,
+    streams_file_from_env,
+)
 
 streams_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Stream files: declare what is served.")
 
@@ -25,6 +32,23 @@ def summary(stream: Stream) -> str:
     if stream.challenger:
         parts.append(f"challenger {stream.challenger}")
     return f"{stream.name}: {', '.join(parts)}"
+
+
+def _check_model_files(stream: Stream) -> None:
+    """A model named by file (a .pt path, bundled:KIND) is loaded and checked against the stream as `pipeline
+    run` checks it (a bundled model with other channels passed here, then run refused it); a registry model
+    is checked by `models promote` and at start, where the database is."""
+    from pipeline.errors import ConfigError
+    from pipeline.streams.serving import resolve_model
+
+    for ref in (stream.model, stream.challenger):
+        if ref is None or parse_model_ref(ref).source == "registry":
+            continue
+        try:
+            resolve_model(stream, None, ref)
+        except ConfigError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
 
 
 @streams_app.command()
@@ -47,5 +71,6 @@ def check(
         if clash is not None:
             typer.echo(f"error: stream {stream.name!r}: {clash}", err=True)
             raise typer.Exit(2)
+        _check_model_files(stream)
     for stream in streams.streams:
         typer.echo(summary(stream))

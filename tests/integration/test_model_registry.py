@@ -128,6 +128,11 @@ def test_rollback_skips_versions_deleted_since(store: SqlRegistryStore, tmp_path
         registry.promote(v, "sensors", expected_channels=None)
     registry.delete(v2)
     assert registry.rollback("sensors").version == v1
+    # with nothing left behind a deleted one, the refusal says so (it read as if there had been none)
+    registry.promote(v3, "sensors", expected_channels=None)
+    registry.delete(v1)
+    with pytest.raises(RegistryError, match=rf"no previous version to roll back to \(the earlier {v1}: deleted\)"):
+        registry.rollback("sensors")
 
 
 def test_a_deleted_version_id_is_never_given_to_another_model(store: SqlRegistryStore, tmp_path: Path) -> None:
@@ -394,3 +399,47 @@ def test_cli_compare_counts_an_event_once_scopes_to_a_run_and_rates_over_event_t
     # --since after everything the versions scored: no window, no rate (it read -0 per hour)
     after = _cli(url, "compare", v1, v2, "--since", "2030-01-01T00:00:00Z", "--json").stdout.splitlines()[0]
     assert json.loads(after)["a"]["alerts_per_hour"] is None
+
+
+def test_promote_checks_the_channel_roles_as_the_service_will(pg_registry: SqlRegistryStore, tmp_path: Path) -> None:
+    """A probe's stream file declared one of the model's scored channels as context: promote passed ("channels
+    checked against the stream file") and `pipeline run` then refused to start. Promote now makes run's check."""
+    registry = ModelRegistry(pg_registry)
+    v1 = registry.register(BUNDLED, "sensors")
+    roles = tmp_path / "roles.toml"
+    context = 'role = "context"\n'
+    channels = "".join(f'[[streams.channels]]\nname = "{c}"\n' + context * (i == 0) for i, c in enumerate(CHANNELS))
+    roles.write_text(
+        '[[streams]]\nname = "sensors"\ntopic = "plant.sensors"\nkind = "sensors"\nentity_key = "device_id"\n'
+        f'time_field = "timestamp"\nmodel = "sensors@champion"\n{channels}'
+    )
+    refused = _cli(pg_registry.db.url, "promote", v1, "--stream", "sensors", "--streams-file", str(roles))
+    assert isinstance(refused.exception, ConfigError), refused.output
+    assert "the model scores" in str(refused.exception) and "nothing was promoted" in str(refused.exception)
+    assert registry.current("sensors") is None
+    fits = tmp_path / "fits.toml"
+    fits.write_text(roles.read_text().replace(context, ""))
+    done = _cli(pg_registry.db.url, "promote", v1, "--stream", "sensors", "--streams-file", str(fits))
+    assert done.exit_code == 0, done.output
+
+
+def test_register_checks_the_checkpoint_against_a_declared_stream(
+    pg_registry: SqlRegistryStore, tmp_path: Path
+) -> None:
+    """A probe registered a chillers checkpoint as a pumps version: nothing checked it until a promote. Where
+    the stream file declares the stream, register refuses what `pipeline run` would; an undeclared stream is
+    noted and registered."""
+    wrong = _variant(tmp_path, "wrong", feature_names=CHANNELS[:-1])
+    refused = _cli(pg_registry.db.url, "register", str(wrong), "--stream", "sensors")  # the bundled stream file
+    assert isinstance(refused.exception, ConfigError), refused.output
+    assert "cannot be served" in str(refused.exception) and "nothing was registered" in str(refused.exception)
+    assert ModelRegistry(pg_registry).list("sensors") == []
+    done = _cli(pg_registry.db.url, "register", str(BUNDLED), "--stream", "sensors")
+    assert done.exit_code == 0 and done.stdout.strip() == "sensors-v1", done.output
+    plant = tmp_path / "plant.toml"
+    plant.write_text(
+        '[[streams]]\nname = "pumps"\ntopic = "plant.pumps"\nkind = "sensors"\nentity_key = "pump_id"\n'
+        'time_field = "at"\nmodel = "pumps@champion"\n[[streams.channels]]\nname = "flow"\n'
+    )
+    noted = _cli(pg_registry.db.url, "register", str(BUNDLED), "--stream", "boilers", "--streams-file", str(plant))
+    assert noted.exit_code == 0 and "declares no stream 'boilers'" in noted.stderr, noted.output

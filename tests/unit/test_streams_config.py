@@ -301,6 +301,7 @@ def test_decoder_reads_the_streams_own_field_names(plant: Path) -> None:
 
 
 def test_streams_check_prints_one_line_per_stream(plant: Path) -> None:
+    plant.write_text(plant.read_text().replace('model = "models/chillers.pt"', 'model = "chillers@champion"'))
     app = typer.Typer()
     register(app)
     result = CliRunner().invoke(app, ["streams", "check", str(plant)])
@@ -308,9 +309,23 @@ def test_streams_check_prints_one_line_per_stream(plant: Path) -> None:
     assert result.stdout.splitlines() == [
         "pumps: topic plant.pumps, sensors, entity pump_id, time at, 2 channels (1 scored, 1 context), "
         "model pumps@champion, challenger pumps@challenger",
-        f"chillers: topic plant.chillers, sensors, entity device_id, time timestamp, 3 channels (3 scored, 0 context), "
-        f"model {plant.parent / 'models' / 'chillers.pt'}",
+        "chillers: topic plant.chillers, sensors, entity device_id, time timestamp, 3 channels (3 scored, 0 context), "
+        "model chillers@champion",
     ]
+
+
+def test_streams_check_loads_a_model_named_by_file_as_run_does(plant: Path) -> None:
+    """A probe's stream served by `bundled:sensors` with other channels passed `streams check`, and `pipeline
+    run` refused it; a model named by file (a path, bundled:KIND) is now checked here (registry models are
+    checked by `models promote` and at start, where the database is)."""
+    app = typer.Typer()
+    register(app)
+    unreadable = CliRunner().invoke(app, ["streams", "check", str(plant)])  # the fixture's chillers.pt is empty
+    assert unreadable.exit_code == 2 and "stream 'chillers': model" in unreadable.output
+    assert "cannot load" in unreadable.output
+    plant.write_text(plant.read_text().replace('model = "models/chillers.pt"', 'model = "bundled:sensors"'))
+    other = CliRunner().invoke(app, ["streams", "check", str(plant)])
+    assert other.exit_code == 2 and "stream 'chillers' cannot be served by model" in other.output
 
 
 def test_streams_check_bad_file_exits_2_with_one_line(tmp_path: Path) -> None:

@@ -61,7 +61,9 @@ def test_metrics_and_api_bind_loopback_unless_told(
     if host is not None:
         args += ["--host", host]
     log = tmp_path / "run.log"
-    proc = start_processor(topic_env(topic_prefix, kafka_bootstrap, pg_url), *args, log_path=log)
+    # a run of its own: the shared schema may hold run `live` of another test's consumer group
+    env = topic_env(topic_prefix, kafka_bootstrap, pg_url, run_id=f"bind-{topic_prefix}")
+    proc = start_processor(env, *args, log_path=log)
     try:
         _wait_up(f"http://127.0.0.1:{mport}/metrics", proc, log)
         _wait_up(f"http://127.0.0.1:{aport}/healthz", proc, log)

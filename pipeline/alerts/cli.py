@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 from rich.console import Console
@@ -315,49 +315,73 @@ def label_cmd(
         raise ConfigError("--publish-label: set --bootstrap or KAFKA_BOOTSTRAP")
     label = "tp" if tp else "fp"
     # what is to be published is read (and checked) first, so a label that cannot be sent changes nothing
-    payments = _labelled_payments(database_url, item_id, incident, boot, s) if publish and boot else None
+    payments = _labelled_payments(database_url, item_id, incident, boot, s, label) if publish and boot else None
     row, n = _update(database_url, item_id, incident, lambda queries, target: queries.label(label, **target))
-    published = (
-        _send_labels(payments, tp, boot, s.labels_topic, s.topic_partitions, fanout)
-        if payments is not None and boot
-        else None
-    )
+    published = None
+    if payments is not None and boot:
+        published = _send_labels(payments.to_send, tp, boot, s.labels_topic, s.topic_partitions, fanout)
+        with _queries(database_url) as queries:  # after the broker acked: a failed send is sent again next time
+            queries.mark_label_published([alert_id for _, _, alert_id in payments.to_send], label)
+        published.update(already_sent=payments.already_sent, other_verdict_sent=payments.other_verdict_sent)
     if as_json:
         _print_json({"labeled": _jsonable(row), "rows": n, **({"published": published} if publish else {})})
-    else:
-        out.print(
-            f"labelled {'incident' if incident else 'alert'} {item_id} {label} ({n} rows)"
-            + (f"; {published['labels']} label(s) sent to {s.labels_topic}" if published else "")
-        )
+        return
+    said = f"labelled {'incident' if incident else 'alert'} {item_id} {label} ({n} rows)"
+    if published is not None:
+        said += f"; {published['labels']} label(s) sent to {s.labels_topic}"
+        if published["already_sent"]:
+            said += f"; {published['already_sent']} already sent with this verdict, not sent again"
+        if published["other_verdict_sent"]:
+            said += (
+                f"; note: the other verdict sent earlier for {published['other_verdict_sent']} payment(s) still "
+                "counts in its terminal's fraud rate until it decays (labels add up; none is retracted)"
+            )
+    out.print(said, highlight=False)
+
+
+class LabelledPayments(NamedTuple):
+    """What --publish-label sends: each payment to label (decoded, with its stream's entity field and its
+    alert's id); how many already carry this verdict on the topic, and how many another one."""
+
+    to_send: list[tuple[Any, str, int]]
+    already_sent: int
+    other_verdict_sent: int
 
 
 def _labelled_payments(
-    database_url: str | None, item_id: int, incident: bool, bootstrap: str, settings: Settings
-) -> list[tuple[Any, str]]:
+    database_url: str | None, item_id: int, incident: bool, bootstrap: str, settings: Settings, label: str
+) -> LabelledPayments:
     """Each labelled payment, read back from its source position and decoded as its stream declares it: the
     bundled `transactions` stream, or a transactions stream of the stream file (PIPELINE_STREAMS_FILE), whose
-    entity and time fields may be named otherwise; with the name of its stream's entity field."""
+    entity and time fields may be named otherwise. A payment whose alert already had this verdict published is
+    not sent again: labels add up in a terminal's fraud rate (a probe's repeated --tp counted twice)."""
     from pipeline.kafka.client import read_at
 
     decoders = _payment_decoders(settings)
     with _queries(database_url) as queries:
         _ = queries.get_incident(item_id) if incident else queries.get_alert(item_id)  # NotFoundError first
         sources = queries.alert_sources(**_target(item_id, incident))
-    pay = [(a["source_topic"], a["source_partition"], a["source_offset"]) for a in sources if a["stream"] in decoders]
-    if not pay:
+    payments = [a for a in sources if a["stream"] in decoders]
+    if not payments:
         streams = sorted({a["stream"] for a in sources})
         raise ConfigError(
             f"{'incident' if incident else 'alert'} {item_id} has no payment alerts to publish (its streams: "
             f"{', '.join(streams) or 'none'}; payment streams: {', '.join(sorted(decoders))}); nothing was labelled"
         )
-    found = read_at(bootstrap, pay)
-    missing = [p for p in pay if p not in found]
+    send = [a for a in payments if a["label_published"] != label]
+    where = {a["id"]: (a["source_topic"], a["source_partition"], a["source_offset"]) for a in send}
+    found = read_at(bootstrap, list(where.values())) if where else {}
+    missing = [p for p in where.values() if p not in found]
     if missing:
         raise ConfigError(
             f"source records no longer in Kafka (retention?): {missing[:3]}; nothing was labelled or published"
         )
-    stream_of = {(a["source_topic"], a["source_partition"], a["source_offset"]): a["stream"] for a in sources}
-    return [(decoders[stream_of[p]].decode(found[p].value), decoders[stream_of[p]].entity_key) for p in pay]
+    to_send = [
+        (decoders[a["stream"]].decode(found[where[a["id"]]].value), decoders[a["stream"]].entity_key, a["id"])
+        for a in send
+    ]
+    other = sum(1 for a in payments if a["label_published"] not in (None, label))
+    return LabelledPayments(to_send, len(payments) - len(send), other)
 
 
 def _payment_decoders(settings: Settings) -> dict[str, StreamSpec[Any]]:
@@ -373,15 +397,17 @@ def _payment_decoders(settings: Settings) -> dict[str, StreamSpec[Any]]:
 
 
 def _send_labels(
-    payments: list[tuple[Any, str]], is_fraud: bool, bootstrap: str, topic: str, partitions: int, fanout: bool
+    payments: list[tuple[Any, str, int]], is_fraud: bool, bootstrap: str, topic: str, partitions: int, fanout: bool
 ) -> dict[str, Any]:
     """The verdict on each payment to the labels topic (labelled now), its customer under its stream's name."""
     from pipeline.alerts.feedback import transaction_labels
     from pipeline.kafka.client import ensure_topics, make_producer, produce_labels
 
+    if not payments:
+        return {"labels": 0, "records": 0, "topic": topic}
     at = datetime.now(timezone.utc)
     by_key: dict[str, list[Any]] = {}
-    for payment, entity_key in payments:
+    for payment, entity_key, _ in payments:
         by_key.setdefault(entity_key, []).append(payment)
     ensure_topics(bootstrap, [topic], partitions)
     producer = make_producer(bootstrap)

@@ -189,10 +189,18 @@ class AlertQueries:
             return int(m) + int(n)
 
     def alert_sources(self, *, alert_id: int | None = None, incident_id: int | None = None) -> list[dict[str, Any]]:
-        """stream and source position (topic, partition, offset) of an alert, or of an incident's alerts."""
+        """stream and source position (topic, partition, offset) of an alert, or of an incident's alerts, with the
+        verdict last published for it (label_published)."""
         if (alert_id is None) == (incident_id is None):
             raise ValueError("give exactly one of alert_id, incident_id")
-        cols = (alerts.c.id, alerts.c.stream, alerts.c.source_topic, alerts.c.source_partition, alerts.c.source_offset)
+        cols = (
+            alerts.c.id,
+            alerts.c.stream,
+            alerts.c.source_topic,
+            alerts.c.source_partition,
+            alerts.c.source_offset,
+            alerts.c.label_published,
+        )
         with self.db.reading("read alert sources") as conn:
             if alert_id is not None:
                 q = select(*cols).where(alerts.c.id == alert_id)
@@ -202,6 +210,13 @@ class AlertQueries:
                     raise NotFoundError(f"no incident with id {incident_id}")
                 q = select(*cols).where(alerts.c.incident_key == key).order_by(alerts.c.id)
             return [dict(m) for m in conn.execute(q).mappings()]
+
+    def mark_label_published(self, alert_ids: list[int], label: str) -> None:
+        """Record the verdict sent to the labels topic for these alerts' payments."""
+        if not alert_ids:
+            return
+        with self.db.writing("record the published labels") as conn:
+            conn.execute(update(alerts).where(alerts.c.id.in_(alert_ids)).values(label_published=label))
 
     def confirmed_anomalies(self, run_id: str | None = None, stream: str | None = None) -> list[dict[str, Any]]:
         """Alerts labelled true positive: the events to keep out of retraining data."""

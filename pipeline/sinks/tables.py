@@ -48,6 +48,8 @@ alerts = Table(
     Column("acked_by", String(64), nullable=True),
     Column("label", String(8), nullable=True),  # "tp" | "fp"
     Column("labeled_at", DateTime(timezone=True), nullable=True),
+    # migration 0008: the verdict last sent to the labels topic for this alert's payment ("tp" | "fp")
+    Column("label_published", String(8), nullable=True),
     Index("ix_alerts_entity_time", "run_id", "entity_id", "event_time"),
     Index("ix_alerts_run_stream", "run_id", "stream"),
     Index("ix_alerts_incident", "incident_key"),

@@ -51,7 +51,7 @@ def test_a_database_from_before_migrations_is_stamped_and_upgraded(db: Database)
     checkpoints = tables.partition_checkpoints.to_metadata(old)
     checkpoints._columns.remove(checkpoints.c["log_epoch"])  # noqa: SLF001 - rebuild the 0002 schema; added by 0003
     alerts = tables.alerts.to_metadata(old)
-    for col in ("incident_key", "acked_at", "acked_by", "label", "labeled_at"):
+    for col in ("incident_key", "acked_at", "acked_by", "label", "labeled_at", "label_published"):  # 0002, 0008
         alerts._columns.remove(alerts.c[col])  # noqa: SLF001 - SQLAlchemy has no public column removal
     alerts.indexes = {ix for ix in alerts.indexes if ix.name != "ix_alerts_incident"}
     old.create_all(db.engine)

@@ -311,7 +311,13 @@ def test_analyst_verdict_is_published_as_label_feedback(
     )
     assert res.exit_code == 0, (res.output, res.exception)
     published = orjson.loads(res.stdout)["published"]
-    assert published == {"labels": 1, "records": PARTITIONS, "topic": labels_topic}  # fanned out to 4
+    assert published == {  # fanned out to 4
+        "labels": 1,
+        "records": PARTITIONS,
+        "topic": labels_topic,
+        "already_sent": 0,
+        "other_verdict_sent": 0,
+    }
     got = read_topic(kafka_bootstrap, labels_topic)
     assert len(got) == PARTITIONS and {k for k, _ in got} == {pay[1]["customer_id"].encode()}
     lab = got[0][1]
@@ -491,7 +497,22 @@ def test_a_verdict_on_a_declared_payment_stream_is_published_and_a_refusal_chang
     args = ["--tp", "--publish-label", "--json", "--bootstrap", kafka_bootstrap, "--database-url", pg_store.url]
     res = CliRunner().invoke(app, ["alerts", "label", str(ids["cards"]), *args])
     assert res.exit_code == 0, (res.output, res.exception)
-    assert orjson.loads(res.stdout)["published"] == {"labels": 1, "records": PARTITIONS, "topic": labels_topic}
+    sent = {"labels": 1, "records": PARTITIONS, "topic": labels_topic, "already_sent": 0, "other_verdict_sent": 0}
+    assert orjson.loads(res.stdout)["published"] == sent
+    # labelled again: labels add up in the terminal's fraud rate, so the same verdict is not sent twice (a probe's
+    # repeated --tp was); another verdict is sent, and the reply says the earlier one still counts
+    again = CliRunner().invoke(app, ["alerts", "label", str(ids["cards"]), *args])
+    assert again.exit_code == 0, (again.output, again.exception)
+    assert orjson.loads(again.stdout)["published"] == {**sent, "labels": 0, "records": 0, "already_sent": 1}
+    assert len(read_topic(kafka_bootstrap, labels_topic)) == PARTITIONS
+    fp = [a if a != "--tp" else "--fp" for a in args if a != "--json"]
+    changed = CliRunner().invoke(app, ["alerts", "label", str(ids["cards"]), *fp])
+    assert changed.exit_code == 0, (changed.output, changed.exception)
+    assert "1 label(s) sent" in changed.stdout and "other verdict sent earlier for 1 payment(s)" in " ".join(
+        changed.stdout.split()
+    )
+    verdicts = [v["is_fraud"] for _, v in read_topic(kafka_bootstrap, labels_topic)]
+    assert (verdicts.count(True), verdicts.count(False)) == (PARTITIONS, PARTITIONS)
     (key, lab), *_ = read_topic(kafka_bootstrap, labels_topic)
     # the label names the card as the stream does (a label with customer_id would be refused on this stream)
     assert (lab["transaction_id"], lab["card_id"], lab["is_fraud"], "customer_id" in lab) == (

@@ -76,6 +76,13 @@ def test_health_ready_metrics_and_page(client: TestClient) -> None:
     for path in ("/healthz", "/readyz", "/"):
         head = client.head(path)
         assert head.status_code == 200 and head.content == b"", path
+    # and the OpenAPI document (/docs) lists each once: a GET+HEAD route logged "Duplicate Operation ID"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = client.get("/openapi.json").json()
+    assert list(spec["paths"]["/healthz"]) == ["get"] and list(spec["paths"]["/"]) == ["get"]
 
 
 def test_readyz_is_503_without_a_database(down: TestClient) -> None:

@@ -5,15 +5,17 @@
     scorers = build_scorers(settings, ensure_models(settings))          # pipeline.app, as `pipeline run`
     db = Database(settings.database_url)                               # pipeline.sinks
     db.create_schema()                                                 # migrations, as `pipeline run` does
-    scoring = FaustScoring(scorers, SqlCheckpointStore(db), KafkaDeadLetterSink(bootstrap, settings.dlq_topic),
-                           run_id="faust")
+    scoring = FaustScoring(scorers, SqlCheckpointStore(db), KafkaDeadLetterSink(settings.kafka_bootstrap,
+                           settings.dlq_topic), run_id="faust", max_future_s=settings.max_future_s,
+                           db_retry_max_s=settings.db_retry_max_s)
     scoring_agent(app, scoring)                                        # one agent over the scorers' topics
 
 Each `stream.take_events(batch, within)` batch goes through the same code as `pipeline run`: decode and
 validate with the stream's spec (bad records to the dead-letter sink with a reason), `StreamScorer.process`,
 `build_alerts`, and the alerts go to the same SQL table with the same unique keys (ON CONFLICT DO NOTHING).
 Order per batch: dead letters flushed, alerts committed to the database, and only then does faust ack the
-events (take_events acks after the loop body), so faust commits no offset before its outputs are durable.
+events (take_events acks after the loop body), so faust commits no offset before its outputs are durable;
+while the database or the broker fails, the writes are retried with backoff and the batch waits.
 
 What this path does NOT give (use `pipeline run` where it matters; docs/design/processor-choice.md):
 * Per-entity state is in memory, per worker, and not durable. After a restart, or when a rebalance moves a
@@ -45,7 +47,7 @@ from pipeline import metrics
 from pipeline.checkpointing.protocols import CheckpointStore
 from pipeline.checkpointing.rows import AlertRow
 from pipeline.config import Settings
-from pipeline.errors import ConfigError, DecodeError
+from pipeline.errors import BrokerError, ConfigError, DecodeError, SinkError
 from pipeline.features.streams import DecodedRecord, TransactionStream
 from pipeline.processing.alerts import build_alerts
 from pipeline.processing.dead_letters import out_of_order_detail
@@ -83,7 +85,9 @@ class FaustScoring:
         group_id: str = "faust",
         top_features: int = 3,
         max_future_s: float = Settings.model_fields["max_future_s"].default,
+        db_retry_max_s: float = Settings.model_fields["db_retry_max_s"].default,
     ) -> None:
+        """max_future_s, db_retry_max_s: pass the Settings' (PIPELINE_MAX_FUTURE_S, PIPELINE_DB_RETRY_MAX_S)."""
         for topic, scorer in scorers.items():
             spec = scorer.spec
             if isinstance(spec, TransactionStream) and spec.terminal_context:
@@ -95,7 +99,7 @@ class FaustScoring:
                 )
         self.scorers, self.db, self.dlq = dict(scorers), db, dlq
         self.run_id, self.group_id, self.top_features = run_id, group_id, top_features
-        self.max_future_s = max_future_s
+        self.max_future_s, self.db_retry_max_s = max_future_s, db_retry_max_s
         self.stats = FaustStats()
         self._next_offset: dict[TopicPartition, int] = {}
         self._lock = threading.Lock()  # a batch and a rebalance never touch the state at the same time
@@ -155,15 +159,36 @@ class FaustScoring:
             self.stats.scored += len(good_recs)
             metrics.SCORED.labels(scorer.spec.name).inc(len(good_recs))
             alerts.extend(build_alerts(self.run_id, scorer, good_recs, ts, res, self.top_features))
-        self.dlq.flush()  # dead letters durable before the batch is acked
-        if alerts:
-            self.stats.alerts_inserted += self.db.write_checkpoint(self.run_id, self.group_id, alerts, [], [])
+        self._make_durable(alerts)
         self.stats.alerts += len(alerts)
         self.stats.batches += 1
         self.stats.busy_s += time.perf_counter() - t0
         self.stats.last_batch_done_at = time.time()
         self.stats.events += events  # last: a reader that sees the events counted sees the batch's outputs
         return alerts
+
+    def _make_durable(self, alerts: list[AlertRow]) -> None:
+        """Dead letters flushed, then the alerts committed, before the batch is acked; retried with backoff (cap
+        db_retry_max_s) while the database or the broker fails, as `pipeline run` retries its checkpoint. An
+        error raised out of the agent instead made faust restart it and commit the batch's offsets anyway: a
+        probe's locked database lost that batch's 18 alerts for good. The batch's state is already applied, so
+        only the writes are repeated (idempotent: the alerts' unique keys)."""
+        delay = min(0.2, self.db_retry_max_s)
+        while True:
+            try:
+                self.dlq.flush()
+                if alerts:
+                    self.stats.alerts_inserted += self.db.write_checkpoint(self.run_id, self.group_id, alerts, [], [])
+                return
+            except (SinkError, BrokerError) as exc:
+                metrics.DB_FAILURES.inc()
+                log.warning(
+                    "faust batch outputs not durable, its events NOT acked; retrying in %.1fs: %s",
+                    delay,
+                    str(exc).splitlines()[0],
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, self.db_retry_max_s)
 
     def _dead_letter(self, r: RawRecord, reason: str, detail: str) -> None:
         self.dlq.send(r, reason, detail)

@@ -11,7 +11,7 @@ import pytest
 from models.lstm_ae import bundled_checkpoint_path, load_checkpoint
 from pipeline.app import build_scorers
 from pipeline.config import Settings
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, SinkError
 from pipeline.integrations.faust import FaustScoring
 from pipeline.records import RawRecord
 from pipeline.simulate import simulate_sensors, strip_labels
@@ -120,3 +120,35 @@ def test_out_of_order_events_are_dead_lettered_not_scored(tmp_path: Path) -> Non
     scoring.handle([stale])
     assert [reason for _, reason in dlq.sent] == ["out_of_order"]
     assert scoring.stats.scored == scored_before and scoring.stats.dead_letters == 1
+
+
+class FlakyStore:
+    """The real SQLite store, whose first `failures` checkpoint writes fail as a locked database does."""
+
+    def __init__(self, inner: SqlTestStore, failures: int) -> None:
+        self.inner, self.failures, self.calls = inner, failures, 0
+
+    def write_checkpoint(self, *args: object, **kwargs: object) -> int:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise SinkError("could not write the checkpoint: database unavailable: database is locked")
+        return self.inner.write_checkpoint(*args, **kwargs)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_a_database_outage_holds_the_batch_until_its_alerts_are_durable(tmp_path: Path) -> None:
+    """A probe locked the database under a faust worker: the agent raised, faust restarted it and committed
+    the batch's offsets anyway, and its 18 alerts were never written. handle() now retries the writes with
+    backoff and returns (faust acks) only once they are durable: the same alerts as without the outage."""
+    topic = Settings().sensors_topic
+    recs = _records(topic)
+    one, db1, _ = _scoring(tmp_path, "one")
+    one.handle(recs)
+    calm, db2, dlq = _scoring(tmp_path, "calm")
+    flaky = FlakyStore(db2, failures=3)
+    held = FaustScoring(calm.scorers, flaky, dlq, run_id="calm", db_retry_max_s=0.01)  # type: ignore[arg-type]
+    held.handle(recs)
+    assert flaky.calls == 4 and dlq.flushes == 4  # the dead letters are flushed again with every try
+    assert held.stats.alerts == one.stats.alerts == db2.count_alerts("calm") == db1.count_alerts("one") > 0

@@ -43,7 +43,11 @@ def _settings(**overrides: Any) -> Settings:
         if v is not None:
             setattr(s, k, v)
     configure(s.log_level, s.log_json)
-    for name in unknown_variables(os.environ):
+    from dotenv import dotenv_values  # pydantic-settings reads `.env` with it: a typo there is as silent
+
+    env_file = Path(".env")
+    names = {**(dotenv_values(env_file) if env_file.is_file() else {}), **os.environ}
+    for name in unknown_variables(names):
         log.warning("%s is not a setting; it is ignored", name)
     return s
 

@@ -216,9 +216,9 @@ class Settings(BaseSettings):
         return None
 
 
-def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+def unknown_variables(environ: Mapping[str, str | None]) -> list[str]:
     """PIPELINE_* variables that name no setting (a typo is otherwise ignored without a word), each with the
-    closest setting when there is one."""
+    closest setting when there is one. environ: the process environment and the `.env` file's names."""
     known = {f"PIPELINE_{name.upper()}" for name in Settings.model_fields}
     known |= {f"PIPELINE_THRESHOLD_{f.name.upper()}" for f in dataclasses.fields(ThresholdKnobs)}
     known |= {f"PIPELINE_ALERTS_{name.upper()}" for name in AlertSettings.model_fields}
@@ -235,6 +235,10 @@ def settings_error(exc: ValidationError) -> str:
     first = exc.errors(include_url=False)[0]
     loc = [str(part) for part in first["loc"] if isinstance(part, str)]
     message = str(first["msg"]).removeprefix("Value error, ")
+    given = first.get("input")
+    if isinstance(given, dict):  # a nested section's own check names its field first: "smoothing must be ..."
+        named = [k for k in given if isinstance(k, str) and message.startswith(f"{k} ")]
+        loc += named[:1]
     if not loc:  # a check across settings: its message names them
         return message
     shown = "" if isinstance(first.get("input"), dict) else f" (got {first['input']!r})"

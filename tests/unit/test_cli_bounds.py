@@ -4,6 +4,9 @@ benchmark, `run --max-events -1` consumed nothing and exited 0, `api --port 9999
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,7 +80,8 @@ def test_alerts_tail_without_a_broker_says_so_within_seconds() -> None:
         ({"PIPELINE_MAX_BATCH_RECORDS": "0"}, "PIPELINE_MAX_BATCH_RECORDS: Input should be greater than or equal to 1"),
         ({"PIPELINE_MAX_MESSAGE_BYTES": "-1"}, "PIPELINE_MAX_MESSAGE_BYTES: Input should be greater than or equal to"),
         ({"PIPELINE_SNAPSHOT_INTERVAL_S": "nan"}, "PIPELINE_SNAPSHOT_INTERVAL_S: Input should be a finite number"),
-        ({"PIPELINE_THRESHOLD_Z": "-1"}, "PIPELINE_THRESHOLD: z must be a finite number of standard deviations >= 0"),
+        ({"PIPELINE_THRESHOLD_Z": "-1"}, "PIPELINE_THRESHOLD_Z: z must be a finite number of standard deviations >= 0"),
+        ({"PIPELINE_THRESHOLD_SMOOTHING": "0"}, "PIPELINE_THRESHOLD_SMOOTHING: smoothing must be in (0, 1]"),
         ({"PIPELINE_ALERTS_RESOLVE_AFTER": "0"}, "PIPELINE_ALERTS_RESOLVE_AFTER: Input should be greater than"),
         ({"PIPELINE_SENSORS_TOPIC": "bad topic!"}, "PIPELINE_SENSORS_TOPIC: String should match pattern"),
         ({"PIPELINE_LOG_LEVEL": "LOUD"}, "PIPELINE_LOG_LEVEL: Input should be 'DEBUG', 'INFO'"),
@@ -150,3 +154,20 @@ def test_a_pipeline_variable_that_names_no_setting_is_named_with_the_closest_one
         "PIPELINE_MAX_BATCH_RECORD (did you mean PIPELINE_MAX_BATCH_RECORDS?)",
         "PIPELINE_QWERTY",
     ]
+
+
+def test_a_typo_in_the_env_file_is_named_too(tmp_path: Path) -> None:
+    """Settings come from the environment or a `.env` file; a misspelt name in the file was ignored without a
+    word (the check read the environment only)."""
+    (tmp_path / ".env").write_text("PIPELINE_MAX_BATCH_RECORD=5\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "streams", "check"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "PIPELINE_MAX_BATCH_RECORD (did you mean PIPELINE_MAX_BATCH_RECORDS?) is not a setting" in done.stderr

@@ -253,6 +253,15 @@ def build_service(settings: Settings, bootstrap: str, *, train_if_missing: bool 
 
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
+    # the input topics a bad setting would clash with, before a database is created or migrated for nothing
+    inputs = (
+        [settings.transactions_topic, settings.sensors_topic]
+        if settings.streams_file is None
+        else [s.topic for s in load_streams(settings.streams_file).streams]
+    )
+    early = settings.read_topic_clash(inputs)
+    if early is not None:
+        raise ConfigError(early)
     db = Database(settings.database_url)
     db.create_schema()
     store = SqlCheckpointStore(db)

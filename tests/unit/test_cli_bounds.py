@@ -171,3 +171,25 @@ def test_a_typo_in_the_env_file_is_named_too(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "PIPELINE_MAX_BATCH_RECORD (did you mean PIPELINE_MAX_BATCH_RECORDS?) is not a setting" in done.stderr
+
+
+def test_a_topic_clash_stops_run_before_a_database_is_created(tmp_path: Path) -> None:
+    """`PIPELINE_ALERTS_TOPIC=sensor-readings` was refused only after the database had been created and
+    migrated (20 log lines, a new file); the README says a bad setting stops the command before it starts."""
+    db = tmp_path / "fresh.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    env |= {
+        "DATABASE_URL": f"sqlite:///{db}",
+        "PIPELINE_ALERTS_TOPIC": "sensor-readings",
+        "KAFKA_BOOTSTRAP": "127.0.0.1:1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--max-events", "1"],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "topic 'sensor-readings' is PIPELINE_ALERTS_TOPIC" in done.stderr, done.stderr
+    assert not db.exists() and "alembic" not in done.stderr.lower()

@@ -240,8 +240,8 @@ class Processor:
             spec = scorer.spec
             recs = drop_reapplied(self.partitions, recs, self.source)
             aligned = topic in self.labels.fed_by
-            # payments held for their labels are not deduplicated: the dedupe window holds no key above the
-            # partition's position, so a replay from a snapshot never drops them
+            # payments held for their labels are deduplicated when released (LabelAlignment.hold): the dedupe
+            # window holds no key above the partition's position, so a replay from a snapshot never drops them
             dedupe = self.opt.dedupe_window > 0 and not aligned
             good: list[DecodedRecord] = []
             good_recs: list[RawRecord] = []

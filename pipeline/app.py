@@ -5,7 +5,7 @@ the Kafka layer, the SQL layer and the pure core.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from pipeline.registry import ModelRegistry
 from pipeline.scoring.factory import build_scorer
 from pipeline.scoring.scorer import StreamScorer
 from pipeline.sinks import AlertQueries, Database, SqlCheckpointStore, SqlRegistryStore
-from pipeline.streams.config import load_streams, parse_model_ref
+from pipeline.streams.config import Stream, load_streams, parse_model_ref
 from pipeline.streams.serving import ServedStream, resolve_model, serve
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,9 @@ def build_scorers(
     return scorers
 
 
-def served_streams(streams_file: Path, db: Database) -> list[ServedStream]:
-    """The streams of a stream file, each with its model (registry references resolve in `db`)."""
-    return serve(load_streams(streams_file).streams, ModelRegistry(SqlRegistryStore(db)))
+def served_streams(streams: Sequence[Stream], db: Database) -> list[ServedStream]:
+    """A stream file's streams, each with its model (registry references resolve in `db`)."""
+    return serve(list(streams), ModelRegistry(SqlRegistryStore(db)))
 
 
 def stream_scorers(settings: Settings, served: list[ServedStream]) -> dict[str, StreamScorer]:
@@ -253,29 +253,26 @@ def build_service(settings: Settings, bootstrap: str, *, train_if_missing: bool 
 
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
+    declared = None if settings.streams_file is None else load_streams(settings.streams_file).streams
     # the input topics a bad setting would clash with, before a database is created or migrated for nothing
-    inputs = (
-        [settings.transactions_topic, settings.sensors_topic]
-        if settings.streams_file is None
-        else [s.topic for s in load_streams(settings.streams_file).streams]
-    )
-    early = settings.read_topic_clash(inputs)
-    if early is not None:
-        raise ConfigError(early)
+    inputs = [settings.transactions_topic, settings.sensors_topic] if declared is None else [s.topic for s in declared]
+    clash = settings.read_topic_clash(inputs)
+    if clash is not None:
+        raise ConfigError(clash)
     db = Database(settings.database_url)
     db.create_schema()
     store = SqlCheckpointStore(db)
     check_run_owner(settings, store)
     models, challengers = None, None
-    if settings.streams_file is None:  # the bundled streams on the *_topic settings, models from models_dir
+    if declared is None:  # the bundled streams on the *_topic settings, models from models_dir
         scorers = build_scorers(settings, ensure_models(settings, train_if_missing))
     else:
-        served = served_streams(settings.streams_file, db)
+        served = served_streams(declared, db)
         scorers = stream_scorers(settings, served)
         models = model_watcher(settings, served, db)
         challengers = challenger_scorers(settings, served, db)
     labels = label_topics(settings, scorers)
-    clash = settings.read_topic_clash([*scorers, *labels])
+    clash = settings.read_topic_clash(labels)  # the scorers' topics are the inputs checked above
     if clash is not None:
         raise ConfigError(clash)
     ensure_topics(bootstrap, [*scorers, settings.dlq_topic, settings.alerts_topic, *labels], settings.topic_partitions)

@@ -30,6 +30,7 @@ from pipeline.processor import Processor, ProcessorOptions
 from pipeline.records import RawRecord
 from pipeline.scoring.scorer import ScoreBatch, StreamScorer
 from pipeline.sinks.tables import model_score_samples, shadow_alerts
+from pipeline.streams.config import load_streams
 from tests.sql_helpers import SqlTestStore
 from tests.stream_helpers import sensor_records
 from tests.unit.test_label_alignment import ListDeadLetters, MemoryLog
@@ -367,7 +368,7 @@ def test_the_service_builds_a_challenger_that_reads_the_champions_features(
 ) -> None:
     db = _db(tmp_path)
     ok = save_checkpoint(challenger_model, tmp_path / "challenger.pt")
-    served = served_streams(_stream_file(tmp_path, ok), db)
+    served = served_streams(load_streams(_stream_file(tmp_path, ok)).streams, db)
     (scorer,) = challenger_scorers(settings, served, db).values()
     assert scorer.model_version == challenger_model.version
     assert scorer.spec.feature_names == stream_scorers(settings, served)[served[0].stream.topic].spec.feature_names
@@ -377,6 +378,6 @@ def test_the_service_builds_a_challenger_that_reads_the_champions_features(
     reordered = save_checkpoint(
         replace(challenger_model, card={**challenger_model.card, "feature_names": names}), tmp_path / "reordered.pt"
     )
-    served = served_streams(_stream_file(tmp_path, reordered), db)
+    served = served_streams(load_streams(_stream_file(tmp_path, reordered)).streams, db)
     with pytest.raises(ConfigError, match="stream 'sensors': challenger"):
         challenger_scorers(settings, served, db)

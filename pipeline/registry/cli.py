@@ -109,7 +109,6 @@ def _check_registered(path: Path, stream: str, streams_file: Path | None) -> Non
     before its stream is declared)."""
     from models.lstm_forecast import load_model
     from pipeline.streams.config import ENV_VAR
-    from pipeline.streams.serving import check_channels
 
     spec = _stream_spec(stream, streams_file)
     if spec is None:
@@ -122,10 +121,7 @@ def _check_registered(path: Path, stream: str, streams_file: Path | None) -> Non
         checkpoint = load_model(path)
     except Exception:  # noqa: BLE001 - unreadable: `register` names the file's fault itself
         return
-    try:
-        check_channels(spec[0], checkpoint.card, checkpoint.config.scored(), path.name)
-    except ConfigError as exc:
-        raise ConfigError(f"{exc} (stream file {spec[1]}); nothing was registered") from None
+    _check_served(spec, checkpoint, path.name, "registered")
 
 
 @models_app.command("list")
@@ -212,9 +208,11 @@ def promote_cmd(
     alias = CHALLENGER if challenger else CHAMPION
     with _store(database_url) as store:
         registry = ModelRegistry(store)
-        expected, source = _expected_channels(registry, stream, channels, streams_file)
-        if channels is None:
-            _check_as_served(registry, version, stream, streams_file)
+        # a --streams-file named on purpose must be the stream's own file
+        spec = None if channels is not None else _stream_spec(stream, streams_file, refuse="promoted")
+        expected, source = _expected_channels(registry, stream, channels, spec)
+        if spec is not None:
+            _check_as_served(registry, version, stream, spec)
         shadowing = registry.current(stream, CHALLENGER) if alias == CHAMPION else None
         state = registry.promote(version, stream, alias, expected_channels=expected, by=by or _login())
     checked = f"channels checked against {source}" if expected is not None else "no channels to check against"
@@ -224,24 +222,16 @@ def promote_cmd(
 
 
 def _expected_channels(
-    registry: ModelRegistry, stream: str, channels: str | None, streams_file: Path | None
+    registry: ModelRegistry, stream: str, channels: str | None, spec: tuple[Stream, Path] | None
 ) -> tuple[list[str] | None, str]:
     """The channels a version must have to serve `stream`, and where they came from: --channels, else the
-    stream file, else the current champion's card; (None, '') when there is nothing to compare with."""
+    stream file's stream `spec`, else the current champion's card; (None, '') when there is nothing to compare
+    with."""
     if channels is not None:
         names = [c.strip() for c in channels.split(",") if c.strip()]
         if not names:
             raise ConfigError("--channels: give at least one channel name")
         return names, "--channels"
-    spec = _stream_spec(stream, streams_file)
-    if spec is None and streams_file is not None:  # named on purpose: it must be the stream's own file
-        from pipeline.streams.config import load_streams
-
-        declared = ", ".join(s.name for s in load_streams(streams_file).streams)
-        raise ConfigError(
-            f"--streams-file {streams_file} declares no stream {stream!r} and none whose model is "
-            f"{stream}@ALIAS (its streams: {declared}); nothing was promoted"
-        )
     if spec is not None and spec[0].channels:
         return spec[0].channel_names, f"the stream file {spec[1]}"
     champion = registry.current(stream, CHAMPION)
@@ -250,14 +240,11 @@ def _expected_channels(
     return None, ""
 
 
-def _check_as_served(registry: ModelRegistry, version: str, stream: str, streams_file: Path | None) -> None:
+def _check_as_served(registry: ModelRegistry, version: str, stream: str, spec: tuple[Stream, Path]) -> None:
     """The rest of the stream file's check, as `pipeline run` makes it at start: channel roles (a version that
     scores a channel the file declares as context passed the channel-name check, then the service refused to
     start). Only where promote's own checks pass (the version exists, is the stream's, has its channels)."""
-    from pipeline.streams.serving import check_channels
-
-    spec = _stream_spec(stream, streams_file)
-    if spec is None or not spec[0].channels:
+    if not spec[0].channels:
         return
     try:
         model = registry.show(version)
@@ -266,14 +253,23 @@ def _check_as_served(registry: ModelRegistry, version: str, stream: str, streams
         checkpoint = registry.load(version)
     except RegistryError:
         return
+    _check_served(spec, checkpoint, version, "promoted")
+
+
+def _check_served(spec: tuple[Stream, Path], checkpoint: Any, version: str, refused: str) -> None:
+    """`pipeline run`'s check of a model against its declared stream, refusing with the stream file named."""
+    from pipeline.streams.serving import check_channels
+
     try:
         check_channels(spec[0], checkpoint.card, checkpoint.config.scored(), version)
     except ConfigError as exc:
-        raise ConfigError(f"{exc} (stream file {spec[1]}); nothing was promoted") from None
+        raise ConfigError(f"{exc} (stream file {spec[1]}); nothing was {refused}") from None
 
 
-def _stream_spec(stream: str, streams_file: Path | None) -> tuple[Stream, Path] | None:
-    """The stream file's stream named `stream`, or the one whose model is `stream`@ALIAS in the registry."""
+def _stream_spec(stream: str, streams_file: Path | None, *, refuse: str | None = None) -> tuple[Stream, Path] | None:
+    """The stream file's stream named `stream`, or the one whose model is `stream`@ALIAS in the registry.
+    refuse: where `streams_file` was named and declares no such stream, a ConfigError ending "nothing was
+    <refuse>" instead of None."""
     from pipeline.streams.config import load_streams, streams_file_from_env
 
     path = streams_file or streams_file_from_env()
@@ -285,6 +281,11 @@ def _stream_spec(stream: str, streams_file: Path | None) -> tuple[Stream, Path] 
         ref = s.model_ref
         if ref.source == "registry" and ref.name == stream:
             return s, path
+    if refuse is not None and streams_file is not None:
+        raise ConfigError(
+            f"--streams-file {streams_file} declares no stream {stream!r} and none whose model is "
+            f"{stream}@ALIAS (its streams: {', '.join(s.name for s in declared)}); nothing was {refuse}"
+        )
     return None
 
 

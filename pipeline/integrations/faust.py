@@ -47,11 +47,12 @@ from pipeline import metrics
 from pipeline.checkpointing.protocols import CheckpointStore
 from pipeline.checkpointing.rows import AlertRow
 from pipeline.config import Settings
-from pipeline.errors import BrokerError, ConfigError, DecodeError, SinkError
+from pipeline.errors import ConfigError, DecodeError
 from pipeline.features.streams import DecodedRecord, TransactionStream
 from pipeline.processing.alerts import build_alerts
 from pipeline.processing.dead_letters import out_of_order_detail
 from pipeline.processing.decode import future_detail, future_horizon, validate
+from pipeline.processing.retry import DbRetry
 from pipeline.records import DeadLetterSink, RawRecord, TopicPartition
 from pipeline.scoring.scorer import StreamScorer
 
@@ -99,7 +100,8 @@ class FaustScoring:
                 )
         self.scorers, self.db, self.dlq = dict(scorers), db, dlq
         self.run_id, self.group_id, self.top_features = run_id, group_id, top_features
-        self.max_future_s, self.db_retry_max_s = max_future_s, db_retry_max_s
+        self.max_future_s = max_future_s
+        self._retry = DbRetry(db_retry_max_s)
         self.stats = FaustStats()
         self._next_offset: dict[TopicPartition, int] = {}
         self._lock = threading.Lock()  # a batch and a rebalance never touch the state at the same time
@@ -169,26 +171,17 @@ class FaustScoring:
 
     def _make_durable(self, alerts: list[AlertRow]) -> None:
         """Dead letters flushed, then the alerts committed, before the batch is acked; retried with backoff (cap
-        db_retry_max_s) while the database or the broker fails, as `pipeline run` retries its checkpoint. An
-        error raised out of the agent instead made faust restart it and commit the batch's offsets anyway: a
-        probe's locked database lost that batch's 18 alerts for good. The batch's state is already applied, so
-        only the writes are repeated (idempotent: the alerts' unique keys)."""
-        delay = min(0.2, self.db_retry_max_s)
-        while True:
-            try:
-                self.dlq.flush()
-                if alerts:
-                    self.stats.alerts_inserted += self.db.write_checkpoint(self.run_id, self.group_id, alerts, [], [])
-                return
-            except (SinkError, BrokerError) as exc:
-                metrics.DB_FAILURES.inc()
-                log.warning(
-                    "faust batch outputs not durable, its events NOT acked; retrying in %.1fs: %s",
-                    delay,
-                    str(exc).splitlines()[0],
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, self.db_retry_max_s)
+        db_retry_max_s) while the database or the broker fails, by the processing path's own DbRetry. An error
+        raised out of the agent instead made faust restart it and commit the batch's offsets anyway: a probe's
+        locked database lost that batch's 18 alerts for good. The batch's state is already applied, so only
+        the writes are repeated (idempotent: the alerts' unique keys)."""
+
+        def write() -> None:
+            self.dlq.flush()
+            if alerts:
+                self.stats.alerts_inserted += self.db.write_checkpoint(self.run_id, self.group_id, alerts, [], [])
+
+        self._retry("make a faust batch's dead letters and alerts durable (its events are NOT acked)", write)
 
     def _dead_letter(self, r: RawRecord, reason: str, detail: str) -> None:
         self.dlq.send(r, reason, detail)

@@ -359,7 +359,6 @@ def _labelled_payments(
 
     decoders = _payment_decoders(settings)
     with _queries(database_url) as queries:
-        _ = queries.get_incident(item_id) if incident else queries.get_alert(item_id)  # NotFoundError first
         sources = queries.alert_sources(**_target(item_id, incident))
     payments = [a for a in sources if a["stream"] in decoders]
     if not payments:

@@ -60,8 +60,7 @@ class AlertQueries:
         after alert `after_id`, in the order they were stored (ascending id) instead: an event-time filter
         misses alerts of late events and of lagging partitions, whose event times are older than the last
         one a poller saw."""
-        q = select(alerts, incidents.c.id.label("incident_id"), incidents.c.status.label("incident_status"))
-        q = q.select_from(alerts.outerjoin(incidents, incidents.c.incident_key == alerts.c.incident_key))
+        q = _alerts_with_incident()
         if after_id is None:
             q = q.order_by(alerts.c.event_time.desc(), alerts.c.id.desc())
         else:
@@ -81,8 +80,7 @@ class AlertQueries:
         peak, whatever the number of its alerts."""
         ratio = alerts.c.score / case((alerts.c.threshold > 0, alerts.c.threshold), else_=1.0)
         q = (
-            select(alerts, incidents.c.id.label("incident_id"), incidents.c.status.label("incident_status"))
-            .select_from(alerts.join(incidents, incidents.c.incident_key == alerts.c.incident_key))
+            _alerts_with_incident()
             .where(incidents.c.id == incident_id)
             .order_by((alerts.c.threshold <= 0).desc(), ratio.desc(), alerts.c.id)
             .limit(1)
@@ -190,7 +188,7 @@ class AlertQueries:
 
     def alert_sources(self, *, alert_id: int | None = None, incident_id: int | None = None) -> list[dict[str, Any]]:
         """stream and source position (topic, partition, offset) of an alert, or of an incident's alerts, with the
-        verdict last published for it (label_published)."""
+        verdict last published for it (label_published); NotFoundError for an id that names none."""
         if (alert_id is None) == (incident_id is None):
             raise ValueError("give exactly one of alert_id, incident_id")
         cols = (
@@ -203,12 +201,14 @@ class AlertQueries:
         )
         with self.db.reading("read alert sources") as conn:
             if alert_id is not None:
-                q = select(*cols).where(alerts.c.id == alert_id)
-            else:
-                key = conn.execute(select(incidents.c.incident_key).where(incidents.c.id == incident_id)).scalar()
-                if key is None:
-                    raise NotFoundError(f"no incident with id {incident_id}")
-                q = select(*cols).where(alerts.c.incident_key == key).order_by(alerts.c.id)
+                rows = [dict(m) for m in conn.execute(select(*cols).where(alerts.c.id == alert_id)).mappings()]
+                if not rows:
+                    raise NotFoundError(f"no alert with id {alert_id}")
+                return rows
+            key = conn.execute(select(incidents.c.incident_key).where(incidents.c.id == incident_id)).scalar()
+            if key is None:
+                raise NotFoundError(f"no incident with id {incident_id}")
+            q = select(*cols).where(alerts.c.incident_key == key).order_by(alerts.c.id)
             return [dict(m) for m in conn.execute(q).mappings()]
 
     def mark_label_published(self, alert_ids: list[int], label: str) -> None:
@@ -297,6 +297,13 @@ def _alert_status_filter(status: str) -> ColumnElement[bool]:
     if status in ("open", "resolved"):
         return incidents.c.status == status
     return _ack_label_filter(alerts, status)
+
+
+def _alerts_with_incident() -> Select[Any]:
+    """Alert rows with their incident's id and status (the alerts the CLI and the API list)."""
+    return select(alerts, incidents.c.id.label("incident_id"), incidents.c.status.label("incident_status")).select_from(
+        alerts.outerjoin(incidents, incidents.c.incident_key == alerts.c.incident_key)
+    )
 
 
 def _where_common(

@@ -45,7 +45,7 @@ def _settings(**overrides: Any) -> Settings:
     configure(s.log_level, s.log_json)
     from dotenv import dotenv_values  # pydantic-settings reads `.env` with it: a typo there is as silent
 
-    env_file = Path(".env")
+    env_file = Path(str(Settings.model_config["env_file"]))
     names = {**(dotenv_values(env_file) if env_file.is_file() else {}), **os.environ}
     for name in unknown_variables(names):
         log.warning("%s is not a setting; it is ignored", name)

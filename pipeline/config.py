@@ -241,7 +241,7 @@ def settings_error(exc: ValidationError) -> str:
         loc += named[:1]
     if not loc:  # a check across settings: its message names them
         return message
-    shown = "" if isinstance(first.get("input"), dict) else f" (got {first['input']!r})"
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
     if loc[0].isupper():  # read under an alias: KAFKA_BOOTSTRAP, DATABASE_URL (or their PIPELINE_ names)
         return f"{loc[0]}: {message}{shown}"
     return f"{prefix}{'_'.join(loc).upper()}: {message}{shown}"

@@ -98,18 +98,23 @@ def _ts(rec: dict[str, Any]) -> float:
     return datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
-def test_payments_wait_for_their_labels_then_match_the_offline_features(model: Any, tmp_path: Path) -> None:
-    txs = sorted(strip_labels(simulate_transactions(6, 30, seed=4)[0]), key=lambda r: r["timestamp"])
-    labels = [
+def _labels(txs: list[dict[str, Any]], *, fraud_every: int, entity_key: str = "customer_id") -> list[dict[str, Any]]:
+    """A label for every payment, known a day later; every `fraud_every`-th one fraud."""
+    return [
         {
             "transaction_id": r["transaction_id"],
-            "customer_id": r["customer_id"],
+            entity_key: r["customer_id"],
             "terminal_id": r["terminal_id"],
-            "is_fraud": i % 3 == 0,
+            "is_fraud": i % fraud_every == 0,
             "labelled_at": iso(_ts(r) + DAY),
         }
         for i, r in enumerate(txs)
     ]
+
+
+def test_payments_wait_for_their_labels_then_match_the_offline_features(model: Any, tmp_path: Path) -> None:
+    txs = sorted(strip_labels(simulate_transactions(6, 30, seed=4)[0]), key=lambda r: r["timestamp"])
+    labels = _labels(txs, fraud_every=3)
     tx = [RawRecord("tx", 0, i, r["customer_id"].encode(), orjson.dumps(r), 0) for i, r in enumerate(txs)]
     lab = [RawRecord("labels", 0, i, r["customer_id"].encode(), orjson.dumps(r), 0) for i, r in enumerate(labels)]
     half = len(lab) // 2
@@ -179,16 +184,7 @@ def test_a_renamed_payment_stream_reads_its_labels_by_its_own_entity_field(model
 
     txs = sorted(strip_labels(simulate_transactions(4, 10, seed=5)[0]), key=lambda r: r["timestamp"])
     cards = [{**{k: v for k, v in r.items() if k != "customer_id"}, "card_id": r["customer_id"]} for r in txs]
-    labels = [
-        {
-            "transaction_id": r["transaction_id"],
-            "card_id": r["customer_id"],
-            "terminal_id": r["terminal_id"],
-            "is_fraud": i % 2 == 0,
-            "labelled_at": iso(_ts(r) + DAY),
-        }
-        for i, r in enumerate(txs)
-    ]
+    labels = _labels(txs, fraud_every=2, entity_key="card_id")
     old_style = {**{k: v for k, v in labels[0].items() if k != "card_id"}, "customer_id": txs[0]["customer_id"]}
     tx = [RawRecord("tx", 0, i, r["card_id"].encode(), orjson.dumps(r), 0) for i, r in enumerate(cards)]
     lab = [

@@ -45,6 +45,11 @@ OFFSET_RESETS = Counter(
     "Stored positions found outside the broker's log (then PIPELINE_OFFSET_RESET applies)",
     ["topic", "reason"],
 )
+STATE_RECORDS_LOST = Counter(
+    "pipeline_state_records_lost_total",
+    "Records a log reset took while their partition's state was still replaying from its snapshot",
+    ["topic"],
+)
 STOPPED_PARTITIONS = Gauge(
     "pipeline_partitions_stopped",
     "Partitions stopped on a batch whose compression codec this install cannot decode (see the ERROR log line)",

@@ -127,6 +127,7 @@ class Recovery:
                 continue
             stored = max(st.next_offset, st.committed or 0)
             if hw < stored:
+                self._state_gap(tp, st.next_offset, st.committed)
                 lo = self._log_start(tp) or 0
                 policy = self._offset_reset(tp, stored, lo, hw, "past the end")
                 offset = hw if policy == "latest" else lo
@@ -136,6 +137,26 @@ class Recovery:
         if not moved:
             return records
         return [r for r in records if (r.topic, r.partition) not in moved]
+
+    def _state_gap(self, tp: TopicPartition, applied: int, durable: int | None) -> None:
+        """The log went while the partition was still replaying from its state snapshot: the records between
+        the replay's position and the durable one are gone before their effects on entity state came back.
+        Their outputs are durable; the state of their entities resumes without them (partial history). Said
+        once per reset, loudly, rather than resuming as if nothing was missing."""
+        if durable is None or applied >= durable:
+            return
+        metrics.STATE_RECORDS_LOST.labels(tp[0]).inc(durable - applied)
+        log.error(
+            "%s[%d]: the broker's log was lost while the partition's state was replaying from its snapshot "
+            "(state rebuilt up to offset %d of the durable %d): the effects of those %d records on the "
+            "entities' state are lost; their alerts and outputs are durable. A shorter "
+            "PIPELINE_SNAPSHOT_INTERVAL_S narrows this window",
+            tp[0],
+            tp[1],
+            applied,
+            durable,
+            durable - applied,
+        )
 
     def forget(self, tp: TopicPartition) -> None:
         self._to_latest.discard(tp)

@@ -8,12 +8,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 from sqlalchemy import text
 
 from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels
 from tests.recovery_helpers import (
     OffsetWatch,
+    assert_same_entity_states,
     dead_letters_of,
     incidents_of,
     outbox_of,
@@ -64,12 +64,6 @@ def test_injected_anomalies_alerted_and_normal_entities_not(
     # the burst cards are flagged on the amount, the pumps on physical channels
     tx_top = {a["top_features"][0]["feature"] for a in alerts if a["stream"] == "transactions"}
     assert "log_amount" in tx_top
-
-
-def _states(store: SqlTestStore, run_id: str) -> dict[tuple[str, str], bytes]:
-    with store.engine.connect() as conn:
-        rows = conn.execute(text("SELECT stream, entity_id, state FROM entity_state WHERE run_id = :r"), {"r": run_id})
-        return {(r.stream, r.entity_id): bytes(r.state) for r in rows}
 
 
 def _committed(store: SqlTestStore, run_id: str) -> tuple[int, bool]:
@@ -151,8 +145,6 @@ def test_kill_9_mid_stream_loses_nothing_duplicates_nothing_restores_state(
 ) -> None:
     """Killed twice mid-stream: alerts, per-entity state, incidents, outbox messages, score samples and dead
     letters equal an uninterrupted run's, and no partition's committed offset ever moves backwards."""
-    from models.lstm_ae import bundled_checkpoint_path, load_checkpoint
-    from pipeline.state.store import StateLayout
 
     env = topic_env(topic_prefix, kafka_bootstrap, pg_store.url)
     _produce_scenario(kafka_bootstrap, env, customers=600, devices=30, bad_every=1000, bursts=60)
@@ -200,23 +192,7 @@ def test_kill_9_mid_stream_loses_nothing_duplicates_nothing_restores_state(
         assert abs(got[k]["score"] - ref[k]["score"]) <= 1e-4 * max(1.0, ref[k]["score"])
 
     # per-entity state after restart equals the uninterrupted run's
-    ref_states, crash_states = _states(pg_store, "reference"), _states(pg_store, "crash")
-    assert set(ref_states) == set(crash_states)
-    layouts = {}
-    for stream in ("transactions", "sensors"):
-        ckpt = load_checkpoint(bundled_checkpoint_path(stream))
-        layouts[stream] = StateLayout(ckpt.config.window, ckpt.config.n_features)
-    for (stream, entity), blob in ref_states.items():
-        if entity.startswith("#"):  # per-partition blobs (terminal context, dedupe window), not entity state
-            continue
-        layout = layouts[stream]
-        assert len(blob) == len(crash_states[(stream, entity)]) == layout.blob_size
-        dt = layout.dtype
-        ra, rb = np.frombuffer(blob, dt)[0], np.frombuffer(crash_states[(stream, entity)], dt)[0]
-        assert ra["count"] == rb["count"]
-        np.testing.assert_allclose(ra["win"], rb["win"], rtol=1e-6)
-        np.testing.assert_allclose(ra["feat_mean"], rb["feat_mean"], rtol=1e-9)
-        np.testing.assert_allclose(ra["score_mean"], rb["score_mean"], rtol=1e-5, atol=1e-8)
+    assert_same_entity_states(pg_store, "reference", "crash")
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from models.lstm_ae import LSTMAEConfig, TrainConfig
 from pipeline.app import build_scorers, label_topics
@@ -254,6 +255,35 @@ def test_the_reset_policy_applies_only_when_the_durable_position_left_the_log(
         return
     proc.on_assigned([TP])  # committed 100 is still in the log: state is rebuilt from 60, nothing skipped
     assert src.seeks == [(TP, resumes)] and proc.partitions.committed[TP] == committed
+
+
+def test_a_log_lost_while_the_state_replays_says_which_records_state_lost(
+    terminal_model: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The chaos e2e test lost alerts about once in ten runs: the broker lost its log while a partition was
+    still replaying from a snapshot far behind its durable position (that replay could never happen). The
+    reset now says how many records' effects on entity state are gone, in its ERROR and a counter."""
+    db = _db(tmp_path)
+    db.write_checkpoint("live", "anomaly-pipeline", [], [], [OffsetRow("tx", 0, 100, 40)])
+    src = LogWithBounds({TP: 100}, [])
+    proc = _bounded(terminal_model, db, src, "earliest")
+    proc.on_assigned([TP])  # replays from the snapshot (40) up to the durable 100
+    assert src.seeks == [(TP, 40)]
+    lost = REGISTRY.get_sample_value("pipeline_state_records_lost_total", {"topic": "tx"}) or 0.0
+    src.high = 10  # the broker restarted empty and has 10 new records
+    with caplog.at_level("ERROR", logger="pipeline.processing.recovery"):
+        proc.recovery.check_log_ends([])
+    assert (REGISTRY.get_sample_value("pipeline_state_records_lost_total", {"topic": "tx"}) or 0.0) - lost == 60
+    gap = [r.getMessage() for r in caplog.records if "replaying from its snapshot" in r.getMessage()]
+    assert len(gap) == 1 and "state rebuilt up to offset 40 of the durable 100" in gap[0], gap
+    st = proc.partitions[TP]
+    assert st.rewound and st.next_offset == 0 and src.seeks[-1] == (TP, 0)  # then the policy, as before
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="pipeline.processing.recovery"):  # a caught-up partition: no gap line
+        src.high = 5
+        st.next_offset = st.committed = 8
+        proc.recovery.check_log_ends([])
+    assert not [r for r in caplog.records if "replaying from its snapshot" in r.getMessage()]
 
 
 def test_handle_skips_records_below_the_position_and_never_rewinds(terminal_model: Any, tmp_path: Path) -> None:

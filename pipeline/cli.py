@@ -126,9 +126,10 @@ def run(
             log.info("alerts API and page on %s", api.url)
         stats = service.processor.run(stop, idle_exit_s=idle_exit, max_events=max_events)
         log.info(
-            "processor stopped: %d events, %d scored, %d alerts, %d dead letters, %d duplicates dropped",
+            "processor stopped: %d events, %d scored%s, %d alerts, %d dead letters, %d duplicates dropped",
             stats.events,
             stats.scored,
+            f" (and {stats.rebuilt} again, to rebuild state from a snapshot)" if stats.rebuilt else "",
             stats.alerts,
             stats.dead_letters,
             stats.duplicates,

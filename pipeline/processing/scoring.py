@@ -173,7 +173,9 @@ class ScoreStage:
                 return
         if res.late is not None:
             metrics.LATE_EVENTS.labels(spec.name).inc(int(res.late.sum()))
-        self.stats.scored += len(good_recs)
+        first = self._scored_first_time(topic, good_recs, parts)
+        self.stats.scored += first
+        self.stats.rebuilt += len(good_recs) - first
         metrics.SCORED.labels(spec.name).inc(len(good_recs))
         metrics.BATCH_FILL.observe(len(good_recs))
         self.latest_event_ts = max(self.latest_event_ts, float(ts.max()))
@@ -188,6 +190,16 @@ class ScoreStage:
         fresh = sum(1 for a in built if a.source_offset >= floor((a.source_topic, a.source_partition)))
         self.stats.alerts += fresh
         self.stats.alerts_by_stream[spec.name] += fresh
+
+    def _scored_first_time(self, topic: str, recs: Sequence[RawRecord], parts: np.ndarray) -> int:
+        """How many of the batch's records are not replays of records whose outputs are durable already."""
+        floors = np.zeros(int(parts.max()) + 1, np.int64)
+        for p in np.unique(parts).tolist():
+            floors[p] = self.partitions.replay_floor((topic, p))
+        if not floors.any():
+            return len(recs)
+        offsets = np.fromiter((r.offset for r in recs), np.int64, len(recs))
+        return int((offsets >= floors[parts]).sum())
 
     def _lifecycle(
         self, topic: str, stream: str, recs: Sequence[RawRecord], parts: np.ndarray, ts: np.ndarray, res: ScoreBatch

@@ -13,7 +13,8 @@ from pipeline.processing.retry import DbRetry
 class ProcessorStats:
     db: DbRetry = field(repr=False)  # counts the database failures
     events: int = 0
-    scored: int = 0
+    scored: int = 0  # for the first time: not the replay that rebuilds state below a durable position
+    rebuilt: int = 0  # scored again to rebuild state (outputs durable already: nothing emitted for them)
     dead_letters: int = 0
     duplicates: int = 0
     alerts: int = 0

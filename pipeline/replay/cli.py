@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from pipeline.replay.core import ReplayResult
 
 console = Console(stderr=True)
 out = Console()
@@ -106,15 +109,27 @@ def replay(
         bar.close()
     if as_json:
         out.print_json(json.dumps(res.to_dict()))
-        return
+    else:
+        _print_summary(res)
+    if res.all_dead_lettered:
+        console.print(
+            f"[red]every record read was dead-lettered ({res.dead_letters}), none scored:[/red] the topic does not "
+            "carry what the stream's model reads (check --stream, --model and the topic)"
+        )
+        raise typer.Exit(1)
+
+
+def _print_summary(res: ReplayResult) -> None:
     if res.resumed:
         out.print(
             f"run {res.run_id} existed: went on from its durable positions, so events it had already scored "
             "are not counted again below (a new --run-id scores the whole range)"
         )
+    read = "events read past its durable positions" if res.resumed else "events in range"
+    rebuilt = f" (and {res.rebuilt} again, to rebuild state from its snapshot)" if res.rebuilt else ""
     out.print(
-        f"run {res.run_id}: {res.events} events in range ({res.out_of_range} outside the time range), "
-        f"{res.scored} scored, {res.alerts} alerts, dead letters {res.dead_letters or 0}, "
+        f"run {res.run_id}: {res.events - res.rebuilt} {read} ({res.out_of_range} outside the time range), "
+        f"{res.scored} scored{rebuilt}, {res.alerts} alerts, dead letters {res.dead_letters or 0}, "
         f"{res.duplicates} duplicates dropped, "
         f"{res.seconds:.1f}s ({res.events_per_s:,.0f} events/s); models {res.model_versions}"
     )

@@ -125,6 +125,13 @@ class ReplayResult:
     # the run id had scored part of these topics before: this invocation went on from its durable positions
     resumed: bool = False
     duplicates: int = 0  # payments dropped as resends (same transaction_id inside the dedupe window)
+    rebuilt: int = 0  # a resumed run: records scored again to rebuild state from its snapshot (not in `scored`)
+
+    @property
+    def all_dead_lettered(self) -> bool:
+        """Records were read and not one was scored: the topic does not carry what the stream's model reads
+        (a wrong --stream, or a topic of another layout); `pipeline replay` exits 1."""
+        return self.scored == 0 and self.rebuilt == 0 and sum(self.dead_letters.values()) > 0
 
     @property
     def events_per_s(self) -> float:
@@ -173,15 +180,19 @@ def scorers_for(
             f"--stream {stream!r}: without a stream file (PIPELINE_STREAMS_FILE) a replay serves the bundled "
             "streams, transactions or sensors"
         )
+    card_stream = checkpoint.card.get("stream") if checkpoint else None
     wanted: dict[str, str] = {}
     for t in topics:
-        s = stream or (checkpoint.card.get("stream") if checkpoint else None) or by_topic.get(t)
+        s = stream or by_topic.get(t) or card_stream
         if s not in ("transactions", "sensors"):
             raise ConfigError(f"cannot tell which stream topic {t!r} carries: pass --stream transactions|sensors")
+        if card_stream is not None and card_stream != s:  # it would score nothing (or be silently ignored)
+            why = "--stream says" if stream else f"topic {t!r} is the {s} topic (PIPELINE_{s.upper()}_TOPIC), so"
+            raise ConfigError(f"--model {model} is a {card_stream} model; {why} {s}: replay a {s} model")
         wanted[t] = str(s)
     ckpts = ensure_models(settings)
     if checkpoint is not None:
-        ckpts[str(checkpoint.card.get("stream", next(iter(wanted.values()))))] = checkpoint
+        ckpts[str(card_stream or next(iter(wanted.values())))] = checkpoint
     return {
         t: build_scorer(
             s,
@@ -330,6 +341,7 @@ def run_replay(
         end_offsets={f"{t}[{p}]": o for (t, p), o in sorted(source.end.items())},
         resumed=resumed,
         duplicates=stats.duplicates,
+        rebuilt=stats.rebuilt,
     )
 
 
@@ -337,11 +349,18 @@ def check_resumable(store: SqlCheckpointStore, run_id: str, scorers: Mapping[str
     """Whether the run id already holds durable positions on these topics (the replay goes on from them).
     A run another model version scored is refused: going on from its positions with this model would score
     only what that run had not reached, and summarise an unchanged range as "0 events"."""
-    resumed = {t for t, _ in store.load_offsets(run_id, REPLAY_GROUP)} & set(scorers)
+    offsets = store.load_offsets(run_id, REPLAY_GROUP)
+    resumed = {t for t, _ in offsets} & set(scorers)
     for topic in sorted(resumed):
         scorer = scorers[topic]
         saved = store.any_state(run_id, scorer.spec.name)
         if saved is None:
+            snapshotted = any(snap is not None for (t, _), (_, snap) in offsets.items() if t == topic)
+            if snapshotted:  # it took a state snapshot of a topic whose records it never scored
+                raise ConfigError(
+                    f"run {run_id!r} read {topic} up to its positions without scoring any of it (every record "
+                    "dead-lettered?): going on from there would score nothing; pass a new --run-id"
+                )
             continue
         model = saved_layout(saved[1], saved[0])[1].model
         if model not in (0, scorer.store.layout.model):

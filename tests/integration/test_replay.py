@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from models.lstm_ae import bundled_checkpoint_path, load_blob
+from pipeline.checkpointing.rows import REPLAY_GROUP, OffsetRow
 from pipeline.errors import ConfigError
 from pipeline.kafka.client import KafkaSource
 from pipeline.replay.core import diff_runs, run_replay
@@ -213,3 +214,41 @@ def test_a_replay_of_a_topic_that_does_not_exist_fails_at_once(kafka_bootstrap: 
         assert got == [(f"{topic_prefix}-there", 0), (f"{topic_prefix}-there", 1)]
     finally:
         src.close()
+
+
+def test_a_replay_that_scores_nothing_says_so_and_its_run_id_is_not_resumed(
+    kafka_bootstrap: str, sqlite_store: SqlTestStore, topic_prefix: str
+) -> None:
+    """A probe: readings replayed as payments (--stream transactions) dead-lettered every record, exit 0; the
+    same run id with the right stream then went on from the end and scored nothing ("0 events")."""
+    s = settings_for(topic_prefix, sqlite_store.url)
+    produce_sensors(kafka_bootstrap, s.sensors_topic, sensor_records(4, 20))
+    env = {**os.environ, "DATABASE_URL": sqlite_store.url, "KAFKA_BOOTSTRAP": kafka_bootstrap, "COLUMNS": "300"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "replay", "--topic", s.sensors_topic, "--stream", "transactions",
+         "--run-id", "wrong"], env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "run wrong: 80 events in range" in done.stdout and "0 scored" in done.stdout
+    assert "every record read was dead-lettered" in done.stderr
+    with pytest.raises(ConfigError, match="without scoring any of it .* pass a new --run-id"):
+        run_replay(s, kafka_bootstrap, [s.sensors_topic], run_id="wrong", db=sqlite_store)
+    right = run_replay(s, kafka_bootstrap, [s.sensors_topic], run_id="right", db=sqlite_store)
+    assert right.scored == 80 and not right.all_dead_lettered
+
+
+def test_a_resumed_replay_counts_the_records_it_scores_again_to_rebuild_state_apart(
+    kafka_bootstrap: str, sqlite_store: SqlTestStore, topic_prefix: str
+) -> None:
+    """A probe: a replay interrupted before its first state snapshot resumed from offset 0 (state) with outputs
+    durable further on; its summary counted those re-applied records as scored, after saying it would not."""
+    s = settings_for(topic_prefix, sqlite_store.url)
+    produce_sensors(kafka_bootstrap, s.sensors_topic, sensor_records(8, 30))
+    full = run_replay(s, kafka_bootstrap, [s.sensors_topic], run_id="whole", db=sqlite_store)
+    ends = {p: c for (t, p), (c, _) in sqlite_store.load_offsets("whole", REPLAY_GROUP).items()}
+    # the interrupted run: half of every partition durable, no state snapshot yet
+    half = [OffsetRow(s.sensors_topic, p, c // 2, None) for p, c in ends.items()]
+    sqlite_store.write_checkpoint("cut", REPLAY_GROUP, [], [], half)
+    res = run_replay(s, kafka_bootstrap, [s.sensors_topic], run_id="cut", db=sqlite_store)
+    again = sum(r.committed_offset for r in half)
+    assert res.resumed and res.rebuilt == again and res.scored == full.scored - again

@@ -103,6 +103,23 @@ def test_scorer_bench_reports_batch_fill_of_the_model_calls() -> None:
     assert res["windows_per_s"] > 0 and 0 < res["model_share_of_time"] <= 1
 
 
+def test_replay_refuses_a_model_of_another_stream_than_the_one_it_scores() -> None:
+    """A probe: `replay --stream transactions --model <a sensors version>` scored with the transactions
+    champion (the candidate silently replaced the sensors model, unused), and without --stream the card's
+    stream beat the configured topic's: every payment dead-lettered, exit 0. Both are refused now."""
+    from models.lstm_ae import bundled_checkpoint_path
+    from pipeline.replay.core import scorers_for
+
+    s = Settings(transactions_topic="tx", sensors_topic="sn")
+    sensors = str(bundled_checkpoint_path("sensors"))
+    with pytest.raises(ConfigError, match="is a sensors model; --stream says transactions"):
+        scorers_for(s, ["archive"], "transactions", sensors)
+    with pytest.raises(ConfigError, match=r"is a sensors model; topic 'tx' is the transactions topic"):
+        scorers_for(s, ["tx"], None, sensors)
+    served = scorers_for(s, ["archive", "sn"], None, sensors)  # an unconfigured topic takes the card's stream
+    assert {t: sc.spec.name for t, sc in served.items()} == {"archive": "sensors", "sn": "sensors"}
+
+
 def test_replay_names_what_is_wrong_with_its_stream_and_model_options(tmp_path: Path) -> None:
     """Without a stream file --stream is a bundled stream's name; with one (PIPELINE_STREAMS_FILE) it is a declared
     stream's, a topic no stream declares needs it, and --model takes what a stream file's `model` takes."""

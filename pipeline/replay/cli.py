@@ -47,7 +47,7 @@ def replay(
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Replay a historical range of TOPIC into an isolated run id (or --diff RUN_A RUN_B)."""
-    from pipeline.cli import _settings
+    from pipeline.cli import _settings, _stop_on_signals
     from pipeline.errors import ConfigError
     from pipeline.replay.core import default_run_id, diff_runs, parse_range, run_replay, shared_topics
     from pipeline.sinks import AlertQueries, Database, SqlCheckpointStore
@@ -83,6 +83,9 @@ def replay(
     if rid == s.run_id:
         raise ConfigError(f"run id {rid!r} is the live run's namespace; pick another")
     from_ms, to_ms = parse_range(from_time, to_time)
+    # SIGINT/SIGTERM (Ctrl-C, a supervisor, a background job whose SIGINT is ignored) stop after the current
+    # batch with a checkpoint: the same --run-id goes on from there
+    stop = _stop_on_signals("stopping the replay after this batch, checkpointing what it scored")
     console.print(f"replay run id: [bold]{rid}[/bold]")
     from tqdm import tqdm
 
@@ -104,6 +107,7 @@ def replay(
             run_id=rid,
             seek_mode=seek,  # type: ignore[arg-type]
             progress=progress,
+            stop=stop,
         )
     finally:
         bar.close()
@@ -111,6 +115,9 @@ def replay(
         out.print_json(json.dumps(res.to_dict()))
     else:
         _print_summary(res)
+    if stop.is_set():
+        console.print(f"[yellow]interrupted:[/yellow] `--run-id {rid}` again goes on from where this replay stopped")
+        raise typer.Exit(130)
     if res.all_dead_lettered:
         console.print(
             f"[red]every record read was dead-lettered ({res.dead_letters}), none scored:[/red] the topic does not "

@@ -98,7 +98,10 @@ def run(
         if metrics_port:
             from prometheus_client import start_http_server
 
-            start_http_server(metrics_port, addr=host)
+            try:
+                start_http_server(metrics_port, addr=host)
+            except OSError as exc:  # port taken, address not on this host: one line, as --api-port's
+                raise ConfigError(f"--metrics-port {metrics_port} on {host}: {exc.strerror or exc}") from None
         stop = _stop_on_signals()
         service = build_service(s, boot)
         cleanup.callback(service.close)

@@ -18,7 +18,8 @@ SCORED = Counter("pipeline_events_scored_total", "Events scored", ["stream"])
 DLQ = Counter("pipeline_dead_letters_total", "Records sent to the dead-letter topic", ["topic", "reason"])
 DUPLICATES = Counter(
     "pipeline_duplicates_total",
-    "Payments dropped as resends: transaction_id already in the partition's dedupe window (PIPELINE_DEDUPE_WINDOW)",
+    "Resends dropped: the record's dedupe key (a payment's transaction_id, a reading's device, time and values) "
+    "already in the partition's dedupe window (PIPELINE_DEDUPE_WINDOW)",
     ["stream"],
 )
 LATE_EVENTS = Counter(

@@ -314,7 +314,6 @@ class Processor:
     def _evict(self) -> None:
         for scorer in self.scorers.values():
             scorer.store.evict_idle(self.scoring.latest_event_ts, self.opt.entity_ttl_s, self.opt.max_live_entities)
-            metrics.LIVE_ENTITIES.labels(scorer.spec.name).set(len(scorer.store))
         self.shadow.evict(self.scoring.latest_event_ts, self.opt.entity_ttl_s, self.opt.max_live_entities)
 
     def run(
@@ -331,7 +330,9 @@ class Processor:
         try:
             self._loop(stop, idle_exit_s=idle_exit_s, max_events=max_events)
         except ProcessorStopped as exc:  # mid-batch: nothing of it is committed, a restart replays it
-            log.warning("%s; exiting without a final checkpoint", exc)
+            log.error(
+                "%s: shutting down without a final checkpoint; uncommitted records will be replayed on restart", exc
+            )
             self.stats.final_checkpoint = False
             return self.stats
         finally:
@@ -363,6 +364,8 @@ class Processor:
                 # can be swapped for another model without mixing two models' outputs in one checkpoint)
                 self.snapshots.taken(snap, last_commit, self.opt.snapshot_interval_s)
                 self.swap_models(last_commit)
+                for scorer in self.scorers.values():  # as it is between evictions too, not just after one
+                    metrics.LIVE_ENTITIES.labels(scorer.spec.name).set(len(scorer.store))
                 if last_commit - last_housekeeping >= self.opt.snapshot_interval_s:  # eviction, lag gauge
                     last_housekeeping = last_commit
                     self._evict()

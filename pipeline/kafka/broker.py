@@ -43,6 +43,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _accepting(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for_port(host: str, port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -69,6 +77,8 @@ class TansuBroker:
 
     def start(self, timeout: float = 20.0) -> TansuBroker:
         url = f"tcp://127.0.0.1:{self.port}"
+        if _accepting("127.0.0.1", self.port):  # the readiness wait below would take another server for ours
+            raise BrokerError(f"127.0.0.1:{self.port} is in use (another broker or server listens there)")
         cmd = [
             str(tansu_binary()),
             "broker",

@@ -65,3 +65,20 @@ def test_a_broker_dies_with_the_command_that_started_it() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=10)
+
+
+def test_the_broker_command_on_a_port_in_use_says_so() -> None:
+    """A probe: `pipeline broker --port P` with P taken said the broker was listening (the other server
+    answered the readiness wait), then "the Tansu broker process exited (code 0)"."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", "broker", "--port", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode != 0 and "listening" not in done.stdout, done.stdout + done.stderr
+    assert f"127.0.0.1:{port} is in use" in done.stderr and "Traceback" not in done.stderr

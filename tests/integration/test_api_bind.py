@@ -126,3 +126,23 @@ def test_lifecycle_gauges_read_once_per_scrape_and_read_nan_while_the_database_i
     read_lifecycle_at_scrape(read, ttl_s=0.0, gauges=gauges)
     text = generate_latest(registry).decode()
     assert "t_open NaN" in text and "t_backlog NaN" in text
+
+
+def test_a_metrics_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A probe: `pipeline run --metrics-port P` with P taken printed a 50-line traceback and exited 1
+    (--api-port said one line and exited 2)."""
+    import os
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "KAFKA_BOOTSTRAP": "127.0.0.1:1", "DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}"}
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", "run", "--metrics-port", str(port)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"--metrics-port {port} on 127.0.0.1: Address already in use" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -61,3 +61,21 @@ def test_an_idle_exit_without_a_partition_says_why(tmp_path: Path, caplog: pytes
     db.dispose()
     assert stats.events == 0
     assert "idle exit without a partition: another member of consumer group 'shared' holds them all" in caplog.text
+
+
+def test_the_live_entities_gauge_follows_the_store_between_evictions(tmp_path: Path) -> None:
+    """A probe: pipeline_live_entities was set only right after an eviction, so it always showed the low point
+    (exactly the cap) while the store held 2.3x as many entities between two housekeepings."""
+    from prometheus_client import REGISTRY
+
+    settings = Settings(device="cpu", sensors_topic="s")
+    scorers = build_scorers(settings, {"sensors": ensure_models(settings)["sensors"]})
+    recs = strip_labels(simulate_sensors(7, 3, seed=1)[0])
+    raws = [RawRecord("s", 0, i, r["device_id"].encode(), orjson.dumps(r), 0) for i, r in enumerate(recs)]
+    db = SqlTestStore(f"sqlite:///{tmp_path / 'g.db'}")
+    db.create_schema()
+    opts = ProcessorOptions(max_batch_records=100, commit_interval_ms=0, snapshot_interval_s=3600.0)
+    proc = Processor(MemoryLog({("s", 0): len(raws)}, [list(raws)]), db, ListDeadLetters(), scorers, opts)
+    proc.run(threading.Event(), max_events=len(raws))  # no housekeeping (eviction) within the hour
+    db.dispose()
+    assert REGISTRY.get_sample_value("pipeline_live_entities", {"stream": "sensors"}) == 7

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -246,6 +247,8 @@ def produce(
     from pipeline.kafka.client import ensure_topics, make_producer, produce_json
     from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels
 
+    if anomalous > entities:  # it was capped at --entities without a word
+        raise typer.BadParameter(f"{anomalous} is more than --entities {entities}", param_hint="--anomalous")
     s = _settings()
     boot = bootstrap or s.kafka_bootstrap
     if not boot:
@@ -382,7 +385,9 @@ def main() -> None:
         console.print("[red]error:[/red]", escape(settings_error(exc)), soft_wrap=True)
         raise SystemExit(2) from None
     except SettingsError as exc:  # a PIPELINE_* setting pydantic-settings could not even parse (bad JSON)
-        unparsed = f'{str(exc).splitlines()[0]}: list settings are JSON, e.g. PIPELINE_SENSOR_CHANNELS=\'["a", "b"]\''
+        field = re.search(r'field "(\w+)"', str(exc))  # "error parsing value for field "x" from source ..."
+        name = f"PIPELINE_{field.group(1).upper()}" if field else str(exc).splitlines()[0]
+        unparsed = f'{name}: cannot be parsed; list settings are JSON, e.g. PIPELINE_SENSOR_CHANNELS=\'["a", "b"]\''
         console.print("[red]error:[/red]", escape(unparsed), soft_wrap=True)
         raise SystemExit(2) from None
     except ModuleNotFoundError as exc:

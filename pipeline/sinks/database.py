@@ -37,9 +37,10 @@ class Database:
         try:
             self.engine: Engine = create_engine(url, **kwargs)
         except ArgumentError:
+            hint = " (a postgres:// URL, as some platforms hand out: write postgresql+psycopg2://)"
             raise SinkError(
                 "the database URL is not a SQLAlchemy URL (expected e.g. sqlite:///var/pipeline.db or "
-                "postgresql+psycopg2://user@host:5432/db)"
+                f"postgresql+psycopg2://user@host:5432/db){hint if url.startswith('postgres://') else ''}"
             ) from None
         except ModuleNotFoundError as exc:
             shown = make_url(url).render_as_string(hide_password=True)

@@ -48,6 +48,8 @@ def _app_with(register: object) -> typer.Typer:
         (cli.app, ["train", "--seed", "-5"]),
         (cli.app, ["train", "--seed", "99999999999999999999"]),
         (cli.app, ["produce", "--seed", "-1"]),
+        # --anomalous above --entities was capped without a word
+        (cli.app, ["produce", "sensors", "--bootstrap", "127.0.0.1:1", "--entities", "2", "--anomalous", "5"]),
         (_app_with(register_evaluate), ["evaluate", "--format", "skab", "--data", ".", "--epochs", "0"]),
         (_app_with(register_evaluate), ["evaluate", "--format", "skab", "--data", ".", "--seed", "-1"]),
         (_app_with(register_evaluate), ["evaluate", "--format", "skab", "--data", ".", "--device", "bogus"]),
@@ -87,7 +89,7 @@ def test_alerts_tail_without_a_broker_says_so_within_seconds() -> None:
         ({"PIPELINE_LOG_LEVEL": "LOUD"}, "PIPELINE_LOG_LEVEL: Input should be 'DEBUG', 'INFO'"),
         ({"PIPELINE_HEARTBEAT_INTERVAL_MS": "7000"}, "PIPELINE_HEARTBEAT_INTERVAL_MS (7000) must be below"),
         ({"PIPELINE_DLQ_TOPIC": "sensor-readings"}, "PIPELINE_DLQ_TOPIC 'sensor-readings' is also an input topic"),
-        ({"PIPELINE_SENSOR_CHANNELS": "notjson"}, 'error parsing value for field "sensor_channels"'),
+        ({"PIPELINE_SENSOR_CHANNELS": "notjson"}, "error: PIPELINE_SENSOR_CHANNELS: cannot be parsed; list settings"),
         # found by probing the service under faults (2026-12-01, second probe): tracebacks once records came
         # (islice), at start (kafka-python's request timeout), a run that wedged on PostgreSQL's VARCHAR(64),
         # an embedded broker started for an empty KAFKA_BOOTSTRAP, and one stream silently winning a topic

@@ -29,6 +29,7 @@ def _pipeline(*args: str, cwd: Path, columns: int = 200) -> subprocess.Completed
     ("url", "message"),
     [
         ("nonsense", "the database URL is not a SQLAlchemy URL"),
+        ("postgres://u:secret@db/alerts", "the database URL is not a SQLAlchemy URL"),
         ("mysql://u:secret@db/alerts", "database URL mysql://u:***@db/alerts: its driver"),
     ],
 )
@@ -36,6 +37,8 @@ def test_a_url_that_cannot_work_is_one_line(url: str, message: str) -> None:
     with pytest.raises(SinkError) as err:
         Database(url)
     assert str(err.value).startswith(message) and "secret" not in str(err.value)
+    if url.startswith("postgres://"):  # the scheme some platforms hand out: a hint (found by probing)
+        assert str(err.value).endswith("write postgresql+psycopg2://)")
 
 
 def test_a_file_that_is_not_a_database(tmp_path: Path) -> None:

@@ -32,6 +32,12 @@ from torch import nn
 
 from models.lstm_ae import ErrorModel, score_quantiles
 
+
+class TooLittleData(ValueError):  # noqa: N818 - reads as what it says where it is caught
+    """The training sequences are too short to train on or to fit the error model: the caller's input, not a
+    bug (the CLI reports it in one line)."""
+
+
 FAMILY = "lstm_forecast"
 CHECKPOINT_FORMAT = 1
 log = logging.getLogger(__name__)
@@ -242,7 +248,7 @@ def train_forecaster(
     """Train on per-entity scaled *normal* sequences [(T_e, F)]; deterministic for a seed on CPU."""
     seqs = [np.asarray(s, np.float32) for s in sequences if len(s) >= 2]
     if not seqs:
-        raise ValueError("no entity sequence with at least 2 steps to train on")
+        raise TooLittleData("no entity sequence with at least 2 steps to train on")
     if any(s.ndim != 2 or s.shape[1] != config.n_features for s in seqs):
         raise ValueError(f"sequences must be (T, {config.n_features})")
     if not all(np.isfinite(s).all() for s in seqs):
@@ -296,7 +302,7 @@ def train_forecaster(
     model = model.cpu().eval()
     val_err = _errors(model, seqs, cut, train.burn_in, scored, "cpu").astype(np.float64)
     if len(val_err) < 2:
-        raise ValueError("not enough held-out steps to fit the error model")
+        raise TooLittleData("not enough held-out steps to fit the error model")
     ckpt = ForecastCheckpoint(config, model, ErrorModel.fit(val_err, diagonal=config.diagonal_error), 0.0)
     val_scores, _ = ckpt.score_errors(val_err)
     ckpt.threshold = train.threshold_margin * float(np.quantile(val_scores, train.threshold_quantile))

@@ -57,8 +57,13 @@ def ensure_models(settings: Settings, train_if_missing: bool = True) -> dict[str
         from pipeline.training import train_default_models
 
         out = paths[missing[0]].parent
-        log.info("no checkpoints in %s: training small default models on simulated normal traffic", out)
-        train_default_models(out, settings.sensor_channels)
+        log.info(
+            "no %s checkpoint in %s: training a small default model on simulated normal traffic%s",
+            " or ".join(missing),
+            out,
+            "" if len(missing) == len(paths) else " (the other stream's checkpoint there is kept)",
+        )
+        train_default_models(out, settings.sensor_channels, only=missing)
     # the checkpoint names its family (autoencoder or stateful forecaster); the scorer follows the card
     return {s: load_model(p) for s, p in paths.items()}
 

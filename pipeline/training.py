@@ -6,7 +6,7 @@ by construction.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +126,10 @@ def train_default_models(
     seed: int = 0,
     epochs: int = 8,
     progress: Callable[[str, int, float, float], None] | None = None,
+    only: Collection[str] | None = None,
 ) -> dict[str, Path]:
-    """Small models trained on simulated *normal* traffic: what `pipeline demo` and the tests start from."""
+    """Small models trained on simulated *normal* traffic: what `pipeline demo` and the tests start from.
+    only: these streams' models (the others' files are left as they are); default both."""
     from pipeline.features.streams import SensorStream
     from pipeline.simulate import simulate_sensors, simulate_transactions, strip_labels
 
@@ -143,6 +145,8 @@ def train_default_models(
     tx_cfg = LSTMAEConfig(n_features=tx_spec.n_features, window=16, hidden_size=32, latent_size=8, score_features=(0,))
     sn_cfg = LSTMAEConfig(n_features=sn_spec.n_features, window=32, hidden_size=32, latent_size=8)
     for spec, cols, cfg, margin in ((tx_spec, tx_cols, tx_cfg, 2.5), (sn_spec, sn_cols, sn_cfg, 2.0)):
+        if only is not None and spec.name not in only:
+            continue
 
         def report(epoch: int, tl: float, vl: float, _name: str = spec.name) -> None:
             if progress:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from enum import Enum
 from pathlib import Path
@@ -139,8 +140,8 @@ def register(app: typer.Typer) -> None:
             partitions=partitions,
             precision=precision,
         )
-        if as_json:
-            typer.echo(json.dumps(res, sort_keys=True))
+        if as_json:  # strict JSON: a metric that is undefined (ROC AUC of a test part without frauds) is null
+            typer.echo(json.dumps(_finite(res), sort_keys=True, allow_nan=False))
             return
         table = Table(title=f"pipeline evaluate --format {fmt.value}")
         table.add_column("metric")
@@ -148,3 +149,14 @@ def register(app: typer.Typer) -> None:
         for k, v in res.items():
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
         Console().print(table)
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities as None (JSON null), at any depth: `NaN` is not JSON (a probe's `JSON.parse` refused it)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -16,7 +16,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from models.lstm_ae import Checkpoint, LSTMAEConfig, TrainConfig
-from models.lstm_forecast import ForecastCheckpoint, ForecastConfig, ForecastTrainConfig
+from models.lstm_forecast import ForecastCheckpoint, ForecastConfig, ForecastTrainConfig, TooLittleData
 from pipeline.errors import ConfigError
 from pipeline.features.streams import EventColumns, StreamSpec
 from pipeline.scoring.knobs import ThresholdKnobs
@@ -163,6 +163,8 @@ def fit_forecaster(
         return train_stream_forecaster(
             spec, cols, model=fc, train=tc, min_history=min_history, name=name, device=device, progress=progress
         )
+    except TooLittleData as exc:  # a training part of a few rows: the user's data, one line (it was a traceback)
+        raise ConfigError(f"{name}: the training part is too short to train on ({exc})") from None
     finally:
         bar.close()
 

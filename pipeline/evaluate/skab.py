@@ -67,7 +67,11 @@ def find_files(path: Path) -> list[Path]:
         return [path]
     files = [f for sub in SUBSETS for f in sorted((path / sub).glob("*.csv"), key=_natural)]
     if not files:
-        files = [f for f in sorted(path.rglob("*.csv"), key=_natural) if "anomaly-free" not in f.parts]
+        # SKAB's anomaly-free/ folder inside --data is not a test part; a --data path that runs through a
+        # folder of that name is the user's choice (it was ignored whole: "no SKAB CSVs")
+        files = [
+            f for f in sorted(path.rglob("*.csv"), key=_natural) if "anomaly-free" not in f.relative_to(path).parts
+        ]
     if not files:
         raise ConfigError(f"--data {path}: no SKAB CSVs (expected valve1/, valve2/, other/ with ';'-separated CSVs)")
     return files

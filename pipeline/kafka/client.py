@@ -439,7 +439,9 @@ class KafkaDeadLetterSink:
     error fails the flush, so the checkpoint is retried (with backoff) and no position passes a dead letter
     that is not in the topic."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str | None, topic: str) -> None:
+        if not bootstrap:  # Settings().kafka_bootstrap when KAFKA_BOOTSTRAP is unset (a kafka-python TypeError)
+            raise BrokerError("the dead-letter producer needs a broker: set KAFKA_BOOTSTRAP")
         self.topic = topic
         self.producer = make_producer(bootstrap, max_block_ms=10000)  # one send attempt waits at most 10 s
         self.sent = 0

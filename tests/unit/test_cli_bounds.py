@@ -130,6 +130,24 @@ def test_a_models_dir_that_does_not_exist_is_an_error_not_stand_in_models(tmp_pa
     assert not (tmp_path / "modles").exists()
 
 
+def test_a_models_dir_with_one_streams_model_keeps_it_and_trains_only_the_other(tmp_path: Path) -> None:
+    """A probe: `evaluate --save-model DIR/transactions.pt`, then `run` with PIPELINE_MODELS_DIR=DIR, logged "no
+    checkpoints" and overwrote the saved payments model with a default one (the sensors model was missing)."""
+    import shutil
+
+    from models.lstm_ae import bundled_checkpoint_path
+    from pipeline.app import ensure_models
+    from pipeline.config import Settings
+
+    saved = bundled_checkpoint_path("transactions")
+    for f in (saved, saved.with_name("transactions.card.json")):
+        shutil.copy(f, tmp_path / f.name)
+    before = (tmp_path / "transactions.pt").read_bytes()
+    models = ensure_models(Settings(models_dir=tmp_path))
+    assert (tmp_path / "transactions.pt").read_bytes() == before  # kept, byte for byte
+    assert (tmp_path / "sensors.pt").exists() and models["sensors"].card["stream"] == "sensors"
+
+
 def test_the_demo_never_deletes_a_database_it_did_not_create(tmp_path: Path) -> None:
     """`demo --database-url sqlite:///X` deleted X first, whatever it held (found by probing, 2026-12-01)."""
     precious = tmp_path / "alerts.db"

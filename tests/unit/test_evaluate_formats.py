@@ -435,6 +435,10 @@ def _nasa_case(root: Path, case: str) -> str:
     if case == "negative":
         _labels(root, 'A-1,MSL,"[[-50, -10]]",[point],200')
         return "anomaly sequence [-50, -10] is outside"
+    if case == "short-train":  # a training part of a few rows was a ValueError traceback (found by probing)
+        for chan in ("A-1", "B-2"):
+            np.save(root / "train" / f"{chan}.npy", np.load(root / "train" / f"{chan}.npy")[:5])
+        return "the training part is too short to train on"
     assert case == "no-labels"
     (root / "labeled_anomalies.csv").write_text("")
     return "labeled_anomalies.csv: not a labels CSV"
@@ -443,7 +447,7 @@ def _nasa_case(root: Path, case: str) -> str:
 @pytest.mark.parametrize(
     "case",
     ["nan", "inf-train", "text", "strings", "empty", "columns", "unclosed", "flat", "reversed", "beyond", "negative",
-     "no-labels"],
+     "no-labels", "short-train"],
 )  # fmt: skip
 def test_bad_nasa_inputs_are_one_line_errors_naming_the_file(tmp_path: Path, case: str) -> None:
     root = _nasa(tmp_path / "nasa", np.random.default_rng(0))
@@ -513,3 +517,28 @@ def test_skab_reports_context_channels_only_when_some_are_scored() -> None:
     walk = np.cumsum(np.random.default_rng(0).normal(0, 1, (400, 2)), axis=0)  # every channel slow
     model, context = model_config(SkabConfig(), EventColumns(["f"] * 400, np.arange(400.0), walk), 2)
     assert model.score_features is None and context == []  # all scored, so none is context
+
+
+def test_evaluate_json_is_strict_json_with_undefined_metrics_as_null() -> None:
+    """A probe: `evaluate --format transactions --json` on a test part without frauds printed `"roc_auc": NaN`,
+    which JSON.parse and strict parsers refuse."""
+    import json
+    import math
+
+    from pipeline.evaluate.cli import _finite
+
+    res = {"roc_auc": math.nan, "f1": 0.5, "per": {"a": math.inf, "b": [1.0, -math.inf]}, "n": 3}
+    text = json.dumps(_finite(res), allow_nan=False)
+    assert json.loads(text) == {"roc_auc": None, "f1": 0.5, "per": {"a": None, "b": [1.0, None]}, "n": 3}
+
+
+def test_skab_data_under_a_folder_named_anomaly_free_is_read(tmp_path: Path) -> None:
+    """A probe: any --data path running through a folder named anomaly-free was ignored whole ("no SKAB CSVs");
+    only SKAB's own anomaly-free/ inside --data is left out."""
+    from pipeline.evaluate.skab import find_files
+
+    mine = tmp_path / "anomaly-free" / "myset"
+    (mine / "anomaly-free").mkdir(parents=True)
+    (mine / "1.csv").write_text("datetime;x;anomaly;changepoint\n")
+    (mine / "anomaly-free" / "anomaly-free.csv").write_text("datetime;x\n")
+    assert find_files(mine) == [mine / "1.csv"]

@@ -152,3 +152,13 @@ def test_a_database_outage_holds_the_batch_until_its_alerts_are_durable(tmp_path
     held.handle(recs)
     assert flaky.calls == 4 and dlq.flushes == 4  # the dead letters are flushed again with every try
     assert held.stats.alerts == one.stats.alerts == db2.count_alerts("calm") == db1.count_alerts("one") > 0
+
+
+def test_the_readme_snippet_without_kafka_bootstrap_is_one_line() -> None:
+    """A probe: the README's faust snippet with KAFKA_BOOTSTRAP unset ended in kafka-python's TypeError
+    ('NoneType' object is not iterable) from the dead-letter producer."""
+    from pipeline.errors import BrokerError
+    from pipeline.kafka.client import KafkaDeadLetterSink
+
+    with pytest.raises(BrokerError, match="the dead-letter producer needs a broker: set KAFKA_BOOTSTRAP"):
+        KafkaDeadLetterSink(None, "dlq")

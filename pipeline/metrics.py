@@ -10,8 +10,10 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.errors import PipelineError
+from pipeline.logs import RateLimit
 
 log = logging.getLogger(__name__)
+log.addFilter(RateLimit(60.0))  # the database-down line below comes with every scrape while it lasts
 
 EVENTS = Counter("pipeline_events_total", "Events consumed", ["stream"])
 SCORED = Counter("pipeline_events_scored_total", "Events scored", ["stream"])
@@ -84,34 +86,16 @@ MODEL_SWAPS = Counter(
 )
 
 
-class _Notice:
-    """A log line at most once every `every_s` seconds (the process's scrapes share it)."""
-
-    def __init__(self, every_s: float) -> None:
-        self.every_s, self._last = every_s, -math.inf
-
-    def due(self) -> bool:
-        now = time.monotonic()
-        if now - self._last < self.every_s:
-            return False
-        self._last = now
-        return True
-
-
-_DATABASE_DOWN = _Notice(60.0)  # one WARNING a minute while the database is down, not one per scrape
-
-
 def lifecycle_values(read: Callable[[], Mapping[str, int]]) -> tuple[float, float]:
     """(open incidents, unpublished outbox messages) from the alert database; NaN for both while it is down:
     the process's own counters still render."""
     try:
         stats = read()
     except PipelineError as exc:
-        if _DATABASE_DOWN.due():
-            log.warning(
-                "open incidents and outbox backlog unknown (next notice in a minute at the earliest): %s",
-                str(exc).splitlines()[0],
-            )
+        log.warning(  # rate-limited (the filter on `log`): one line a minute, not one per scrape
+            "open incidents and outbox backlog unknown (next notice in a minute at the earliest): %s",
+            str(exc).splitlines()[0],
+        )
         return math.nan, math.nan
     return float(stats["open_incidents"]), float(stats["outbox_unpublished"])
 

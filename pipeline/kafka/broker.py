@@ -54,11 +54,9 @@ def _accepting(host: str, port: int) -> bool:
 def wait_for_port(host: str, port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
+        if _accepting(host, port):
+            return
+        time.sleep(0.1)
     raise BrokerError(f"broker at {host}:{port} did not accept connections within {timeout}s")
 
 

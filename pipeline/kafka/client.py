@@ -18,35 +18,16 @@ from pipeline import metrics
 from pipeline.errors import BrokerError, SinkError
 from pipeline.kafka import fast_fetch
 from pipeline.kafka.compat import NoBrokersAvailable, beginning_offsets, node_id, rebalance_listener
+from pipeline.logs import RateLimit
 from pipeline.records import AssignCallback, RawRecord
 from pipeline.records import TopicPartition as TP
 
 log = logging.getLogger(__name__)
 
 
-class _RateLimit(logging.Filter):
-    """kafka-python logs every failed reconnect attempt (45 ERROR lines in 33 s of broker downtime); let
-    each message template through once per `every_s`. KafkaSource logs the outage itself, with backoff."""
-
-    def __init__(self, every_s: float = 60.0) -> None:
-        super().__init__()
-        self.every_s = every_s
-        self._last: dict[str, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return True
-        now, key = time.monotonic(), f"{record.name}:{record.msg}"
-        if now - self._last.get(key, -self.every_s) < self.every_s:
-            return False
-        self._last[key] = now
-        if record.exc_info and record.exc_info[1] is not None:  # a connection reset is one line, not a traceback
-            exc, text = record.exc_info[1], str(record.exc_info[1]).replace("%", "%%")
-            record.msg, record.exc_info, record.exc_text = f"{record.msg} ({type(exc).__name__}: {text})", None, None
-        return True
-
-
-_quiet = _RateLimit()
+# kafka-python logs every failed reconnect attempt (45 ERROR lines in 33 s of broker downtime): each message
+# template once a minute; KafkaSource logs the outage itself, with backoff
+_quiet = RateLimit()
 for _name in (
     "kafka.conn",
     "kafka.client",

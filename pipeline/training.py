@@ -135,18 +135,19 @@ def train_default_models(
 
     paths: dict[str, Path] = {}
     tx_spec = TransactionStream()
-    tx, _ = simulate_transactions(400, 80, seed=seed + 11)
-    tx_cols = tx_spec.columns([tx_spec.parse(r) for r in strip_labels(tx)])
     sn_spec = SensorStream(channels)
-    sn, _ = simulate_sensors(24, 400, seed=seed + 12)
-    sn_cols = sn_spec.columns([sn_spec.parse(r) for r in strip_labels(sn)])
     # Payments: the LSTM reads gaps and time of day as context but only the amount's error is scored
     # (gap and clock errors are mostly noise and cost precision); margin chosen on simulated validation seeds.
     tx_cfg = LSTMAEConfig(n_features=tx_spec.n_features, window=16, hidden_size=32, latent_size=8, score_features=(0,))
     sn_cfg = LSTMAEConfig(n_features=sn_spec.n_features, window=32, hidden_size=32, latent_size=8)
-    for spec, cols, cfg, margin in ((tx_spec, tx_cols, tx_cfg, 2.5), (sn_spec, sn_cols, sn_cfg, 2.0)):
-        if only is not None and spec.name not in only:
-            continue
+    jobs: list[tuple[StreamSpec, EventColumns, LSTMAEConfig, float]] = []  # only the streams asked for are simulated
+    if only is None or tx_spec.name in only:
+        tx, _ = simulate_transactions(400, 80, seed=seed + 11)
+        jobs.append((tx_spec, tx_spec.columns([tx_spec.parse(r) for r in strip_labels(tx)]), tx_cfg, 2.5))
+    if only is None or sn_spec.name in only:
+        sn, _ = simulate_sensors(24, 400, seed=seed + 12)
+        jobs.append((sn_spec, sn_spec.columns([sn_spec.parse(r) for r in strip_labels(sn)]), sn_cfg, 2.0))
+    for spec, cols, cfg, margin in jobs:
 
         def report(epoch: int, tl: float, vl: float, _name: str = spec.name) -> None:
             if progress:
